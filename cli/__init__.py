@@ -1,0 +1,77 @@
+"""The ``covidctnet`` command group.
+
+Only click and the standard library are imported here and in the command modules' top level: torch and MONAI are
+imported inside each command, so ``covidctnet --help`` answers at once. Each command parses its options and calls
+one library function. Library errors (``CovidCTNetError``) become one line on stderr and the error's exit code
+(2 = bad input or usage, 1 = some studies of a batch failed); ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+__all__ = ["cli", "main", "COMMANDS"]
+
+# name -> "module:function"; modules are imported only when the command (or the help listing) needs them.
+COMMANDS: dict[str, str] = {
+    "preprocess": "covidctnet.cli.preprocess:preprocess_cmd",
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attr = target.split(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        from covidctnet.errors import CovidCTNetError
+
+        try:
+            return super().invoke(ctx)
+        except CovidCTNetError as err:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            message = " ".join(str(err).split("\n"))
+            exc = click.ClickException(message)
+            exc.exit_code = err.exit_code
+            raise exc from None
+        except MemoryError:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            exc = click.ClickException("out of memory; try a smaller --batch-size or fewer --workers")
+            exc.exit_code = 1
+            raise exc from None
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="covidctnet", message="covidctnet %(version)s — cite Javaheri et al., npj Digit. Med. 4, 29 (2021)")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
+@click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
+    """CovidCTNet: COVID-19 / CAP / control diagnosis from chest CT scans."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    level = logging.WARNING if quiet else (logging.INFO if verbose == 0 else logging.DEBUG)
+    if verbose == 0 and not quiet:
+        level = logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Library chatter from third parties stays at WARNING unless -vv.
+    for noisy in ("monai", "matplotlib", "PIL", "h5py", "distributed"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="covidctnet")

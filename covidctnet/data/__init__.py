@@ -1,0 +1,1 @@
+"""Datasets: control slices, residual volumes, UCSD COVID-CT slices; split handling."""

@@ -1,0 +1,92 @@
+"""Small shared helpers: atomic file writes, hashing, device choice and progress bars."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+__all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes", "sha256_file", "resolve_device", "progress"]
+
+T = TypeVar("T")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it is renamed onto ``path``, on failure removed.
+
+    A run killed at any moment therefore leaves either the old file or the complete new one, never a partial file.
+    ``suffix`` keeps the extension a writer needs to pick the format (e.g. ``.nii.gz``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if suffix is None:
+        suffix = "".join(path.suffixes)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{suffix}", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_device(device: str = "auto") -> Any:
+    """Turn ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` into a ``torch.device``; ``auto`` takes CUDA when present.
+
+    Raises:
+        ConfigError: CUDA was asked for but is not available, or the name is unknown.
+    """
+    import torch
+
+    from covidctnet.errors import ConfigError
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine; use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ConfigError(f"--device {device}: not a device name; use auto, cpu, cuda or cuda:N") from err
+
+
+def progress(items: Iterable[T], total: int | None = None, desc: str = "", enabled: bool | None = None) -> Iterable[T]:
+    """Wrap ``items`` in a rich progress bar on an interactive stderr (or when ``enabled`` is True)."""
+    if enabled is None:
+        enabled = sys.stderr.isatty() and os.environ.get("COVIDCTNET_NO_PROGRESS") != "1"
+    if not enabled:
+        return items
+    from rich.progress import track
+
+    return track(items, total=total, description=desc, transient=False)

@@ -1,0 +1,69 @@
+"""Shared fixtures. Real data comes from ``COVIDCTNET_TEST_DATA`` (default ``../shared/data`` from the repo root).
+
+Outside CI a missing folder skips the tests that need it, with the reason; under ``CI=true`` it fails them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DICOM_SERIES = {"covid": "covid-P001", "cap": "cap-cap001", "control": "control-normal001"}
+
+
+def _data_root() -> Path:
+    env = os.environ.get("COVIDCTNET_TEST_DATA")
+    return Path(env).resolve() if env else (REPO_ROOT / ".." / "shared" / "data").resolve()
+
+
+def require_data(*parts: str) -> Path:
+    """Path of a shared-data item; skips the test when absent (fails under CI=true)."""
+    path = _data_root().joinpath(*parts)
+    if not path.exists():
+        msg = f"test data not found: {path} (set COVIDCTNET_TEST_DATA to the shared data folder)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    return require_data()
+
+
+@pytest.fixture(scope="session")
+def dicom_dirs() -> dict[str, Path]:
+    """The three real DICOM series: {'covid': ..., 'cap': ..., 'control': ...} (32 slices each, JPEG Lossless)."""
+    return {label: require_data("ct-dicom", name) for label, name in DICOM_SERIES.items()}
+
+
+@pytest.fixture(scope="session")
+def nifti_ct() -> Path:
+    """A small real CT NIfTI (Apache-2.0, TotalSegmentator test data): 122x101x30, 3 mm, RAS, int16."""
+    return require_data("ct-nifti", "totalseg_example_ct_sm.nii.gz")
+
+
+@pytest.fixture(scope="session")
+def nifti_dir() -> Path:
+    return require_data("ct-nifti")
+
+
+@pytest.fixture(scope="session")
+def ucsd_root() -> Path:
+    """UCSD COVID-CT train + val images with the official split lists."""
+    return require_data("covid-ct-2d")
+
+
+@pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """Official CovidCTNet Keras CNN weights and the seeded-random BCDU-Net Keras reference."""
+    return require_data("reference")
+
+
+@pytest.fixture(autouse=True)
+def _no_progress(monkeypatch):
+    monkeypatch.setenv("COVIDCTNET_NO_PROGRESS", "1")
