@@ -109,19 +109,23 @@ def validate_config(cls: type[T], raw: Mapping[str, Any], source: str = "config"
 
 
 def load_config(
-    cls: type[T], path: str | os.PathLike | None = None, overrides: Mapping[str, Any] | None = None
+    cls: type[T],
+    path: str | os.PathLike | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    defaults: Mapping[str, Any] | None = None,
 ) -> T:
-    """Load a config: dataclass defaults, then the YAML file at ``path``, then command-line ``overrides``.
+    """Load a config: dataclass defaults, then ``defaults`` (a preset), the YAML at ``path``, command-line ``overrides``.
 
     Args:
         cls: the frozen config dataclass of the command.
         path: optional YAML file; its keys must be fields of ``cls``.
         overrides: values given on the command line; ``None`` values mean "not given" and are skipped.
+        defaults: a named preset applied before the YAML (e.g. the official preprocessing profile).
 
     Raises:
         ConfigError: unreadable YAML, unknown key, wrong type or out-of-range value (the message names the key).
     """
-    raw: dict[str, Any] = {}
+    raw: dict[str, Any] = dict(defaults or {})
     source = "config"
     if path is not None:
         source = str(path)

@@ -1,0 +1,20 @@
+"""Helpers shared by the batch commands (click and stdlib only)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+
+def echo_error_row(row: dict[str, Any]) -> None:
+    """Print one failed study as a single line on stderr, as it happens."""
+    if row.get("status") == "error":
+        click.echo(f"Error: {row['error']}", err=True)
+
+
+def batch_exit(summary: Any) -> int:
+    """Exit code of a batch: 0 all ok, 1 some studies failed, 2 every study failed (bad input)."""
+    if summary.n_failed == 0:
+        return 0
+    return 2 if summary.n_ok + summary.n_skipped == 0 else 1

@@ -1,0 +1,46 @@
+"""``covidctnet preprocess``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from covidctnet.cli._common import batch_exit, echo_error_row
+
+
+@click.command("preprocess")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: <study_id>.nii.gz, manifest.csv, preprocess.yaml.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="YAML overriding configs/preprocess.yaml.")
+@click.option("--profile", type=click.Choice(["default", "official"]), default=None,
+              help="default: MONAI chain, 240x240, clip  [default]. official: the official CovidCTNet numerics "
+                   "(cubic zoom, out-of-window HU set to -1000, 128x128) for its published weights.")
+@click.option("--size", "size_xy", type=int, default=None, help="In-plane output size in voxels (default 240).")
+@click.option("--workers", type=int, default=0, show_default=True,
+              help="Worker processes; 0 runs in this process (best for debugging).")
+@click.option("--series-uid", default=None, help="SeriesInstanceUID to read when one DICOM folder holds several.")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Skip studies already 'ok' in OUT/manifest.csv whose output is unchanged.")
+def preprocess_cmd(inputs, out_dir, config_path, profile, size_xy, workers, series_uid, resume):
+    """Resample CT studies to 1 mm RAS, SIZE x SIZE in-plane, float32 in [0, 1].
+
+    INPUTS are NIfTI/NRRD files, DICOM series folders, or dataset roots (the MosMed studies/CT-k/ layout gives
+    labels). One bad study is recorded in manifest.csv and the others go on; the exit code is 1 if some failed,
+    2 if all did.
+    """
+    # Heavy imports (torch, MONAI) happen here, not at `covidctnet --help`.
+    from covidctnet.config import load_config
+    from covidctnet.preprocess import OFFICIAL_PROFILE, PreprocessConfig, preprocess_studies
+
+    cfg = load_config(PreprocessConfig, config_path, {"size_xy": size_xy, "profile": profile},
+                      defaults=OFFICIAL_PROFILE if profile == "official" else None)
+    summary = preprocess_studies(inputs, out_dir, cfg, resume=resume, workers=workers, series_uid=series_uid,
+                                 on_result=echo_error_row)
+    click.echo(f"preprocess: {summary.n_ok} done, {summary.n_skipped} already done, {summary.n_failed} failed"
+               + (f"; manifest: {summary.manifest}" if summary.manifest and summary.manifest.exists() else ""),
+               err=True)
+    sys.exit(batch_exit(summary))
