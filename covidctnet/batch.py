@@ -266,6 +266,8 @@ def run_batch(
 
     if todo:
         out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob(".*.tmp*"):  # temp files of a killed run (see utils.atomic_path)
+            stale.unlink(missing_ok=True)
     created_dir = not existed
     if workers <= 0:
         for study in progress(todo, total=len(todo), desc=desc):
