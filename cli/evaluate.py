@@ -1,0 +1,73 @@
+"""``covidctnet evaluate``: metrics with confidence intervals, confusion matrix and ROC curves of a predictions CSV."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+__all__ = ["evaluate_cmd"]
+
+
+@click.command("evaluate")
+@click.argument("predictions", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--labels",
+    "labels",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Labels CSV: study_id,label (or case_id,label); control/covid/cap (aliases accepted) or covid/noncovid.",
+)
+@click.option(
+    "-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Report folder."
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="2-class threshold on p_covid (COVID-19 when p_covid >= T). Default: argmax of the probabilities.",
+)
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="YAML overriding configs/evaluate.yaml (ci_level, auc_ci, n_bootstrap, seed, prob_tolerance, roc_band).",
+)
+def evaluate_cmd(predictions: Path, labels: Path, out_dir: Path, threshold: float | None, config: Path | None) -> None:
+    """Score PREDICTIONS (report.csv from predict, or preds.csv from predict-slice) against --labels.
+
+    Writes report.md, metrics.json, config.yaml and PNGs (ROC curves, confusion matrices) to --out: 2-class (COVID-19 vs
+    the rest) and 3-class accuracy, sensitivity, specificity, precision, F1 and AUC with 95% CIs (Wilson for
+    proportions, DeLong for AUC). Rows with status=error are excluded and counted. Bad input writes nothing.
+    """
+    # the library (numpy, scipy, matplotlib) is imported here so that `covidctnet --help` stays instant
+    from covidctnet.config import load_config
+    from covidctnet.evaluation import EvaluateConfig, evaluate, format_estimate
+
+    cfg = load_config(EvaluateConfig, config, {"threshold": threshold})
+    result = evaluate(predictions, labels, out_dir, cfg)
+    two = result["two_class"]["metrics"]
+
+    def show(key: str, percent: bool = True) -> str:
+        from covidctnet.stats import Estimate
+
+        if key not in two:
+            return "n/a"
+        value, ci, _ = format_estimate(Estimate(**two[key]), percent)
+        return f"{value} ({ci})"
+
+    excluded = len(result["inputs"]["excluded"])
+    click.echo(
+        f"{result['inputs']['n_evaluated']} cases evaluated"
+        + (f", {excluded} excluded (status error/skipped)" if excluded else "")
+    )
+    click.echo(
+        f"COVID-19 vs rest: accuracy {show('accuracy')}, sensitivity {show('sensitivity')}, "
+        f"specificity {show('specificity')}, AUC {show('auc', percent=False)}"
+    )
+    if result.get("three_class"):
+        from covidctnet.stats import Estimate
+
+        value, ci, _ = format_estimate(Estimate(**result["three_class"]["accuracy"]))
+        click.echo(f"3-class accuracy {value} ({ci})")
+    click.echo(f"report: {out_dir / 'report.md'}")
