@@ -1,0 +1,150 @@
+"""The 2D slice classifier: a small factory over MONAI's 2D DenseNet and ResNet.
+
+The paper's baseline for the UCSD COVID-CT slices is an ImageNet-pretrained DenseNet-169; no ImageNet weights can be
+downloaded here, so every architecture starts from random weights, or from an encoder pretrained with
+``covidctnet pretrain-slice`` (contrastive, on the training images). The input has 1 channel (the grey-scale slice)
+or 2 (slice + classical lung mask); the output is 2 logits, index 1 = COVID-19.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from covidctnet.errors import CheckpointError, ConfigError
+
+__all__ = [
+    "SLICE_ARCHS",
+    "build_slice_model",
+    "head_name",
+    "feature_dim",
+    "replace_head",
+    "encoder_state_dict",
+    "load_encoder_state_dict",
+]
+
+logger = logging.getLogger(__name__)
+
+SLICE_ARCHS: tuple[str, ...] = ("densenet121", "densenet169", "resnet18", "resnet50")
+
+
+def build_slice_model(
+    arch: str = "resnet18",
+    in_channels: int = 1,
+    num_classes: int = 2,
+    width: float = 1.0,
+    dropout: float = 0.0,
+    pretrained: bool = False,
+) -> nn.Module:
+    """Build a MONAI 2D classifier.
+
+    Args:
+        arch: one of :data:`SLICE_ARCHS`.
+        in_channels: 1 (slice) or 2 (slice + lung mask).
+        num_classes: number of logits (2: non-COVID, COVID).
+        width: channel multiplier of the ResNets (MONAI ``widen_factor``; 0.5 halves every layer, about 4× fewer
+            FLOPs, for CPU training). DenseNets take only 1.0.
+        dropout: dropout before the DenseNet classifier (``dropout_prob``); ResNets take only 0.0.
+        pretrained: refused: ImageNet weights cannot be downloaded here and MONAI has none for 2D nets without a
+            download; use ``pretrain-slice`` and ``train-slice --init``.
+
+    Returns:
+        the network; ``forward`` takes (B, in_channels, H, W) float and returns (B, num_classes) logits.
+
+    Raises:
+        ConfigError: unknown architecture or an unsupported combination.
+
+    Examples:
+        >>> model = build_slice_model("resnet18", in_channels=2, width=0.5)
+        >>> model(torch.zeros(1, 2, 128, 128)).shape
+        torch.Size([1, 2])
+    """
+    from monai.networks import nets
+
+    if arch not in SLICE_ARCHS:
+        raise ConfigError(f"arch must be one of {list(SLICE_ARCHS)}, not {arch!r}")
+    if pretrained:
+        raise ConfigError(
+            f"{arch}: pretrained ImageNet weights are not available offline; start from random weights or from a "
+            "'covidctnet pretrain-slice' encoder with 'train-slice --init PRETRAIN_DIR'"
+        )
+    if in_channels not in (1, 2):
+        raise ConfigError(f"in_channels must be 1 (slice) or 2 (slice + lung mask), not {in_channels}")
+    if num_classes < 1:
+        raise ConfigError(f"num_classes must be >= 1, not {num_classes}")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"dropout must be in [0, 1), not {dropout}")
+    if arch.startswith("densenet"):
+        if width != 1.0:
+            raise ConfigError(f"{arch}: width {width} is for the ResNets only; DenseNets take width 1.0")
+        cls = {"densenet121": nets.DenseNet121, "densenet169": nets.DenseNet169}[arch]
+        return cls(spatial_dims=2, in_channels=in_channels, out_channels=num_classes, dropout_prob=dropout)
+    if dropout != 0.0:
+        raise ConfigError(f"{arch}: dropout is for the DenseNets only; ResNets take dropout 0.0")
+    if not 0.125 <= width <= 2.0:
+        raise ConfigError(f"{arch}: width must be in [0.125, 2], not {width}")
+    factory = {"resnet18": nets.resnet18, "resnet50": nets.resnet50}[arch]
+    return factory(spatial_dims=2, n_input_channels=in_channels, num_classes=num_classes, widen_factor=width)
+
+
+def head_name(model: nn.Module) -> str:
+    """Dotted name of the final linear layer (``fc`` for MONAI ResNets, ``class_layers.out`` for DenseNets)."""
+    if isinstance(getattr(model, "fc", None), (nn.Linear, nn.Identity)):
+        return "fc"
+    layers = getattr(model, "class_layers", None)
+    if layers is not None and isinstance(getattr(layers, "out", None), (nn.Linear, nn.Identity)):
+        return "class_layers.out"
+    raise ConfigError(f"{type(model).__name__}: no known classification head (expected .fc or .class_layers.out)")
+
+
+def _get(model: nn.Module, dotted: str) -> nn.Module:
+    mod = model
+    for part in dotted.split("."):
+        mod = getattr(mod, part)
+    return mod
+
+
+def feature_dim(model: nn.Module) -> int:
+    """Width of the pooled features that enter the classification head."""
+    head = _get(model, head_name(model))
+    if not isinstance(head, nn.Linear):
+        raise ConfigError("the head was already replaced; feature_dim needs the original linear head")
+    return head.in_features
+
+
+def replace_head(model: nn.Module, new: nn.Module) -> nn.Module:
+    """Swap the classification head for ``new`` (e.g. ``nn.Identity()`` to get (B, feature_dim) features)."""
+    name = head_name(model)
+    parent_name, _, attr = name.rpartition(".")
+    setattr(_get(model, parent_name) if parent_name else model, attr, new)
+    return model
+
+
+def encoder_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every weight except the classification head: what a pretrained encoder hands to ``train-slice --init``."""
+    prefix = head_name(model) + "."
+    return {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
+
+
+def load_encoder_state_dict(model: nn.Module, state: Mapping[str, Any], source: str = "encoder") -> None:
+    """Load encoder weights into ``model``, leaving its (fresh) head as is.
+
+    Raises:
+        CheckpointError: a missing or unexpected key or a shape mismatch (another architecture, width or channel
+            count), naming the first few offenders.
+    """
+    prefix = head_name(model) + "."
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(k for k in set(state) - set(own) if not k.startswith(prefix))
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"{source}: encoder does not fit this model (another arch, width or input channels?): "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatch {shapes[:3]}"
+        )
+    model.load_state_dict({**model.state_dict(), **{k: state[k] for k in own}})
