@@ -209,6 +209,8 @@ def run_batch(
     workers: int = 0,
     desc: str = "studies",
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    manifest_name: str | None = MANIFEST_NAME,
+    scheduler: str | None = None,
 ) -> BatchSummary:
     """Run ``fn(study, out_dir)`` for every study and keep ``out_dir/manifest.csv`` up to date.
 
@@ -222,16 +224,20 @@ def run_batch(
         workers: 0 runs inline in this process (best for debugging); N > 0 uses N spawned worker processes.
         desc: progress-bar label.
         on_result: called in the main process with each finished row (e.g. to print errors as they happen).
+        scheduler: address of a Dask distributed scheduler (``tcp://host:8786``); the studies then run on its
+            workers, which must see the same file system. Overrides ``workers``.
+        manifest_name: file name of the manifest in ``out_dir``; ``None`` keeps no manifest (and no resume), for
+            stages that write their own report.
 
     Returns:
         The summary. The manifest is only written once it would hold at least one ``ok`` study (or already
         existed), so a run whose every study failed leaves no files behind.
     """
     out_dir = Path(out_dir)
-    manifest_path = out_dir / MANIFEST_NAME
+    manifest_path = out_dir / manifest_name if manifest_name else None
     all_columns = list(BASE_COLUMNS) + [c for c in columns if c not in BASE_COLUMNS]
-    existed = manifest_path.is_file()
-    previous = {r["study_id"]: r for r in read_manifest(manifest_path)}
+    existed = manifest_path is not None and manifest_path.is_file()
+    previous = {r["study_id"]: r for r in read_manifest(manifest_path)} if manifest_path else {}
     rows: dict[str, dict[str, Any]] = dict(previous)
     summary = BatchSummary(manifest=manifest_path)
     by_id: dict[str, dict[str, Any]] = {}
@@ -260,16 +266,18 @@ def run_batch(
         rows[row["study_id"]] = row
         if on_result is not None:
             on_result(row)
-        if existed or any(r.get("status") == "ok" for r in rows.values()):
+        if manifest_path and (existed or any(r.get("status") == "ok" for r in rows.values())):
             out_dir.mkdir(parents=True, exist_ok=True)
             _write_manifest(manifest_path, rows.values(), all_columns)
 
+    created_dir = not out_dir.exists()
     if todo:
         out_dir.mkdir(parents=True, exist_ok=True)
         for stale in out_dir.glob(".*.tmp*"):  # temp files of a killed run (see utils.atomic_path)
             stale.unlink(missing_ok=True)
-    created_dir = not existed
-    if workers <= 0:
+    if scheduler:
+        _run_dask(todo, out_dir, fn, scheduler, record, desc)
+    elif workers <= 0:
         for study in progress(todo, total=len(todo), desc=desc):
             record(_run_one(fn, study, out_dir))
     else:
@@ -311,3 +319,38 @@ def _run_pool(
                         f"{study.path}: worker process died (out of memory?); rerun with fewer --workers")))
                 record(row)
                 next(bar, None)
+
+
+def _run_dask(
+    todo: list[Study],
+    out_dir: Path,
+    fn: Callable[[Study, Path], dict[str, Any]],
+    scheduler: str,
+    record: Callable[[dict[str, Any]], None],
+    desc: str,
+) -> None:
+    """Process studies on a Dask cluster; rows come back to this process, which alone writes the manifest."""
+    try:
+        from dask.distributed import Client, as_completed
+    except ImportError as err:  # pragma: no cover - optional dependency
+        raise InputError("--scheduler needs dask.distributed: pip install 'covidctnet[dask]'") from err
+    try:
+        client = Client(scheduler, timeout="20s")
+    except (OSError, TimeoutError) as err:
+        raise InputError(f"cannot reach the Dask scheduler at {scheduler}: {err}") from err
+    try:
+        futures = [client.submit(_run_one, fn, s, out_dir, pure=False, key=f"covidctnet-{desc}-{s.study_id}")
+                   for s in todo]
+        by_key = {f.key: s for f, s in zip(futures, todo)}
+        bar = iter(progress(range(len(todo)), total=len(todo), desc=desc))
+        for fut in as_completed(futures, loop=client.loop):
+            study = by_key[fut.key]
+            try:
+                row = fut.result()
+            except Exception as err:  # noqa: BLE001 - a lost worker fails only its own study
+                row = {"study_id": study.study_id, "source": study.source, "label": study.label or ""}
+                row.update(_error_row(study, InputError(f"{study.path}: Dask worker failed: {err}")))
+            record(row)
+            next(bar, None)
+    finally:
+        client.close()

@@ -338,6 +338,7 @@ def preprocess_studies(
     workers: int = 0,
     series_uid: str | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    scheduler: str | None = None,
 ) -> BatchSummary:
     """``covidctnet preprocess``: preprocess every study found in ``inputs`` into ``out_dir``.
 
@@ -352,7 +353,7 @@ def preprocess_studies(
         raise ConfigError(f"--series-uid selects a series in ONE DICOM folder; {len(studies)} studies were given")
     fn = functools.partial(preprocess_study, cfg=cfg, series_uid=series_uid)
     summary = run_batch(studies, out_dir, fn, PREPROCESS_COLUMNS, resume=resume, workers=workers,
-                        desc="preprocess", on_result=on_result)
+                        desc="preprocess", on_result=on_result, scheduler=scheduler)
     if summary.n_ok + summary.n_skipped > 0:
         save_config(cfg, Path(out_dir) / "preprocess.yaml")
     return summary
