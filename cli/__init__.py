@@ -19,6 +19,7 @@ __all__ = ["cli", "main", "COMMANDS"]
 # name -> "module:function"; modules are imported only when the command (or the help listing) needs them.
 COMMANDS: dict[str, str] = {
     "preprocess": "covidctnet.cli.preprocess:preprocess_cmd",
+    "import-keras": "covidctnet.cli.import_keras:import_keras_cmd",
     "evaluate": "covidctnet.cli.evaluate:evaluate_cmd",
     "reader-study": "covidctnet.cli.reader_study:reader_study_cmd",
 }

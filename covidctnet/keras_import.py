@@ -262,7 +262,7 @@ OFFICIAL_CNN3D_SOURCE: dict[str, str] = {
 
 def _cnn3d_expected_keras_shapes(model: Any) -> list[tuple[str, tuple[tuple[int, ...], tuple[int, ...]]]]:
     """``[(torch module prefix, (Keras kernel shape, bias shape))]`` for the weighted layers of ``model``, in order."""
-    out = []
+    out: list[tuple[str, tuple[tuple[int, ...], tuple[int, ...]]]] = []
     for i, block in enumerate(model.features):
         for j, conv in enumerate((block.conv1, block.conv2), start=1):
             o, c, kd, kh, kw = conv.weight.shape
@@ -274,7 +274,7 @@ def _cnn3d_expected_keras_shapes(model: Any) -> list[tuple[str, tuple[tuple[int,
 
 
 def cnn3d_state_dict_from_keras(path_or_weights: Any) -> dict[str, Any]:
-    """Convert the official CovidCTNet Keras 3D CNN weights into a ``state_dict`` for ``CovidCTNet3D(input_size=(50, 128, 128))``.
+    """Convert the official CovidCTNet Keras 3D CNN into a ``state_dict`` for ``CovidCTNet3D`` at 50×128×128.
 
     Layers are matched in file order by their weight shapes (10 Conv3D then 2 Dense, each kernel + bias), not by
     their numbered Keras names. Conv3D kernels ``(kd, kh, kw, in, out)`` become ``(out, in, kd, kh, kw)`` (Keras and
@@ -309,7 +309,7 @@ def cnn3d_state_dict_from_keras(path_or_weights: Any) -> dict[str, Any]:
             f"found {len(found)} layers with weights (first: {first})"
         )
     state: dict[str, Any] = {}
-    feat_c = model.features[-1].conv2.out_channels
+    feat_c = model.filters[-1]
     feat_dhw = model.feature_size
     for (prefix, (k_shape, b_shape)), (kname, (kernel, bias)) in zip(expected, found):
         if tuple(kernel.shape) != k_shape or tuple(bias.shape) != b_shape:
@@ -340,12 +340,15 @@ def _denoiser_profile(config: Mapping[str, Any]) -> str | None:
 
 def _check_bcdunet_fits(entry: Mapping[str, Any], state: Mapping[str, Any], where: str) -> None:
     """Refuse a ``bcdunet`` denoiser whose weights do not fit the architecture its kwargs describe."""
+    import torch
+
     from covidctnet.errors import ConfigError, ModelDirError
     from covidctnet.models.bcdunet import BCDUNet
     from covidctnet.models.cnn3d import state_dict_mismatch
 
     try:
-        net = BCDUNet.from_config(entry.get("kwargs") or {})
+        with torch.device("meta"):  # shapes only: no memory, no (slow) initialisation
+            net = BCDUNet.from_config(entry.get("kwargs") or {})
     except ConfigError as err:
         raise ModelDirError(f"{where}: denoiser kwargs: {err}") from err
     problem = state_dict_mismatch(net, dict(state))
@@ -353,8 +356,8 @@ def _check_bcdunet_fits(entry: Mapping[str, Any], state: Mapping[str, Any], wher
         raise ModelDirError(f"{where}: denoiser weights do not fit BCDUNet({entry.get('kwargs') or {}}): {problem}")
 
 
-def _find_denoiser(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    """Resolve ``--denoiser``: ``(state_dict, component entry (arch, kwargs), provenance)``.
+def _find_denoiser(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """Resolve ``--denoiser``: ``(state_dict, component entry (arch, kwargs), provenance, preprocess config or None)``.
 
     Accepted, in this order:
 
@@ -364,7 +367,8 @@ def _find_denoiser(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str
     3. a run directory with raw weights: ``best.safetensors``, ``model.safetensors``, ``checkpoints/best.safetensors``,
        ``checkpoints/model.safetensors`` or ``checkpoints/best.pt`` (a trainer checkpoint, read with
        ``weights_only=True``); the architecture is ``bcdunet`` with the keyword arguments that the run's ``config.yaml``
-       gives for ``BCDUNet`` (top level, under ``model``, or under ``components.denoiser.kwargs``).
+       gives for ``BCDUNet`` (top level, under ``model``, or under ``components.denoiser.kwargs``). Raw weights carry
+       no preprocessing record (None is returned for it).
 
     ``bcdunet`` weights are checked against their kwargs (keys and shapes), so a broken pairing is refused here and not
     at prediction time.
@@ -401,7 +405,14 @@ def _find_denoiser(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str
         profile = _denoiser_profile(md.config)
         if profile is not None:
             provenance["preprocess_profile"] = profile
-        return dict(state), entry, provenance
+        size = (md.config.get("input") or {}).get("size_xy")
+        if size is not None and size != CNN3D_KERAS_INPUT_SIZE[1]:
+            raise ModelDirError(
+                f"{cand}: the denoiser takes {size}x{size} slices (input.size_xy), the official CNN 128x128 residuals; "
+                "train a denoiser on `covidctnet preprocess --profile official` output"
+            )
+        preprocess = md.config.get("preprocess")
+        return dict(state), entry, provenance, dict(preprocess) if isinstance(preprocess, Mapping) else None
 
     raw_names = ["best.safetensors", "model.safetensors"]
     raw = [path / n for n in raw_names] + [path / "checkpoints" / n for n in raw_names + ["best.pt"]]
@@ -437,7 +448,8 @@ def _find_denoiser(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str
 
         valid = [p for p in inspect.signature(BCDUNet.__init__).parameters if p != "self"]
         comp = (run_cfg.get("components") or {}).get("denoiser") if isinstance(run_cfg, dict) else None
-        for source in (run_cfg, run_cfg.get("model") if isinstance(run_cfg, dict) else None, (comp or {}).get("kwargs")):
+        nested = run_cfg.get("model") if isinstance(run_cfg, dict) else None
+        for source in (run_cfg, nested, (comp or {}).get("kwargs")):
             if isinstance(source, Mapping):
                 kwargs.update({k: v for k, v in source.items() if k in valid})
     entry = {"arch": "bcdunet", "kwargs": kwargs}
@@ -445,11 +457,17 @@ def _find_denoiser(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str
     from covidctnet.utils import sha256_file
 
     provenance = {"path": str(weights_path.resolve()), "weights_sha256": sha256_file(weights_path)}
-    return state, entry, provenance
+    return state, entry, provenance, None
 
 
 def _imported_model_card(
-    h5_path: Path, h5_sha: str, official: bool, denoiser: dict[str, Any] | None, denoiser_entry: dict[str, Any] | None
+    h5_path: Path,
+    h5_sha: str,
+    official: bool,
+    denoiser: dict[str, Any] | None,
+    denoiser_entry: dict[str, Any] | None,
+    profile: str,
+    profile_recorded: bool,
 ) -> str:
     src = OFFICIAL_CNN3D_SOURCE
     if official:
@@ -471,13 +489,15 @@ def _imported_model_card(
             "with `--profile official` at 128×128."
         )
     else:
-        profile = denoiser.get("preprocess_profile")
-        profile_text = (
-            f"Its model directory says it expects preprocessing profile `{profile}`."
-            if profile
-            else "Its source does not record its preprocessing profile."
-        )
-        if profile and profile != "official":
+        denoiser_entry = denoiser_entry or {}
+        if not profile_recorded:
+            profile_text = (
+                "Its source does not record its preprocessing; the `official` profile at 128×128 is assumed "
+                "(`preprocess` in config.yaml)."
+            )
+        else:
+            profile_text = f"Its model directory says it was trained on preprocessing profile `{profile}` at 128×128."
+        if profile != "official":
             profile_text += " **This differs from `official`, which the CNN needs: residuals will not match training.**"
         denoiser_text = (
             f"The denoiser (`denoiser.safetensors`, arch `{denoiser_entry.get('arch')}`, kwargs "
@@ -489,13 +509,15 @@ def _imported_model_card(
 ## What this is
 - `classifier.safetensors`: {origin}, converted to this project's PyTorch `CovidCTNet3D` (input 50×128×128 residual
   volumes; classes 0 `control`, 1 `covid`, 2 `cap`) by `covidctnet import-keras`.
-- The official BCDU-Net denoiser weights were **never published**: `Model_weight/weight_bcdunet_v2.hdf5` is referenced
-  by the official repository but its file is missing there. So the official pipeline cannot be reproduced exactly.
+- The official BCDU-Net denoiser weights were **never published**: the official repository lists
+  `Model_weight/weight_bcdunet_v2.hdf5`, but the file itself is missing there. So the official pipeline cannot be
+  reproduced exactly.
 - {denoiser_text}
 
 ## Expected input
-Residual volumes made with preprocessing profile `official` (the official notebooks' steps at 128×128 in-plane):
-each slice minus its BCDU-Net reconstruction, the stack resized to 50×128×128 (depth, rows, columns).
+Residual volumes made with preprocessing profile `official` (the official notebooks' steps at 128×128 in-plane;
+`preprocess` in config.yaml holds the settings `predict` uses, here profile `{profile}`): each slice minus its BCDU-Net
+reconstruction, the stack resized to 50×128×128 (slices, rows, columns; see `input` in config.yaml).
 
 ## Training data and evaluation
 The CNN was trained by the CovidCTNet authors; see Javaheri et al., npj Digit. Med. 4, 29 (2021),
@@ -512,14 +534,40 @@ Research and education only. **Not a medical device**; not for diagnosis, triage
 """
 
 
+def _paired_preprocess(den_preprocess: Mapping[str, Any] | None, denoiser: Any) -> dict[str, Any]:
+    """The preprocessing config of the paired model directory: the denoiser's own (it must be 128×128, the CNN's
+    in-plane size), or the official profile when the denoiser records none or there is no denoiser.
+
+    Raises:
+        ModelDirError: the denoiser's ``preprocess`` is invalid or not 128×128.
+    """
+    from covidctnet.config import config_to_dict, validate_config
+    from covidctnet.errors import ConfigError, ModelDirError
+    from covidctnet.preprocess import OFFICIAL_PROFILE, PreprocessConfig
+
+    if den_preprocess is None:
+        return config_to_dict(PreprocessConfig(**OFFICIAL_PROFILE))
+    try:
+        cfg = validate_config(PreprocessConfig, den_preprocess, f"{denoiser}: preprocess")
+    except ConfigError as err:
+        raise ModelDirError(str(err)) from err
+    if cfg.size_xy != CNN3D_KERAS_INPUT_SIZE[1]:
+        raise ModelDirError(
+            f"{denoiser}: the denoiser was trained on {cfg.size_xy}x{cfg.size_xy} slices (preprocess.size_xy), the "
+            "official CNN takes 128x128 residuals; train one on `covidctnet preprocess --profile official` output"
+        )
+    return config_to_dict(cfg)
+
+
 def import_keras_model(
     h5_path: str | os.PathLike, out_dir: str | os.PathLike, denoiser: str | os.PathLike | None = None
 ) -> Any:
     """Convert the official CovidCTNet Keras CNN into a model directory, optionally paired with a denoiser.
 
-    Writes ``config.yaml`` (classifier arch ``covidctnet3d`` + kwargs at 50×128×128, ``preprocess_profile:
-    official``, the class names, provenance), ``classifier.safetensors``, ``denoiser.safetensors`` when ``denoiser``
-    is given, ``MODEL_CARD.md`` and ``SHA256SUMS``, atomically.
+    Writes ``config.yaml`` (classifier arch ``covidctnet3d`` + kwargs at 50×128×128; ``preprocess``: the denoiser's
+    preprocessing config, or the ``official`` profile when it records none or no denoiser is given, and its
+    ``preprocess_profile``; ``input``: depth 50, size_xy 128; the class names; provenance), ``classifier.safetensors``,
+    ``denoiser.safetensors`` when ``denoiser`` is given, ``MODEL_CARD.md`` and ``SHA256SUMS``, atomically.
 
     Args:
         h5_path: the Keras ``.h5`` (``weight_cnn_CovidCtNet_v2_final.h5``).
@@ -550,32 +598,46 @@ def import_keras_model(
         # save_model_dir replaces out_dir wholesale: never let a typo wipe an unrelated folder.
         raise ModelDirError(f"{out_dir}: exists and is not a model directory; refusing to replace it")
     state = cnn3d_state_dict_from_keras(h5_path)
-    model = build_classifier("covidctnet3d", in_channels=1, num_classes=len(CLASS_NAMES), input_size=CNN3D_KERAS_INPUT_SIZE)
+    model = build_classifier(
+        "covidctnet3d", in_channels=1, num_classes=len(CLASS_NAMES), input_size=CNN3D_KERAS_INPUT_SIZE
+    )
     model.load_state_dict(state, strict=True)  # cannot fail after the shape checks; a cheap guarantee all the same
     h5_sha = sha256_file(h5_path)
     official = h5_sha == OFFICIAL_CNN3D_SOURCE["sha256"]
     if not official:
-        log.warning("%s: sha256 %s… is not the official CovidCTNet CNN file's; importing it anyway", h5_path, h5_sha[:12])
+        log.warning("%s: sha256 %s… is not the official CovidCTNet CNN file's; importing it anyway",
+                    h5_path, h5_sha[:12])
     source = dict(OFFICIAL_CNN3D_SOURCE) if official else {"file": h5_path.name, "sha256": h5_sha, "license": "unknown"}
-    components: dict[str, Any] = {"classifier": {**model.spec, "source": source}}
+    spec: dict[str, Any] = getattr(model, "spec")  # noqa: B009 (set by build_classifier)
+    components: dict[str, Any] = {"classifier": {**spec, "source": source}}
     state_dicts = {"classifier": state}
-    den_prov = den_entry = None
+    den_prov = den_entry = den_preprocess = None
     if denoiser is not None:
-        den_state, den_entry, den_prov = _find_denoiser(Path(denoiser))
-        profile = den_prov.get("preprocess_profile")
-        if profile is not None and profile != "official":
-            log.warning("%s: denoiser expects preprocess profile %r, the official CNN 'official'", denoiser, profile)
+        den_state, den_entry, den_prov, den_preprocess = _find_denoiser(Path(denoiser))
         components["denoiser"] = {**den_entry, "source": den_prov}
         state_dicts["denoiser"] = den_state
+    preprocess = _paired_preprocess(den_preprocess, denoiser)
+    if preprocess["profile"] != "official":
+        log.warning("%s: the denoiser was trained with preprocess profile %r; the official CNN expects 'official'",
+                    denoiser, preprocess["profile"])
+    depth, height, _ = CNN3D_KERAS_INPUT_SIZE
     config = {
         "name": "covidctnet-official-cnn" + ("" if denoiser is not None else "-no-denoiser"),
-        "task": "classification of CT residual volumes into control / covid / cap",
+        "task": "classifier",
         "class_names": list(CLASS_NAMES),
-        "preprocess_profile": "official",
-        "input_size": list(CNN3D_KERAS_INPUT_SIZE),
+        "preprocess_profile": preprocess["profile"],
+        "preprocess": preprocess,  # what `predict` runs before the denoiser (size_xy 128 = the CNN's height, width)
+        "input": {
+            "depth": depth,
+            "size_xy": height,
+            "channels": 1,
+            "layout": "(1, D, H, W) = residual_to_network_input((size_xy, size_xy, depth) RAS residual)",
+            "converter": "covidctnet.data.residual_volumes.residual_to_network_input",
+        },
         "components": components,
     }
-    card = _imported_model_card(h5_path, h5_sha, official, den_prov, den_entry)
+    card = _imported_model_card(h5_path, h5_sha, official, den_prov, den_entry, preprocess["profile"],
+                                den_preprocess is not None)
     md = save_model_dir(out_dir, config, state_dicts, card)
     log.info("wrote %s (classifier %s…%s)", out_dir, md.weights_sha256("classifier")[:12],
              "" if denoiser is not None else "; no denoiser: add one before predict")
