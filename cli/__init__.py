@@ -19,7 +19,15 @@ __all__ = ["cli", "main", "COMMANDS"]
 # name -> "module:function"; modules are imported only when the command (or the help listing) needs them.
 COMMANDS: dict[str, str] = {
     "preprocess": "covidctnet.cli.preprocess:preprocess_cmd",
+    "train-denoiser": "covidctnet.cli.train_denoiser:train_denoiser_cmd",
+    "residuals": "covidctnet.cli.residuals:residuals_cmd",
+    "predict": "covidctnet.cli.predict:predict_cmd",
+    "demo": "covidctnet.cli.predict:demo_cmd",
     "import-keras": "covidctnet.cli.import_keras:import_keras_cmd",
+    "train-slice": "covidctnet.cli.train_slice:train_slice_cmd",
+    "pretrain-slice": "covidctnet.cli.pretrain_slice:pretrain_slice_cmd",
+    "predict-slice": "covidctnet.cli.predict_slice:predict_slice_cmd",
+    "train-classifier": "covidctnet.cli.train_classifier:train_classifier_cmd",
     "evaluate": "covidctnet.cli.evaluate:evaluate_cmd",
     "reader-study": "covidctnet.cli.reader_study:reader_study_cmd",
 }

@@ -1,0 +1,34 @@
+"""``covidctnet predict-slice``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.command("predict-slice")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Slice model directory  [default: the model bundled with covidctnet].")
+@click.option("-o", "--out", "out_csv", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Output CSV: file, p_covid, predicted (covid/noncovid), status, error.")
+@click.option("--cam", "cam_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write Grad-CAM overlays (<stem>_cam.png, class COVID-19) into this folder.")
+@click.option("--threshold", type=float, default=None, help="p_covid threshold  [default: the model's, 0.5].")
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Images per forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+def predict_slice_cmd(inputs, model_dir, out_csv, cam_dir, threshold, batch_size, device):
+    """Score CT slice images (files or folders of PNG/JPG) for COVID-19.
+
+    A bad image gets an error row (status=error) and the others go on; the exit code is then 1 (2 if all failed).
+    """
+    from covidctnet.slice_training import predict_slices
+
+    summary = predict_slices(inputs, out_csv, model_dir=model_dir, cam_dir=cam_dir, device=device,
+                             batch_size=batch_size, threshold=threshold)
+    click.echo(f"predict-slice: {summary.n_ok} scored, {summary.n_failed} failed; {summary.out_csv}"
+               + (f"; {len(summary.cams)} Grad-CAM PNGs in {cam_dir}" if cam_dir else ""), err=True)
+    if summary.n_failed:
+        sys.exit(2 if summary.n_ok == 0 else 1)
