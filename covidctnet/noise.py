@@ -38,6 +38,7 @@ import functools
 import math
 import numbers
 from collections.abc import Hashable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -85,16 +86,18 @@ _GRAD = np.array(
 
 #: The official CovidCTNet training draw: ``scale = randint(10, 30)``, ``persistence = 0.01 * randint(-50, 50)``,
 #: ``base = randint(0, 1000)`` (upper bounds exclusive), with octaves 10, lacunarity 2, repeat 140, amplitude 1.
-OFFICIAL_PERLIN_PARAMS: dict[str, Any] = {
-    "scale_range": (10, 30),
-    "persistence_range": (-0.5, 0.5),
-    "persistence_step": 0.01,
-    "base_range": (0, 1000),
-    "octaves": 10,
-    "lacunarity": 2.0,
-    "repeat": 140.0,
-    "amplitude": 1.0,
-}
+OFFICIAL_PERLIN_PARAMS: Mapping[str, Any] = MappingProxyType(
+    {
+        "scale_range": (10, 30),
+        "persistence_range": (-0.5, 0.5),
+        "persistence_step": 0.01,
+        "base_range": (0, 1000),
+        "octaves": 10,
+        "lacunarity": 2.0,
+        "repeat": 140.0,
+        "amplitude": 1.0,
+    }
+)
 
 # An octave whose weight (amplitude / total amplitude) is below this is skipped: |pnoise2 of one octave| <= 1, so
 # skipping it changes the output by less than this, far below float32 resolution of the result.
@@ -489,8 +492,10 @@ class _PerlinSampler:
             raise ValueError(f"`base_range` must be integers >= 0 (low, high), not {base_range!r}")
         self.octaves, self.lacunarity, self.repeat = _check_common(octaves, lacunarity, repeat)
         self.amplitude = _check_finite("amplitude", amplitude)
-        # fail now, not at the first call, if some persistence of the range has total amplitude 0
-        for k in (self._p_lo, self._p_hi - 1):
+        # Fail now, not at some later draw, if a drawable persistence has total amplitude 0. sum(p**k) over n octaves
+        # is 0 only for p = -1 and even n, so checking the grid points next to -1 is enough.
+        k_minus_one = round(-1.0 / self.persistence_step)
+        for k in range(max(self._p_lo, k_minus_one - 1), min(self._p_hi, k_minus_one + 2)):
             _octave_weights(self.octaves, self.persistence_step * k)
 
     def draw(self, rng: np.random.RandomState) -> dict[str, Any]:

@@ -305,6 +305,7 @@ INVALID = [
     (lambda: RandPerlinNoise(persistence_range=(0.5, -0.5)), "`persistence_range` must be"),
     (lambda: RandPerlinNoise(persistence_range=(0.0, 0.001)), "`persistence_range` must"),
     (lambda: RandPerlinNoise(persistence_range=(-1.0, 0.0)), "`persistence` must"),  # -1 in range: amplitude 0
+    (lambda: RandPerlinNoise(persistence_range=(-2.0, 0.0)), "`persistence` must"),
     (lambda: RandPerlinNoise(base_range=(-1, 10)), "`base_range` must be"),
     (lambda: RandPerlinNoise(amplitude=float("nan")), "`amplitude` must be"),
     (lambda: RandPerlinNoise(prob=1.0)(torch.zeros(8, 8)), "`img` must be"),
