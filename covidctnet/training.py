@@ -304,14 +304,12 @@ def plot_loss_curve(history: Sequence[Mapping[str, Any]], path: str | os.PathLik
         path: output PNG, written atomically.
         monitor: a metric to draw in a second panel (skipped when it is a loss or absent).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from covidctnet.plots import new_figure, save_figure  # Agg figure without pyplot's global state
 
     epochs = [row["epoch"] for row in history]
     show_monitor = bool(monitor) and "loss" not in str(monitor) and all(monitor in row for row in history)
-    fig, axes = plt.subplots(1, 2 if show_monitor else 1, figsize=(10 if show_monitor else 5.5, 4), squeeze=False)
+    fig = new_figure((10.0, 4.0) if show_monitor else (5.5, 4.0))
+    axes = fig.subplots(1, 2 if show_monitor else 1, squeeze=False)
     ax = axes[0, 0]
     ax.plot(epochs, [row["train_loss"] for row in history], "o-", label="train loss")
     if all("val_loss" in row for row in history):
@@ -326,10 +324,7 @@ def plot_loss_curve(history: Sequence[Mapping[str, Any]], path: str | os.PathLik
         ax2.set_xlabel("epoch")
         ax2.set_ylabel(str(monitor))
         ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 # --------------------------------------------------------------------------------------------------------------------
