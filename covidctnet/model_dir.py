@@ -109,6 +109,11 @@ def save_model_dir(
         (tmp / CARD_NAME).write_text(card)
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
+        # mkdtemp makes the folder 0700 and safetensors writes 0600: give the usual permissions so a model
+        # directory can be shared between users.
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
         hashed = [CONFIG_NAME] + sorted(c["weights"] for c in components.values() if "weights" in c)
         (tmp / SUMS_NAME).write_text("".join(f"{sha256_file(tmp / f)}  {f}\n" for f in hashed))
         if out_dir.exists():
