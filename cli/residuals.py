@@ -1,0 +1,44 @@
+"""``covidctnet residuals``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from covidctnet.cli._common import batch_exit, echo_error_row
+
+
+@click.command("residuals")
+@click.argument("preprocessed", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: <study_id>_residual.nii.gz, manifest.csv, residuals.yaml.")
+@click.option("--denoiser", required=True, type=click.Path(path_type=Path),
+              help="Denoiser model directory, or a train-denoiser run folder holding model/.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Classifier YAML giving depth and size_xy (configs/classifier.yaml layout; other keys ignored).")
+@click.option("--depth", type=int, default=None, help="Slices of the residual stack (default 50).")
+@click.option("--size", "size_xy", type=int, default=None, help="In-plane size of the residual stack (default 240).")
+@click.option("--batch-size", type=int, default=8, show_default=True, help="Slices per denoiser forward pass.")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@click.option("--workers", type=int, default=0, show_default=True,
+              help="Worker processes; 0 runs in this process (best for debugging).")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Skip studies already 'ok' in OUT/manifest.csv whose output is unchanged.")
+def residuals_cmd(preprocessed, out_dir, denoiser, config_path, depth, size_xy, batch_size, device, workers, resume):
+    """Residual maps (input - denoised, signed float32) of every study in PREPROCESSED, resampled to the
+    classifier's grid (depth x size x size), overlaying on the preprocessed scans.
+
+    One bad study is recorded in manifest.csv and the others go on; the exit code is 1 if some failed, 2 if all did.
+    """
+    # Heavy imports (torch, MONAI) happen here, not at `covidctnet --help`.
+    from covidctnet.residuals import compute_residuals, read_residual_grid
+
+    grid = read_residual_grid(config_path, depth=depth, size_xy=size_xy)
+    summary = compute_residuals(preprocessed, out_dir, denoiser, grid, batch_size=batch_size, device=device,
+                                resume=resume, workers=workers, on_result=echo_error_row)
+    click.echo(f"residuals: {summary.n_ok} done, {summary.n_skipped} already done, {summary.n_failed} failed"
+               + (f"; manifest: {summary.manifest}" if summary.manifest and summary.manifest.exists() else ""),
+               err=True)
+    sys.exit(batch_exit(summary))

@@ -1,0 +1,479 @@
+"""Residual maps: denoise every slice with the control-trained BCDU-Net, subtract, resample to the classifier's grid.
+
+For a preprocessed scan ``x`` (``(X, Y, Z)`` float32 in [0, 1], axis 2 = axial slices), CovidCTNet computes
+``x - denoiser(x)`` slice by slice and resizes the stack to the 3D CNN's input grid (official notebook:
+``c = CT_resized - model.predict(...)``, ``resize(c, (50, 128, 128))``). Whatever the denoiser, trained on control
+slices only, cannot reproduce is left in the residual.
+
+* :func:`compute_residual`: one in-memory volume (what ``predict`` calls). Slices go through the denoiser in
+  batches of ``batch_size`` under ``torch.inference_mode`` in eval mode, so memory is bounded by one batch plus the
+  residual stack. The stack is then resized with ``skimage.transform.resize`` (linear, anti-aliased when shrinking,
+  as the official code), keeping the axis order: the result is ``(size, size, depth)``, axis 2 = slices.
+* :func:`residual_affine`: the affine of the resampled grid. Resizing maps voxel *edges* onto voxel edges
+  (``skimage``/``align_corners=False`` convention), so the residual covers exactly the preprocessed scan's field of
+  view and overlays on it in a viewer.
+* :func:`compute_residuals`: ``covidctnet residuals`` over a preprocessed folder, with ``manifest.csv``, resume and
+  per-study error isolation (:func:`covidctnet.batch.run_batch`).
+* :func:`load_denoiser`: a denoiser from a model directory (or a training run directory holding ``model/``), with
+  its hash, architecture and expected input checked.
+
+The array order of the NIfTI is the preprocessed one (RAS, axis 2 = slices). The official CNN takes
+``(depth, rows, columns)`` in its own layout: :func:`covidctnet.preprocess.ras_to_official_layout` converts.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from covidctnet.errors import ConfigError, InputError, ModelDirError, ShapeError
+
+if TYPE_CHECKING:
+    import torch
+
+    from covidctnet.batch import BatchSummary, Study
+
+__all__ = [
+    "ResidualGrid",
+    "Denoiser",
+    "read_residual_grid",
+    "resolve_denoiser_dir",
+    "load_denoiser",
+    "compute_residual",
+    "residual_affine",
+    "resample_stack",
+    "residual_study",
+    "compute_residuals",
+    "RESIDUAL_COLUMNS",
+    "RESIDUAL_SUFFIX",
+]
+
+logger = logging.getLogger(__name__)
+
+RESIDUAL_SUFFIX = "_residual.nii.gz"
+RESIDUAL_COLUMNS = ("input_shape", "output_shape", "denoiser_sha256", "residual_min", "residual_max",
+                    "residual_mean_abs")
+"""Stage columns of ``OUT/manifest.csv`` after the common ones (``study_id, source, label, status, error, output,
+sha256``)."""
+
+RUN_INFO = "residuals.yaml"
+# preprocess keys that change the image the denoiser sees; a mismatch between data and denoiser is refused
+_PREPROCESS_KEYS = ("size_xy", "profile", "hu_min", "hu_max", "out_of_window")
+_RANGE_TOLERANCE = 1e-3
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# grid config
+
+
+@dataclass(frozen=True)
+class ResidualGrid:
+    """The classifier's input grid (the keys ``depth`` and ``size_xy`` of ``configs/classifier.yaml``).
+
+    Attributes:
+        depth: slices after resampling along z (official 50).
+        size_xy: in-plane size (voxels); 240 by default, 128 for the official CNN.
+    """
+
+    depth: int = 50
+    size_xy: int = 240
+
+    def __post_init__(self) -> None:
+        for key in ("depth", "size_xy"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2048:
+                raise ConfigError(f"'{key}' must be an integer in [1, 2048], not {value!r}")
+
+
+def read_residual_grid(path: str | os.PathLike | None = None, depth: int | None = None,
+                       size_xy: int | None = None) -> ResidualGrid:
+    """``depth`` and ``size_xy`` from a classifier YAML (other keys are ignored: they belong to the classifier).
+
+    Args:
+        path: YAML file (``configs/classifier.yaml`` layout); ``None``: the defaults (50, 240).
+        depth, size_xy: command-line overrides (``None``: not given).
+
+    Raises:
+        ConfigError: unreadable YAML or a bad value (the message names the key and file).
+    """
+    import yaml
+
+    raw: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as err:
+            raise ConfigError(f"{path}: cannot read config YAML: {str(err).splitlines()[0]}") from err
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys to values, not {type(loaded).__name__}")
+        raw = {k: loaded[k] for k in ("depth", "size_xy") if k in loaded}
+    raw.update({k: v for k, v in (("depth", depth), ("size_xy", size_xy)) if v is not None})
+    try:
+        return ResidualGrid(**raw)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# denoiser
+
+
+@dataclass
+class Denoiser:
+    """A loaded denoiser, in eval mode on ``device``.
+
+    Attributes:
+        model: the BCDU-Net (``(B, 1, S, S)`` in [0, 1] → denoised slice).
+        size_xy: the in-plane size ``S`` its input must have.
+        preprocess: the preprocessing settings it was trained with (``config.yaml`` ``preprocess``; may be empty).
+        path: the model directory.
+        weights_sha256: hash of ``denoiser.safetensors``.
+        device: where the model runs.
+    """
+
+    model: Any
+    size_xy: int
+    path: Path
+    weights_sha256: str
+    device: Any
+    preprocess: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_denoiser_dir(path: str | os.PathLike) -> Path:
+    """The model directory of ``path``: ``path`` itself, or ``path/model`` for a ``train-denoiser`` run folder.
+
+    Raises:
+        ModelDirError: neither is a model directory.
+    """
+    path = Path(path)
+    if (path / "config.yaml").is_file() and (path / "SHA256SUMS").is_file():
+        return path
+    if (path / "model" / "config.yaml").is_file():
+        return path / "model"
+    raise ModelDirError(f"{path}: not a model directory (config.yaml + SHA256SUMS) nor a train-denoiser run folder "
+                        "with model/; train one with `covidctnet train-denoiser`")
+
+
+def load_denoiser(path: str | os.PathLike, device: str | Any = "auto") -> Denoiser:
+    """Load the ``denoiser`` component of a model directory (hash-checked) into a BCDU-Net in eval mode.
+
+    Args:
+        path: model directory, or a ``train-denoiser`` run folder (its ``model/`` is used).
+        device: ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` or a ``torch.device``.
+
+    Raises:
+        ModelDirError: missing directory or component, unknown architecture, weights that do not fit, bad hash.
+    """
+    import torch
+
+    from covidctnet.denoiser_training import DENOISER_COMPONENT, build_denoiser
+    from covidctnet.model_dir import load_model_dir
+    from covidctnet.utils import resolve_device
+
+    mdir = load_model_dir(resolve_denoiser_dir(path))
+    comp = mdir.component(DENOISER_COMPONENT)
+    if comp.get("arch") != "bcdunet":
+        raise ModelDirError(f"{mdir.path / 'config.yaml'}: denoiser architecture {comp.get('arch')!r} is not "
+                            "supported; expected 'bcdunet'")
+    try:
+        model = build_denoiser(comp.get("kwargs") or {})
+    except ConfigError as err:
+        raise ModelDirError(f"{mdir.path / 'config.yaml'}: {err}") from err
+    try:
+        model.load_state_dict(mdir.state_dict(DENOISER_COMPONENT))
+    except RuntimeError as err:
+        raise ModelDirError(f"{mdir.path}: denoiser weights do not fit the architecture in config.yaml: "
+                            f"{str(err).splitlines()[0][:300]}") from err
+    preprocess = dict(mdir.config.get("preprocess") or {})
+    size = (mdir.config.get("input") or {}).get("size_xy", preprocess.get("size_xy"))
+    if not isinstance(size, int):
+        raise ModelDirError(f"{mdir.path / 'config.yaml'}: no input size (input.size_xy or preprocess.size_xy)")
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    model.to(dev).eval()
+    return Denoiser(model, size, mdir.path, mdir.weights_sha256(DENOISER_COMPONENT), dev, preprocess)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(path: str, device: str, stamp: tuple[int, int]) -> Denoiser:
+    return load_denoiser(path, device)
+
+
+def _cached_denoiser(path: str, device: str) -> Denoiser:
+    """One load per process and model directory (worker processes each get their own); a rewritten directory
+    (new ``SHA256SUMS``) is loaded again."""
+    sums = Path(path) / "SHA256SUMS"
+    st = sums.stat() if sums.is_file() else None
+    return _load_cached(path, device, (st.st_mtime_ns, st.st_ino) if st else (0, 0))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# one volume
+
+
+def residual_affine(affine: np.ndarray, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> np.ndarray:
+    """Affine of a volume resized from ``in_shape`` to ``out_shape`` over the same field of view.
+
+    With the ``align_corners=False`` convention of ``skimage.transform.resize``, output voxel ``o`` sits at input
+    index ``(o + 0.5) * s - 0.5`` with ``s = n_in / n_out`` per axis, so voxel edges ``-0.5`` and ``n - 0.5`` of both
+    grids coincide.
+
+    Args:
+        affine: (4, 4) voxel → world (mm) of the input.
+        in_shape, out_shape: the first three dimensions are used.
+
+    Returns:
+        (4, 4) float64 affine of the output grid.
+    """
+    scale = np.array(in_shape[:3], dtype=np.float64) / np.array(out_shape[:3], dtype=np.float64)
+    index_map = np.eye(4)
+    index_map[:3, :3] = np.diag(scale)
+    index_map[:3, 3] = (scale - 1.0) / 2.0
+    return np.asarray(affine, dtype=np.float64) @ index_map
+
+
+def _check_volume(volume: np.ndarray, expected: int | None, source: str) -> None:
+    if volume.ndim != 3:
+        raise ShapeError(f"{source}: expected a 3-D preprocessed volume (X, Y, Z), not shape {tuple(volume.shape)}")
+    if expected is not None and volume.shape[:2] != (expected, expected):
+        raise ShapeError(f"{source}: in-plane size {volume.shape[0]}x{volume.shape[1]}, the denoiser expects "
+                         f"{expected}x{expected}; preprocess with --size {expected}")
+    if not np.isfinite(volume).all():
+        raise InputError(f"{source}: the volume holds NaN or infinite values")
+    lo, hi = float(volume.min()), float(volume.max())
+    if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
+        raise InputError(f"{source}: intensities span {lo:.4g}..{hi:.4g}, expected a preprocessed volume in [0, 1]; "
+                         "run `covidctnet preprocess` first")
+
+
+def compute_residual(
+    volume_array: np.ndarray,
+    model: Any,
+    depth: int = 50,
+    size: int = 240,
+    batch_size: int = 8,
+    device: str | Any | None = None,
+    source: str = "volume",
+) -> np.ndarray:
+    """Residual ``input - denoised`` of a preprocessed volume, resampled to ``(size, size, depth)``.
+
+    Args:
+        volume_array: ``(X, Y, Z)`` float32 in [0, 1], axis 2 = axial slices (a ``covidctnet preprocess`` output,
+            e.g. ``nib.load(p).get_fdata(dtype=np.float32)``); ``X == Y`` must be the denoiser's input size.
+        model: a :class:`Denoiser` from :func:`load_denoiser` (its input size is checked), or a bare BCDU-Net.
+        depth: slices of the output (official 50).
+        size: in-plane size of the output.
+        batch_size: slices per forward pass (memory: one batch of activations).
+        device: where to run; ``None``: the model's device (a :class:`Denoiser` knows it).
+        source: name for error messages (file or study id).
+
+    Returns:
+        ``(size, size, depth)`` float32, signed (positive where the slice is brighter than its denoised version).
+        Use :func:`residual_affine` for its affine.
+
+    Raises:
+        ShapeError: not 3-D, or the in-plane size is not the denoiser's.
+        InputError: non-finite values or values outside [0, 1] (not preprocessed).
+    """
+    import torch
+
+    from covidctnet.utils import resolve_device
+
+    expected = model.size_xy if isinstance(model, Denoiser) else None
+    net = model.model if isinstance(model, Denoiser) else model
+    if device is None:
+        dev = model.device if isinstance(model, Denoiser) else next(net.parameters()).device
+    else:
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+    if batch_size < 1 or depth < 1 or size < 1:
+        raise ConfigError(f"batch_size, depth and size must be >= 1, not {batch_size}, {depth}, {size}")
+    volume = np.asarray(volume_array, dtype=np.float32)
+    _check_volume(volume, expected, source)
+    was_training = net.training
+    net.eval()
+    net.to(dev)
+    residual = np.empty(volume.shape, dtype=np.float32)
+    try:
+        with torch.inference_mode():
+            for k in range(0, volume.shape[2], batch_size):
+                chunk = np.ascontiguousarray(np.moveaxis(volume[:, :, k : k + batch_size], 2, 0))  # (b, X, Y)
+                x = torch.from_numpy(chunk)[:, None].to(dev)
+                denoised = net(x).float()
+                residual[:, :, k : k + batch_size] = np.moveaxis((x - denoised)[:, 0].cpu().numpy(), 0, 2)
+    finally:
+        net.train(was_training)
+    return resample_stack(residual, (size, size, depth))
+
+
+def resample_stack(array: np.ndarray, out_shape: tuple[int, int, int]) -> np.ndarray:
+    """Resize a ``(X, Y, Z)`` array to ``out_shape`` over the same field of view (affine: :func:`residual_affine`).
+
+    As the official code: ``skimage.transform.resize``, linear, reflect mode, Gaussian anti-aliasing along the
+    shrunk axes; values are not clipped or rescaled (signed residuals stay signed).
+
+    Returns:
+        ``out_shape`` float32 (the input itself when the shape already matches).
+    """
+    from skimage.transform import resize
+
+    if tuple(array.shape) == tuple(out_shape):
+        return np.asarray(array, dtype=np.float32)
+    return resize(array, out_shape, order=1, mode="reflect", anti_aliasing=True, preserve_range=True).astype(
+        np.float32)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# batch
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+def residual_study(study: Study, out_dir: Path, denoiser: str, depth: int, size: int, batch_size: int,
+                   device: str) -> dict[str, Any]:
+    """Compute one study's residual and write ``out_dir/<study_id>_residual.nii.gz`` atomically (for run_batch).
+
+    Args:
+        study: a preprocessed volume (``study.path``).
+        denoiser: model directory path (loaded once per process).
+        depth, size, batch_size, device: see :func:`compute_residual`.
+
+    Returns:
+        The manifest columns (:data:`RESIDUAL_COLUMNS` and ``output``).
+    """
+    from covidctnet.io import read_nifti, write_nifti
+
+    den = _cached_denoiser(denoiser, device)
+    vol = read_nifti(study.path)
+    residual = compute_residual(vol.array, den, depth, size, batch_size, source=str(study.path))
+    name = f"{study.study_id}{RESIDUAL_SUFFIX}"
+    write_nifti(residual, residual_affine(vol.affine, vol.shape, residual.shape), Path(out_dir) / name)
+    logger.info("%s: %s -> residual %s (range %.3f..%.3f)", study.study_id, _fmt(vol.shape), _fmt(residual.shape),
+                float(residual.min()), float(residual.max()))
+    return {
+        "output": name,
+        "input_shape": _fmt(vol.shape),
+        "output_shape": _fmt(residual.shape),
+        "denoiser_sha256": den.weights_sha256,
+        "residual_min": f"{float(residual.min()):.6g}",
+        "residual_max": f"{float(residual.max()):.6g}",
+        "residual_mean_abs": f"{float(np.abs(residual).mean()):.6g}",
+    }
+
+
+def _preprocessed_studies(folder: Path) -> list[Study]:
+    from covidctnet.batch import Study, discover_studies, read_manifest
+
+    rows = read_manifest(folder / "manifest.csv")
+    if rows:
+        studies = [Study(r["study_id"], folder / r["output"], r["output"], r.get("label") or None)
+                   for r in rows if r.get("status") == "ok" and r.get("output")]
+        if not studies:
+            raise InputError(f"{folder / 'manifest.csv'}: no study with status ok")
+        return studies
+    logger.warning("%s: no manifest.csv; taking every NIfTI file in the folder as a preprocessed study", folder)
+    return [s for s in discover_studies([folder]) if not s.path.name.endswith(RESIDUAL_SUFFIX)]
+
+
+def _check_preprocess_match(folder: Path, den: Denoiser) -> dict[str, Any]:
+    """Compare the folder's ``preprocess.yaml`` with what the denoiser was trained on; refuse a mismatch."""
+    import yaml
+
+    path = folder / "preprocess.yaml"
+    if not path.is_file():
+        logger.warning("%s missing: cannot check the preprocessing against the denoiser's; checking sizes only", path)
+        return {}
+    try:
+        settings = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise InputError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from err
+    if settings.get("size_xy") != den.size_xy:
+        raise ConfigError(f"{path}: size_xy {settings.get('size_xy')}, but the denoiser {den.path} expects "
+                          f"{den.size_xy}; preprocess with --size {den.size_xy} or use a matching denoiser")
+    diff = [k for k in _PREPROCESS_KEYS if k in den.preprocess and settings.get(k) != den.preprocess[k]]
+    if diff:
+        pairs = ", ".join(f"{k}: data {settings.get(k)!r} vs denoiser {den.preprocess[k]!r}" for k in diff)
+        raise ConfigError(f"{path}: preprocessed differently from the denoiser's training data ({pairs}); "
+                          "preprocess again with the denoiser's settings (its config.yaml, key preprocess)")
+    return settings
+
+
+def compute_residuals(
+    preprocessed: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    denoiser: str | os.PathLike,
+    grid: ResidualGrid = ResidualGrid(),
+    *,
+    batch_size: int = 8,
+    device: str = "auto",
+    resume: bool = True,
+    workers: int = 0,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> BatchSummary:
+    """``covidctnet residuals``: a residual NIfTI for every ``ok`` study of a preprocessed folder.
+
+    Writes ``out_dir/<study_id>_residual.nii.gz`` (float32, ``grid.size_xy`` × ``grid.size_xy`` × ``grid.depth``,
+    overlaying on the preprocessed scan), ``out_dir/manifest.csv`` (:data:`RESIDUAL_COLUMNS`) and
+    ``out_dir/residuals.yaml`` (denoiser, its hash, the grid, the preprocessing). One bad study is recorded as an
+    error and the others go on; with ``resume``, studies already ``ok`` with an unchanged output are skipped.
+
+    Args:
+        preprocessed: a ``covidctnet preprocess`` output folder.
+        out_dir: output folder; must differ from ``preprocessed``.
+        denoiser: model directory or ``train-denoiser`` run folder.
+        grid: output grid (``configs/classifier.yaml``).
+        batch_size: slices per forward pass.
+        device: ``auto`` / ``cpu`` / ``cuda``.
+        resume: skip studies already done by the same denoiser and grid.
+        workers: worker processes (0 = inline).
+        on_result: called with each finished manifest row.
+
+    Raises:
+        ConfigError: ``out_dir`` is ``preprocessed``; the data's preprocessing or size does not match the denoiser;
+            ``out_dir`` holds residuals of another denoiser or grid (with ``resume``).
+        ModelDirError: the denoiser cannot be loaded.
+        InputError: ``preprocessed`` is not a preprocessed folder.
+    """
+    import yaml
+
+    from covidctnet.batch import run_batch
+    from covidctnet.utils import atomic_write_text
+
+    preprocessed, out_dir = Path(preprocessed), Path(out_dir)
+    if not preprocessed.is_dir():
+        raise InputError(f"{preprocessed}: no such folder; PREPROCESSED must be an output folder of "
+                         "`covidctnet preprocess`")
+    if out_dir.resolve() == preprocessed.resolve():
+        raise ConfigError(f"{out_dir}: -o must differ from PREPROCESSED (its manifest.csv would be overwritten)")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, not {batch_size}")
+    model_dir = resolve_denoiser_dir(denoiser)
+    den = _cached_denoiser(str(model_dir), device)
+    settings = _check_preprocess_match(preprocessed, den)
+    studies = _preprocessed_studies(preprocessed)
+    info = {"denoiser": str(model_dir), "denoiser_sha256": den.weights_sha256, "depth": grid.depth,
+            "size_xy": grid.size_xy, "preprocessed": str(preprocessed), "preprocess": settings}
+    info_path = out_dir / RUN_INFO
+    if resume and info_path.is_file():
+        old = yaml.safe_load(info_path.read_text()) or {}
+        changed = [k for k in ("denoiser_sha256", "depth", "size_xy") if old.get(k) != info[k]]
+        if changed:
+            raise ConfigError(f"{info_path}: {out_dir} holds residuals made with another "
+                              f"{' / '.join(changed)} ({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); "
+                              "use a new output folder or --no-resume")
+    fn = functools.partial(residual_study, denoiser=str(model_dir), depth=grid.depth, size=grid.size_xy,
+                           batch_size=batch_size, device=device)
+    summary = run_batch(studies, out_dir, fn, RESIDUAL_COLUMNS, resume=resume, workers=workers, desc="residuals",
+                        on_result=on_result)
+    if summary.n_ok + summary.n_skipped > 0:
+        atomic_write_text(info_path, yaml.safe_dump(info, sort_keys=False))
+    return summary
