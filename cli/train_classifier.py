@@ -1,0 +1,55 @@
+"""``covidctnet train-classifier``."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.command("train-classifier")
+@click.argument("residuals", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--labels", "labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CSV study_id,label[,patient_id] (control/covid/cap, aliases or 0/1/2). Default: the label "
+                   "column of RESIDUALS/manifest.csv.")
+@click.option("-o", "--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder: split.csv, checkpoints/, metrics.csv, loss_curve.png, roc.png, confusion.png, model/.")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="YAML overriding configs/classifier.yaml.")
+@click.option("--split-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CSV study_id,split (train/val/test) instead of a seeded patient-level split.")
+@click.option("--arch", default=None,
+              help="covidctnet3d (official CNN) or a MONAI 3D net: densenet121, resnet18, …  "
+                   "[default: covidctnet3d].")
+@click.option("--epochs", type=int, default=None, help="Maximum training epochs  [default: 50].")
+@click.option("--batch-size", type=int, default=None, help="Volumes per step and process  [default: 4].")
+@click.option("--seed", type=int, default=None, help="Seed of split, weights, data order, augmentation  [default: 0].")
+@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N  [default: auto].")
+@click.option("--workers", type=int, default=None, help="DataLoader workers (0 = this process)  [default: 0].")
+@click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt (with OUT/split.csv).")
+def train_classifier_cmd(residuals, labels, run_dir, config_path, split_file, arch, epochs, batch_size, seed, device,
+                         workers, resume):
+    """Train the 3D CNN (control / COVID-19 / CAP) on the residual volumes in RESIDUALS.
+
+    Splits the studies by patient, trains with a class-weighted cross-entropy and MONAI 3D augmentation, selects the
+    epoch on validation macro AUC, and writes the validation ROC and confusion matrix and a model directory
+    (OUT/model). Under `torchrun --nproc_per_node N` it runs DistributedDataParallel.
+    """
+    # heavy imports here, not at module level: `covidctnet --help` must not load torch
+    from covidctnet.classifier_training import ClassifierConfig, train_classifier
+    from covidctnet.config import load_config
+
+    overrides = {"arch": arch, "epochs": epochs, "batch_size": batch_size, "seed": seed, "device": device,
+                 "workers": workers}
+    cfg = load_config(ClassifierConfig, config_path, overrides)
+    command = "covidctnet " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None
+    summary = train_classifier(residuals, run_dir, cfg, labels=labels, split_file=split_file, resume=resume,
+                               command=command)
+    if summary:
+        v = summary["val"]
+        auc = "n/a (one class)" if v["auc"] != v["auc"] else f"{v['auc']:.3f}"
+        click.echo(f"train-classifier: best epoch {summary['best_epoch']} by {summary['monitor']}: validation macro "
+                   f"AUC {auc}, accuracy {100 * v['accuracy']:.1f}% (n={v['n']}); model: {summary['model_dir']}",
+                   err=True)
