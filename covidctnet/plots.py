@@ -17,7 +17,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["RocCurve", "OperatingPoint", "new_figure", "save_figure", "plot_roc", "plot_confusion"]
+__all__ = [
+    "RocCurve",
+    "OperatingPoint",
+    "new_figure",
+    "save_figure",
+    "plot_roc",
+    "plot_confusion",
+    "plot_residual_overlay",
+]
 
 _DEFAULT_DPI = 150
 
@@ -210,4 +218,50 @@ def plot_confusion(
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    return save_figure(fig, path, dpi=dpi)
+
+
+def plot_residual_overlay(
+    path: str | os.PathLike,
+    ct: np.ndarray,
+    residual: np.ndarray,
+    *,
+    title: str = "",
+    dpi: int = _DEFAULT_DPI,
+) -> Path:
+    """Residual over the CT on the axial, coronal and sagittal mid slices.
+
+    Args:
+        path: output PNG.
+        ct: (X, Y, Z) preprocessed CT in [0, 1], RAS (axis 2 = slices, inferior to superior).
+        residual: (X, Y, Z) signed residual on the same grid (input − denoised); drawn in a diverging colour map
+            where its magnitude exceeds the 95th percentile, so structure the denoiser could not reproduce stands out.
+        title: figure title (e.g. the study id and predicted class).
+
+    Returns:
+        The written path.
+    """
+    ct = np.asarray(ct, dtype=np.float32)
+    residual = np.asarray(residual, dtype=np.float32)
+    if ct.shape != residual.shape:
+        raise ValueError(f"ct and residual must have the same shape, not {ct.shape} and {residual.shape}")
+    limit = float(np.percentile(np.abs(residual), 99.5)) or 1.0
+    shown = np.ma.masked_where(np.abs(residual) < np.percentile(np.abs(residual), 95), residual)
+    x, y, z = (s // 2 for s in ct.shape)
+    # Radiological display: rot90 puts anterior (or superior) up with the patient's right on the image's left.
+    views = [
+        ("axial", np.rot90(ct[:, :, z]), np.rot90(shown[:, :, z])),
+        ("coronal", np.rot90(ct[:, y, :]), np.rot90(shown[:, y, :])),
+        ("sagittal", np.rot90(ct[x, :, :]), np.rot90(shown[x, :, :])),
+    ]
+    fig = new_figure((12.0, 4.4))
+    axes = fig.subplots(1, 3)
+    for ax, (name, base, over) in zip(axes, views):
+        ax.imshow(base, cmap="gray", vmin=0, vmax=1, aspect="auto")
+        im = ax.imshow(over, cmap="coolwarm", vmin=-limit, vmax=limit, alpha=0.8, aspect="auto")
+        ax.set_title(name)
+        ax.set_axis_off()
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label="residual (input − denoised)")
+    if title:
+        fig.suptitle(title)
     return save_figure(fig, path, dpi=dpi)
