@@ -1,0 +1,67 @@
+"""``covidctnet predict`` and ``covidctnet demo``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from covidctnet.cli._common import batch_exit, echo_error_row
+
+
+def _print_report(summary, out_dir: Path) -> None:
+    for row in summary.rows:
+        if row.get("status") == "ok":
+            probs = "  ".join(f"{c}={row[f'p_{c}']}" for c in ("control", "covid", "cap"))
+            click.echo(f"{row['study_id']}: {row['predicted']}  ({probs})")
+            if row.get("overlay"):
+                click.echo(f"  overlay:  {out_dir / row['overlay']}")
+                click.echo(f"  residual: {out_dir / row['output']}")
+    if summary.n_ok:
+        click.echo(f"report: {out_dir / 'report.csv'}  {out_dir / 'report.json'}")
+
+
+@click.command("predict")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="Model directory with denoiser and classifier components (config.yaml, *.safetensors, SHA256SUMS).")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Output folder: report.csv, report.json (and residuals/overlays with --save-residuals).")
+@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="YAML overriding configs/predict.yaml.")
+@click.option("--batch-size", type=int, default=None, help="Slices per denoiser forward pass (default 8).")
+@click.option("--device", default=None, help="auto (CUDA when present), cpu or cuda[:N] (default auto).")
+@click.option("--save-residuals", is_flag=True, default=None,
+              help="Write <id>_residual.nii.gz and an overlay PNG (axial, coronal, sagittal) per study.")
+def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, save_residuals):
+    """Diagnose CT studies (DICOM folders, NIfTI/NRRD files, dataset roots): control / COVID-19 / CAP.
+
+    Runs preprocess -> BCDU-Net denoising -> residual -> 3D CNN and writes OUT/report.csv and report.json.
+    A bad study is reported and the others are still predicted (exit code 1); 2 if every study failed.
+    """
+    from covidctnet.config import load_config
+    from covidctnet.predict import PredictConfig, predict_studies
+
+    cfg = load_config(PredictConfig, config_path,
+                      {"batch_size": batch_size, "device": device, "save_residuals": save_residuals})
+    summary = predict_studies(inputs, model_dir, out_dir, cfg, on_result=echo_error_row)
+    _print_report(summary, out_dir)
+    sys.exit(batch_exit(summary))
+
+
+@click.command("demo")
+@click.option("-o", "--out", "out_dir", default="covidctnet-demo", show_default=True,
+              type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+def demo_cmd(out_dir):
+    """Predict the bundled real chest CT with the bundled demonstration model and print the report.
+
+    The demonstration weights were trained by this project on a handful of scans: they show the pipeline working end
+    to end and are not a diagnostic model (see covidctnet/assets/demo_model/MODEL_CARD.md).
+    """
+    from covidctnet.predict import DEMO_MODEL, DEMO_SCAN, run_demo
+
+    click.echo(f"scan:  {DEMO_SCAN}\nmodel: {DEMO_MODEL}")
+    summary = run_demo(out_dir, on_result=echo_error_row)
+    _print_report(summary, out_dir)
+    sys.exit(batch_exit(summary))

@@ -1,0 +1,256 @@
+"""End-to-end prediction: raw CT → preprocess → denoise → residual → 3D CNN → report.
+
+A model directory for ``predict`` holds two components, ``denoiser`` (BCDU-Net) and ``classifier`` (3D CNN), and
+records the preprocessing its denoiser was trained with (``config.yaml: preprocess``) and the residual grid its
+classifier takes (the classifier's ``input_size``). ``predict`` applies exactly that preprocessing, so a model trained
+on 128×128 official-profile volumes is never fed 240×240 default-profile ones.
+
+Outputs (``OUT/``): ``report.csv`` (``study_id, p_control, p_covid, p_cap, predicted, status, error, model,
+weights_sha256``), ``report.json`` (the same plus the input checks passed, shapes and timings), and with
+``save_residuals`` ``<study_id>_residual.nii.gz`` and ``<study_id>_overlay.png`` per study.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from covidctnet import CLASS_NAMES
+from covidctnet.batch import BatchSummary, Study
+from covidctnet.errors import ModelDirError
+
+__all__ = [
+    "PredictConfig",
+    "Pipeline",
+    "REPORT_COLUMNS",
+    "load_pipeline",
+    "predict_volume",
+    "predict_studies",
+    "run_demo",
+]
+
+logger = logging.getLogger(__name__)
+
+REPORT_COLUMNS = ("study_id", "p_control", "p_covid", "p_cap", "predicted", "status", "error", "model", "weights_sha256")
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Settings of ``covidctnet predict`` (defaults = ``configs/predict.yaml``).
+
+    Attributes:
+        batch_size: slices per denoiser forward pass (memory grows linearly with it).
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
+        save_residuals: also write each study's residual NIfTI and an overlay PNG.
+    """
+
+    batch_size: int = 8
+    device: str = "auto"
+    save_residuals: bool = False
+
+    def __post_init__(self) -> None:
+        from covidctnet.errors import ConfigError
+
+        if self.batch_size < 1:
+            raise ConfigError(f"'batch_size' must be at least 1, not {self.batch_size}")
+
+
+@dataclass
+class Pipeline:
+    """A loaded model directory, ready to predict."""
+
+    name: str
+    preprocess: Any  # PreprocessConfig
+    denoiser: Any  # torch.nn.Module, eval mode
+    classifier: Any  # torch.nn.Module, eval mode
+    depth: int
+    size_xy: int
+    device: Any
+    weights_sha256: str
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def load_pipeline(model_dir: str | os.PathLike, device: str = "auto") -> Pipeline:
+    """Load a model directory with ``denoiser`` and ``classifier`` components (hashes checked).
+
+    ``weights_sha256`` in the report is the sha256 of the directory's ``SHA256SUMS``, which covers the config and
+    every weights file, so one value identifies the whole model.
+
+    Raises:
+        ModelDirError: missing component, hash mismatch, wrong architecture, or inconsistent sizes.
+    """
+    from covidctnet.config import validate_config
+    from covidctnet.errors import ConfigError
+    from covidctnet.model_dir import load_model_dir
+    from covidctnet.models.cnn3d import load_classifier
+    from covidctnet.preprocess import PreprocessConfig
+    from covidctnet.residuals import load_denoiser
+    from covidctnet.utils import resolve_device
+
+    md = load_model_dir(model_dir)
+    dev = resolve_device(device)
+    try:
+        pre = validate_config(PreprocessConfig, md.config.get("preprocess") or {}, f"{md.path}/config.yaml: preprocess")
+    except ConfigError as err:
+        raise ModelDirError(str(err)) from err
+    denoiser = load_denoiser(md.path, device=dev)
+    classifier = load_classifier(md, device=dev)
+    input_size = (md.component("classifier").get("kwargs") or {}).get("input_size") or md.config.get("residual_size")
+    if not input_size or len(input_size) != 3:
+        raise ModelDirError(f"{md.path}: the classifier's input_size (depth, height, width) is not recorded")
+    depth, height, width = (int(s) for s in input_size)
+    if height != width or height != pre.size_xy or denoiser.size_xy != pre.size_xy:
+        raise ModelDirError(
+            f"{md.path}: classifier input {height}x{width}, denoiser input {denoiser.size_xy} and preprocessing size "
+            f"{pre.size_xy} must agree"
+        )
+    sums = hashlib.sha256((md.path / "SHA256SUMS").read_bytes()).hexdigest()
+    return Pipeline(md.name, pre, denoiser, classifier, depth, pre.size_xy, dev, sums)
+
+
+def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8) -> dict[str, Any]:
+    """Predict one checked HU volume.
+
+    Returns:
+        ``probabilities`` (3,) in ``CLASS_NAMES`` order, ``predicted``, ``preprocessed`` ((X, Y, Z) array, affine),
+        ``residual`` ((size, size, depth) array, affine) and ``seconds`` per step.
+    """
+    import torch
+
+    from covidctnet.data.residual_volumes import residual_to_network_input
+    from covidctnet.models.cnn3d import predict_proba
+    from covidctnet.preprocess import preprocess_volume
+    from covidctnet.residuals import compute_residual, residual_affine
+
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    array, affine = preprocess_volume(volume, pipeline.preprocess)
+    seconds["preprocess"] = time.perf_counter() - t
+    t = time.perf_counter()
+    residual = compute_residual(array, pipeline.denoiser, depth=pipeline.depth, size=pipeline.size_xy,
+                                batch_size=batch_size, source=str(volume.source))
+    seconds["denoise"] = time.perf_counter() - t
+    t = time.perf_counter()
+    x = torch.as_tensor(residual_to_network_input(residual))[None]
+    probs = predict_proba(pipeline.classifier, x)[0].numpy().astype(np.float64)
+    seconds["classify"] = time.perf_counter() - t
+    return {
+        "probabilities": probs,
+        "predicted": CLASS_NAMES[int(np.argmax(probs))],
+        "preprocessed": (array, affine),
+        "residual": (residual, residual_affine(affine, array.shape, residual.shape)),
+        "seconds": seconds,
+    }
+
+
+def _predict_study(study: Study, out_dir: Path, pipeline: Pipeline, cfg: PredictConfig) -> dict[str, Any]:
+    from covidctnet.checks import check_volume
+    from covidctnet.io import read_volume, write_nifti
+
+    t = time.perf_counter()
+    volume = read_volume(study.path)
+    passed = check_volume(volume, pipeline.preprocess.limits)
+    read_s = time.perf_counter() - t
+    result = predict_volume(pipeline, volume, cfg.batch_size)
+    probs = result["probabilities"]
+    row: dict[str, Any] = {
+        **{f"p_{c}": f"{p:.6f}" for c, p in zip(CLASS_NAMES, probs)},
+        "predicted": result["predicted"],
+        "model": pipeline.name,
+        "weights_sha256": pipeline.weights_sha256,
+        "checks": " ".join(passed),
+        "seconds": {"read": round(read_s, 3), **{k: round(v, 3) for k, v in result["seconds"].items()}},
+        "output": "",
+    }
+    if cfg.save_residuals:
+        from scipy import ndimage
+
+        from covidctnet.plots import plot_residual_overlay
+
+        residual, res_affine = result["residual"]
+        write_nifti(residual, res_affine, out_dir / f"{study.study_id}_residual.nii.gz")
+        ct = result["preprocessed"][0]
+        ct_small = ndimage.zoom(ct, np.array(residual.shape) / np.array(ct.shape), order=1)
+        title = f"{study.study_id}: {result['predicted']} " + " ".join(f"{c}={p:.2f}" for c, p in zip(CLASS_NAMES, probs))
+        plot_residual_overlay(out_dir / f"{study.study_id}_overlay.png", ct_small, residual, title=title)
+        row["output"] = f"{study.study_id}_residual.nii.gz"
+        row["overlay"] = f"{study.study_id}_overlay.png"
+    logger.info("%s: %s (%s)", study.study_id, result["predicted"],
+                ", ".join(f"{c} {p:.3f}" for c, p in zip(CLASS_NAMES, probs)))
+    return row
+
+
+def predict_studies(
+    inputs: Sequence[str | os.PathLike],
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    cfg: PredictConfig = PredictConfig(),
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> BatchSummary:
+    """``covidctnet predict``: predict every study found in ``inputs`` and write the report.
+
+    A bad study gets ``status=error`` with its one-line message and the others are still predicted. The report is
+    written atomically once every study has been seen; nothing is written if every study failed.
+    """
+    from covidctnet.batch import discover_studies, run_batch
+    from covidctnet.utils import atomic_write_text
+
+    pipeline = load_pipeline(model_dir, cfg.device)
+    studies = discover_studies(inputs)
+    out_dir = Path(out_dir)
+    fn = functools.partial(_predict_study, pipeline=pipeline, cfg=cfg)
+    summary = run_batch(studies, out_dir, fn, resume=False, desc="predict", on_result=on_result, manifest_name=None)
+    rows = []
+    for r in summary.rows:
+        full = {c: r.get(c, "") for c in REPORT_COLUMNS}
+        if r.get("status") == "error":
+            full.update(model=pipeline.name, weights_sha256=pipeline.weights_sha256)
+        rows.append(full | {k: r[k] for k in ("checks", "seconds", "output", "overlay", "label", "source") if k in r})
+    if summary.n_ok == 0:
+        return summary
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(REPORT_COLUMNS), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "report.csv", buf.getvalue())
+    report = {
+        "model": pipeline.name,
+        "weights_sha256": pipeline.weights_sha256,
+        "class_names": list(CLASS_NAMES),
+        "preprocess_profile": pipeline.preprocess.profile,
+        "studies": [
+            {**r, **{f"p_{c}": float(r[f"p_{c}"]) for c in CLASS_NAMES if r.get(f"p_{c}") not in ("", None)}}
+            for r in rows
+        ],
+    }
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    summary.manifest = out_dir / "report.csv"
+    return summary
+
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_SCAN = ASSETS / "demo" / "chest_ct_sample.nii.gz"
+DEMO_MODEL = ASSETS / "demo_model"
+
+
+def run_demo(out_dir: str | os.PathLike, on_result: Callable[[dict[str, Any]], None] | None = None) -> BatchSummary:
+    """``covidctnet demo``: predict the bundled real chest CT with the bundled demonstration model.
+
+    Writes the report, the residual NIfTI and the overlay PNG to ``out_dir``. See the model card in
+    ``covidctnet/assets/demo_model/MODEL_CARD.md`` for what the demonstration weights are and are not.
+    """
+    return predict_studies([DEMO_SCAN], DEMO_MODEL, out_dir, PredictConfig(save_residuals=True), on_result=on_result)

@@ -1,0 +1,117 @@
+"""`covidctnet predict` end to end on the real shared scans, and `covidctnet demo` with the bundled model."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from covidctnet import CLASS_NAMES
+from covidctnet.cli import cli
+from covidctnet.config import config_to_dict
+from covidctnet.errors import ModelDirError
+from covidctnet.model_dir import save_model_dir
+from covidctnet.models.bcdunet import BCDUNet
+from covidctnet.models.cnn3d import build_classifier
+from covidctnet.predict import DEMO_MODEL, DEMO_SCAN, REPORT_COLUMNS, load_pipeline
+from covidctnet.preprocess import PreprocessConfig
+
+SIZE, DEPTH = 64, 36
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A small untrained pipeline (64x64 preprocessing): enough to exercise every step quickly."""
+    torch.manual_seed(0)
+    denoiser = BCDUNet(features=4)
+    classifier = build_classifier("covidctnet3d", input_size=(DEPTH, SIZE, SIZE))
+    config = {
+        "name": "tiny-test-model",
+        "preprocess": config_to_dict(PreprocessConfig(size_xy=SIZE)),
+        "input": {"depth": DEPTH, "size_xy": SIZE},
+        "components": {
+            "denoiser": {"arch": "bcdunet", "kwargs": denoiser.config},
+            "classifier": classifier.spec,
+        },
+    }
+    out = tmp_path_factory.mktemp("model") / "tiny"
+    save_model_dir(out, config, {"denoiser": denoiser.state_dict(), "classifier": classifier.state_dict()},
+                   "# tiny test model\nUntrained; for tests only.\n")
+    return out
+
+
+def test_predict_batch_with_a_bad_study(tiny_model, dicom_dirs, nifti_ct, tmp_path):
+    bad = tmp_path / "corrupt.nii.gz"
+    bad.write_bytes(nifti_ct.read_bytes()[:25000])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["predict", str(dicom_dirs["covid"]), str(dicom_dirs["control"]), str(bad),
+                                      "--model", str(tiny_model), "-o", str(out), "--save-residuals"])
+    assert result.exit_code == 1, result.output
+    assert sum(line.startswith("Error:") for line in result.output.splitlines()) == 1
+    lines = (out / "report.csv").read_text().splitlines()
+    assert lines[0].split(",") == list(REPORT_COLUMNS)
+    report = json.loads((out / "report.json").read_text())
+    rows = {r["study_id"]: r for r in report["studies"]}
+    assert rows["corrupt"]["status"] == "error" and "truncated" in rows["corrupt"]["error"]
+    for sid in ("covid-P001", "control-normal001"):
+        row = rows[sid]
+        probs = np.array([row[f"p_{c}"] for c in CLASS_NAMES])
+        assert row["status"] == "ok" and row["predicted"] == CLASS_NAMES[int(np.argmax(probs))]
+        assert np.all((probs >= 0) & (probs <= 1)) and abs(probs.sum() - 1) < 1e-5
+        assert row["weights_sha256"] == report["weights_sha256"] and len(row["weights_sha256"]) == 64
+        assert "slice_gaps" in row["checks"]
+        img = nib.load(out / f"{sid}_residual.nii.gz")
+        assert img.shape == (SIZE, SIZE, DEPTH)
+        assert img.get_fdata().min() < 0 < img.get_fdata().max()  # signed residual
+        assert (out / f"{sid}_overlay.png").stat().st_size > 10_000
+    assert not (out / "corrupt_residual.nii.gz").exists()
+
+
+def test_same_input_same_probabilities(tiny_model, dicom_dirs, tmp_path):
+    outs = []
+    for name in ("a", "b"):
+        result = CliRunner().invoke(cli, ["predict", str(dicom_dirs["cap"]), "--model", str(tiny_model),
+                                          "-o", str(tmp_path / name), "--batch-size", "3" if name == "a" else "16"])
+        assert result.exit_code == 0, result.output
+        outs.append(json.loads((tmp_path / name / "report.json").read_text())["studies"][0])
+    for c in CLASS_NAMES:
+        assert outs[0][f"p_{c}"] == pytest.approx(outs[1][f"p_{c}"], abs=1e-5)
+
+
+def test_tampered_weights_are_refused(tiny_model, dicom_dirs, tmp_path):
+    bad = tmp_path / "model"
+    shutil.copytree(tiny_model, bad)
+    blob = bytearray((bad / "classifier.safetensors").read_bytes())
+    blob[-1] ^= 0xFF
+    (bad / "classifier.safetensors").write_bytes(bytes(blob))
+    result = CliRunner().invoke(cli, ["predict", str(dicom_dirs["cap"]), "--model", str(bad), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert "does not match SHA256SUMS" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_model_without_denoiser_is_refused(tiny_model, tmp_path):
+    from covidctnet.model_dir import load_model_dir
+
+    md = load_model_dir(tiny_model)
+    config = dict(md.config, components={"classifier": md.component("classifier")})
+    save_model_dir(tmp_path / "m", config, {"classifier": md.state_dict("classifier")}, "# no denoiser\n")
+    with pytest.raises(ModelDirError, match="denoiser"):
+        load_pipeline(tmp_path / "m", "cpu")
+
+
+@pytest.mark.skipif(not (DEMO_MODEL / "config.yaml").is_file(), reason="the bundled demo model is not in this checkout")
+def test_demo_prints_a_report(tmp_path):
+    assert DEMO_SCAN.is_file() and DEMO_SCAN.stat().st_size < 5_000_000
+    result = CliRunner().invoke(cli, ["demo", "-o", str(tmp_path / "demo")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "demo" / "report.json").read_text())
+    (row,) = report["studies"]
+    assert abs(sum(row[f"p_{c}"] for c in CLASS_NAMES) - 1) < 1e-5
+    assert f"{row['study_id']}: {row['predicted']}" in result.output
+    assert (tmp_path / "demo" / row["overlay"]).is_file()
