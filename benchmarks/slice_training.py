@@ -84,8 +84,8 @@ def render(results: list[dict], args: argparse.Namespace, load_start: tuple, loa
         f"`nice -n 15 .venv/bin/python benchmarks/slice_training.py --batch {args.batch} --warmup {args.warmup} "
         f"--steps {args.steps}`: a training step = {args.batch} real UCSD training images through the `train-slice` "
         "augmentation (random resized crop, flip, rotation, intensity jitter; images pre-cached as in training) + "
-        "forward + cross-entropy + backward + Adam; prediction = a no-grad forward pass of the same batch. Medians over "
-        "the timed steps after warm-up, CPU float32.",
+        "forward + cross-entropy + backward + Adam; prediction = a no-grad forward pass of the same batch. "
+        "Medians over the timed steps after warm-up, CPU float32.",
         "",
         f"- Date: {_dt.datetime.now(_dt.timezone.utc).isoformat(timespec='seconds')}; nproc {os.cpu_count()}; "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads); Python {platform.python_version()}",

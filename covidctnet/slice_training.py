@@ -200,8 +200,11 @@ def _datasets(data: str | os.PathLike, cfg: Any, train_aug: bool, with_val: bool
     train_records = _subset(find_records(data, "train"), cfg.max_train_images, cfg.seed)
     aug = build_slice_transforms(train_aug, cfg.size, cfg.lung_mask, cfg.crop_scale, cfg.rotate_degrees, cfg.flip,
                                  cfg.intensity)
-    logger.info("%s: reading %d training images at %d px%s", data, len(train_records), cfg.size,
-                " with lung masks" if cfg.lung_mask else "")
+    from covidctnet.training import distributed_context
+
+    if distributed_context().is_main:  # one log line per run, not per torchrun process
+        logger.info("%s: reading %d training images at %d px%s", data, len(train_records), cfg.size,
+                    " with lung masks" if cfg.lung_mask else "")
     train = SliceDataset(train_records, cfg.size, cfg.lung_mask, aug, seed=cfg.seed)
     val = None
     if with_val:
@@ -334,6 +337,11 @@ def _init_from(model: nn.Module, init: str | os.PathLike, cfg: Any) -> None:
     logger.info("initialised the encoder from %s (%d tensors)", init, len(encoder_state_dict(model)))
 
 
+def _metrics_row(split: str, m: dict[str, float]) -> str:
+    return (f"| {split} | {int(m['n'])} | {100 * m['accuracy']:.1f}% | {100 * m['f1']:.1f} | {100 * m['auc']:.1f} | "
+            f"{100 * m['sensitivity']:.1f}% | {100 * m['specificity']:.1f}% |")
+
+
 def _card(cfg: SliceTrainConfig, data: str, command: str, metrics: dict[str, float], result: Any, n_train: int,
           n_val: int) -> str:
     return f"""# covidctnet slice model ({cfg.arch}, {cfg.size} px{', lung-mask channel' if cfg.lung_mask else ''})
@@ -357,7 +365,7 @@ Config: `training_config.yaml` in this folder. {result.epochs_run} epochs run, b
 ## Validation figures (used for model selection: optimistic, not a test result)
 | split | n | accuracy | F1 (COVID) | AUC | sensitivity | specificity |
 |---|---|---|---|---|---|---|
-| val | {int(metrics['n'])} | {100 * metrics['accuracy']:.1f}% | {100 * metrics['f1']:.1f} | {100 * metrics['auc']:.1f} | {100 * metrics['sensitivity']:.1f}% | {100 * metrics['specificity']:.1f}% |
+{_metrics_row("val", metrics)}
 
 Threshold: COVID when `p_covid >= {cfg.threshold}`. For comparison, the paper's ImageNet-pretrained DenseNet-169
 baseline reached 79.5% accuracy, F1 76.0, AUC 90.1 on the official **test** split (not the same images).
@@ -617,7 +625,8 @@ def pretrain_slice(
                 "components": {"encoder": {"arch": cfg.arch, "kwargs": _model_kwargs(cfg)}},
                 "preprocessing": _preprocessing(cfg),
                 "training": {"data": str(data), "command": command or "", "method": "SimCLR (NT-Xent)",
-                             "epochs_run": int(result.epochs_run), "final_loss": float(result.history[-1]["train_loss"])},
+                             "epochs_run": int(result.epochs_run),
+                             "final_loss": float(result.history[-1]["train_loss"])},
             }
             card = (f"# SimCLR slice encoder ({cfg.arch}, {cfg.size} px)\n\nContrastive pretraining on the training "
                     f"images of `{data}` without labels.\n\n```\n{command or '(library call)'}\n```\n\nUse with "
@@ -769,7 +778,8 @@ def predict_slices(
             p = float(next(probs))
             rows.append([str(f), f"{p:.6f}", CLASS_NAMES_2[int(p >= thr)], "ok", ""])
             if gradcam is not None:
-                cams.append(_cam_for(gradcam, model, config, arr, p, f, Path(cam_dir), used_names))  # type: ignore[arg-type]
+                assert cam_dir is not None
+                cams.append(_cam_for(gradcam, model, config, arr, p, f, Path(cam_dir), used_names))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["file", "p_covid", "predicted", "status", "error"])

@@ -79,7 +79,8 @@ _REQUIRED_KEYS = ("format", "epoch", "model", "optimizer", "best_metric", "histo
 
 def derive_seed(*parts: int) -> int:
     """A 63-bit seed that is a pure function of ``parts`` (e.g. ``(seed, epoch)`` or ``(seed, epoch, index)``)."""
-    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]).generate_state(1, np.uint64)[0]) >> 1
+    words = [int(p) & 0xFFFFFFFFFFFFFFFF for p in parts]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0]) >> 1
 
 
 def seed_everything(seed: int) -> None:
@@ -108,7 +109,8 @@ def _get_rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate((state["python_version"], tuple(int(x) for x in state["python_state"].tolist()), state["python_gauss"]))
+    py_state = tuple(int(x) for x in state["python_state"].tolist())
+    random.setstate((state["python_version"], py_state, state["python_gauss"]))
     np.random.set_state(
         (
             "MT19937",
@@ -262,7 +264,9 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"{path}: cannot read checkpoint (truncated or corrupt?): {first[:200]}") from err
     if not isinstance(ckpt, dict) or any(k not in ckpt for k in _REQUIRED_KEYS):
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise CheckpointError(f"{path}: not a covidctnet training checkpoint (keys {found}; need {list(_REQUIRED_KEYS)})")
+        raise CheckpointError(
+            f"{path}: not a covidctnet training checkpoint (keys {found}; need {list(_REQUIRED_KEYS)})"
+        )
     if ckpt["format"] != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: checkpoint format {ckpt['format']}, this version reads {CHECKPOINT_FORMAT}")
     return ckpt
@@ -681,8 +685,8 @@ class Trainer:
             row["seconds"] = round(time.perf_counter() - t0, 3)
             history.append(row)
             if self.ctx.is_main:
-                extra = " ".join(f"{k}={v:.4g}" for k, v in val.items())
-                logger.info("epoch %d: train_loss=%.4g %s lr=%.3g (%.1f s)%s", epoch, train_loss, extra, lr,
+                extra = "".join(f" {k}={v:.4g}" for k, v in val.items())
+                logger.info("epoch %d: train_loss=%.4g%s lr=%.3g (%.1f s)%s", epoch, train_loss, extra, lr,
                             row["seconds"], " *best*" if improved else "")
                 if self.epoch_callback is not None:
                     self.epoch_callback(epoch, self.model, self.run_dir)
