@@ -169,6 +169,9 @@ def _error_row(study: Study, err: BaseException) -> dict[str, Any]:
     message = " ".join(str(err).split()) or type(err).__name__
     if not isinstance(err, CovidCTNetError):
         message = f"{study.path}: {type(err).__name__}: {message}"
+    elif str(study.path) not in message:
+        # raised deep down (e.g. by a network) without knowing the file: the one-line error must still name the study
+        message = f"{study.path}: {message}"
     return {"status": "error", "error": message, "output": "", "sha256": ""}
 
 
@@ -335,7 +338,7 @@ def _run_dask(
     except ImportError as err:  # pragma: no cover - optional dependency
         raise InputError("--scheduler needs dask.distributed: pip install 'covidctnet[dask]'") from err
     try:
-        client = Client(scheduler, timeout="20s")
+        client = Client(scheduler, timeout="10s")
     except (OSError, TimeoutError) as err:
         raise InputError(f"cannot reach the Dask scheduler at {scheduler}: {err}") from err
     try:
