@@ -145,7 +145,8 @@ class DenoiserConfig:
             raise ConfigError(f"'noise_fraction' must be in [0, 1], not {self.noise_fraction}")
         lo, hi = self.noise_scale_range
         if not 1 <= lo < hi:
-            raise ConfigError(f"'noise_scale_range' must be two integers 1 <= low < high, not {list(self.noise_scale_range)}")
+            raise ConfigError(f"'noise_scale_range' must be two integers 1 <= low < high, not "
+                              f"{list(self.noise_scale_range)}")
         plo, phi = self.noise_persistence_range
         if not plo < phi:
             raise ConfigError(f"'noise_persistence_range' must be (low, high) with low < high, not "
@@ -527,7 +528,8 @@ def train_denoiser(
     holder["trainer"] = trainer
     try:
         fit = trainer.fit(resume=resume)
-        best_row = next((r for r in fit.history if r["epoch"] == fit.best_epoch), fit.history[-1] if fit.history else {})
+        last_row = fit.history[-1] if fit.history else {}
+        best_row = next((r for r in fit.history if r["epoch"] == fit.best_epoch), last_row)
         val = {k: float(v) for k, v in best_row.items() if k.startswith("val_")}
         config = {
             "name": f"covidctnet-denoiser-bcdunet{cfg.features}-d{cfg.dense_blocks}-{size}",

@@ -156,7 +156,8 @@ def load_slices(
     from covidctnet.batch import read_manifest
 
     data_dir = Path(data_dir)
-    outputs = {r["study_id"]: r.get("output") or f"{r['study_id']}.nii.gz" for r in read_manifest(data_dir / "manifest.csv")}
+    rows = read_manifest(data_dir / "manifest.csv")
+    outputs = {r["study_id"]: r.get("output") or f"{r['study_id']}.nii.gz" for r in rows}
     stacks: dict[str, np.ndarray] = {}
     for sid in study_ids:
         path = data_dir / outputs.get(sid, f"{sid}.nii.gz")
