@@ -102,8 +102,12 @@ def validate_config(cls: type[T], raw: Mapping[str, Any], source: str = "config"
     values = {k: coerce_value(v, hints[k], k, source) for k, v in raw.items()}
     try:
         return cls(**values)
-    except ConfigError:
-        raise
+    except ConfigError as err:
+        # range checks in __post_init__ name the key but cannot know the file: add it here, once, for every config
+        message = str(err)
+        if message.startswith(f"{source}:"):
+            raise
+        raise ConfigError(f"{source}: {message}") from err
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{source}: {err}") from err
 
