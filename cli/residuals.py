@@ -17,7 +17,8 @@ from covidctnet.cli._common import batch_exit, echo_error_row
 @click.option("--denoiser", required=True, type=click.Path(path_type=Path),
               help="Denoiser model directory, or a train-denoiser run folder holding model/.")
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Classifier YAML giving depth and size_xy (configs/classifier.yaml layout; other keys ignored).")
+              help="Classifier YAML giving depth and size_xy (configs/classifier.yaml layout; its other keys are "
+                   "validated, not used).")
 @click.option("--depth", type=int, default=None, help="Slices of the residual stack (default 50).")
 @click.option("--size", "size_xy", type=int, default=None, help="In-plane size of the residual stack (default 240).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Slices per denoiser forward pass.")

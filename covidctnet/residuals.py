@@ -94,14 +94,15 @@ class ResidualGrid:
 
 def read_residual_grid(path: str | os.PathLike | None = None, depth: int | None = None,
                        size_xy: int | None = None) -> ResidualGrid:
-    """``depth`` and ``size_xy`` from a classifier YAML (other keys are ignored: they belong to the classifier).
+    """``depth`` and ``size_xy`` from a classifier YAML (its other keys belong to the classifier: validated, not used).
 
     Args:
         path: YAML file (``configs/classifier.yaml`` layout); ``None``: the defaults (50, 240).
         depth, size_xy: command-line overrides (``None``: not given).
 
     Raises:
-        ConfigError: unreadable YAML or a bad value (the message names the key and file).
+        ConfigError: unreadable YAML, a key that is not a classifier setting, or a bad value (the message names the
+            key and file).
     """
     import yaml
 
@@ -115,6 +116,11 @@ def read_residual_grid(path: str | os.PathLike | None = None, depth: int | None 
             raise ConfigError(f"{path}: cannot read config YAML: {str(err).splitlines()[0]}") from err
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of keys to values, not {type(loaded).__name__}")
+        from covidctnet.classifier_training import ClassifierConfig
+        from covidctnet.config import validate_config
+
+        # the file is a classifier config: a misspelt or mistyped key is an error here too, not a silent default
+        validate_config(ClassifierConfig, loaded, source)
         raw = {k: loaded[k] for k in ("depth", "size_xy") if k in loaded}
     raw.update({k: v for k, v in (("depth", depth), ("size_xy", size_xy)) if v is not None})
     try:
@@ -171,12 +177,15 @@ def load_denoiser(path: str | os.PathLike, device: str | Any = "auto") -> Denois
         device: ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N`` or a ``torch.device``.
 
     Raises:
-        ModelDirError: missing directory or component, unknown architecture, weights that do not fit, bad hash.
+        ModelDirError: missing directory or component, unknown architecture, weights that do not fit, an input
+            size that is not a multiple of 8, bad hash.
     """
     import torch
 
     from covidctnet.denoiser_training import DENOISER_COMPONENT, build_denoiser
     from covidctnet.model_dir import load_model_dir
+    from covidctnet.models.bcdunet import DOWNSAMPLE_FACTOR
+    from covidctnet.models.cnn3d import state_dict_mismatch
     from covidctnet.utils import resolve_device
 
     mdir = load_model_dir(resolve_denoiser_dir(path))
@@ -188,15 +197,25 @@ def load_denoiser(path: str | os.PathLike, device: str | Any = "auto") -> Denois
         model = build_denoiser(comp.get("kwargs") or {})
     except ConfigError as err:
         raise ModelDirError(f"{mdir.path / 'config.yaml'}: {err}") from err
+    state = mdir.state_dict(DENOISER_COMPONENT)
+    # torch's own message starts with a bare "Error(s) in loading state_dict": name the keys and shapes instead
+    problem = state_dict_mismatch(model, state)
+    if problem:
+        raise ModelDirError(f"{mdir.path}: denoiser weights do not fit the architecture in config.yaml "
+                            f"({comp.get('kwargs')}): {problem}")
     try:
-        model.load_state_dict(mdir.state_dict(DENOISER_COMPONENT))
+        model.load_state_dict(state)
     except RuntimeError as err:
         raise ModelDirError(f"{mdir.path}: denoiser weights do not fit the architecture in config.yaml: "
-                            f"{str(err).splitlines()[0][:300]}") from err
+                            f"{' '.join(str(err).split())[:300]}") from err
     preprocess = dict(mdir.config.get("preprocess") or {})
     size = (mdir.config.get("input") or {}).get("size_xy", preprocess.get("size_xy"))
-    if not isinstance(size, int):
+    if isinstance(size, bool) or not isinstance(size, int):
         raise ModelDirError(f"{mdir.path / 'config.yaml'}: no input size (input.size_xy or preprocess.size_xy)")
+    if size < DOWNSAMPLE_FACTOR or size % DOWNSAMPLE_FACTOR:
+        # refuse at load time, naming the model: otherwise every study would fail inside the network instead
+        raise ModelDirError(f"{mdir.path / 'config.yaml'}: denoiser input size {size} is not a multiple of "
+                            f"{DOWNSAMPLE_FACTOR}, which the BCDU-Net needs (three 2x2 poolings)")
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     model.to(dev).eval()
     return Denoiser(model, size, mdir.path, mdir.weights_sha256(DENOISER_COMPONENT), dev, preprocess)
