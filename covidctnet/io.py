@@ -150,7 +150,9 @@ def read_nifti(path: str | os.PathLike) -> Volume:
     except ShapeError:
         raise
     except (EOFError, OSError, zlib.error, gzip.BadGzipFile, ValueError, nib.filebasedimages.ImageFileError) as err:
-        raise UnreadableFileError(f"{path}: cannot read NIfTI ({_short(err)}); the file may be truncated") from err
+        raise UnreadableFileError(
+            f"{path}: cannot read NIfTI ({_short(err)}); the file may be truncated or not be NIfTI at all"
+        ) from err
     if array.ndim == 4:
         array = array[..., 0]
     affine = np.asarray(img.affine, dtype=np.float64)
