@@ -502,7 +502,12 @@ def train_classifier(
         logger.warning("no training study of class(es) %s: the classifier cannot learn them", missing_train)
 
     seed_everything(cfg.seed)
-    model = build_classifier(cfg.arch, in_channels=1, num_classes=len(CLASS_NAMES), input_size=cfg.input_size)
+    try:
+        model = build_classifier(cfg.arch, in_channels=1, num_classes=len(CLASS_NAMES), input_size=cfg.input_size)
+    except ConfigError as err:
+        # the grid is the residual volumes' (the config must match them): name the folder, the keys and the arch
+        raise ConfigError(f"{residuals_dir}: arch {cfg.arch!r} on residual volumes of depth {cfg.depth}, size_xy "
+                          f"{cfg.size_xy}: {err}") from err
     aug = None
     if cfg.augment:
         aug = build_augmentation(cfg.flip_prob, cfg.affine_prob, cfg.rotate_deg, cfg.scale, cfg.translate_frac,
