@@ -96,7 +96,8 @@ def save_model_dir(
 
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    # the .tmp suffix marks a folder left by a killed export for utils.remove_stale_temps
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         config = dict(config)
         components = {k: dict(v) for k, v in config.get("components", {}).items()}

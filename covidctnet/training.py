@@ -52,7 +52,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from covidctnet.errors import CheckpointError, ConfigError, CovidCTNetError
-from covidctnet.utils import atomic_path, atomic_write_text, progress, resolve_device
+from covidctnet.utils import atomic_path, atomic_write_text, progress, remove_stale_temps, resolve_device
 
 __all__ = [
     "Trainer",
@@ -661,6 +661,11 @@ class Trainer:
             torch.manual_seed(derive_seed(self.seed, self.ctx.rank, 4))
         if self.ctx.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            # a run killed during a checkpoint, metrics, sample or model write left a hidden temp file or folder;
+            # the real files are whole (atomic renames), so the leftovers are only clutter: remove them
+            folders = [self.run_dir, *(d for d in self.run_dir.iterdir() if d.is_dir() and not d.name.startswith("."))]
+            for stale in (p for folder in folders for p in remove_stale_temps(folder)):
+                logger.info("removed %s, left by an interrupted write", stale)
             self._save_config()
         stopped_early = False
         if self.patience is not None and bad_epochs > self.patience:

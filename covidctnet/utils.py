@@ -11,7 +11,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-__all__ = ["atomic_path", "atomic_write_text", "atomic_write_bytes", "sha256_file", "resolve_device", "progress"]
+__all__ = [
+    "atomic_path",
+    "atomic_write_text",
+    "atomic_write_bytes",
+    "remove_stale_temps",
+    "sha256_file",
+    "resolve_device",
+    "progress",
+]
 
 T = TypeVar("T")
 
@@ -38,6 +46,26 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Delete what writes killed half-way left in ``folder`` (not below it): the hidden ``.NAME.*.tmp*`` files of
+    :func:`atomic_path` and folders of :func:`covidctnet.model_dir.save_model_dir`.
+
+    Call it only when no other process is writing into ``folder`` (at the start of a run or a resume).
+
+    Returns:
+        The paths removed.
+    """
+    import shutil
+
+    stale = sorted(Path(folder).glob(".*.tmp*")) if Path(folder).is_dir() else []
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return stale
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
