@@ -21,6 +21,26 @@ def _fail_on_b(study, out_dir):
     return _ok(study, out_dir)
 
 
+def _shape_error_without_file(study, out_dir):
+    from covidctnet.errors import ShapeError
+
+    raise ShapeError("BCDUNet needs height and width divisible by 8, got 60x60")  # as raised inside a network
+
+
+def _input_error_naming_file(study, out_dir):
+    raise InputError(f"{study.path}: 3 NaN voxels")
+
+
+def test_error_rows_always_name_the_study_file(tmp_path):
+    """A library error raised without the file name still gives a one-line error naming the study; one that names
+    it is kept as is (not prefixed twice)."""
+    studies = _studies(tmp_path, ["a"])
+    (row,) = run_batch(studies, tmp_path / "o1", _shape_error_without_file).rows
+    assert row["error"] == f"{studies[0].path}: BCDUNet needs height and width divisible by 8, got 60x60"
+    (row,) = run_batch(studies, tmp_path / "o2", _input_error_naming_file).rows
+    assert row["error"] == f"{studies[0].path}: 3 NaN voxels"
+
+
 def test_mosmed_layout_gives_labels(nifti_ct, dicom_dirs, tmp_path):
     root = tmp_path / "MosMed"
     for cat, sid in (("CT-0", "study_0001"), ("CT-3", "study_0002")):
