@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "train-classifier": "covidctnet.cli.train_classifier:train_classifier_cmd",
     "evaluate": "covidctnet.cli.evaluate:evaluate_cmd",
     "reader-study": "covidctnet.cli.reader_study:reader_study_cmd",
+    "export-onnx": "covidctnet.cli.export_onnx:export_onnx_cmd",
 }
 
 

@@ -34,7 +34,9 @@ def _print_report(summary, out_dir: Path) -> None:
 @click.option("--device", default=None, help="auto (CUDA when present), cpu or cuda[:N] (default auto).")
 @click.option("--save-residuals", is_flag=True, default=None,
               help="Write <id>_residual.nii.gz and an overlay PNG (axial, coronal, sagittal) per study.")
-def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, save_residuals):
+@click.option("--backend", type=click.Choice(["torch", "onnx"]), default=None,
+              help="torch (default) or onnx: onnxruntime on the CPU; --model is then an `export-onnx` output folder.")
+def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, save_residuals, backend):
     """Diagnose CT studies (DICOM folders, NIfTI/NRRD files, dataset roots): control / COVID-19 / CAP.
 
     Runs preprocess -> BCDU-Net denoising -> residual -> 3D CNN and writes OUT/report.csv and report.json.
@@ -44,7 +46,8 @@ def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, sav
     from covidctnet.predict import PredictConfig, predict_studies
 
     cfg = load_config(PredictConfig, config_path,
-                      {"batch_size": batch_size, "device": device, "save_residuals": save_residuals})
+                      {"batch_size": batch_size, "device": device, "save_residuals": save_residuals,
+                       "backend": backend})
     summary = predict_studies(inputs, model_dir, out_dir, cfg, on_result=echo_error_row)
     _print_report(summary, out_dir)
     sys.exit(batch_exit(summary))

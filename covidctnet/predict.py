@@ -52,17 +52,22 @@ class PredictConfig:
         batch_size: slices per denoiser forward pass (memory grows linearly with it).
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
         save_residuals: also write each study's residual NIfTI and an overlay PNG.
+        backend: ``torch`` (the model directory's safetensors) or ``onnx`` (onnxruntime on the CPU; the model
+            directory is an ``export-onnx`` output, see :mod:`covidctnet.onnx_export`).
     """
 
     batch_size: int = 8
     device: str = "auto"
     save_residuals: bool = False
+    backend: str = "torch"
 
     def __post_init__(self) -> None:
         from covidctnet.errors import ConfigError
 
         if self.batch_size < 1:
             raise ConfigError(f"'batch_size' must be at least 1, not {self.batch_size}")
+        if self.backend not in ("torch", "onnx"):
+            raise ConfigError(f"'backend' must be one of ['torch', 'onnx'], not {self.backend!r}")
 
 
 @dataclass
@@ -78,13 +83,19 @@ class Pipeline:
     device: Any
     weights_sha256: str
     timings: dict[str, float] = field(default_factory=dict)
+    backend: str = "torch"
 
 
-def load_pipeline(model_dir: str | os.PathLike, device: str = "auto") -> Pipeline:
+def load_pipeline(model_dir: str | os.PathLike, device: str = "auto", backend: str = "torch") -> Pipeline:
     """Load a model directory with ``denoiser`` and ``classifier`` components (hashes checked).
 
     ``weights_sha256`` in the report is the sha256 of the directory's ``SHA256SUMS``, which covers the config and
-    every weights file, so one value identifies the whole model.
+    every weights file, so one value identifies the whole model (an ONNX export carries its source's SHA256SUMS, so
+    both backends report the same value).
+
+    Args:
+        backend: ``torch``, or ``onnx``: ``model_dir`` is an ``export-onnx`` output and both networks run in
+            onnxruntime on the CPU (``device`` is then ignored).
 
     Raises:
         ModelDirError: missing component, hash mismatch, wrong architecture, or inconsistent sizes.
@@ -97,14 +108,26 @@ def load_pipeline(model_dir: str | os.PathLike, device: str = "auto") -> Pipelin
     from covidctnet.residuals import load_denoiser
     from covidctnet.utils import resolve_device
 
-    md = load_model_dir(model_dir)
-    dev = resolve_device(device)
+    if backend == "onnx":
+        import torch
+
+        from covidctnet.onnx_export import load_onnx_component, load_onnx_denoiser, load_onnx_manifest
+
+        md, manifest = load_onnx_manifest(model_dir)
+        dev = torch.device("cpu")
+    else:
+        md = load_model_dir(model_dir)
+        dev = resolve_device(device)
     try:
         pre = validate_config(PreprocessConfig, md.config.get("preprocess") or {}, f"{md.path}/config.yaml: preprocess")
     except ConfigError as err:
         raise ModelDirError(str(err)) from err
-    denoiser = load_denoiser(md.path, device=dev)
-    classifier = load_classifier(md, device=dev)
+    if backend == "onnx":
+        denoiser = load_onnx_denoiser(md, manifest)
+        classifier = load_onnx_component(md, manifest, "classifier")
+    else:
+        denoiser = load_denoiser(md.path, device=dev)
+        classifier = load_classifier(md, device=dev)
     input_size = (md.component("classifier").get("kwargs") or {}).get("input_size") or md.config.get("residual_size")
     if not input_size or len(input_size) != 3:
         raise ModelDirError(f"{md.path}: the classifier's input_size (depth, height, width) is not recorded")
@@ -115,7 +138,7 @@ def load_pipeline(model_dir: str | os.PathLike, device: str = "auto") -> Pipelin
             f"{pre.size_xy} must agree"
         )
     sums = hashlib.sha256((md.path / "SHA256SUMS").read_bytes()).hexdigest()
-    return Pipeline(md.name, pre, denoiser, classifier, depth, pre.size_xy, dev, sums)
+    return Pipeline(md.name, pre, denoiser, classifier, depth, pre.size_xy, dev, sums, backend=backend)
 
 
 def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8) -> dict[str, Any]:
@@ -142,7 +165,10 @@ def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8) -> dict
     seconds["denoise"] = time.perf_counter() - t
     t = time.perf_counter()
     x = torch.as_tensor(residual_to_network_input(residual))[None]
-    probs = predict_proba(pipeline.classifier, x)[0].numpy().astype(np.float64)
+    if pipeline.backend == "onnx":  # an OnnxModule has no parameters for predict_proba to find a device from
+        probs = torch.softmax(pipeline.classifier(x).float(), dim=1)[0].numpy().astype(np.float64)
+    else:
+        probs = predict_proba(pipeline.classifier, x)[0].numpy().astype(np.float64)
     seconds["classify"] = time.perf_counter() - t
     return {
         "probabilities": probs,
@@ -205,7 +231,7 @@ def predict_studies(
     from covidctnet.batch import discover_studies, run_batch
     from covidctnet.utils import atomic_write_text
 
-    pipeline = load_pipeline(model_dir, cfg.device)
+    pipeline = load_pipeline(model_dir, cfg.device, cfg.backend)
     studies = discover_studies(inputs)
     out_dir = Path(out_dir)
     fn = functools.partial(_predict_study, pipeline=pipeline, cfg=cfg)

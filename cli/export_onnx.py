@@ -1,0 +1,31 @@
+"""``covidctnet export-onnx``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("export-onnx")
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="ONNX model directory to write (*.onnx, onnx.json, and the source's config.yaml, MODEL_CARD.md, "
+                   "SHA256SUMS).")
+@click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset version.")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True,
+              help="Largest accepted |onnxruntime - PyTorch| on a random check batch; a larger one refuses the export.")
+def export_onnx_cmd(model_dir, out_dir, opset, tolerance):
+    """Export a predict model directory (denoiser + 3D classifier) or a slice model directory to ONNX.
+
+    Every network gets a dynamic batch axis, is checked with onnx.checker and compared with PyTorch through
+    onnxruntime before anything is written. Use the result with `covidctnet predict --backend onnx --model OUT`
+    (or `predict-slice --backend onnx --model OUT`).
+    """
+    # torch and onnx are imported inside the library call: `covidctnet --help` stays instant
+    from covidctnet.onnx_export import export_onnx
+
+    result = export_onnx(model_dir, out_dir, opset=opset, tolerance=tolerance)
+    for name, entry in result.components.items():
+        click.echo(f"{name}: {result.out_dir / entry['file']}  (input {entry['input_shape']}, "
+                   f"max |onnxruntime - PyTorch| {entry['max_abs_diff']:.1e})")
