@@ -19,7 +19,9 @@ import click
 @click.option("--threshold", type=float, default=None, help="p_covid threshold  [default: the model's, 0.5].")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per forward pass.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-def predict_slice_cmd(inputs, model_dir, out_csv, cam_dir, threshold, batch_size, device):
+@click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
+              help="onnx: onnxruntime on the CPU; --model is then an `export-onnx` output folder (no --cam).")
+def predict_slice_cmd(inputs, model_dir, out_csv, cam_dir, threshold, batch_size, device, backend):
     """Score CT slice images (files or folders of PNG/JPG) for COVID-19.
 
     A bad image gets an error row (status=error) and the others go on; the exit code is then 1 (2 if all failed).
@@ -27,7 +29,7 @@ def predict_slice_cmd(inputs, model_dir, out_csv, cam_dir, threshold, batch_size
     from covidctnet.slice_training import predict_slices
 
     summary = predict_slices(inputs, out_csv, model_dir=model_dir, cam_dir=cam_dir, device=device,
-                             batch_size=batch_size, threshold=threshold)
+                             batch_size=batch_size, threshold=threshold, backend=backend)
     click.echo(f"predict-slice: {summary.n_ok} scored, {summary.n_failed} failed; {summary.out_csv}"
                + (f"; {len(summary.cams)} Grad-CAM PNGs in {cam_dir}" if cam_dir else ""), err=True)
     if summary.n_failed:

@@ -682,7 +682,8 @@ def predict_arrays(model: nn.Module, config: dict, arrays: Sequence[np.ndarray])
 
     pre = config["preprocessing"]
     transform = build_slice_transforms(False, pre["size"], pre["lung_mask"])
-    device = next(model.parameters()).device
+    # an ONNX model (covidctnet.onnx_export.OnnxModule) has no parameters and runs on the CPU
+    device = next(model.parameters(), torch.empty(0)).device
     xs = []
     for arr in arrays:
         prepared = prepare_slice(arr, pre["size"], pre["lung_mask"])
@@ -721,6 +722,7 @@ def predict_slices(
     device: str = "auto",
     batch_size: int = 16,
     threshold: float | None = None,
+    backend: str = "torch",
 ) -> PredictSummary:
     """Score slice images into ``preds.csv``; a bad image is an error row and the others go on.
 
@@ -733,17 +735,31 @@ def predict_slices(
         device: ``auto`` / ``cpu`` / ``cuda``.
         batch_size: images per forward pass.
         threshold: override of the model's decision threshold on ``p_covid``.
+        backend: ``torch``, or ``onnx`` (onnxruntime on the CPU; ``model_dir`` is an ``export-onnx`` output).
 
     Raises:
         InputError: no input images at all.
         ModelDirError: the model directory is unusable.
+        ConfigError: unknown backend, or Grad-CAM asked of the ONNX backend (it needs PyTorch's gradients).
     """
     from covidctnet.data.ucsd import load_grey, resize_square
 
     files = _expand_inputs(inputs)
     if not files:
         raise InputError(f"{', '.join(map(str, inputs))}: no images to predict")
-    model, config = load_slice_model(model_dir, device)
+    if backend == "onnx":
+        if cam_dir is not None:
+            raise ConfigError("--cam needs gradients, which the onnx backend has not; use --backend torch for Grad-CAM")
+        if model_dir is None:
+            raise ConfigError("--backend onnx needs --model: an `export-onnx` output folder of a slice model")
+        from covidctnet.onnx_export import load_onnx_component, load_onnx_manifest
+
+        md, manifest = load_onnx_manifest(model_dir)
+        model, config = load_onnx_component(md, manifest, "model"), dict(md.config)
+    elif backend == "torch":
+        model, config = load_slice_model(model_dir, device)
+    else:
+        raise ConfigError(f"'backend' must be one of ['torch', 'onnx'], not {backend!r}")
     thr = float(config.get("threshold", 0.5) if threshold is None else threshold)
     rows: list[list[str]] = []
     cams: list[Path] = []

@@ -137,3 +137,37 @@ def test_tampered_onnx_file_is_refused(tiny_onnx, tmp_path):
     (bad / "classifier.onnx").write_bytes(bytes(blob))
     with pytest.raises(ModelDirError, match="classifier.onnx: sha256 does not match"):
         load_pipeline(bad, "cpu", "onnx")
+
+
+def test_slice_model_export_and_predict_slice_backends_agree(ucsd_root, tmp_path):
+    import csv
+
+    from covidctnet.data.ucsd import ucsd_records
+    from covidctnet.models.slice import build_slice_model
+
+    torch.manual_seed(0)
+    net = build_slice_model("resnet18", in_channels=2, num_classes=2, width=0.25)
+    config = {"name": "tiny-slice", "task": "slice", "classes": ["noncovid", "covid"], "threshold": 0.5,
+              "components": {"model": {"arch": "resnet18", "kwargs": {"in_channels": 2, "num_classes": 2,
+                                                                      "width": 0.25}}},
+              "preprocessing": {"size": 64, "lung_mask": True}}
+    save_model_dir(tmp_path / "slice", config, {"model": net.eval().state_dict()}, "# tiny slice model\n")
+    result = CliRunner().invoke(cli, ["export-onnx", str(tmp_path / "slice"), "-o", str(tmp_path / "slice-onnx")])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "slice-onnx" / ONNX_MANIFEST).read_text())
+    assert manifest["components"]["model"]["input_shape"] == ["batch", 2, 64, 64]
+
+    images = [str(r.path) for r in ucsd_records(ucsd_root, "val")[:3]]
+    probs = {}
+    for backend, model in (("torch", "slice"), ("onnx", "slice-onnx")):
+        out = tmp_path / f"{backend}.csv"
+        result = CliRunner().invoke(cli, ["predict-slice", *images, "--model", str(tmp_path / model), "-o", str(out),
+                                          "--backend", backend, "--device", "cpu"])
+        assert result.exit_code == 0, result.output
+        with out.open(newline="") as fh:
+            probs[backend] = np.array([float(r["p_covid"]) for r in csv.DictReader(fh)])
+    assert probs["torch"].shape == (3,)
+    np.testing.assert_allclose(probs["onnx"], probs["torch"], atol=1e-4, rtol=0)
+    result = CliRunner().invoke(cli, ["predict-slice", images[0], "--model", str(tmp_path / "slice-onnx"),
+                                      "-o", str(tmp_path / "cam.csv"), "--backend", "onnx", "--cam", str(tmp_path)])
+    assert result.exit_code == 2 and "--cam needs gradients" in result.output
