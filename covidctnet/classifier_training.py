@@ -259,7 +259,10 @@ def prepare_data(
         assignment = split_patients(records, cfg.val_fraction, cfg.test_fraction, cfg.seed)
         source = f"seed {cfg.seed}, val_fraction {cfg.val_fraction}, test_fraction {cfg.test_fraction}"
     parts = {s: [r for r in records if assignment.get(r.study_id) == s] for s in ("train", "val", "test")}
-    for s in ("train", "val"):
+    # An empty validation set is allowed only when asked for: val_fraction 0 without a split file, i.e. a final
+    # training on every study after the settings were chosen elsewhere.
+    no_val_ok = split_file is None and cfg.val_fraction == 0
+    for s in ("train",) if no_val_ok else ("train", "val"):
         if not parts[s]:
             raise SplitError(f"{source}: the {s} set is empty; the classifier needs training and validation studies")
     return PreparedData(records, assignment, parts["train"], parts["val"], parts["test"], source)
@@ -334,8 +337,18 @@ def _card(cfg: ClassifierConfig, data: PreparedData, residuals_dir: str, command
         den_text = (f"**No denoiser is bundled** ({no_denoiser}); `covidctnet predict` needs one to make residual "
                     "maps, so this directory serves the classifier alone (load it with "
                     "`covidctnet.models.cnn3d.load_classifier`).")
-    selection = ("highest validation macro one-vs-rest AUC" if monitor == "val_auc" else
-                 "lowest validation loss (the validation set holds a single class, so its AUC is undefined)")
+    selection = {"val_auc": "highest validation macro one-vs-rest AUC",
+                 "val_loss": "lowest validation loss (the validation set holds a single class, so its AUC is undefined)",
+                 "train_loss": "lowest training loss: there is no validation set"}[monitor]
+    if metrics["n"]:
+        validation = f"""## Validation figures (used for model selection: optimistic, not a test result)
+n = {metrics['n']} studies, classes present: {', '.join(metrics['classes_present'])}.
+Macro one-vs-rest AUC {_fmt(metrics['auc'])} (per class: {per_class}); accuracy (argmax) {_fmt(metrics['accuracy'])};
+cross-entropy {_fmt(metrics['loss'])}. See `val_metrics.json`; ROC and confusion matrix PNGs are in the run folder."""
+    else:
+        validation = """## Validation figures
+**None.** This run had no validation set (`val_fraction: 0`): every study was used for training, so nothing here
+says how the model performs on new scans."""
     return f"""# covidctnet 3D classifier ({cfg.arch}, input {cfg.depth}×{cfg.size_xy}×{cfg.size_xy})
 
 Classifies a residual volume (preprocessed CT − BCDU-Net denoised CT, from `covidctnet residuals`) into
@@ -362,10 +375,7 @@ Config: `training_config.yaml`. Adam lr {cfg.lr:g}, weight decay {cfg.weight_dec
 augmentation {'on (left-right flip, small affine)' if cfg.augment else 'off'}. {result.epochs_run} epoch(s) run,
 best epoch {result.best_epoch} ({selection}){', stopped early' if result.stopped_early else ''}.
 
-## Validation figures (used for model selection: optimistic, not a test result)
-n = {metrics['n']} studies, classes present: {', '.join(metrics['classes_present'])}.
-Macro one-vs-rest AUC {_fmt(metrics['auc'])} (per class: {per_class}); accuracy (argmax) {_fmt(metrics['accuracy'])};
-cross-entropy {_fmt(metrics['loss'])}. See `val_metrics.json`; ROC and confusion matrix PNGs are in the run folder.
+{validation}
 
 ## Intended use and limits
 Research on CT residual maps produced with the same preprocessing and denoiser as the training residuals; inputs
@@ -519,7 +529,11 @@ def train_classifier(
         logger.info("class weights %s", dict(zip(CLASS_NAMES, (round(float(w), 4) for w in weight))))
 
     val_classes = sorted({r.label_name for r in data.val})
-    if len(val_classes) >= 2:
+    if not data.val:
+        monitor, mode = "train_loss", "min"
+        logger.warning("no validation set (val_fraction 0): the epoch with the lowest training loss is kept and there "
+                       "is no validation figure")
+    elif len(val_classes) >= 2:
         monitor, mode = "val_auc", "max"
         if len(val_classes) < len(CLASS_NAMES):
             logger.warning("validation set holds only %s: val_auc is the macro one-vs-rest AUC over these classes",
@@ -545,7 +559,7 @@ def train_classifier(
         run_dir,
         train_data=train_ds,
         training_step=make_training_step(weight),
-        validate=validate,
+        validate=validate if data.val else None,
         optimizer_factory=lambda p: torch.optim.Adam(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
         monitor=monitor,
         mode=mode,
@@ -581,11 +595,16 @@ def _finish(trainer: Any, result: Any, cfg: ClassifierConfig, data: PreparedData
     best = build_classifier(cfg.arch, in_channels=1, num_classes=len(CLASS_NAMES), input_size=cfg.input_size)
     best.load_state_dict(best_state)
     best.to(trainer.device)
-    probs = predict_dataset(best, val_ds, trainer.device, cfg.batch_size)
-    metrics = classifier_metrics(val_ds.labels, probs)
+    if data.val:
+        probs = predict_dataset(best, val_ds, trainer.device, cfg.batch_size)
+        metrics = classifier_metrics(val_ds.labels, probs)
+    else:
+        metrics = {"loss": math.nan, "accuracy": math.nan, "auc": math.nan, "n": 0, "classes_present": [],
+                   "auc_per_class": {name: math.nan for name in CLASS_NAMES}}
     metrics["monitor"] = monitor
     metrics["best_epoch"] = int(result.best_epoch)
-    _write_val_outputs(run_dir, data.val, probs, metrics)
+    if data.val:
+        _write_val_outputs(run_dir, data.val, probs, metrics)
     logger.info("best epoch %d (%s): validation macro AUC %s, accuracy %s, loss %s (n=%d, classes %s)",
                 result.best_epoch, monitor, _fmt(metrics["auc"]), _fmt(metrics["accuracy"]), _fmt(metrics["loss"]),
                 metrics["n"], metrics["classes_present"])

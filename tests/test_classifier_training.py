@@ -40,7 +40,7 @@ from covidctnet.data.residual_volumes import (
     read_split_file,
     residual_to_network_input,
 )
-from covidctnet.errors import CheckpointError, ConfigError
+from covidctnet.errors import CheckpointError, ConfigError, SplitError
 from covidctnet.io import write_nifti
 from covidctnet.labels import CLASS_NAMES
 from covidctnet.model_dir import load_model_dir, save_model_dir
@@ -374,3 +374,21 @@ def test_ddp_two_processes(tmp_path):
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert (tmp_path / "run" / "model" / "classifier.safetensors").is_file()
     assert (tmp_path / "run" / "roc.png").is_file()
+
+
+def test_no_validation_when_val_fraction_is_zero(tmp_path, caplog):
+    """val_fraction 0 (final training on every study) is allowed: no validation outputs, and the card says so."""
+    res, labels = make_synthetic_residuals(tmp_path / "res", n_per_class=1)
+    cfg = ClassifierConfig(**{**TINY, "val_fraction": 0.0, "epochs": 2})
+    with caplog.at_level("WARNING"):
+        train_classifier(res, tmp_path / "run", cfg, labels=labels)
+    assert "no validation set" in caplog.text
+    assert not (tmp_path / "run" / "val_preds.csv").exists() and not (tmp_path / "run" / "roc.png").exists()
+    md = load_model_dir(tmp_path / "run" / "model")
+    assert md.config["training"]["n_val"] == 0 and md.config["training"]["monitor"] == "train_loss"
+    assert "**None.**" in (md.path / "MODEL_CARD.md").read_text()
+    # a split file without validation studies is still refused: only val_fraction 0 asks for no validation
+    split = tmp_path / "split.csv"
+    split.write_text("study_id,split\n" + "".join(f"study_{k:02d},train\n" for k in range(3)))
+    with pytest.raises(SplitError, match="val set is empty"):
+        train_classifier(res, tmp_path / "run2", cfg, labels=labels, split_file=split)
