@@ -115,3 +115,27 @@ def test_demo_prints_a_report(tmp_path):
     assert abs(sum(row[f"p_{c}"] for c in CLASS_NAMES) - 1) < 1e-5
     assert f"{row['study_id']}: {row['predicted']}" in result.output
     assert (tmp_path / "demo" / row["overlay"]).is_file()
+
+
+@pytest.mark.skipif(not (DEMO_MODEL / "config.yaml").is_file(), reason="the bundled demo model is not in this checkout")
+def test_walkthrough_notebook_runs(data_root, tmp_path, monkeypatch):
+    """notebooks/walkthrough.ipynb runs top to bottom on the shared scans (so it cannot rot)."""
+    import sys
+    from pathlib import Path
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.setenv("COVIDCTNET_TEST_DATA", str(data_root))
+    monkeypatch.setenv("COVIDCTNET_NOTEBOOK_OUT", str(tmp_path / "nb"))
+    nb = nbformat.read(repo / "notebooks" / "walkthrough.ipynb", as_version=4)
+    NotebookClient(nb, timeout=600, kernel_name="python3",
+                   resources={"metadata": {"path": str(repo / "notebooks")}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])]
+    assert not [o for o in outputs if o.get("output_type") == "error"]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert f"environment: {sys.prefix}" in text
+    assert "3 preprocessed, 0 failed" in text
+    assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5
+    assert (tmp_path / "nb" / "predict" / "report.csv").is_file()
