@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch import nn
 
 from covidctnet.config import load_config
@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def mini_ucsd(ucsd_root, tmp_path_factory):
     """A real-image copy of the UCSD layout, small enough for several training runs in a test: 8 + 8 training and
-    6 + 6 validation images, with the original CRLF line endings for NonCOVID."""
+    6 + 6 validation images, shrunk to at most 96 px (same format and mode), with CRLF line endings for NonCOVID."""
     root = tmp_path_factory.mktemp("mini_ucsd")
     for cls, folder in (("COVID", "CT_COVID"), ("NonCOVID", "CT_NonCOVID")):
         (root / folder).mkdir()
@@ -44,7 +44,9 @@ def mini_ucsd(ucsd_root, tmp_path_factory):
         for split, n in (("train", 8), ("val", 6)):
             names = read_split_list(ucsd_root / "Data-split" / cls / f"{split}CT_{cls}.txt")[:n]
             for name in names:
-                shutil.copyfile(ucsd_root / folder / name, root / folder / name)
+                with Image.open(ucsd_root / folder / name) as im:
+                    im.thumbnail((96, 96))
+                    im.save(root / folder / name, format=im.format or ("JPEG" if name.endswith(".jpg") else "PNG"))
             (root / "Data-split" / cls / f"{split}CT_{cls}.txt").write_bytes(sep.join(names).encode())
     return root
 # tiny and fast: 16 training images at 48 px, two steps per epoch, a quarter-width ResNet-18
@@ -84,10 +86,10 @@ def test_nt_xent():
     assert matched > 0
 
 
-def test_few_steps_lower_the_loss_on_real_slices(ucsd_root):
+def test_few_steps_lower_the_loss_on_real_slices(mini_ucsd):
     torch.manual_seed(0)
-    records = ucsd_records(ucsd_root, "train")
-    subset = [r for r in records if r.label == 1][:8] + [r for r in records if r.label == 0][:8]
+    subset = ucsd_records(mini_ucsd, "train")
+    assert sorted(r.label for r in subset) == [0] * 8 + [1] * 8
     ds = SliceDataset(subset, 64)
     x = torch.stack([ds[i]["image"] for i in range(len(ds))])
     y = torch.tensor([r.label for r in subset])
