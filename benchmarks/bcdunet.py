@@ -129,22 +129,6 @@ def _markdown(env: dict, rows: list[dict], cmd: str) -> str:
     return "\n".join(lines)
 
 
-def write_section(doc: Path, section_md: str) -> None:
-    """Replace (or append) only the ``SECTION`` part of ``doc``, keeping every other section as it is."""
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section_md
-    else:
-        end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
-        tail = lines[end:]
-        new = "\n".join(lines[:start]) + ("\n" if start else "") + section_md + ("\n" + "\n".join(tail) if tail else "")
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    tmp = doc.with_name(f".{doc.name}.tmp")
-    tmp.write_text(new.rstrip("\n") + "\n")
-    os.replace(tmp, doc)
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -181,7 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     shown = " ".join(["python benchmarks/bcdunet.py", *(argv if argv is not None else sys.argv[1:])]).strip()
     md = _markdown(env, rows, shown)
     if args.write_docs:
-        write_section(args.write_docs, md)
+        from _docs import replace_section
+
+        replace_section(args.write_docs, SECTION, md)
         print(f"wrote {SECTION!r} in {args.write_docs}")
     else:
         print(md)

@@ -318,21 +318,6 @@ def render(per_slice, batch_res, share, args, load_start, load_end) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(doc: Path, section_md: str) -> None:
-    """Replace (or append) only the ``## Perlin noise`` section of ``doc``, keeping every other section as it is."""
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    lines = text.splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), None)
-    if start is None:
-        new = text.rstrip("\n") + "\n\n" + section_md
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        rest = "\n".join(lines[end:])
-        new = "\n".join(lines[:start]) + ("\n" if start else "") + section_md + ("\n" + rest + "\n" if rest else "")
-    tmp = doc.with_name(f".{doc.name}.perlin.tmp")
-    tmp.write_text(new)
-    os.replace(tmp, doc)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -359,7 +344,9 @@ def main() -> None:
     md = render(per_slice, batch_res, share, args, load_start, load_end)
     print(md)
     if args.write_docs is not None:
-        write_section(args.write_docs, md)
+        from _docs import replace_section
+
+        replace_section(args.write_docs, SECTION, md)
         print(f"wrote section {SECTION!r} of {args.write_docs}", file=sys.stderr)
 
 

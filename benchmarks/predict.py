@@ -183,9 +183,9 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write_docs:
-        from preprocess import _replace_section  # benchmarks/preprocess.py
+        from _docs import replace_section
 
-        _replace_section(args.write_docs, SECTION, text)
+        replace_section(args.write_docs, SECTION, text)
 
 
 if __name__ == "__main__":

@@ -182,19 +182,10 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write_docs:
-        _replace_section(args.write_docs, SECTION, text)
+        from _docs import replace_section
 
+        replace_section(args.write_docs, SECTION, text)
 
-def _replace_section(path: Path, section: str, text: str) -> None:
-    """Replace one benchmark's section (from its ``## `` heading to the next) of the document, keeping the others."""
-    doc = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    start = doc.find(section + "\n")
-    if start == -1:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    else:
-        nxt = doc.find("\n## ", start + len(section))
-        doc = doc[:start] + text + (doc[nxt + 1:] if nxt != -1 else "")
-    path.write_text(doc)
 
 
 if __name__ == "__main__":

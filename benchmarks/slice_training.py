@@ -141,18 +141,6 @@ def runs_table(runs: list[Path]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_section(doc: Path, section: str) -> None:
-    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-    start = text.find(SECTION + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + section + ("\n" + text[end + 1 :] if end >= 0 else "")
-    from covidctnet.utils import atomic_write_text
-
-    atomic_write_text(doc, text)
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -178,7 +166,9 @@ def main() -> None:
     section = render(results, args, load_start, os.getloadavg()) + runs_table(args.runs)
     print(section)
     if args.write_docs:
-        write_section(args.write_docs, section)
+        from _docs import replace_section
+
+        replace_section(args.write_docs, SECTION, section)
 
 
 if __name__ == "__main__":

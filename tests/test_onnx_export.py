@@ -8,38 +8,20 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from model_factories import DEPTH, SIZE, tiny_predict_model
 
 from covidctnet import CLASS_NAMES
 from covidctnet.cli import cli
-from covidctnet.config import config_to_dict
 from covidctnet.errors import ConfigError, ModelDirError
 from covidctnet.model_dir import load_model_dir, save_model_dir
-from covidctnet.models.bcdunet import BCDUNet
-from covidctnet.models.cnn3d import build_classifier
 from covidctnet.onnx_export import ONNX_MANIFEST, export_onnx
 from covidctnet.predict import load_pipeline, predict_volume
-from covidctnet.preprocess import PreprocessConfig
-
-SIZE, DEPTH = 64, 36
 
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    """A small untrained predict model directory (64x64 preprocessing), as in tests/test_predict.py."""
-    torch.manual_seed(0)
-    denoiser = BCDUNet(features=4)
-    classifier = build_classifier("covidctnet3d", input_size=(DEPTH, SIZE, SIZE))
-    config = {
-        "name": "tiny-onnx-test-model",
-        "preprocess": config_to_dict(PreprocessConfig(size_xy=SIZE)),
-        "input": {"depth": DEPTH, "size_xy": SIZE},
-        "components": {"denoiser": {"arch": "bcdunet", "kwargs": denoiser.config}, "classifier": classifier.spec},
-    }
-    out = tmp_path_factory.mktemp("model") / "tiny"
-    save_model_dir(out, config, {"denoiser": denoiser.state_dict(), "classifier": classifier.state_dict()},
-                   "# tiny test model\nUntrained; for tests only.\n")
-    return out
-
+    """A small untrained predict model directory (64x64 preprocessing)."""
+    return tiny_predict_model(tmp_path_factory.mktemp("model") / "tiny")
 
 @pytest.fixture(scope="module")
 def tiny_onnx(tiny_model, tmp_path_factory):

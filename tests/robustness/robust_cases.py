@@ -23,6 +23,7 @@ import pydicom
 import pytest
 from click.testing import CliRunner, Result
 from dicom_utils import copy_series
+from model_factories import DEPTH, SIZE, tiny_denoiser_dir, tiny_predict_model
 
 from covidctnet.cli import cli
 
@@ -49,8 +50,6 @@ __all__ = [
     "CONTROL",
 ]
 
-SIZE = 64  # in-plane size of every tiny model and preprocessed folder (a multiple of 8, as the BCDU-Net needs)
-DEPTH = 36  # residual depth of the tiny predict model (the official 3D CNN needs at least 34)
 CONTROL = "control-normal001"  # the study id of the real control series (the denoiser trains on it)
 
 
@@ -361,55 +360,7 @@ def two_series_folder(s: Sources, tmp: Path) -> tuple[Path, str, str]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# tiny models (random weights: the point is the plumbing and the checks, not the diagnosis)
-
-
-def tiny_denoiser_dir(out: Path, size: int = SIZE, seed: int = 0) -> Path:
-    """A valid denoiser model directory (BCDU-Net width 4) for data preprocessed at ``size``."""
-    import torch
-
-    from covidctnet.config import config_to_dict
-    from covidctnet.model_dir import save_model_dir
-    from covidctnet.models.bcdunet import BCDUNet
-    from covidctnet.preprocess import PreprocessConfig
-
-    torch.manual_seed(seed)
-    net = BCDUNet(features=4)
-    config = {"name": "tiny-denoiser", "preprocess": config_to_dict(PreprocessConfig(size_xy=size)),
-              "input": {"size_xy": size}, "components": {"denoiser": {"arch": "bcdunet", "kwargs": net.config}}}
-    save_model_dir(out, config, {"denoiser": net.state_dict()}, "# tiny test denoiser\nUntrained; tests only.\n")
-    return out
-
-
-def tiny_predict_model(out: Path, size: int = SIZE, depth: int = DEPTH, seed: int = 0,
-                       classifier_state: dict[str, Any] | None = None,
-                       denoiser_state: dict[str, Any] | None = None) -> Path:
-    """A valid ``predict`` model directory (denoiser + official 3D CNN at ``depth`` x ``size`` x ``size``).
-
-    ``classifier_state`` / ``denoiser_state`` replace the weights (e.g. with another architecture's) while
-    ``config.yaml`` keeps describing the tiny architecture.
-    """
-    import torch
-
-    from covidctnet.config import config_to_dict
-    from covidctnet.model_dir import save_model_dir
-    from covidctnet.models.bcdunet import BCDUNet
-    from covidctnet.models.cnn3d import build_classifier
-    from covidctnet.preprocess import PreprocessConfig
-
-    torch.manual_seed(seed)
-    denoiser = BCDUNet(features=4)
-    classifier = build_classifier("covidctnet3d", input_size=(depth, size, size))
-    config = {
-        "name": "tiny-test-model",
-        "preprocess": config_to_dict(PreprocessConfig(size_xy=size)),
-        "input": {"depth": depth, "size_xy": size},
-        "components": {"denoiser": {"arch": "bcdunet", "kwargs": denoiser.config}, "classifier": classifier.spec},
-    }
-    states = {"denoiser": denoiser_state if denoiser_state is not None else denoiser.state_dict(),
-              "classifier": classifier_state if classifier_state is not None else classifier.state_dict()}
-    save_model_dir(out, config, states, "# tiny test model\nUntrained; tests only.\n")
-    return out
+# tiny models: see tests/model_factories.py
 
 
 # --------------------------------------------------------------------------------------------------------------------
