@@ -39,7 +39,6 @@ import scipy
 import torch
 
 from covidctnet.noise import (
-    OFFICIAL_PERLIN_PARAMS,
     RandPerlinNoiseBatch,
     perlin_noise_2d,
     perlin_noise_2d_batch,

@@ -66,7 +66,9 @@ class _LazyGroup(click.Group):
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="covidctnet", message="covidctnet %(version)s — cite Javaheri et al., npj Digit. Med. 4, 29 (2021)")
+@click.version_option(
+    package_name="covidctnet", message="covidctnet %(version)s — cite Javaheri et al., npj Digit. Med. 4, 29 (2021)"
+)
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 @click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")

@@ -24,18 +24,41 @@ def _print_report(summary, out_dir: Path) -> None:
 
 @click.command("predict")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
-              help="Model directory with denoiser and classifier components (config.yaml, *.safetensors, SHA256SUMS).")
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder: report.csv, report.json (and residuals/overlays with --save-residuals).")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="YAML overriding configs/predict.yaml.")
+@click.option(
+    "--model",
+    "model_dir",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Model directory with denoiser and classifier components (config.yaml, *.safetensors, SHA256SUMS).",
+)
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder: report.csv, report.json (and residuals/overlays with --save-residuals).",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="YAML overriding configs/predict.yaml.",
+)
 @click.option("--batch-size", type=int, default=None, help="Slices per denoiser forward pass (default 8).")
 @click.option("--device", default=None, help="auto (CUDA when present), cpu or cuda[:N] (default auto).")
-@click.option("--save-residuals", is_flag=True, default=None,
-              help="Write <id>_residual.nii.gz and an overlay PNG (axial, coronal, sagittal) per study.")
-@click.option("--backend", type=click.Choice(["torch", "onnx"]), default=None,
-              help="torch (default) or onnx: onnxruntime on the CPU; --model is then an `export-onnx` output folder.")
+@click.option(
+    "--save-residuals",
+    is_flag=True,
+    default=None,
+    help="Write <id>_residual.nii.gz and an overlay PNG (axial, coronal, sagittal) per study.",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["torch", "onnx"]),
+    default=None,
+    help="torch (default) or onnx: onnxruntime on the CPU; --model is then an `export-onnx` output folder.",
+)
 def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, save_residuals, backend):
     """Diagnose CT studies (DICOM folders, NIfTI/NRRD files, dataset roots): control / COVID-19 / CAP.
 
@@ -45,17 +68,26 @@ def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, sav
     from covidctnet.config import load_config
     from covidctnet.predict import PredictConfig, predict_studies
 
-    cfg = load_config(PredictConfig, config_path,
-                      {"batch_size": batch_size, "device": device, "save_residuals": save_residuals,
-                       "backend": backend})
+    cfg = load_config(
+        PredictConfig,
+        config_path,
+        {"batch_size": batch_size, "device": device, "save_residuals": save_residuals, "backend": backend},
+    )
     summary = predict_studies(inputs, model_dir, out_dir, cfg, on_result=echo_error_row)
     _print_report(summary, out_dir)
     sys.exit(batch_exit(summary))
 
 
 @click.command("demo")
-@click.option("-o", "--out", "out_dir", default="covidctnet-demo", show_default=True,
-              type=click.Path(file_okay=False, path_type=Path), help="Output folder.")
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    default="covidctnet-demo",
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder.",
+)
 def demo_cmd(out_dir):
     """Predict the bundled real chest CT with the bundled demonstration model and print the report.
 

@@ -12,21 +12,47 @@ from covidctnet.cli._common import batch_exit, echo_error_row
 
 @click.command("preprocess")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder: <study_id>.nii.gz, manifest.csv, preprocess.yaml.")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="YAML overriding configs/preprocess.yaml.")
-@click.option("--profile", type=click.Choice(["default", "official"]), default=None,
-              help="default: MONAI chain, 240x240, clip  [default]. official: the official CovidCTNet numerics "
-                   "(cubic zoom, out-of-window HU set to -1000, 128x128) for its published weights.")
+@click.option(
+    "-o",
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Output folder: <study_id>.nii.gz, manifest.csv, preprocess.yaml.",
+)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="YAML overriding configs/preprocess.yaml.",
+)
+@click.option(
+    "--profile",
+    type=click.Choice(["default", "official"]),
+    default=None,
+    help="default: MONAI chain, 240x240, clip  [default]. official: the official CovidCTNet numerics "
+    "(cubic zoom, out-of-window HU set to -1000, 128x128) for its published weights.",
+)
 @click.option("--size", "size_xy", type=int, default=None, help="In-plane output size in voxels (default 240).")
-@click.option("--workers", type=int, default=0, show_default=True,
-              help="Worker processes; 0 runs in this process (best for debugging).")
-@click.option("--scheduler", default=None,
-              help="Dask scheduler address (tcp://host:8786): run the studies on that cluster instead of --workers.")
+@click.option(
+    "--workers",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Worker processes; 0 runs in this process (best for debugging).",
+)
+@click.option(
+    "--scheduler",
+    default=None,
+    help="Dask scheduler address (tcp://host:8786): run the studies on that cluster instead of --workers.",
+)
 @click.option("--series-uid", default=None, help="SeriesInstanceUID to read when one DICOM folder holds several.")
-@click.option("--resume/--no-resume", default=True, show_default=True,
-              help="Skip studies already 'ok' in OUT/manifest.csv whose output is unchanged.")
+@click.option(
+    "--resume/--no-resume",
+    default=True,
+    show_default=True,
+    help="Skip studies already 'ok' in OUT/manifest.csv whose output is unchanged.",
+)
 def preprocess_cmd(inputs, out_dir, config_path, profile, size_xy, workers, scheduler, series_uid, resume):
     """Resample CT studies to 1 mm RAS, SIZE x SIZE in-plane, float32 in [0, 1].
 
@@ -38,11 +64,25 @@ def preprocess_cmd(inputs, out_dir, config_path, profile, size_xy, workers, sche
     from covidctnet.config import load_config
     from covidctnet.preprocess import OFFICIAL_PROFILE, PreprocessConfig, preprocess_studies
 
-    cfg = load_config(PreprocessConfig, config_path, {"size_xy": size_xy, "profile": profile},
-                      defaults=OFFICIAL_PROFILE if profile == "official" else None)
-    summary = preprocess_studies(inputs, out_dir, cfg, resume=resume, workers=workers, series_uid=series_uid,
-                                 on_result=echo_error_row, scheduler=scheduler)
-    click.echo(f"preprocess: {summary.n_ok} done, {summary.n_skipped} already done, {summary.n_failed} failed"
-               + (f"; manifest: {summary.manifest}" if summary.manifest and summary.manifest.exists() else ""),
-               err=True)
+    cfg = load_config(
+        PreprocessConfig,
+        config_path,
+        {"size_xy": size_xy, "profile": profile},
+        defaults=OFFICIAL_PROFILE if profile == "official" else None,
+    )
+    summary = preprocess_studies(
+        inputs,
+        out_dir,
+        cfg,
+        resume=resume,
+        workers=workers,
+        series_uid=series_uid,
+        on_result=echo_error_row,
+        scheduler=scheduler,
+    )
+    click.echo(
+        f"preprocess: {summary.n_ok} done, {summary.n_skipped} already done, {summary.n_failed} failed"
+        + (f"; manifest: {summary.manifest}" if summary.manifest and summary.manifest.exists() else ""),
+        err=True,
+    )
     sys.exit(batch_exit(summary))

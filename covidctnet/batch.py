@@ -140,7 +140,9 @@ def discover_studies(inputs: Iterable[str | os.PathLike]) -> list[Study]:
             for name in sorted(filenames):
                 p = here / name
                 if is_volume_file(p):
-                    found.append(Study(study_id_from_path(p), p, str(p.relative_to(root)), _label_from_parts(rel_parts)))
+                    found.append(
+                        Study(study_id_from_path(p), p, str(p.relative_to(root)), _label_from_parts(rel_parts))
+                    )
         if not found:
             raise InputError(f"{root}: no NIfTI/NRRD files or DICOM series found in this folder")
         studies.extend(found)
@@ -250,8 +252,15 @@ def run_batch(
     for study in studies:
         if study.study_id in seen:
             row = {"study_id": study.study_id, "source": study.source, "label": study.label or ""}
-            row.update(_error_row(study, InputError(
-                f"{study.path}: duplicate study id {study.study_id!r} (also {seen[study.study_id].path}); rename one")))
+            row.update(
+                _error_row(
+                    study,
+                    InputError(
+                        f"{study.path}: duplicate study id {study.study_id!r} "
+                        f"(also {seen[study.study_id].path}); rename one"
+                    ),
+                )
+            )
             by_id[f"{study.study_id}#dup{len(by_id)}"] = row
             continue
         seen[study.study_id] = study
@@ -306,8 +315,9 @@ def _run_pool(
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = multiprocessing.get_context("spawn")  # fork after torch has started its thread pool can deadlock
     bar = iter(progress(range(len(todo)), total=len(todo), desc=desc))
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(threads,)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
+    ) as pool:
         futures: dict[Future, Study] = {pool.submit(_run_one, fn, s, out_dir): s for s in todo}
         not_done = set(futures)
         while not_done:
@@ -318,8 +328,14 @@ def _run_pool(
                     row = fut.result()
                 except BrokenProcessPool:  # a worker was killed (e.g. by the OOM killer): fail its studies only
                     row = {"study_id": study.study_id, "source": study.source, "label": study.label or ""}
-                    row.update(_error_row(study, InputError(
-                        f"{study.path}: worker process died (out of memory?); rerun with fewer --workers")))
+                    row.update(
+                        _error_row(
+                            study,
+                            InputError(
+                                f"{study.path}: worker process died (out of memory?); rerun with fewer --workers"
+                            ),
+                        )
+                    )
                 record(row)
                 next(bar, None)
 
@@ -342,8 +358,9 @@ def _run_dask(
     except (OSError, TimeoutError) as err:
         raise InputError(f"cannot reach the Dask scheduler at {scheduler}: {err}") from err
     try:
-        futures = [client.submit(_run_one, fn, s, out_dir, pure=False, key=f"covidctnet-{desc}-{s.study_id}")
-                   for s in todo]
+        futures = [
+            client.submit(_run_one, fn, s, out_dir, pure=False, key=f"covidctnet-{desc}-{s.study_id}") for s in todo
+        ]
         by_key = {f.key: s for f, s in zip(futures, todo)}
         bar = iter(progress(range(len(todo)), total=len(todo), desc=desc))
         for fut in as_completed(futures, loop=client.loop):

@@ -55,7 +55,11 @@ def check_volume(volume: Volume, limits: CheckLimits = CheckLimits()) -> list[st
     # Any chest CT contains air or lung (about -1000 to -700 HU); a minimum at or above 0 means the values were
     # rescaled (8-bit PNGs, [0, 1] normalisation) and the HU window would turn the whole scan into one value.
     if lo >= -200 or hi - lo < 200:
-        hint = " (looks normalised to [0, 1])" if 0 <= lo and hi <= 1 else (" (looks like 8-bit grey levels)" if 0 <= lo and hi <= 255 else "")
+        hint = (
+            " (looks normalised to [0, 1])"
+            if 0 <= lo and hi <= 1
+            else (" (looks like 8-bit grey levels)" if 0 <= lo and hi <= 255 else "")
+        )
         raise NotHUError(
             f"{src}: intensities span {lo:.4g}..{hi:.4g}{hint}; expected Hounsfield units with air near -1000"
         )

@@ -338,7 +338,7 @@ def _card(cfg: ClassifierConfig, data: PreparedData, residuals_dir: str, command
                     "maps, so this directory serves the classifier alone (load it with "
                     "`covidctnet.models.cnn3d.load_classifier`).")
     selection = {"val_auc": "highest validation macro one-vs-rest AUC",
-                 "val_loss": "lowest validation loss (the validation set holds a single class, so its AUC is undefined)",
+                 "val_loss": "lowest validation loss (the validation set holds a single class: its AUC is undefined)",
                  "train_loss": "lowest training loss: there is no validation set"}[monitor]
     if metrics["n"]:
         validation = f"""## Validation figures (used for model selection: optimistic, not a test result)

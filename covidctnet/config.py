@@ -118,7 +118,7 @@ def load_config(
     overrides: Mapping[str, Any] | None = None,
     defaults: Mapping[str, Any] | None = None,
 ) -> T:
-    """Load a config: dataclass defaults, then ``defaults`` (a preset), the YAML at ``path``, command-line ``overrides``.
+    """Load a config: dataclass defaults, then ``defaults`` (a preset), the YAML at ``path``, then ``overrides``.
 
     Args:
         cls: the frozen config dataclass of the command.

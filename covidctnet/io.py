@@ -232,7 +232,9 @@ def find_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
     series = []
     for uid, items in groups.items():
         modality = str(items[0][1].get("Modality", "")).upper()
-        series.append(DicomSeries(uid=uid, files=[f for f, _ in items], modality=modality, headers=[d for _, d in items]))
+        series.append(
+            DicomSeries(uid=uid, files=[f for f, _ in items], modality=modality, headers=[d for _, d in items])
+        )
     return series
 
 
@@ -286,7 +288,9 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None, 
     folder = Path(folder)
     series = _select_series(folder, find_dicom_series(folder), series_uid)
     if series.modality != "CT":
-        raise NotCTError(f"{folder}: Modality is {series.modality or 'missing'}, not CT; covidctnet reads chest CT only")
+        raise NotCTError(
+            f"{folder}: Modality is {series.modality or 'missing'}, not CT; covidctnet reads chest CT only"
+        )
     headers = series.headers
     try:
         normal = _slice_normal(headers[0])
@@ -323,7 +327,9 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None, 
     info = {
         "format": "dicom",
         "n_series_in_folder": 1,
-        "transfer_syntax": str(getattr(headers[0].file_meta, "TransferSyntaxUID", "")) if hasattr(headers[0], "file_meta") else "",
+        "transfer_syntax": str(getattr(headers[0].file_meta, "TransferSyntaxUID", ""))
+        if hasattr(headers[0], "file_meta")
+        else "",
         "slice_direction_mm": [float(x) for x in step],
         "slice_normal": [float(x) for x in normal],
     }
@@ -354,7 +360,9 @@ def _decode_one(path: Path) -> np.ndarray:
         ds = pydicom.dcmread(path)
         arr = ds.pixel_array.astype(np.float32)
     except Exception as err:  # pydicom raises many types for corrupt pixel data
-        raise UnreadableFileError(f"{path}: cannot decode pixel data ({_short(err)}); the file may be truncated") from err
+        raise UnreadableFileError(
+            f"{path}: cannot decode pixel data ({_short(err)}); the file may be truncated"
+        ) from err
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
     return arr * slope + intercept

@@ -56,7 +56,8 @@ def normalize_label(value: object, source: str = "label") -> str:
     """Map a label alias to its canonical name (``control``, ``covid`` or ``cap``).
 
     Args:
-        value: a name, alias or class index (``"COVID-19"``, ``"CT-2"``, ``1`` …); case and surrounding space are ignored.
+        value: a name, alias or class index (``"COVID-19"``, ``"CT-2"``, ``1`` …); case and surrounding space are
+            ignored.
         source: where the value came from, for the error message (file and row).
 
     Raises:

@@ -41,7 +41,17 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-REPORT_COLUMNS = ("study_id", "p_control", "p_covid", "p_cap", "predicted", "status", "error", "model", "weights_sha256")
+REPORT_COLUMNS = (
+    "study_id",
+    "p_control",
+    "p_covid",
+    "p_cap",
+    "predicted",
+    "status",
+    "error",
+    "model",
+    "weights_sha256",
+)
 
 
 @dataclass(frozen=True)
@@ -160,8 +170,14 @@ def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8) -> dict
     array, affine = preprocess_volume(volume, pipeline.preprocess)
     seconds["preprocess"] = time.perf_counter() - t
     t = time.perf_counter()
-    residual = compute_residual(array, pipeline.denoiser, depth=pipeline.depth, size=pipeline.size_xy,
-                                batch_size=batch_size, source=str(volume.source))
+    residual = compute_residual(
+        array,
+        pipeline.denoiser,
+        depth=pipeline.depth,
+        size=pipeline.size_xy,
+        batch_size=batch_size,
+        source=str(volume.source),
+    )
     seconds["denoise"] = time.perf_counter() - t
     t = time.perf_counter()
     x = torch.as_tensor(residual_to_network_input(residual))[None]
@@ -207,12 +223,18 @@ def _predict_study(study: Study, out_dir: Path, pipeline: Pipeline, cfg: Predict
         write_nifti(residual, res_affine, out_dir / f"{study.study_id}_residual.nii.gz")
         ct = result["preprocessed"][0]
         ct_small = ndimage.zoom(ct, np.array(residual.shape) / np.array(ct.shape), order=1)
-        title = f"{study.study_id}: {result['predicted']} " + " ".join(f"{c}={p:.2f}" for c, p in zip(CLASS_NAMES, probs))
+        title = f"{study.study_id}: {result['predicted']} " + " ".join(
+            f"{c}={p:.2f}" for c, p in zip(CLASS_NAMES, probs)
+        )
         plot_residual_overlay(out_dir / f"{study.study_id}_overlay.png", ct_small, residual, title=title)
         row["output"] = f"{study.study_id}_residual.nii.gz"
         row["overlay"] = f"{study.study_id}_overlay.png"
-    logger.info("%s: %s (%s)", study.study_id, result["predicted"],
-                ", ".join(f"{c} {p:.3f}" for c, p in zip(CLASS_NAMES, probs)))
+    logger.info(
+        "%s: %s (%s)",
+        study.study_id,
+        result["predicted"],
+        ", ".join(f"{c} {p:.3f}" for c, p in zip(CLASS_NAMES, probs)),
+    )
     return row
 
 

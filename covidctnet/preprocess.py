@@ -185,8 +185,12 @@ def build_transforms(cfg: PreprocessConfig) -> Any:
         steps.append(ResizeToSpacing(cfg.size_xy, cfg.spacing_mm[2]))
     else:
         steps += [
-            Spacing(pixdim=cfg.spacing_mm, mode="bilinear" if cfg.interpolation == "linear" else 3,
-                    padding_mode="border", dtype=np.float32),
+            Spacing(
+                pixdim=cfg.spacing_mm,
+                mode="bilinear" if cfg.interpolation == "linear" else 3,
+                padding_mode="border",
+                dtype=np.float32,
+            ),
             Resize(spatial_size=(cfg.size_xy, cfg.size_xy, -1), mode="bilinear", anti_aliasing=False),
         ]
     # The window comes last: it then runs on the small resampled grid, not the full scan. Clipping after linear
@@ -212,8 +216,10 @@ def preprocess_volume(volume: Volume, cfg: PreprocessConfig = PreprocessConfig()
     import torch
     from monai.data import MetaTensor
 
-    img = MetaTensor(torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32)),
-                     affine=torch.as_tensor(volume.affine, dtype=torch.float64))
+    img = MetaTensor(
+        torch.from_numpy(np.ascontiguousarray(volume.array, dtype=np.float32)),
+        affine=torch.as_tensor(volume.affine, dtype=torch.float64),
+    )
     out = build_transforms(cfg)(img)
     array = out[0].numpy().astype(np.float32, copy=False)
     affine = np.asarray(out.affine, dtype=np.float64)
@@ -318,7 +324,9 @@ def preprocess_study(study: Any, out_dir: Path, cfg: PreprocessConfig, series_ui
     name = f"{study.study_id}.nii.gz"
     write_nifti(array, affine, Path(out_dir) / name)
     out_spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    logger.info("%s: %s voxels of %s mm -> %s", study.study_id, _fmt(volume.shape), _fmt(volume.spacing), _fmt(array.shape))
+    logger.info(
+        "%s: %s voxels of %s mm -> %s", study.study_id, _fmt(volume.shape), _fmt(volume.spacing), _fmt(array.shape)
+    )
     return {
         "output": name,
         "input_shape": _fmt(volume.shape),
@@ -352,8 +360,17 @@ def preprocess_studies(
     if series_uid is not None and len(studies) != 1:
         raise ConfigError(f"--series-uid selects a series in ONE DICOM folder; {len(studies)} studies were given")
     fn = functools.partial(preprocess_study, cfg=cfg, series_uid=series_uid)
-    summary = run_batch(studies, out_dir, fn, PREPROCESS_COLUMNS, resume=resume, workers=workers,
-                        desc="preprocess", on_result=on_result, scheduler=scheduler)
+    summary = run_batch(
+        studies,
+        out_dir,
+        fn,
+        PREPROCESS_COLUMNS,
+        resume=resume,
+        workers=workers,
+        desc="preprocess",
+        on_result=on_result,
+        scheduler=scheduler,
+    )
     if summary.n_ok + summary.n_skipped > 0:
         save_config(cfg, Path(out_dir) / "preprocess.yaml")
     return summary

@@ -36,7 +36,6 @@ import numpy as np
 from covidctnet.errors import ConfigError, InputError, ModelDirError, ShapeError
 
 if TYPE_CHECKING:
-    import torch
 
     from covidctnet.batch import BatchSummary, Study
 

@@ -742,7 +742,7 @@ def predict_slices(
         ModelDirError: the model directory is unusable.
         ConfigError: unknown backend, or Grad-CAM asked of the ONNX backend (it needs PyTorch's gradients).
     """
-    from covidctnet.data.ucsd import load_grey, resize_square
+    from covidctnet.data.ucsd import load_grey
 
     files = _expand_inputs(inputs)
     if not files:
