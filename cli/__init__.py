@@ -78,8 +78,6 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
     level = logging.WARNING if quiet else (logging.INFO if verbose == 0 else logging.DEBUG)
-    if verbose == 0 and not quiet:
-        level = logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # Library chatter from third parties stays at WARNING unless -vv.
     for noisy in ("monai", "matplotlib", "PIL", "h5py", "distributed"):
