@@ -6,7 +6,7 @@ classifier takes (the classifier's ``input_size``). ``predict`` applies exactly 
 on 128×128 official-profile volumes is never fed 240×240 default-profile ones.
 
 Outputs (``OUT/``): ``report.csv`` (``study_id, p_control, p_covid, p_cap, predicted, status, error, model,
-weights_sha256``), ``report.json`` (the same plus the input checks passed, shapes and timings), and with
+weights_sha256``), ``report.json`` (the same plus the input checks passed and the seconds per step), and with
 ``save_residuals`` ``<study_id>_residual.nii.gz`` and ``<study_id>_overlay.png`` per study.
 """
 
@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +92,6 @@ class Pipeline:
     size_xy: int
     device: Any
     weights_sha256: str
-    timings: dict[str, float] = field(default_factory=dict)
     backend: str = "torch"
 
 
@@ -138,7 +137,11 @@ def load_pipeline(model_dir: str | os.PathLike, device: str = "auto", backend: s
     else:
         denoiser = load_denoiser(md.path, device=dev)
         classifier = load_classifier(md, device=dev)
-    input_size = (md.component("classifier").get("kwargs") or {}).get("input_size") or md.config.get("residual_size")
+    # The official CNN records its input size; MONAI nets (global pooling) may not, then config.yaml's `input` says.
+    grid = md.config.get("input") or {}
+    input_size = (md.component("classifier").get("kwargs") or {}).get("input_size")
+    if not input_size and "depth" in grid and "size_xy" in grid:
+        input_size = (grid["depth"], grid["size_xy"], grid["size_xy"])
     if not input_size or len(input_size) != 3:
         raise ModelDirError(f"{md.path}: the classifier's input_size (depth, height, width) is not recorded")
     depth, height, width = (int(s) for s in input_size)
