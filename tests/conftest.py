@@ -67,3 +67,18 @@ def reference_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _no_progress(monkeypatch):
     monkeypatch.setenv("COVIDCTNET_NO_PROGRESS", "1")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``).
+
+    On two cores shared with other jobs, two OpenMP threads wait on each other: a small conv step was seen taking
+    5-20x longer than with one thread.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

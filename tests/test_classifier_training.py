@@ -51,14 +51,7 @@ DEPTH, SIZE = 34, 40  # the official CNN needs >= 34 voxels per axis; the BCDU-N
 FIT = 34  # grid of the real-data fitting test: (34, 34, 34)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU two OpenMP threads wait on each other and a 3D conv step
-    can take 10x longer; one thread is steady."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _write_manifest(root: Path, rows: list[dict[str, str]]) -> None:

@@ -21,13 +21,7 @@ from covidctnet.utils import sha256_file
 H5_NAME = "weight_cnn_CovidCtNet_v2_final.h5"
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on the shared 2-core machine 2 OpenMP threads competing with other jobs are much slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

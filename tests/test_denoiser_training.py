@@ -42,13 +42,7 @@ def data_dir(tmp_path_factory) -> Path:
     return preprocessed_control(tmp_path_factory)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # two cores shared by several jobs: one thread avoids OpenMP oversubscription (4x faster here)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -11,14 +11,7 @@ from covidctnet.model_dir import save_model_dir
 from covidctnet.models.cnn3d import CLASSIFIER_ARCHS, CovidCTNet3D, build_classifier, load_classifier, predict_proba
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on the shared 2-core machine, 2 OpenMP threads competing with other jobs made a conv3d
-    training step 20x slower (5.7 s instead of 0.24 s)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _n_params(model: torch.nn.Module) -> int:

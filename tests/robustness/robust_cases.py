@@ -32,7 +32,6 @@ __all__ = [
     "Workspace",
     "workspace_at",
     "session_dir",
-    "one_thread",
     "ScanCase",
     "SCAN_CASES",
     "invoke",
@@ -60,18 +59,6 @@ class Sources:
     dicom: dict[str, Path]  # {'covid', 'cap', 'control'} -> 32-slice DICOM series folders
     nifti: Path  # 122x101x30 int16 CT, 3 mm, RAS
     ucsd: Path  # UCSD COVID-CT 2D slices (8-bit PNG/JPEG)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread (import this fixture into a test module): on two shared, oversubscribed cores OpenMP threads
-    wait on each other, and a tiny BCDU-Net pass takes 2 s instead of 0.03 s."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,6 @@ from robust_cases import (
     error_lines,
     invoke,
     invoke_ok,
-    one_thread,  # noqa: F401 - autouse fixture: one torch thread on the shared CPU
     session_dir,
     snapshot,
     tiny_predict_model,
@@ -44,6 +43,8 @@ from robust_cases import (
     workspace_at,
     write_csv,
 )
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

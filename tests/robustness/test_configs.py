@@ -18,11 +18,12 @@ from robust_cases import (
     Workspace,
     assert_one_line_error,
     invoke,
-    one_thread,  # noqa: F401 - autouse fixture: one torch thread on the shared CPU
     workspace_at,
     write_csv,
 )
 
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,6 @@ from robust_cases import (
     Sources,
     Workspace,
     invoke_ok,
-    one_thread,  # noqa: F401 - autouse fixture: one torch thread on the shared CPU
     workspace_at,
 )
 
@@ -35,6 +34,8 @@ EPOCHS = 3
 # validation, sample PNGs, checkpoints every epoch.
 TINY = {"features": 4, "batch_size": 4, "steps_per_epoch": 3, "val_batch_size": 16, "slices_per_study": 24,
         "seed": 7, "epochs": EPOCHS}
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,6 @@ from robust_cases import (
     Workspace,
     error_lines,
     invoke,
-    one_thread,  # noqa: F401 - autouse fixture: one torch thread on the shared CPU
     workspace_at,
 )
 
@@ -44,6 +43,8 @@ MARKERS = {
     "AcquisitionDate": "19040506",
     "ContentDate": "19050607",
 }
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _plant(i: int, ds) -> None:

@@ -24,7 +24,6 @@ from robust_cases import (
     denoiser_run,
     invoke,
     invoke_ok,
-    one_thread,  # noqa: F401 - autouse fixture: one torch thread on the shared CPU
     session_dir,
     snapshot,
     workspace_at,
@@ -32,6 +31,8 @@ from robust_cases import (
 )
 
 REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class _Payload:
