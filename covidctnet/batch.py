@@ -31,7 +31,7 @@ from typing import Any
 
 from covidctnet.errors import CovidCTNetError, InputError
 from covidctnet.io import is_volume_file, study_id_from_path
-from covidctnet.utils import atomic_write_text, progress, sha256_file
+from covidctnet.utils import atomic_write_text, progress, remove_stale_temps, sha256_file
 
 __all__ = [
     "Study",
@@ -285,8 +285,7 @@ def run_batch(
     created_dir = not out_dir.exists()
     if todo:
         out_dir.mkdir(parents=True, exist_ok=True)
-        for stale in out_dir.glob(".*.tmp*"):  # temp files of a killed run (see utils.atomic_path)
-            stale.unlink(missing_ok=True)
+        remove_stale_temps(out_dir)  # temp files of a killed run
     if scheduler:
         _run_dask(todo, out_dir, fn, scheduler, record, desc)
     elif workers <= 0:

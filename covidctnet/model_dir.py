@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 import yaml
 
 from covidctnet.errors import ModelDirError
-from covidctnet.utils import sha256_file
+from covidctnet.utils import atomic_dir, sha256_file
 
 __all__ = ["ModelDir", "save_model_dir", "load_model_dir"]
 
@@ -95,10 +94,7 @@ def save_model_dir(
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # the .tmp suffix marks a folder left by a killed export for utils.remove_stale_temps
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         config = dict(config)
         components = {k: dict(v) for k, v in config.get("components", {}).items()}
         for name, sd in state_dicts.items():
@@ -110,19 +106,8 @@ def save_model_dir(
         (tmp / CARD_NAME).write_text(card)
         for name, src in (extra_files or {}).items():
             shutil.copyfile(src, tmp / name)
-        # mkdtemp makes the folder 0700 and safetensors writes 0600: give the usual permissions so a model
-        # directory can be shared between users.
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
         hashed = [CONFIG_NAME] + sorted(c["weights"] for c in components.values() if "weights" in c)
         (tmp / SUMS_NAME).write_text("".join(f"{sha256_file(tmp / f)}  {f}\n" for f in hashed))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return load_model_dir(out_dir)
 
 

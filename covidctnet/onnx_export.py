@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,7 @@ import torch
 from torch import nn
 
 from covidctnet.errors import ConfigError, ModelDirError
+from covidctnet.utils import atomic_dir
 
 __all__ = [
     "ONNX_MANIFEST",
@@ -208,10 +208,7 @@ def export_onnx(
         raise ConfigError(f"{out_dir}: exists and is not an earlier ONNX export ({ONNX_MANIFEST} missing); "
                           "choose a new or empty folder")
     md, modules = _torch_components(model_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # the .tmp suffix marks a folder left by a killed export for utils.remove_stale_temps
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         entries = {name: _export_one(name, module, shape, kind, tmp / f"{name}.onnx", opset, tolerance, seed)
                    for name, (module, shape, kind) in modules.items()}
         for fname in _COPIED:
@@ -228,15 +225,6 @@ def export_onnx(
             "components": entries,
         }
         (tmp / ONNX_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("%s: ONNX model directory with %s", out_dir, ", ".join(e["file"] for e in entries.values()))
     return OnnxExport(out_dir, {k: dict(v) for k, v in entries.items()})
 

@@ -15,6 +15,7 @@ __all__ = [
     "atomic_path",
     "atomic_write_text",
     "atomic_write_bytes",
+    "atomic_dir",
     "remove_stale_temps",
     "sha256_file",
     "resolve_device",
@@ -48,9 +49,33 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
         raise
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to ``path``; on success it replaces ``path`` (0755 folder, 0644 files), on
+    failure it is removed. The ``.tmp`` suffix lets :func:`remove_stale_temps` clean up after a killed run."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        # mkdtemp makes the folder 0700 and safetensors writes 0600: give the usual permissions so the folder can
+        # be shared between users like any other output.
+        os.chmod(tmp, 0o755)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o644)
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     """Delete what writes killed half-way left in ``folder`` (not below it): the hidden ``.NAME.*.tmp*`` files of
-    :func:`atomic_path` and folders of :func:`covidctnet.model_dir.save_model_dir`.
+    :func:`atomic_path` and the folders of :func:`atomic_dir`.
 
     Call it only when no other process is writing into ``folder`` (at the start of a run or a resume).
 
