@@ -1,8 +1,21 @@
-"""Writing one benchmark's section of ``docs/benchmarks.md`` while keeping every other section as it is."""
+"""Shared by the benchmark scripts: the CPU model, and writing one section of ``docs/benchmarks.md`` while keeping
+every other section as it is."""
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
+
+
+def cpu_model() -> str:
+    """The CPU model name from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
 
 
 def replace_section(doc: Path, heading: str, text: str) -> None:

@@ -23,18 +23,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from _docs import cpu_model  # benchmarks/_docs.py
 
 SECTION = "## BCDU-Net training throughput"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def run_one(width: int, batch: int, size: int, warmup: int, steps: int, dense_blocks: int, seed: int) -> dict:
@@ -87,7 +78,7 @@ def _environment() -> dict:
     return {
         "date": _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
         "nproc": os.cpu_count(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),

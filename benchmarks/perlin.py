@@ -46,6 +46,7 @@ from covidctnet.noise import (
 
 # private helpers, used only by the naive variants below (same lattice arithmetic, no sparse factorisation)
 from covidctnet.noise import _axis_lattice, _gradient_lookup, _octave_frequencies, _octave_weights
+from _docs import cpu_model  # benchmarks/_docs.py
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Perlin noise"
@@ -235,16 +236,6 @@ def bench_training_share(repeats: int, batch: int, seed: int) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------------------------
 # report
 # ----------------------------------------------------------------------------------------------------------------------
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def render(per_slice, batch_res, share, args, load_start, load_end) -> str:
     loop_w, loop_c = per_slice["official loop"]
     lines = [
@@ -258,7 +249,7 @@ def render(per_slice, batch_res, share, args, load_start, load_end) -> str:
         "alongside, as the noise code is single-threaded and this machine is shared.",
         "",
         f"- Date: {_dt.datetime.now().astimezone().isoformat(timespec='seconds')}; nproc {os.cpu_count()}; "
-        f"CPU: {_cpu_model()}",
+        f"CPU: {cpu_model()}",
         f"- Python {platform.python_version()}, NumPy {np.__version__}, SciPy {scipy.__version__}, torch "
         f"{torch.__version__} ({torch.get_num_threads()} thread(s)), noise {importlib.metadata.version('noise')}",
         f"- Load average (1, 5, 15 min) at start {load_start}, at end {load_end}, on {os.cpu_count()} cores: above "

@@ -44,13 +44,11 @@ STEPS: dict[str, tuple[str, list[str], list[str]]] = {
 
 def machine_header() -> str:
     """The document's header: CPU model, cores, memory, OS, Python/torch versions, date and load average."""
-    cpu = platform.processor() or platform.machine()
+    from _docs import cpu_model
+
+    cpu = cpu_model()
     mem_gb = float("nan")
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal:"):
                 mem_gb = int(line.split()[1]) / 1024**2
