@@ -59,7 +59,13 @@ def _print_report(summary, out_dir: Path) -> None:
     default=None,
     help="torch (default) or onnx: onnxruntime on the CPU; --model is then an `export-onnx` output folder.",
 )
-def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, save_residuals, backend):
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    default=None,
+    help="Denoiser arithmetic (torch backend): fp32 (default) or bf16, several times faster on CPUs with AMX.",
+)
+def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, save_residuals, backend, precision):
     """Diagnose CT studies (DICOM folders, NIfTI/NRRD files, dataset roots): control / COVID-19 / CAP.
 
     Runs preprocess -> BCDU-Net denoising -> residual -> 3D CNN and writes OUT/report.csv and report.json.
@@ -71,7 +77,8 @@ def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, sav
     cfg = load_config(
         PredictConfig,
         config_path,
-        {"batch_size": batch_size, "device": device, "save_residuals": save_residuals, "backend": backend},
+        {"batch_size": batch_size, "device": device, "save_residuals": save_residuals, "backend": backend,
+         "precision": precision},
     )
     summary = predict_studies(inputs, model_dir, out_dir, cfg, on_result=echo_error_row)
     _print_report(summary, out_dir)

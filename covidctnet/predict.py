@@ -64,12 +64,16 @@ class PredictConfig:
         save_residuals: also write each study's residual NIfTI and an overlay PNG.
         backend: ``torch`` (the model directory's safetensors) or ``onnx`` (onnxruntime on the CPU; the model
             directory is an ``export-onnx`` output, see :mod:`covidctnet.onnx_export`).
+        precision: denoiser arithmetic of the torch backend: ``fp32`` (default) or ``bf16`` (several times faster on
+            CPUs with AMX / AVX512-BF16 and on recent GPUs; probabilities move by about 1e-3, see
+            ``docs/benchmarks.md``).
     """
 
     batch_size: int = 8
     device: str = "auto"
     save_residuals: bool = False
     backend: str = "torch"
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         from covidctnet.errors import ConfigError
@@ -78,6 +82,12 @@ class PredictConfig:
             raise ConfigError(f"'batch_size' must be at least 1, not {self.batch_size}")
         if self.backend not in ("torch", "onnx"):
             raise ConfigError(f"'backend' must be one of ['torch', 'onnx'], not {self.backend!r}")
+        from covidctnet.residuals import PRECISIONS
+
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"'precision' must be one of {list(PRECISIONS)}, not {self.precision!r}")
+        if self.precision != "fp32" and self.backend == "onnx":
+            raise ConfigError("'precision: bf16' is for the torch backend; the onnx backend runs in fp32")
 
 
 @dataclass
@@ -154,8 +164,8 @@ def load_pipeline(model_dir: str | os.PathLike, device: str = "auto", backend: s
     return Pipeline(md.name, pre, denoiser, classifier, depth, pre.size_xy, dev, sums, backend=backend)
 
 
-def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8) -> dict[str, Any]:
-    """Predict one checked HU volume.
+def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8, precision: str = "fp32") -> dict[str, Any]:
+    """Predict one checked HU volume (``precision``: the denoiser's, see :class:`PredictConfig`).
 
     Returns:
         ``probabilities`` (3,) in ``CLASS_NAMES`` order, ``predicted``, ``preprocessed`` ((X, Y, Z) array, affine),
@@ -180,6 +190,7 @@ def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8) -> dict
         size=pipeline.size_xy,
         batch_size=batch_size,
         source=str(volume.source),
+        precision=precision,
     )
     seconds["denoise"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -206,7 +217,7 @@ def _predict_study(study: Study, out_dir: Path, pipeline: Pipeline, cfg: Predict
     volume = read_volume(study.path)
     passed = check_volume(volume, pipeline.preprocess.limits)
     read_s = time.perf_counter() - t
-    result = predict_volume(pipeline, volume, cfg.batch_size)
+    result = predict_volume(pipeline, volume, cfg.batch_size, cfg.precision)
     probs = result["probabilities"]
     row: dict[str, Any] = {
         **{f"p_{c}": f"{p:.6f}" for c, p in zip(CLASS_NAMES, probs)},
@@ -283,6 +294,8 @@ def predict_studies(
         "weights_sha256": pipeline.weights_sha256,
         "class_names": list(CLASS_NAMES),
         "preprocess_profile": pipeline.preprocess.profile,
+        "backend": cfg.backend,
+        "precision": cfg.precision,
         "studies": [
             {**r, **{f"p_{c}": float(r[f"p_{c}"]) for c in CLASS_NAMES if r.get(f"p_{c}") not in ("", None)}}
             for r in rows

@@ -63,6 +63,24 @@ def test_same_input_same_probabilities(tiny_model, dicom_dirs, tmp_path):
         assert outs[0][f"p_{c}"] == pytest.approx(outs[1][f"p_{c}"], abs=1e-5)
 
 
+def test_bf16_denoiser_gives_nearly_the_fp32_probabilities(dicom_dirs, tmp_path):
+    # the bundled demo model: trained weights, so the residuals (and the probabilities) carry real structure
+    reports = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        result = CliRunner().invoke(cli, ["predict", str(dicom_dirs["covid"]), "--model", str(DEMO_MODEL), "-o",
+                                          str(out), "--device", "cpu", "--precision", precision])
+        assert result.exit_code == 0, result.output
+        reports[precision] = json.loads((out / "report.json").read_text())
+    assert reports["bf16"]["precision"] == "bf16" and reports["fp32"]["precision"] == "fp32"
+    fp32, bf16 = (np.array([reports[p]["studies"][0][f"p_{c}"] for c in CLASS_NAMES]) for p in ("fp32", "bf16"))
+    assert np.abs(fp32 - bf16).max() < 0.02 and reports["bf16"]["studies"][0]["predicted"] == reports["fp32"][
+        "studies"][0]["predicted"]
+    result = CliRunner().invoke(cli, ["predict", str(dicom_dirs["covid"]), "--model", str(DEMO_MODEL), "-o",
+                                      str(tmp_path / "x"), "--precision", "bf16", "--backend", "onnx"])
+    assert result.exit_code == 2 and "onnx backend runs in fp32" in result.output
+
+
 def test_tampered_weights_are_refused(tiny_model, dicom_dirs, tmp_path):
     bad = tmp_path / "model"
     shutil.copytree(tiny_model, bad)

@@ -90,6 +90,21 @@ def test_compute_residual_is_input_minus_denoised(run_dir, volume):
     assert not den.model.training
 
 
+def test_bf16_residual_is_close_to_fp32_and_leaves_the_model_as_it_was(run_dir, volume):
+    den = load_denoiser(run_dir, "cpu")
+    x = volume.get_fdata(dtype=np.float32)
+    exact = compute_residual(x, den, depth=x.shape[2], size=SIZE)
+    fast = compute_residual(x, den, depth=x.shape[2], size=SIZE, precision="bf16")
+    assert fast.dtype == np.float32 and fast.shape == exact.shape
+    diff = np.abs(fast - exact)
+    # bfloat16 keeps 8 bits of mantissa: a few 1e-3 on [0, 1] values, not equal (else bf16 was not used)
+    assert 0 < diff.max() < 0.02 and diff.mean() < 2e-3, (diff.max(), diff.mean())
+    assert next(den.model.parameters()).is_contiguous()  # the channels-last weights were put back
+    np.testing.assert_array_equal(compute_residual(x, den, depth=x.shape[2], size=SIZE), exact)
+    with pytest.raises(ConfigError, match="precision"):
+        compute_residual(x, den, precision="fp16")
+
+
 def test_compute_residual_refuses_bad_volumes(run_dir, volume):
     den = load_denoiser(run_dir, "cpu")
     x = volume.get_fdata(dtype=np.float32)
@@ -180,6 +195,9 @@ def test_cli_batch_overlay_errors_and_resume(run_dir, data_dir, volume, tmp_path
     assert res.exit_code == 2 and "size_xy" in res.output
     res = CliRunner().invoke(cli, [*common, "--size", "32", "--no-resume"])
     assert res.exit_code == 1 and nib.load(str(out / f"{CONTROL}_residual.nii.gz")).shape == (32, 32, 40)
+    # so is another precision: bf16 residuals differ a little from fp32 ones
+    res = CliRunner().invoke(cli, [*common, "--size", "32", "--precision", "bf16"])
+    assert res.exit_code == 2 and "precision" in res.output
 
 
 def test_cli_refuses_mismatch_and_bad_paths(run_dir, data_dir, tmp_path):
