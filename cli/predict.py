@@ -65,7 +65,12 @@ def _print_report(summary, out_dir: Path) -> None:
     default=None,
     help="Denoiser arithmetic (torch backend): fp32 (default) or bf16, several times faster on CPUs with AMX.",
 )
-def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, save_residuals, backend, precision):
+@click.option("--workers", type=int, default=0, show_default=True,
+              help="Worker processes, each with its own copy of the model; 0 predicts in this process.")
+@click.option("--scheduler", default=None,
+              help="Dask scheduler address (tcp://host:8786): run the studies on that cluster instead of --workers.")
+def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, save_residuals, backend, precision, workers,
+                scheduler):
     """Diagnose CT studies (DICOM folders, NIfTI/NRRD files, dataset roots): control / COVID-19 / CAP.
 
     Runs preprocess -> BCDU-Net denoising -> residual -> 3D CNN and writes OUT/report.csv and report.json.
@@ -80,7 +85,8 @@ def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, sav
         {"batch_size": batch_size, "device": device, "save_residuals": save_residuals, "backend": backend,
          "precision": precision},
     )
-    summary = predict_studies(inputs, model_dir, out_dir, cfg, on_result=echo_error_row)
+    summary = predict_studies(inputs, model_dir, out_dir, cfg, on_result=echo_error_row, workers=workers,
+                              scheduler=scheduler)
     _print_report(summary, out_dir)
     sys.exit(batch_exit(summary))
 

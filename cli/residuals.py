@@ -28,10 +28,12 @@ from covidctnet.cli._common import batch_exit, echo_error_row
                    "and predict).")
 @click.option("--workers", type=int, default=0, show_default=True,
               help="Worker processes; 0 runs in this process (best for debugging).")
+@click.option("--scheduler", default=None,
+              help="Dask scheduler address (tcp://host:8786): run the studies on that cluster instead of --workers.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Skip studies already 'ok' in OUT/manifest.csv whose output is unchanged.")
 def residuals_cmd(preprocessed, out_dir, denoiser, config_path, depth, size_xy, batch_size, device, precision, workers,
-                  resume):
+                  scheduler, resume):
     """Residual maps (input - denoised, signed float32) of every study in PREPROCESSED, resampled to the
     classifier's grid (depth x size x size), overlaying on the preprocessed scans.
 
@@ -42,7 +44,8 @@ def residuals_cmd(preprocessed, out_dir, denoiser, config_path, depth, size_xy, 
 
     grid = read_residual_grid(config_path, depth=depth, size_xy=size_xy)
     summary = compute_residuals(preprocessed, out_dir, denoiser, grid, batch_size=batch_size, device=device,
-                                precision=precision, resume=resume, workers=workers, on_result=echo_error_row)
+                                precision=precision, resume=resume, workers=workers, scheduler=scheduler,
+                                on_result=echo_error_row)
     click.echo(f"residuals: {summary.n_ok} done, {summary.n_skipped} already done, {summary.n_failed} failed"
                + (f"; manifest: {summary.manifest}" if summary.manifest and summary.manifest.exists() else ""),
                err=True)

@@ -25,7 +25,7 @@ import yaml
 from covidctnet.errors import ModelDirError
 from covidctnet.utils import atomic_dir, sha256_file
 
-__all__ = ["ModelDir", "save_model_dir", "load_model_dir"]
+__all__ = ["ModelDir", "save_model_dir", "load_model_dir", "dir_stamp"]
 
 CONFIG_NAME = "config.yaml"
 CARD_NAME = "MODEL_CARD.md"
@@ -140,3 +140,12 @@ def load_model_dir(path: str | os.PathLike) -> ModelDir:
         raise ModelDirError(f"{path / CONFIG_NAME}: expected a mapping with a 'components' key")
     return ModelDir(path=path, config=config, sha256=sums)
 
+
+
+def dir_stamp(path: str | os.PathLike) -> tuple[int, int]:
+    """``(mtime_ns, inode)`` of ``path/SHA256SUMS``, ``(0, 0)`` if absent: a cache key that changes when the directory
+    is rewritten (:func:`save_model_dir` publishes a new folder, hence a new SHA256SUMS), so per-process model caches
+    never serve stale weights."""
+    sums = Path(path) / SUMS_NAME
+    st = sums.stat() if sums.is_file() else None
+    return (st.st_mtime_ns, st.st_ino) if st else (0, 0)

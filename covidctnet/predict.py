@@ -209,10 +209,24 @@ def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8, precisi
     }
 
 
-def _predict_study(study: Study, out_dir: Path, pipeline: Pipeline, cfg: PredictConfig) -> dict[str, Any]:
+@functools.lru_cache(maxsize=2)
+def _load_cached(model_dir: str, device: str, backend: str, stamp: tuple[int, int]) -> Pipeline:
+    return load_pipeline(model_dir, device, backend)
+
+
+def _cached_pipeline(model_dir: str, device: str, backend: str) -> Pipeline:
+    """One load per process (each worker of ``--workers`` / ``--scheduler`` loads its own), reloaded when the model
+    directory is rewritten."""
+    from covidctnet.model_dir import dir_stamp
+
+    return _load_cached(model_dir, device, backend, dir_stamp(model_dir))
+
+
+def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConfig) -> dict[str, Any]:
     from covidctnet.checks import check_volume
     from covidctnet.io import read_volume, write_nifti
 
+    pipeline = _cached_pipeline(model_dir, cfg.device, cfg.backend)
     t = time.perf_counter()
     volume = read_volume(study.path)
     passed = check_volume(volume, pipeline.preprocess.limits)
@@ -258,20 +272,32 @@ def predict_studies(
     out_dir: str | os.PathLike,
     cfg: PredictConfig = PredictConfig(),
     on_result: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    workers: int = 0,
+    scheduler: str | None = None,
 ) -> BatchSummary:
     """``covidctnet predict``: predict every study found in ``inputs`` and write the report.
 
     A bad study gets ``status=error`` with its one-line message and the others are still predicted. The report is
     written atomically once every study has been seen; nothing is written if every study failed.
+
+    Args:
+        workers: 0 predicts in this process; N > 0 in N spawned processes, each loading the model once and using
+            ``cpu_count // N`` threads.
+        scheduler: Dask scheduler address; the studies then run on its workers, which must see ``model_dir``, the
+            inputs and ``out_dir`` (overrides ``workers``).
     """
     from covidctnet.batch import discover_studies, run_batch
     from covidctnet.utils import atomic_write_text
 
-    pipeline = load_pipeline(model_dir, cfg.device, cfg.backend)
+    model_dir = str(Path(model_dir).resolve())
+    # loaded here even with workers: a bad model directory fails once, before any study, with its one-line error
+    pipeline = _cached_pipeline(model_dir, cfg.device, cfg.backend)
     studies = discover_studies(inputs)
     out_dir = Path(out_dir)
-    fn = functools.partial(_predict_study, pipeline=pipeline, cfg=cfg)
-    summary = run_batch(studies, out_dir, fn, resume=False, desc="predict", on_result=on_result, manifest_name=None)
+    fn = functools.partial(_predict_study, model_dir=model_dir, cfg=cfg)
+    summary = run_batch(studies, out_dir, fn, resume=False, workers=workers, scheduler=scheduler, desc="predict",
+                        on_result=on_result, manifest_name=None)
     rows = []
     for r in summary.rows:
         full = {c: r.get(c, "") for c in REPORT_COLUMNS}

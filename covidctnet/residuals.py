@@ -232,9 +232,9 @@ def _load_cached(path: str, device: str, stamp: tuple[int, int]) -> Denoiser:
 def _cached_denoiser(path: str, device: str) -> Denoiser:
     """One load per process and model directory (worker processes each get their own); a rewritten directory
     (new ``SHA256SUMS``) is loaded again."""
-    sums = Path(path) / "SHA256SUMS"
-    st = sums.stat() if sums.is_file() else None
-    return _load_cached(path, device, (st.st_mtime_ns, st.st_ino) if st else (0, 0))
+    from covidctnet.model_dir import dir_stamp
+
+    return _load_cached(path, device, dir_stamp(path))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -477,6 +477,7 @@ def compute_residuals(
     precision: str = "fp32",
     resume: bool = True,
     workers: int = 0,
+    scheduler: str | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> BatchSummary:
     """``covidctnet residuals``: a residual NIfTI for every ``ok`` study of a preprocessed folder.
@@ -496,6 +497,7 @@ def compute_residuals(
         precision: ``fp32`` or ``bf16`` denoiser arithmetic (:data:`PRECISIONS`); recorded in ``residuals.yaml``.
         resume: skip studies already done by the same denoiser, grid and precision.
         workers: worker processes (0 = inline).
+        scheduler: Dask scheduler address; the studies then run on its workers (overrides ``workers``).
         on_result: called with each finished manifest row.
 
     Raises:
@@ -538,7 +540,7 @@ def compute_residuals(
     fn = functools.partial(residual_study, denoiser=str(model_dir), depth=grid.depth, size=grid.size_xy,
                            batch_size=batch_size, device=device, precision=precision)
     summary = run_batch(studies, out_dir, fn, RESIDUAL_COLUMNS, resume=resume, workers=workers, desc="residuals",
-                        on_result=on_result)
+                        on_result=on_result, scheduler=scheduler)
     if summary.n_ok + summary.n_skipped > 0:
         atomic_write_text(info_path, yaml.safe_dump(info, sort_keys=False))
     return summary
