@@ -286,6 +286,9 @@ def _preprocessing(cfg: Any) -> dict[str, Any]:
 def load_slice_model(model_dir: str | os.PathLike | None = None, device: str = "cpu") -> tuple[nn.Module, dict]:
     """Load a slice model directory (default: the bundled model) into an eval-mode network.
 
+    A directory whose ``model`` component has ``members: N`` holds an ensemble
+    (:class:`~covidctnet.models.slice.SliceEnsemble`, made by ``covidctnet ensemble-slice``).
+
     Returns:
         ``(model, config)``; ``config`` is the directory's ``config.yaml`` (``preprocessing``, ``threshold`` …).
 
@@ -293,7 +296,7 @@ def load_slice_model(model_dir: str | os.PathLike | None = None, device: str = "
         ModelDirError: not a slice model directory, missing bundled model, hash mismatch, or weights that do not fit.
     """
     from covidctnet.model_dir import load_model_dir
-    from covidctnet.models.slice import build_slice_model
+    from covidctnet.models.slice import SliceEnsemble, build_slice_model
 
     path = Path(model_dir) if model_dir is not None else DEFAULT_SLICE_MODEL
     if model_dir is None and not path.is_dir():
@@ -303,8 +306,12 @@ def load_slice_model(model_dir: str | os.PathLike | None = None, device: str = "
         raise ModelDirError(f"{path}: not a slice model directory (task {md.config.get('task')!r}; expected 'slice' "
                             "with a 'model' component)")
     comp = md.component("model")
+    n_members = comp.get("members")
     try:
-        model = build_slice_model(comp["arch"], **comp.get("kwargs", {}))
+        if n_members is None:
+            model = build_slice_model(comp["arch"], **comp.get("kwargs", {}))
+        else:
+            model = SliceEnsemble([build_slice_model(comp["arch"], **comp.get("kwargs", {})) for _ in range(n_members)])
     except (ConfigError, TypeError) as err:
         raise ModelDirError(f"{path}: cannot build {comp.get('arch')!r} from config.yaml: {err}") from err
     try:
@@ -694,8 +701,11 @@ def predict_arrays(model: nn.Module, config: dict, arrays: Sequence[np.ndarray])
     return torch.softmax(logits.float(), dim=1)[:, 1].cpu().numpy()
 
 
-def _cam_layer(model: nn.Module) -> str:
-    return "layer4" if hasattr(model, "layer4") else "class_layers.relu"
+def _cam_layers(model: nn.Module) -> list[str]:
+    """The last feature layer of the network, or of every member of an ensemble."""
+    members = getattr(model, "members", None)
+    nets = [(f"members.{i}.", m) for i, m in enumerate(members)] if members is not None else [("", model)]
+    return [prefix + ("layer4" if hasattr(m, "layer4") else "class_layers.relu") for prefix, m in nets]
 
 
 def _write_cam(path: Path, image: np.ndarray, cam: np.ndarray, p_covid: float, name: str) -> Path:
@@ -767,7 +777,7 @@ def predict_slices(
     if cam_dir is not None:
         from monai.visualize import GradCAM
 
-        gradcam = GradCAM(nn_module=model, target_layers=_cam_layer(model))
+        gradcam = GradCAM(nn_module=model, target_layers=_cam_layers(model))
         Path(cam_dir).mkdir(parents=True, exist_ok=True)
     used_names: set[str] = set()
     n_failed = 0
@@ -815,8 +825,10 @@ def _cam_for(gradcam: Any, model: nn.Module, config: dict, arr: np.ndarray, p: f
     item = {"image": prepared[:1], **({"mask": prepared[1:2]} if pre["lung_mask"] else {})}
     x = build_slice_transforms(False, pre["size"], pre["lung_mask"])(item)["image"].float()[None]
     x = x.to(next(model.parameters()).device)
-    with torch.enable_grad():
-        cam = gradcam(x, class_idx=1)[0, 0].detach().cpu().numpy()
+    with torch.enable_grad():  # an ensemble: the mean of its members' maps, each for the ensemble's COVID output
+        n_layers = len(_cam_layers(model))
+        cam = np.mean([gradcam(x, class_idx=1, layer_idx=i)[0, 0].detach().cpu().numpy() for i in range(n_layers)],
+                      axis=0)
     stem = f.stem
     name, k = f"{stem}_cam.png", 1
     while name in used:  # same stem in two folders

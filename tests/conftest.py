@@ -82,3 +82,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def mini_ucsd(ucsd_root, tmp_path_factory) -> Path:
+    """A real-image copy of the UCSD layout, small enough for several training runs in a test: 8 + 8 training and
+    6 + 6 validation images, shrunk to at most 96 px (same format and mode), with CRLF line endings for NonCOVID."""
+    from PIL import Image
+
+    from covidctnet.data.ucsd import read_split_list
+
+    root = tmp_path_factory.mktemp("mini_ucsd")
+    for cls, folder in (("COVID", "CT_COVID"), ("NonCOVID", "CT_NonCOVID")):
+        (root / folder).mkdir()
+        (root / "Data-split" / cls).mkdir(parents=True)
+        sep = "\n" if cls == "COVID" else "\r\n"
+        for split, n in (("train", 8), ("val", 6)):
+            names = read_split_list(ucsd_root / "Data-split" / cls / f"{split}CT_{cls}.txt")[:n]
+            for name in names:
+                with Image.open(ucsd_root / folder / name) as im:
+                    im.thumbnail((96, 96))
+                    im.save(root / folder / name, format=im.format or ("JPEG" if name.endswith(".jpg") else "PNG"))
+            (root / "Data-split" / cls / f"{split}CT_{cls}.txt").write_bytes(sep.join(names).encode())
+    return root

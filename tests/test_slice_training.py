@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch import nn
 
 from covidctnet.config import load_config
-from covidctnet.data.ucsd import SliceDataset, read_split_list, ucsd_records
+from covidctnet.data.ucsd import SliceDataset, ucsd_records
 from covidctnet.errors import ConfigError
 from covidctnet.model_dir import load_model_dir
 from covidctnet.models.slice import build_slice_model
@@ -32,23 +31,6 @@ from covidctnet.training import load_checkpoint
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def mini_ucsd(ucsd_root, tmp_path_factory):
-    """A real-image copy of the UCSD layout, small enough for several training runs in a test: 8 + 8 training and
-    6 + 6 validation images, shrunk to at most 96 px (same format and mode), with CRLF line endings for NonCOVID."""
-    root = tmp_path_factory.mktemp("mini_ucsd")
-    for cls, folder in (("COVID", "CT_COVID"), ("NonCOVID", "CT_NonCOVID")):
-        (root / folder).mkdir()
-        (root / "Data-split" / cls).mkdir(parents=True)
-        sep = "\n" if cls == "COVID" else "\r\n"
-        for split, n in (("train", 8), ("val", 6)):
-            names = read_split_list(ucsd_root / "Data-split" / cls / f"{split}CT_{cls}.txt")[:n]
-            for name in names:
-                with Image.open(ucsd_root / folder / name) as im:
-                    im.thumbnail((96, 96))
-                    im.save(root / folder / name, format=im.format or ("JPEG" if name.endswith(".jpg") else "PNG"))
-            (root / "Data-split" / cls / f"{split}CT_{cls}.txt").write_bytes(sep.join(names).encode())
-    return root
 # tiny and fast: 16 training images at 48 px, two steps per epoch, a quarter-width ResNet-18
 TINY = {"size": 48, "width": 0.25, "batch_size": 8, "steps_per_epoch": 2, "device": "cpu", "lr": 1e-3}
 

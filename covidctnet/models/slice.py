@@ -25,6 +25,7 @@ __all__ = [
     "replace_head",
     "encoder_state_dict",
     "load_encoder_state_dict",
+    "SliceEnsemble",
 ]
 
 logger = logging.getLogger(__name__)
@@ -148,3 +149,26 @@ def load_encoder_state_dict(model: nn.Module, state: Mapping[str, Any], source: 
             f"missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatch {shapes[:3]}"
         )
     model.load_state_dict({**model.state_dict(), **{k: state[k] for k in own}})
+
+
+class SliceEnsemble(nn.Module):
+    """Several slice classifiers of one architecture whose class probabilities are averaged.
+
+    ``forward`` returns the log of the mean probability, so it stands wherever logits are expected: ``softmax`` of
+    the output is exactly the members' mean softmax (the averaging MONAI's ``MeanEnsemble`` does on outputs, here
+    inside one module, so a model directory, ONNX export and Grad-CAM treat an ensemble like one network).
+
+    Args:
+        members: the networks (eval mode is set on the ensemble as a whole).
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        if len(members) < 2:
+            raise ConfigError(f"an ensemble needs at least 2 members, not {len(members)}")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) → (B, num_classes) log mean probability."""
+        probs = torch.stack([torch.softmax(m(x).float(), dim=1) for m in self.members]).mean(dim=0)
+        return torch.log(probs.clamp_min(torch.finfo(probs.dtype).tiny))

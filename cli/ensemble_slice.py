@@ -1,0 +1,31 @@
+"""``covidctnet ensemble-slice``."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.command("ensemble-slice")
+@click.argument("model_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="The ensemble's model directory (for predict-slice --model and export-onnx).")
+@click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Dataset whose val split scores the ensemble (UCSD or <split>/<class>/ layout).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+def ensemble_slice_cmd(model_dirs, out_dir, data, device):
+    """Average the COVID probabilities of several slice models (e.g. train-slice runs with different --seed).
+
+    MODEL_DIRS are train-slice model directories (RUN/model) of one architecture and preprocessing.
+    """
+    from covidctnet.slice_ensemble import ensemble_slice_models
+
+    result = ensemble_slice_models(model_dirs, out_dir, data=data, device=device,
+                                   command=shlex.join(["covidctnet", *sys.argv[1:]]))
+    val = result["val"]
+    click.echo(f"ensemble-slice: {result['members']} members -> {result['model_dir']}"
+               + (f"; val accuracy {val['accuracy']:.3f}, F1 {val['f1']:.3f}, AUC {val['auc']:.3f} (n={int(val['n'])})"
+                  if val else ""), err=True)

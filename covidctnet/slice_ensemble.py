@@ -1,0 +1,149 @@
+"""``covidctnet ensemble-slice``: one slice model directory from several trained ones, averaging their probabilities.
+
+Slice models trained on a few hundred images vary a lot from seed to seed (on the UCSD validation split the AUC of
+one recipe moves by several points between seeds and between neighbouring epochs). Averaging the members' COVID
+probabilities lowers that variance, which is what matters on images none of them has seen. The result is an ordinary
+slice model directory (``components.model.members: N``, one safetensors file, :class:`~covidctnet.models.slice
+.SliceEnsemble`), so ``predict-slice``, ``--cam``, ``--backend onnx`` and ``export-onnx`` take it unchanged.
+
+The members must share architecture, width, input channels and preprocessing (e.g. the same ``train-slice`` recipe
+with different ``--seed``). With ``data``, the ensemble is scored on the validation split and the figures go into
+``config.yaml`` and the model card, with each member's own figures for comparison; the members were selected on that
+split, so these figures are optimistic.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from covidctnet.errors import ConfigError
+
+__all__ = ["ensemble_slice_models"]
+
+logger = logging.getLogger(__name__)
+
+_SAME = ("arch", "kwargs")
+
+
+def _member_row(name: str, metrics: dict[str, Any] | None) -> str:
+    if not metrics:
+        return f"| {name} | | | | |"
+    return (f"| {name} | {100 * metrics['accuracy']:.1f}% | {100 * metrics['f1']:.1f} | {100 * metrics['auc']:.1f} | "
+            f"{int(metrics.get('n', 0))} |")
+
+
+def ensemble_slice_models(
+    model_dirs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    data: str | os.PathLike | None = None,
+    device: str = "auto",
+    command: str | None = None,
+) -> dict[str, Any]:
+    """Combine slice model directories into one ensemble model directory.
+
+    Args:
+        model_dirs: two or more ``train-slice`` model directories (``RUN/model``) of the same architecture and
+            preprocessing; ensembles are not nested.
+        out_dir: the new model directory (written atomically; replaced if it exists).
+        data: a UCSD or folder-per-class dataset whose ``val`` split scores the ensemble (optional). With it,
+            ``val_preds.csv``, ``roc.png`` and ``confusion.png`` are written into ``out_dir`` as well.
+        device: where to score the validation split.
+        command: the command line, recorded in ``config.yaml`` and the card.
+
+    Returns:
+        ``{"model_dir": Path, "members": int, "val": metrics or None}``.
+
+    Raises:
+        ConfigError: fewer than two members, or members that differ in architecture or preprocessing.
+        ModelDirError: a member is not a slice model directory.
+    """
+    import tempfile
+
+    from covidctnet.model_dir import save_model_dir
+    from covidctnet.models.slice import SliceEnsemble
+    from covidctnet.slice_training import _predict_dataset, _write_val_outputs, load_slice_model
+    from covidctnet.utils import resolve_device
+
+    if len(model_dirs) < 2:
+        raise ConfigError(f"an ensemble needs at least 2 model directories, not {len(model_dirs)}")
+    loaded = [load_slice_model(d, "cpu") for d in model_dirs]
+    ref_dir, (_, ref) = model_dirs[0], loaded[0]
+    ref_comp = ref["components"]["model"]
+    for path, (_, cfg) in zip(model_dirs, loaded):
+        comp = cfg["components"]["model"]
+        if "members" in comp:
+            raise ConfigError(f"{path}: already an ensemble; list its own members instead")
+        diff = [k for k in _SAME if comp.get(k) != ref_comp.get(k)]
+        diff += ["preprocessing"] if cfg.get("preprocessing") != ref.get("preprocessing") else []
+        diff += ["threshold"] if cfg.get("threshold", 0.5) != ref.get("threshold", 0.5) else []
+        if diff:
+            raise ConfigError(f"{path}: differs from {ref_dir} in {', '.join(diff)}; ensemble members must share "
+                              "architecture, preprocessing and threshold")
+    ensemble = SliceEnsemble([m for m, _ in loaded]).eval()
+    threshold = float(ref.get("threshold", 0.5))
+    members = [{"path": str(d), "name": cfg.get("name"), "weights_sha256": cfg.get("weights_sha256"),
+                "training": cfg.get("training"), "validation": cfg.get("validation")}
+               for d, (_, cfg) in zip(model_dirs, loaded)]
+    config: dict[str, Any] = {
+        "name": f"{ref.get('name', 'covidctnet-slice')}-ensemble{len(loaded)}",
+        "task": "slice",
+        "classes": ref.get("classes"),
+        "positive_class": ref.get("positive_class", "covid"),
+        "threshold": threshold,
+        "components": {"model": {"arch": ref_comp["arch"], "kwargs": ref_comp.get("kwargs", {}),
+                                 "members": len(loaded)}},
+        "preprocessing": ref["preprocessing"],
+        "ensemble": {"combine": "mean of the members' softmax probabilities", "command": command or "",
+                     "members": members},
+    }
+    metrics = None
+    with tempfile.TemporaryDirectory() as tmp:
+        extra: dict[str, Path] = {}
+        if data is not None:
+            from covidctnet.data.ucsd import SliceDataset, find_records
+
+            pre = ref["preprocessing"]
+            val = SliceDataset(find_records(data, "val"), pre["size"], pre["lung_mask"], None)
+            dev = resolve_device(device)
+            probs = _predict_dataset(ensemble.to(dev), val, dev)
+            metrics = _write_val_outputs(Path(tmp), val, probs, threshold)
+            config["validation"] = {k: float(v) for k, v in metrics.items()}
+            extra = {name: Path(tmp) / name for name in ("val_preds.csv", "roc.png", "confusion.png")
+                     if (Path(tmp) / name).is_file()}
+            logger.info("ensemble of %d on %s val: accuracy %.3f, F1 %.3f, AUC %.3f (n=%d)", len(loaded), data,
+                        metrics["accuracy"], metrics["f1"], metrics["auc"], metrics["n"])
+        card = _card(config, members, metrics, data, command)
+        save_model_dir(out_dir, config, {"model": ensemble.cpu().state_dict()}, card, extra_files=extra)
+    return {"model_dir": Path(out_dir), "members": len(loaded), "val": metrics}
+
+
+def _card(config: dict[str, Any], members: list[dict[str, Any]], metrics: dict[str, float] | None,
+          data: str | os.PathLike | None, command: str | None) -> str:
+    comp = config["components"]["model"]
+    rows = "\n".join(_member_row(f"member {i} ({m['path']})", m.get("validation")) for i, m in enumerate(members))
+    ens = _member_row("**ensemble**", metrics) if metrics else "| ensemble | not scored (no --data) | | | |"
+    return f"""# {config['name']}
+
+COVID-19 vs non-COVID classifier for single chest CT slice images (class 1 = COVID-19): the mean of the COVID
+probabilities of {len(members)} `{comp['arch']}` models of one recipe. Research software, **not a medical device**.
+
+## Command
+```
+{command or '(library call)'}
+```
+
+## Validation figures ({data or 'no data given'}; the members' epochs were chosen on this split: optimistic)
+| model | accuracy | F1 (COVID) | AUC | n |
+|---|---|---|---|---|
+{rows}
+{ens}
+
+Threshold: COVID when `p_covid >= {config['threshold']}`. Each member's own card, training command and data are
+recorded under `ensemble.members` in `config.yaml`.
+"""
