@@ -5,15 +5,18 @@ Latency does not depend on the weights' values, so by default the benchmark buil
 initialised networks of the chosen size (official BCDU-Net width 32 at 240×240, CovidCTNet 3D CNN at 50×240×240);
 ``--model`` times a real model directory instead. Each scan runs in its own subprocess (peak RSS per scan).
 
-``--backends torch onnx`` (the default) times both backends: the model directory is exported once with
-``covidctnet.onnx_export.export_onnx`` (which checks the export against PyTorch) and every scan is predicted with
-each. A side-by-side denoiser timing (ms per slice, eager PyTorch vs onnxruntime, same process, same random batch)
-comes first.
+Variants (``--variants``, all by default): ``torch:fp32`` (eager PyTorch), ``torch:bf16`` (``--precision bf16``:
+bfloat16 autocast, channels-last) and ``onnx:fp32`` (``--backend onnx``; the model directory is exported once with
+``covidctnet.onnx_export.export_onnx``, which checks the export against PyTorch). Two model sizes by default: 240×240
+(the default preprocessing) and 128×128 (the official code's). For each size a side-by-side denoiser timing (ms per
+slice, same process, same random batch) comes first; then the real scans (first size only), a synthetic 300-slice
+scan (every size) and a synthetic 512×512×600 scan for peak memory (first size only).
 
 Usage::
 
-    python benchmarks/predict.py [--data ../shared/data] [--size 240] [--features 32] [--synthetic-slices 300]
-                                 [--backends torch onnx] [--write-docs docs/benchmarks.md]
+    python benchmarks/predict.py [--data ../shared/data] [--sizes 240 128] [--features 32] [--synthetic-slices 300]
+                                 [--memory-slices 600] [--variants torch:fp32 torch:bf16 onnx:fp32]
+                                 [--write-docs docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -72,33 +74,45 @@ def synthetic_scan(path: Path, slices: int) -> Path:
     return path
 
 
-def time_denoiser(model: Path, onnx_dir: Path | None, batch: int, repeats: int) -> dict[str, float]:
-    """Median ms per slice of the denoiser alone on one random (batch, 1, S, S) batch, per backend, interleaved."""
+def time_denoiser(model: Path, onnx_dir: Path | None, batch: int, repeats: int, bf16: bool) -> dict[str, float]:
+    """Median ms per slice of the denoiser alone on one random (batch, 1, S, S) batch, per variant, interleaved."""
+    import contextlib
+
     import torch
 
     from covidctnet.residuals import load_denoiser
 
     den = load_denoiser(model, "cpu")
     x = torch.rand((batch, 1, den.size_xy, den.size_xy), generator=torch.Generator().manual_seed(0))
-    runners = {"torch": den.model}
+    runners = {"torch:fp32": (den.model, x, contextlib.nullcontext)}
+    if bf16:  # what compute_residual does for precision bf16: channels-last weights and input, bfloat16 autocast
+        import copy
+
+        net = copy.deepcopy(den.model).to(memory_format=torch.channels_last)
+        runners["torch:bf16"] = (net, x.to(memory_format=torch.channels_last),
+                                 lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     if onnx_dir is not None:
         from covidctnet.onnx_export import load_onnx_component, load_onnx_manifest
 
-        runners["onnx"] = load_onnx_component(*load_onnx_manifest(onnx_dir), "denoiser")
+        runners["onnx:fp32"] = (load_onnx_component(*load_onnx_manifest(onnx_dir), "denoiser"), x,
+                                contextlib.nullcontext)
     times: dict[str, list[float]] = {k: [] for k in runners}
     with torch.inference_mode():
-        for name, run in runners.items():  # warm-up (allocations, onnxruntime graph optimisation)
-            run(x)
-        for _ in range(repeats):  # interleaved, so both see the same machine load
-            for name, run in runners.items():
-                t = time.perf_counter()
-                run(x)
-                times[name].append(time.perf_counter() - t)
+        for net, inp, ctx in runners.values():  # warm-up (allocations, oneDNN kernels, onnxruntime optimisation)
+            with ctx():
+                net(inp)
+        for _ in range(repeats):  # interleaved, so every variant sees the same machine load
+            for name, (net, inp, ctx) in runners.items():
+                with ctx():
+                    t = time.perf_counter()
+                    net(inp)
+                    times[name].append(time.perf_counter() - t)
     return {k: 1000 * float(np.median(v)) / batch for k, v in times.items()}
 
 
-def time_one(scan: str, model: str, out: str, batch_size: int, backend: str = "torch") -> dict:
+def time_one(scan: str, model: str, out: str, batch_size: int, variant: str) -> dict:
     """Predict one scan in a fresh subprocess; returns the report's seconds per step and the peak RSS."""
+    backend, precision = variant.split(":")
     code = (
         "import json, time, logging\n"
         # VmHWM is this process's own peak RSS: ru_maxrss would carry over the parent's peak across fork + exec
@@ -107,79 +121,131 @@ def time_one(scan: str, model: str, out: str, batch_size: int, backend: str = "t
         "    return int(line.split()[1]) / 1024\n"
         "from covidctnet.predict import PredictConfig, predict_studies\n"
         f"t = time.perf_counter(); s = predict_studies([{scan!r}], {model!r}, {out!r}, "
-        f"PredictConfig(batch_size={batch_size}, device='cpu', backend={backend!r}))\n"
+        f"PredictConfig(batch_size={batch_size}, device='cpu', backend={backend!r}, precision={precision!r}))\n"
         "total = time.perf_counter() - t\n"
         f"row = json.load(open({out!r} + '/report.json'))['studies'][0]\n"
         "print(json.dumps({'seconds': row['seconds'], 'status': row['status'], 'total_incl_model_load': total, "
-        "'peak_rss_mb': peak_mb()}))\n"
+        "'peak_rss_mb': peak_mb(), 'p': [row['p_control'], row['p_covid'], row['p_cap']]}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{scan} {variant}: {proc.stderr.strip().splitlines()[-1:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+VARIANTS = ("torch:fp32", "torch:bf16", "onnx:fp32")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--model", type=Path, default=None, help="a real model directory (default: random weights)")
-    parser.add_argument("--size", type=int, default=240)
-    parser.add_argument("--features", type=int, default=32)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[240, 128],
+                        help="in-plane sizes of the random models (240: default preprocessing, 128: official)")
+    parser.add_argument("--features", type=int, default=32, help="BCDU-Net base width (official 32)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--synthetic-slices", type=int, nargs="*", default=[300])
-    parser.add_argument("--backends", nargs="+", choices=("torch", "onnx"), default=["torch", "onnx"])
+    parser.add_argument("--memory-slices", type=int, default=600,
+                        help="a 512x512xN scan predicted at the first size for peak RSS (0: skip)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     parser.add_argument("--scans", nargs="*", default=["covid-P001", "cap-cap001", "control-normal001"],
-                        help="real DICOM series under DATA/ct-dicom")
+                        help="real DICOM series under DATA/ct-dicom, predicted at the first size")
     parser.add_argument("--denoiser-repeats", type=int, default=5, help="timed batches of the denoiser timing")
     parser.add_argument("--write-docs", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     load = os.getloadavg()
+    sizes = [None] if args.model else args.sizes
 
+    den_ms: dict[str, dict[str, float]] = {}
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp_path = Path(tmp)
-        model = args.model or build_model(tmp_path / "model", args.size, args.features)
-        models = {"torch": model}
-        if "onnx" in args.backends:
-            from covidctnet.onnx_export import export_onnx
+        synthetic = {n: synthetic_scan(tmp_path / f"synthetic_{n}.nii.gz", n) for n in args.synthetic_slices}
+        for k, size in enumerate(sizes):
+            model = args.model or build_model(tmp_path / f"model{size}", size, args.features)
+            label = str(args.model) if args.model else f"{size}×{size}, width {args.features}"
+            models = {"torch": model}
+            if any(v.startswith("onnx") for v in args.variants):
+                from covidctnet.onnx_export import export_onnx
 
-            t = time.perf_counter()
-            models["onnx"] = export_onnx(model, tmp_path / "onnx").out_dir
-            print(f"export-onnx: {time.perf_counter() - t:.1f} s", flush=True)
-        den_ms = time_denoiser(model, models.get("onnx"), args.batch_size, args.denoiser_repeats)
-        print("denoiser ms/slice", json.dumps(den_ms), flush=True)
-        scans = [args.data / "ct-dicom" / n for n in args.scans]
-        scans += [synthetic_scan(tmp_path / f"synthetic_{n}.nii.gz", n) for n in args.synthetic_slices]
-        rows = []
-        for i, scan in enumerate(scans):
-            for backend in args.backends:
-                res = time_one(str(scan), str(models[backend]), str(tmp_path / f"out{i}{backend}"), args.batch_size,
-                               backend)
-                rows.append((scan.name, backend, res))
-                print(scan.name, backend, json.dumps(res), flush=True)
+                t = time.perf_counter()
+                models["onnx"] = export_onnx(model, tmp_path / f"onnx{size}").out_dir
+                print(f"{label}: export-onnx {time.perf_counter() - t:.1f} s", flush=True)
+            den_ms[label] = time_denoiser(model, models.get("onnx"), args.batch_size, args.denoiser_repeats,
+                                          "torch:bf16" in args.variants)
+            print(label, "denoiser ms/slice", json.dumps(den_ms[label]), flush=True)
+            scans = [args.data / "ct-dicom" / n for n in args.scans] if k == 0 else []
+            scans += list(synthetic.values())
+            if k == 0 and args.memory_slices:
+                scans.append(synthetic_scan(tmp_path / f"synthetic_{args.memory_slices}.nii.gz", args.memory_slices))
+            for i, scan in enumerate(scans):
+                for variant in args.variants:
+                    res = time_one(str(scan), str(models[variant.split(":")[0]]),
+                                   str(tmp_path / f"out{size}_{i}_{variant.replace(':', '_')}"), args.batch_size,
+                                   variant)
+                    rows.append((label, scan.name, variant, res))
+                    print(label, scan.name, variant, json.dumps(res), flush=True)
+                if args.memory_slices and scan.name == f"synthetic_{args.memory_slices}.nii.gz":
+                    scan.unlink()
+
+    from _docs import cpu_model
 
     lines = [
         SECTION,
         "",
-        f"`python benchmarks/predict.py --size {args.size} --features {args.features} --backends "
-        f"{' '.join(args.backends)}` on {time.strftime('%Y-%m-%d')}, "
-        f"{platform.machine()}, {os.cpu_count()} CPUs, device cpu, batch {args.batch_size} slices. Model: "
-        + (f"`{args.model}`" if args.model else f"random weights, BCDU-Net width {args.features} at "
-           f"{args.size}×{args.size}, CovidCTNet 3D CNN at 50×{args.size}×{args.size}")
-        + ". Seconds per step from `report.json`; total includes loading the model in a fresh process. "
-        f"Load average when the run started: {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} on {os.cpu_count()} cores "
-        "(shared machine: above the core count, other jobs took CPU and the figures are upper bounds).",
+        f"`python benchmarks/predict.py` ({' '.join(sys.argv[1:]) or 'defaults'}) on "
+        f"{time.strftime('%Y-%m-%d %H:%M')}, "
+        f"{cpu_model()}, {os.cpu_count()} CPUs, device cpu, batch {args.batch_size} slices, torch "
+        f"{__import__('torch').__version__}. Model: "
+        + (f"`{args.model}`" if args.model else f"random weights (latency does not depend on their values), BCDU-Net "
+           f"width {args.features} at each size, CovidCTNet 3D CNN at 50×size×size")
+        + ". Each scan and variant runs in a fresh process: seconds per step from `report.json`, total including "
+        "loading the model, peak RSS of that process (VmHWM). Load average when the run started: "
+        f"{load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} on {os.cpu_count()} cores (above the core count, other jobs "
+        "took CPU and the figures are upper bounds). Synthetic scans: 512×512, 0.7 mm pixels, 1 mm slices, so N "
+        "slices stay N slices after resampling and the denoiser runs N times.",
         "",
-        f"Denoiser alone, {args.size}×{args.size}, width {args.features}, batch {args.batch_size}, median of "
-        f"{args.denoiser_repeats} interleaved batches: "
-        + ", ".join(f"{k} {v:.1f} ms/slice" for k, v in den_ms.items())
-        + (f" (onnxruntime {den_ms['torch'] / den_ms['onnx']:.2f}× eager PyTorch)." if "onnx" in den_ms else "."),
+        "Denoiser alone, median ms per slice over interleaved batches (same random batch):",
         "",
-        "| scan | backend | read + checks s | preprocess s | denoise s | classify s | total s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | " + " | ".join(VARIANTS) + " | onnx:fp32 vs torch:fp32 | torch:bf16 vs torch:fp32 |",
+        "|---|" + "---:|" * (len(VARIANTS) + 2),
     ]
-    for name, backend, r in rows:
+    for label, ms in den_ms.items():
+        cells = [f"{ms[v]:.1f}" if v in ms else "" for v in VARIANTS]
+        ratios = [f"{ms['torch:fp32'] / ms[v]:.2f}×" if v in ms else "" for v in ("onnx:fp32", "torch:bf16")]
+        lines.append(f"| {label} | " + " | ".join(cells + ratios) + " |")
+    lines += [
+        "",
+        "| model | scan | variant | read + checks s | preprocess s | denoise s | classify s | total s | peak RSS MB | "
+        "p (control, covid, cap) |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for label, name, variant, r in rows:
         s = r["seconds"]
-        lines.append(f"| {name} | {backend} | {s['read']:.2f} | {s['preprocess']:.2f} | {s['denoise']:.2f} "
-                     f"| {s['classify']:.2f} | {r['total_incl_model_load']:.1f} | {r['peak_rss_mb']:.0f} |")
+        lines.append(f"| {label} | {name} | {variant} | {s['read']:.2f} | {s['preprocess']:.2f} | "
+                     f"{s['denoise']:.2f} | {s['classify']:.2f} | {r['total_incl_model_load']:.1f} | "
+                     f"{r['peak_rss_mb']:.0f} | {', '.join(f'{p:.4f}' for p in r['p'])} |")
+    lines += ["", "Targets (issue #8):", ""]
+    for n in args.synthetic_slices:
+        best = [(r["total_incl_model_load"], label, variant) for label, name, variant, r in rows
+                if name == f"synthetic_{n}.nii.gz"]
+        for label in dict.fromkeys(b[1] for b in best):
+            mine = sorted(b for b in best if b[1] == label)
+            target = f" (target for 300 slices ≤ 15 s: {'met' if mine[0][0] <= 15 else 'not met'})" if n == 300 else ""
+            lines.append(f"- {n}-slice scan, {label}: fastest {mine[0][2]} {mine[0][0]:.1f} s including model load"
+                         f"{target}; " + ", ".join(f"{v} {t:.1f} s" for t, _, v in mine[1:]))
+    for label, ms in den_ms.items():
+        if "onnx:fp32" in ms:
+            ratio = ms["torch:fp32"] / ms["onnx:fp32"]
+            lines.append(f"- onnxruntime vs eager PyTorch, denoiser {label}, fp32: {ratio:.2f}× (target ≥ 2×: "
+                         f"{'met' if ratio >= 2 else 'not met'})")
+    if args.memory_slices:
+        mem = [(r["peak_rss_mb"], v) for _, name, v, r in rows if name == f"synthetic_{args.memory_slices}.nii.gz"]
+        if mem:
+            lines.append(f"- peak RSS of predict on 512×512×{args.memory_slices}: "
+                         + ", ".join(f"{v} {m / 1024:.2f} GB" for m, v in mem)
+                         + f" (target ≤ 3 GB: {'met' if max(m for m, _ in mem) <= 3072 else 'not met'})")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write_docs:

@@ -35,9 +35,11 @@ STEPS: dict[str, tuple[str, list[str], list[str]]] = {
     "preprocess": ("preprocess.py", [], ["--repeats", "1", "--cases", "covid-P001", "--memory-case", ""]),
     "perlin": ("perlin.py", [], ["--repeats", "3", "--batch", "4", "--batch-repeats", "3", "--train-repeats", "2"]),
     "bcdunet": ("bcdunet.py", [], ["--widths", "16", "--steps", "2"]),
-    # both backends (torch, onnx) by default: denoiser ms/slice side by side, then predict latency and peak RSS
-    "predict": ("predict.py", [], ["--scans", "covid-P001", "--synthetic-slices", "--features", "16",
-                                   "--denoiser-repeats", "2"]),
+    # torch fp32 / torch bf16 / onnx side by side: denoiser ms per slice, predict latency, peak RSS
+    "predict": ("predict.py", [], ["--scans", "covid-P001", "--synthetic-slices", "--memory-slices", "0", "--sizes",
+                                   "64", "--features", "8", "--denoiser-repeats", "2"]),
+    "scaling": ("scaling.py", [], ["--studies", "2", "--slices", "40", "--size", "64", "--features", "4",
+                                   "--workers", "0", "2"]),
     "slice_training": ("slice_training.py", [], ["--steps", "1"]),
 }
 

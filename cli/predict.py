@@ -69,8 +69,8 @@ def _print_report(summary, out_dir: Path) -> None:
               help="Worker processes, each with its own copy of the model; 0 predicts in this process.")
 @click.option("--scheduler", default=None,
               help="Dask scheduler address (tcp://host:8786): run the studies on that cluster instead of --workers.")
-def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, save_residuals, backend, precision, workers,
-                scheduler):
+def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, save_residuals, backend, precision,
+                workers, scheduler):
     """Diagnose CT studies (DICOM folders, NIfTI/NRRD files, dataset roots): control / COVID-19 / CAP.
 
     Runs preprocess -> BCDU-Net denoising -> residual -> 3D CNN and writes OUT/report.csv and report.json.
