@@ -24,13 +24,16 @@ import click
 def predict_slice_cmd(inputs, model_dir, out_csv, cam_dir, threshold, batch_size, device, backend):
     """Score CT slice images (files or folders of PNG/JPG) for COVID-19.
 
-    A bad image gets an error row (status=error) and the others go on; the exit code is then 1 (2 if all failed).
+    A bad image gets an error row (status=error) and the others go on; the exit code is then 1 (2 if all failed,
+    and then no CSV is written).
     """
     from covidctnet.slice_training import predict_slices
 
     summary = predict_slices(inputs, out_csv, model_dir=model_dir, cam_dir=cam_dir, device=device,
-                             batch_size=batch_size, threshold=threshold, backend=backend)
-    click.echo(f"predict-slice: {summary.n_ok} scored, {summary.n_failed} failed; {summary.out_csv}"
+                             batch_size=batch_size, threshold=threshold, backend=backend,
+                             on_error=lambda message: click.echo(f"Error: {message}", err=True))
+    click.echo(f"predict-slice: {summary.n_ok} scored, {summary.n_failed} failed"
+               + (f"; {summary.out_csv}" if summary.n_ok else "; nothing written")
                + (f"; {len(summary.cams)} Grad-CAM PNGs in {cam_dir}" if cam_dir else ""), err=True)
     if summary.n_failed:
         sys.exit(2 if summary.n_ok == 0 else 1)

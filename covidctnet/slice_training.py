@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -733,8 +733,11 @@ def predict_slices(
     batch_size: int = 16,
     threshold: float | None = None,
     backend: str = "torch",
+    on_error: Callable[[str], None] | None = None,
 ) -> PredictSummary:
     """Score slice images into ``preds.csv``; a bad image is an error row and the others go on.
+
+    As for the batch commands, nothing is written when every image failed.
 
     Args:
         inputs: image files and/or folders (searched recursively for images).
@@ -746,6 +749,8 @@ def predict_slices(
         batch_size: images per forward pass.
         threshold: override of the model's decision threshold on ``p_covid``.
         backend: ``torch``, or ``onnx`` (onnxruntime on the CPU; ``model_dir`` is an ``export-onnx`` output).
+        on_error: called with each bad image's one-line message as it happens (the CLI prints ``Error: ...``);
+            ``None`` logs it.
 
     Raises:
         InputError: no input images at all.
@@ -798,7 +803,7 @@ def predict_slices(
         for f, arr, err in zip(chunk, arrays, errors):
             if arr is None:
                 n_failed += 1
-                logger.error("%s", err)
+                (on_error or logger.error)(err)
                 rows.append([str(f), "", "", "error", err])
                 continue
             p = float(next(probs))
@@ -806,6 +811,8 @@ def predict_slices(
             if gradcam is not None:
                 assert cam_dir is not None
                 cams.append(_cam_for(gradcam, model, config, arr, p, f, Path(cam_dir), used_names))
+    if n_failed == len(rows):
+        return PredictSummary(Path(out_csv), 0, n_failed, cams)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(["file", "p_covid", "predicted", "status", "error"])

@@ -68,6 +68,7 @@ def test_predict_slice_format_with_bundled_model(val_images, tmp_path):
         assert 0.0 <= p <= 1.0 and r["status"] == "ok" and r["error"] == ""
         assert r["predicted"] == ("covid" if p >= 0.5 else "noncovid")
     assert rows[4]["status"] == "error" and "broken.png" in rows[4]["error"] and rows[4]["p_covid"] == ""
+    assert sum(line.startswith("Error:") and "broken.png" in line for line in result.output.splitlines()) == 1
 
 
 def test_predict_slice_reproduces_recorded_validation(ucsd_root, tmp_path):
@@ -105,8 +106,10 @@ def test_predict_slice_errors(tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_text("nope")
     result = CliRunner().invoke(cli, ["predict-slice", str(bad), "-o", str(tmp_path / "p.csv")])
-    assert result.exit_code == 2  # every image failed
-    assert _rows(tmp_path / "p.csv")[0]["status"] == "error"
+    assert result.exit_code == 2  # every image failed: one Error line naming it, and no CSV
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "bad.jpg" in errors[0] and "Traceback" not in result.output
+    assert not (tmp_path / "p.csv").exists()
     result = CliRunner().invoke(cli, ["predict-slice", str(bad), "-o", str(tmp_path / "q.csv"), "--model",
                                       str(tmp_path)])
     assert result.exit_code == 2 and "Error:" in result.output and "config.yaml missing" in result.output
