@@ -30,7 +30,6 @@ from robust_cases import (
     SCAN_CASES,
     SIZE,
     Sources,
-    Workspace,
     assert_one_line_error,
     denoiser_run,
     error_lines,
@@ -40,21 +39,10 @@ from robust_cases import (
     snapshot,
     tiny_predict_model,
     two_series_folder,
-    workspace_at,
     write_csv,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def sources(dicom_dirs, nifti_ct, ucsd_root) -> Sources:
-    return Sources(dicom_dirs, nifti_ct, ucsd_root)
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory, sources) -> Workspace:
-    return workspace_at(tmp_path_factory, sources)
 
 
 # --------------------------------------------------------------------------------------------------------------------

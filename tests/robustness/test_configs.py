@@ -18,22 +18,11 @@ from robust_cases import (
     Workspace,
     assert_one_line_error,
     invoke,
-    workspace_at,
     write_csv,
 )
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def sources(dicom_dirs, nifti_ct, ucsd_root) -> Sources:
-    return Sources(dicom_dirs, nifti_ct, ucsd_root)
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory, sources) -> Workspace:
-    return workspace_at(tmp_path_factory, sources)
 
 
 def _reader_files(ws: Workspace, tmp: Path) -> tuple[Path, Path]:

@@ -23,10 +23,7 @@ import yaml
 from covidctnet.training import load_checkpoint
 from robust_cases import (
     CONTROL,
-    Sources,
-    Workspace,
     invoke_ok,
-    workspace_at,
 )
 
 EPOCHS = 3
@@ -36,11 +33,6 @@ TINY = {"features": 4, "batch_size": 4, "steps_per_epoch": 3, "val_batch_size": 
         "seed": 7, "epochs": EPOCHS}
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory, dicom_dirs, nifti_ct, ucsd_root) -> Workspace:
-    return workspace_at(tmp_path_factory, Sources(dicom_dirs, nifti_ct, ucsd_root))
 
 
 def _metrics(run: Path) -> list[dict[str, str]]:

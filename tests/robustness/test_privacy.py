@@ -18,11 +18,8 @@ from dicom_utils import copy_series
 
 from robust_cases import (
     SIZE,
-    Sources,
-    Workspace,
     error_lines,
     invoke,
-    workspace_at,
 )
 
 # tag -> a value found nowhere else (dates keep the DICOM DA form, so pydicom writes them as real dates)
@@ -68,11 +65,6 @@ def marked(tmp_path_factory, dicom_dirs) -> dict[str, Path]:
         "case03": copy_series(dicom_dirs["cap"], root / "case03", edit=_plant_mr),
         "case04": copy_series(dicom_dirs["cap"], root / "case04", edit=_plant, keep=lambda i: i != 20),
     }
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory, dicom_dirs, nifti_ct, ucsd_root) -> Workspace:
-    return workspace_at(tmp_path_factory, Sources(dicom_dirs, nifti_ct, ucsd_root))
 
 
 def _texts(path: Path) -> list[bytes]:

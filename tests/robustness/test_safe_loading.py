@@ -18,7 +18,6 @@ import torch
 import yaml
 
 from robust_cases import (
-    Sources,
     Workspace,
     assert_one_line_error,
     denoiser_run,
@@ -26,7 +25,6 @@ from robust_cases import (
     invoke_ok,
     session_dir,
     snapshot,
-    workspace_at,
     write_csv,
 )
 
@@ -60,11 +58,6 @@ def _assert_payload_is_live(path: Path, marker: Path) -> None:
     shutil.copyfile(path, copy)
     torch.load(copy, weights_only=False)
     assert marker.exists()
-
-
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory, dicom_dirs, nifti_ct, ucsd_root) -> Workspace:
-    return workspace_at(tmp_path_factory, Sources(dicom_dirs, nifti_ct, ucsd_root))
 
 
 def _classifier_run(factory: pytest.TempPathFactory, ws: Workspace) -> Path:
