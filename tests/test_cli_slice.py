@@ -35,10 +35,10 @@ def val_images(ucsd_root) -> list[Path]:
 def test_help_lists_commands_and_stays_light():
     result = CliRunner().invoke(cli, ["--help"])
     assert result.exit_code == 0
-    for name in ("train-slice", "pretrain-slice", "predict-slice"):
+    for name in ("train-slice", "pretrain-slice", "predict-slice", "ensemble-slice"):
         assert name in result.output
-    code = ("import sys, covidctnet.cli.train_slice, covidctnet.cli.pretrain_slice, covidctnet.cli.predict_slice; "
-            "print('torch' in sys.modules)")
+    code = ("import sys, covidctnet.cli.train_slice, covidctnet.cli.pretrain_slice, covidctnet.cli.predict_slice, "
+            "covidctnet.cli.ensemble_slice; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
