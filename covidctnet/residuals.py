@@ -276,7 +276,7 @@ def _check_volume(volume: np.ndarray, expected: int | None, source: str) -> None
                          "run `covidctnet preprocess` first")
 
 
-def check_precision(precision: str, device: Any) -> None:
+def _check_precision(precision: str, device: Any) -> None:
     """Refuse an unknown precision; warn when bf16 would be emulated (slower than fp32) on ``device``.
 
     Raises:
@@ -349,7 +349,7 @@ def compute_residual(
         dev = device if isinstance(device, torch.device) else resolve_device(device)
     if batch_size < 1 or depth < 1 or size < 1:
         raise ConfigError(f"batch_size, depth and size must be >= 1, not {batch_size}, {depth}, {size}")
-    check_precision(precision, dev)
+    _check_precision(precision, dev)
     volume = np.asarray(volume_array, dtype=np.float32)
     _check_volume(volume, expected, source)
     was_training = net.training
