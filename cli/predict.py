@@ -17,8 +17,8 @@ def _print_report(summary, out_dir: Path) -> None:
             click.echo(f"{row['study_id']}: {row['predicted']}  ({probs})")
             if row.get("overlay"):
                 click.echo(f"  overlay:  {out_dir / row['overlay']}")
-                click.echo(f"  residual: {out_dir / row['output']}")
-    if summary.n_ok:
+                click.echo(f"  residual: {out_dir / row['residual']}")
+    if summary.n_ok + summary.n_skipped:
         click.echo(f"report: {out_dir / 'report.csv'}  {out_dir / 'report.json'}")
 
 
@@ -67,10 +67,12 @@ def _print_report(summary, out_dir: Path) -> None:
 )
 @click.option("--workers", type=int, default=0, show_default=True,
               help="Worker processes, each with its own copy of the model; 0 predicts in this process.")
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Skip studies already predicted into OUT by the same model (OUT/manifest.csv).")
 @click.option("--scheduler", default=None,
               help="Dask scheduler address (tcp://host:8786): run the studies on that cluster instead of --workers.")
 def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, save_residuals, backend, precision,
-                workers, scheduler):
+                workers, resume, scheduler):
     """Diagnose CT studies (DICOM folders, NIfTI/NRRD files, dataset roots): control / COVID-19 / CAP.
 
     Runs preprocess -> BCDU-Net denoising -> residual -> 3D CNN and writes OUT/report.csv and report.json.
@@ -85,8 +87,8 @@ def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, sav
         {"batch_size": batch_size, "device": device, "save_residuals": save_residuals, "backend": backend,
          "precision": precision},
     )
-    summary = predict_studies(inputs, model_dir, out_dir, cfg, on_result=echo_error_row, workers=workers,
-                              scheduler=scheduler)
+    summary = predict_studies(inputs, model_dir, out_dir, cfg, on_result=echo_error_row, resume=resume,
+                              workers=workers, scheduler=scheduler)
     _print_report(summary, out_dir)
     sys.exit(batch_exit(summary))
 

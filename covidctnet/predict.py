@@ -7,7 +7,9 @@ on 128×128 official-profile volumes is never fed 240×240 default-profile ones.
 
 Outputs (``OUT/``): ``report.csv`` (``study_id, p_control, p_covid, p_cap, predicted, status, error, model,
 weights_sha256``), ``report.json`` (the same plus the input checks passed and the seconds per step), and with
-``save_residuals`` ``<study_id>_residual.nii.gz`` and ``<study_id>_overlay.png`` per study.
+``save_residuals`` ``<study_id>_residual.nii.gz`` and ``<study_id>_overlay.png`` per study. As the other batch stages,
+``predict`` keeps ``manifest.csv`` and one ``predictions/<study_id>.json`` per study as it goes, so a rerun (or a run
+killed half-way) skips the studies already predicted by the same model (``predict.yaml`` records which).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+PREDICTIONS_DIR = "predictions"
+RUN_INFO = "predict.yaml"
 REPORT_COLUMNS = (
     "study_id",
     "p_control",
@@ -222,9 +226,15 @@ def _cached_pipeline(model_dir: str, device: str, backend: str) -> Pipeline:
     return _load_cached(model_dir, device, backend, dir_stamp(model_dir))
 
 
+def _json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A report row for JSON: probabilities as numbers (empty for failed studies)."""
+    return {**row, **{f"p_{c}": float(row[f"p_{c}"]) for c in CLASS_NAMES if row.get(f"p_{c}") not in ("", None)}}
+
+
 def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConfig) -> dict[str, Any]:
     from covidctnet.checks import check_volume
     from covidctnet.io import read_volume, write_nifti
+    from covidctnet.utils import atomic_write_text
 
     pipeline = _cached_pipeline(model_dir, cfg.device, cfg.backend)
     t = time.perf_counter()
@@ -240,9 +250,8 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
         "weights_sha256": pipeline.weights_sha256,
         "checks": " ".join(passed),
         "seconds": {"read": round(read_s, 3), **{k: round(v, 3) for k, v in result["seconds"].items()}},
-        "output": "",
     }
-    if cfg.save_residuals:
+    if cfg.save_residuals:  # written before the study's JSON, whose presence marks the study done
         from scipy import ndimage
 
         from covidctnet.plots import plot_residual_overlay
@@ -255,8 +264,11 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
             f"{c}={p:.2f}" for c, p in zip(CLASS_NAMES, probs)
         )
         plot_residual_overlay(out_dir / f"{study.study_id}_overlay.png", ct_small, residual, title=title)
-        row["output"] = f"{study.study_id}_residual.nii.gz"
+        row["residual"] = f"{study.study_id}_residual.nii.gz"
         row["overlay"] = f"{study.study_id}_overlay.png"
+    row["output"] = f"{PREDICTIONS_DIR}/{study.study_id}.json"
+    (out_dir / PREDICTIONS_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / row["output"], json.dumps(_json_row({"study_id": study.study_id, **row}), indent=2))
     logger.info(
         "%s: %s (%s)",
         study.study_id,
@@ -273,21 +285,31 @@ def predict_studies(
     cfg: PredictConfig = PredictConfig(),
     on_result: Callable[[dict[str, Any]], None] | None = None,
     *,
+    resume: bool = True,
     workers: int = 0,
     scheduler: str | None = None,
 ) -> BatchSummary:
     """``covidctnet predict``: predict every study found in ``inputs`` and write the report.
 
-    A bad study gets ``status=error`` with its one-line message and the others are still predicted. The report is
-    written atomically once every study has been seen; nothing is written if every study failed.
+    A bad study gets ``status=error`` with its one-line message and the others are still predicted. Each study's
+    result is kept as it finishes (``manifest.csv``, ``predictions/<study_id>.json``); ``report.csv`` and
+    ``report.json`` are written atomically once every study has been seen. Nothing is written if every study failed.
 
     Args:
+        resume: skip studies whose prediction in ``out_dir`` is intact and was made by the same model and precision
+            (another model or precision in the same folder is refused).
         workers: 0 predicts in this process; N > 0 in N spawned processes, each loading the model once and using
             ``cpu_count // N`` threads.
         scheduler: Dask scheduler address; the studies then run on its workers, which must see ``model_dir``, the
             inputs and ``out_dir`` (overrides ``workers``).
+
+    Raises:
+        ConfigError: with ``resume``, ``out_dir`` holds predictions of another model or precision.
     """
+    import yaml
+
     from covidctnet.batch import discover_studies, run_batch
+    from covidctnet.errors import ConfigError
     from covidctnet.utils import atomic_write_text
 
     model_dir = str(Path(model_dir).resolve())
@@ -295,17 +317,28 @@ def predict_studies(
     pipeline = _cached_pipeline(model_dir, cfg.device, cfg.backend)
     studies = discover_studies(inputs)
     out_dir = Path(out_dir)
+    info = {"model": pipeline.name, "model_dir": model_dir, "weights_sha256": pipeline.weights_sha256,
+            "precision": cfg.precision, "backend": cfg.backend}
+    if resume and (out_dir / RUN_INFO).is_file():
+        old = yaml.safe_load((out_dir / RUN_INFO).read_text()) or {}
+        changed = [k for k in ("weights_sha256", "precision") if old.get(k) != info[k]]
+        if changed:  # the backend may change: onnxruntime and PyTorch agree to 1e-4
+            raise ConfigError(f"{out_dir / RUN_INFO}: {out_dir} holds predictions of another "
+                              f"{' / '.join(changed)}; use a new output folder or --no-resume")
     fn = functools.partial(_predict_study, model_dir=model_dir, cfg=cfg)
-    summary = run_batch(studies, out_dir, fn, resume=False, workers=workers, scheduler=scheduler, desc="predict",
-                        on_result=on_result, manifest_name=None)
+    columns = [c for c in REPORT_COLUMNS if c not in ("study_id", "status", "error")]
+    summary = run_batch(studies, out_dir, fn, columns, resume=resume, workers=workers, scheduler=scheduler,
+                        desc="predict", on_result=on_result)
+    if summary.n_ok + summary.n_skipped == 0:
+        return summary
     rows = []
     for r in summary.rows:
-        full = {c: r.get(c, "") for c in REPORT_COLUMNS}
-        if r.get("status") == "error":
-            full.update(model=pipeline.name, weights_sha256=pipeline.weights_sha256)
-        rows.append(full | {k: r[k] for k in ("checks", "seconds", "output", "overlay", "label", "source") if k in r})
-    if summary.n_ok == 0:
-        return summary
+        if r.get("status") == "ok":  # the study's JSON holds the full row, also for studies done by an earlier run
+            r = {**json.loads((out_dir / r["output"]).read_text()), "status": "ok", "error": "",
+                 "source": r.get("source", ""), "label": r.get("label", "")}
+        else:
+            r = {**r, "model": pipeline.name, "weights_sha256": pipeline.weights_sha256}
+        rows.append(r)
     import csv
     import io
 
@@ -313,22 +346,17 @@ def predict_studies(
     writer = csv.DictWriter(buf, fieldnames=list(REPORT_COLUMNS), extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "report.csv", buf.getvalue())
     report = {
-        "model": pipeline.name,
-        "weights_sha256": pipeline.weights_sha256,
+        **{k: info[k] for k in ("model", "weights_sha256")},
         "class_names": list(CLASS_NAMES),
         "preprocess_profile": pipeline.preprocess.profile,
-        "backend": cfg.backend,
-        "precision": cfg.precision,
-        "studies": [
-            {**r, **{f"p_{c}": float(r[f"p_{c}"]) for c in CLASS_NAMES if r.get(f"p_{c}") not in ("", None)}}
-            for r in rows
-        ],
+        **{k: info[k] for k in ("backend", "precision")},
+        "studies": [_json_row({c: r.get(c, "") for c in REPORT_COLUMNS} | {
+            k: r[k] for k in ("checks", "seconds", "residual", "overlay", "label", "source") if k in r}) for r in rows],
     }
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
-    summary.manifest = out_dir / "report.csv"
+    atomic_write_text(out_dir / RUN_INFO, yaml.safe_dump(info, sort_keys=False))
     return summary
 
 

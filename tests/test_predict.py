@@ -81,6 +81,34 @@ def test_bf16_denoiser_gives_nearly_the_fp32_probabilities(dicom_dirs, tmp_path)
     assert result.exit_code == 2 and "onnx backend runs in fp32" in result.output
 
 
+def test_predict_resumes_and_refuses_another_model(tiny_model, dicom_dirs, tmp_path):
+    out = tmp_path / "out"
+    base = ["predict", "--model", str(tiny_model), "-o", str(out), "--device", "cpu"]
+    result = CliRunner().invoke(cli, [*base, str(dicom_dirs["covid"]), str(dicom_dirs["control"])])
+    assert result.exit_code == 0, result.output
+    first = json.loads((out / "report.json").read_text())["studies"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "predictions").iterdir()}
+    assert sorted(stamps) == ["control-normal001.json", "covid-P001.json"]
+    # a rerun with one more study predicts only that one; the report lists all three, the first two unchanged
+    (out / "predictions" / "control-normal001.json").unlink()  # as if the run had died before this study ended
+    result = CliRunner().invoke(cli, [*base, str(dicom_dirs["covid"]), str(dicom_dirs["control"]),
+                                      str(dicom_dirs["cap"])])
+    assert result.exit_code == 0, result.output
+    assert (out / "predictions" / "covid-P001.json").stat().st_mtime_ns == stamps["covid-P001.json"]
+    again = {r["study_id"]: r for r in json.loads((out / "report.json").read_text())["studies"]}
+    assert sorted(again) == ["cap-cap001", "control-normal001", "covid-P001"]
+    for row in first:  # the skipped study keeps its recorded timings too; the recomputed one gets new ones
+        keys = ("p_control", "p_covid", "p_cap", "checks") + (("seconds",) if row["study_id"] == "covid-P001" else ())
+        assert {k: again[row["study_id"]][k] for k in keys} == {k: row[k] for k in keys}
+    assert len((out / "report.csv").read_text().splitlines()) == 4
+    # another model into the same folder is refused, before any study, unless --no-resume
+    other = tiny_predict_model(tmp_path / "other", seed=1)
+    args = ["predict", str(dicom_dirs["cap"]), "--model", str(other), "-o", str(out), "--device", "cpu"]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "weights_sha256" in result.output and "--no-resume" in result.output
+    assert CliRunner().invoke(cli, [*args, "--no-resume"]).exit_code == 0
+
+
 def test_tampered_weights_are_refused(tiny_model, dicom_dirs, tmp_path):
     bad = tmp_path / "model"
     shutil.copytree(tiny_model, bad)
