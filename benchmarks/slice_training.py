@@ -85,8 +85,8 @@ def render(results: list[dict], args: argparse.Namespace, load_start: tuple, loa
     lines = [
         SECTION,
         "",
-        f"`nice -n 15 .venv/bin/python benchmarks/slice_training.py --batch {args.batch} --warmup {args.warmup} "
-        f"--steps {args.steps} --threads {args.threads}`: a training step = {args.batch} real UCSD training images through the `train-slice` "
+        f"`python benchmarks/slice_training.py --batch {args.batch} --warmup {args.warmup} --steps {args.steps} "
+        f"--threads {args.threads}`: a training step = {args.batch} real UCSD training images through the `train-slice` "
         "augmentation (random resized crop, flip, rotation, intensity jitter; images pre-cached as in training) + "
         "forward + cross-entropy + backward + Adam; prediction = a no-grad forward pass of the same batch. "
         "Medians over the timed steps after warm-up, CPU float32.",
