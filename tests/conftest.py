@@ -5,29 +5,12 @@ Outside CI a missing folder skips the tests that need it, with the reason; under
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from data_paths import require_data
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 DICOM_SERIES = {"covid": "covid-P001", "cap": "cap-cap001", "control": "control-normal001"}
-
-
-def _data_root() -> Path:
-    env = os.environ.get("COVIDCTNET_TEST_DATA")
-    return Path(env).resolve() if env else (REPO_ROOT / ".." / "shared" / "data").resolve()
-
-
-def require_data(*parts: str) -> Path:
-    """Path of a shared-data item; skips the test when absent (fails under CI=true)."""
-    path = _data_root().joinpath(*parts)
-    if not path.exists():
-        msg = f"test data not found: {path} (set COVIDCTNET_TEST_DATA to the shared data folder)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return path
 
 
 @pytest.fixture(scope="session")

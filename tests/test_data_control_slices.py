@@ -31,7 +31,7 @@ def preprocessed_control(tmp_path_factory: pytest.TempPathFactory, size: int = S
     Shared by the denoiser and residual tests through a folder in the session's base temp dir (a session fixture
     imported into several modules would run once per module).
     """
-    from conftest import require_data
+    from data_paths import require_data
 
     from covidctnet.preprocess import PreprocessConfig, preprocess_studies
 

@@ -1,0 +1,27 @@
+"""Where the tests find the shared real data: ``COVIDCTNET_TEST_DATA`` (default ``../shared/data`` from the repo
+root). A plain module (not ``conftest``), so that helpers outside fixtures can import it unambiguously."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _data_root() -> Path:
+    env = os.environ.get("COVIDCTNET_TEST_DATA")
+    return Path(env).resolve() if env else (REPO_ROOT / ".." / "shared" / "data").resolve()
+
+
+def require_data(*parts: str) -> Path:
+    """Path of a shared-data item; skips the test when absent (fails under CI=true)."""
+    path = _data_root().joinpath(*parts)
+    if not path.exists():
+        msg = f"test data not found: {path} (set COVIDCTNET_TEST_DATA to the shared data folder)"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
