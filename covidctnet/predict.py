@@ -9,7 +9,8 @@ Outputs (``OUT/``): ``report.csv`` (``study_id, p_control, p_covid, p_cap, predi
 weights_sha256``), ``report.json`` (the same plus the input checks passed and the seconds per step), and with
 ``save_residuals`` ``<study_id>_residual.nii.gz`` and ``<study_id>_overlay.png`` per study. As the other batch stages,
 ``predict`` keeps ``manifest.csv`` and one ``predictions/<study_id>.json`` per study as it goes, so a rerun (or a run
-killed half-way) skips the studies already predicted by the same model (``predict.yaml`` records which).
+killed half-way) skips the studies already predicted (the manifest records each study's model hash and precision, and
+a folder of another model is refused).
 """
 
 from __future__ import annotations
@@ -44,7 +45,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PREDICTIONS_DIR = "predictions"
-RUN_INFO = "predict.yaml"
+MANIFEST_COLUMNS = ("p_control", "p_covid", "p_cap", "predicted", "model", "weights_sha256", "precision")
+"""Stage columns of ``OUT/manifest.csv`` after the common ones; ``weights_sha256`` and ``precision`` are what resume
+compares with the current run."""
 REPORT_COLUMNS = (
     "study_id",
     "p_control",
@@ -248,6 +251,7 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
         "predicted": result["predicted"],
         "model": pipeline.name,
         "weights_sha256": pipeline.weights_sha256,
+        "precision": cfg.precision,
         "checks": " ".join(passed),
         "seconds": {"read": round(read_s, 3), **{k: round(v, 3) for k, v in result["seconds"].items()}},
     }
@@ -304,11 +308,9 @@ def predict_studies(
             inputs and ``out_dir`` (overrides ``workers``).
 
     Raises:
-        ConfigError: with ``resume``, ``out_dir`` holds predictions of another model or precision.
+        ConfigError: with ``resume``, ``out_dir``'s manifest holds predictions of another model or precision.
     """
-    import yaml
-
-    from covidctnet.batch import discover_studies, run_batch
+    from covidctnet.batch import MANIFEST_NAME, discover_studies, read_manifest, run_batch
     from covidctnet.errors import ConfigError
     from covidctnet.utils import atomic_write_text
 
@@ -317,17 +319,15 @@ def predict_studies(
     pipeline = _cached_pipeline(model_dir, cfg.device, cfg.backend)
     studies = discover_studies(inputs)
     out_dir = Path(out_dir)
-    info = {"model": pipeline.name, "model_dir": model_dir, "weights_sha256": pipeline.weights_sha256,
-            "precision": cfg.precision, "backend": cfg.backend}
-    if resume and (out_dir / RUN_INFO).is_file():
-        old = yaml.safe_load((out_dir / RUN_INFO).read_text()) or {}
-        changed = [k for k in ("weights_sha256", "precision") if old.get(k) != info[k]]
+    if resume:  # the manifest is rewritten after every study, so this also covers a run that was killed half-way
+        current = {"weights_sha256": pipeline.weights_sha256, "precision": cfg.precision}
+        done = [r for r in read_manifest(out_dir / MANIFEST_NAME) if r.get("status") == "ok"]
+        changed = sorted({k for r in done for k, v in current.items() if r.get(k) != v})
         if changed:  # the backend may change: onnxruntime and PyTorch agree to 1e-4
-            raise ConfigError(f"{out_dir / RUN_INFO}: {out_dir} holds predictions of another "
+            raise ConfigError(f"{out_dir / MANIFEST_NAME}: {out_dir} holds predictions made with another "
                               f"{' / '.join(changed)}; use a new output folder or --no-resume")
     fn = functools.partial(_predict_study, model_dir=model_dir, cfg=cfg)
-    columns = [c for c in REPORT_COLUMNS if c not in ("study_id", "status", "error")]
-    summary = run_batch(studies, out_dir, fn, columns, resume=resume, workers=workers, scheduler=scheduler,
+    summary = run_batch(studies, out_dir, fn, MANIFEST_COLUMNS, resume=resume, workers=workers, scheduler=scheduler,
                         desc="predict", on_result=on_result)
     if summary.n_ok + summary.n_skipped == 0:
         return summary
@@ -348,15 +348,16 @@ def predict_studies(
     writer.writerows(rows)
     atomic_write_text(out_dir / "report.csv", buf.getvalue())
     report = {
-        **{k: info[k] for k in ("model", "weights_sha256")},
+        "model": pipeline.name,
+        "weights_sha256": pipeline.weights_sha256,
         "class_names": list(CLASS_NAMES),
         "preprocess_profile": pipeline.preprocess.profile,
-        **{k: info[k] for k in ("backend", "precision")},
+        "backend": cfg.backend,
+        "precision": cfg.precision,
         "studies": [_json_row({c: r.get(c, "") for c in REPORT_COLUMNS} | {
             k: r[k] for k in ("checks", "seconds", "residual", "overlay", "label", "source") if k in r}) for r in rows],
     }
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(out_dir / RUN_INFO, yaml.safe_dump(info, sort_keys=False))
     return summary
 
 

@@ -111,7 +111,7 @@ def test_predict_batch_records_every_bad_scan(sources, ws, tmp_path):
     assert good["status"] == "ok" and good["predicted"] in ("control", "covid", "cap")
     assert all(r["status"] == "error" and r["error"] and r["p_covid"] == "" for r in report.values())
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
-        "manifest.csv", "predict.yaml", "predictions/totalseg_example_ct_sm.json", "report.csv", "report.json",
+        "manifest.csv", "predictions/totalseg_example_ct_sm.json", "report.csv", "report.json",
         "totalseg_example_ct_sm_overlay.png", "totalseg_example_ct_sm_residual.nii.gz"]
 
 
