@@ -519,10 +519,9 @@ def compute_residuals(
         raise ConfigError(f"{out_dir}: -o must differ from PREPROCESSED (its manifest.csv would be overwritten)")
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, not {batch_size}")
-    if precision not in PRECISIONS:
-        raise ConfigError(f"--precision must be one of {list(PRECISIONS)}, not {precision!r}")
     model_dir = resolve_denoiser_dir(denoiser)
     den = _cached_denoiser(str(model_dir), device)
+    _check_precision(precision, den.device)  # refused once here, not once per study
     settings = _check_preprocess_match(preprocessed, den)
     studies = _preprocessed_studies(preprocessed)
     info = {"denoiser": str(model_dir), "denoiser_sha256": den.weights_sha256, "depth": grid.depth,
