@@ -86,6 +86,8 @@ class SliceTrainConfig:
         lr, weight_decay, min_lr: Adam learning rate, L2 weight decay, final learning rate of the cosine schedule.
         class_balance: draw both classes equally often (sampling with replacement, weights 1 / class count).
         patience: early stop after this many epochs without a better validation AUC (null: never).
+        ema: decay of an exponential moving average of the weights (per step; 0.99 ~ the last 100 steps) that is
+            validated, selected and exported instead of the raw weights (null: off).
         crop_scale: smallest side of the random resized crop, as a fraction of the image side.
         rotate_degrees: largest random rotation (degrees, either way).
         flip: random left-right flips.
@@ -111,6 +113,7 @@ class SliceTrainConfig:
     min_lr: float = 1e-6
     class_balance: bool = True
     patience: int | None = None
+    ema: float | None = None
     crop_scale: float = 0.6
     rotate_degrees: float = 10.0
     flip: bool = True
@@ -131,6 +134,8 @@ class SliceTrainConfig:
             raise ConfigError(f"patience must be >= 0 or null, not {self.patience}")
         if self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"min_lr must be in [0, lr], not {self.min_lr}")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise ConfigError(f"ema must be in (0, 1) or null, not {self.ema}")
 
 
 @dataclass(frozen=True)
@@ -471,6 +476,7 @@ def train_slice(
         steps_per_epoch=cfg.steps_per_epoch,
         num_workers=cfg.workers,
         device=cfg.device,
+        ema_decay=cfg.ema,
         seed=cfg.seed,
         config=cfg,
     )

@@ -381,6 +381,9 @@ class Trainer:
         device: ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N``; under DDP on CUDA each rank uses ``cuda:LOCAL_RANK``.
         amp: mixed precision (float16 autocast + GradScaler), used only on CUDA.
         grad_clip: max gradient norm (``None``: no clipping).
+        ema_decay: keep an exponential moving average of the weights and buffers (decay per optimiser step, e.g.
+            0.99 = a window of about 100 steps) and validate, select and export it instead of the raw weights.
+            Small datasets make the raw weights jump from epoch to epoch; the average is steadier. ``None``: off.
         seed: run seed (data order, sampler, per-rank RNG).
         config: the resolved config (a dataclass or a mapping) written to ``run_dir/config.yaml`` on rank 0.
         epoch_callback: ``(epoch, model, run_dir)`` run on rank 0 after validation, e.g. to write sample PNGs.
@@ -411,6 +414,7 @@ class Trainer:
         device: str = "auto",
         amp: bool = True,
         grad_clip: float | None = None,
+        ema_decay: float | None = None,
         seed: int = 0,
         config: Any = None,
         epoch_callback: Callable[[int, nn.Module, Path], None] | None = None,
@@ -422,6 +426,8 @@ class Trainer:
             raise ConfigError(f"scheduler_interval must be 'epoch' or 'step', not {scheduler_interval!r}")
         if max_epochs < 1 or batch_size < 1:
             raise ConfigError(f"max_epochs and batch_size must be >= 1, not {max_epochs} and {batch_size}")
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ConfigError(f"ema_decay must be in (0, 1) or None, not {ema_decay}")
         if validate is None and monitor != "train_loss":
             raise ConfigError(f"monitor {monitor!r} needs a validate function; without one use 'train_loss'")
         self.run_dir = Path(run_dir)
@@ -456,6 +462,12 @@ class Trainer:
         self.use_amp = bool(amp) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
         self.grad_clip = grad_clip
+        self.ema: torch.optim.swa_utils.AveragedModel | None = None
+        if ema_decay is not None:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            # buffers too, so BatchNorm statistics match the averaged weights without an extra pass over the data
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
         self.seed = seed
         self.config = config
         self.epoch_callback = epoch_callback
@@ -505,6 +517,7 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "epoch": epoch,
             "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "scaler": self.scaler.state_dict() if self.use_amp else None,
@@ -520,8 +533,14 @@ class Trainer:
         }
 
     def _restore(self, ckpt: dict[str, Any], path: Path) -> None:
+        if (self.ema is None) != (ckpt.get("ema") is None):
+            raise CheckpointError(f"{path}: written {'with' if ckpt.get('ema') is not None else 'without'} a weight "
+                                  f"average (ema_decay), this run {'with' if self.ema is not None else 'without'}; "
+                                  "start a new run directory")
         try:
             self.model.load_state_dict(ckpt["model"])
+            if self.ema is not None:
+                self.ema.load_state_dict(ckpt["ema"])
         except RuntimeError as err:
             raise CheckpointError(
                 f"{path}: weights do not fit this model (another architecture?): {str(err).splitlines()[0][:300]}"
@@ -609,18 +628,26 @@ class Trainer:
             self.scaler.update()
             if self.scheduler is not None and self.scheduler_interval == "step":
                 self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update_parameters(self.model)
             total += torch.tensor([float(loss.detach()), 1.0], dtype=torch.float64)
         if self.ctx.enabled:
             dist.all_reduce(total)
         return float(total[0] / max(total[1], 1.0))
 
+    @property
+    def eval_model(self) -> nn.Module:
+        """The network that is validated and exported: the weight average if ``ema_decay`` is set, else the model."""
+        return self.ema.module if self.ema is not None else self.model
+
     def _validate(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self.ctx.is_main and self.validate is not None:
-            self.model.eval()
+            net = self.eval_model
+            net.eval()
             with torch.no_grad():
-                metrics = {k: float(v) for k, v in self.validate(self.model).items()}
-            self.model.train()
+                metrics = {k: float(v) for k, v in self.validate(net).items()}
+            net.train()
         if self.ctx.enabled:  # every rank needs the monitored value to stop at the same epoch
             box: list[Any] = [metrics]
             dist.broadcast_object_list(box, src=0)
@@ -694,7 +721,7 @@ class Trainer:
                 logger.info("epoch %d: train_loss=%.4g%s lr=%.3g (%.1f s)%s", epoch, train_loss, extra, lr,
                             row["seconds"], " *best*" if improved else "")
                 if self.epoch_callback is not None:
-                    self.epoch_callback(epoch, self.model, self.run_dir)
+                    self.epoch_callback(epoch, self.eval_model, self.run_dir)
             self._write_outputs(self._state(epoch, best_metric, best_epoch, bad_epochs, history), improved)
             if self.patience is not None and bad_epochs > self.patience:
                 stopped_early = True
@@ -716,11 +743,15 @@ class Trainer:
 
     # -- export --------------------------------------------------------------------------------------------------------
     def best_state_dict(self) -> dict[str, torch.Tensor]:
-        """The model weights of ``checkpoints/best.pt`` (falls back to ``last.pt`` if no epoch improved)."""
+        """The weights of ``checkpoints/best.pt`` (``last.pt`` if no epoch improved); the average if kept."""
         path = self.checkpoint_dir / "best.pt"
         if not path.exists():
             path = self.checkpoint_dir / "last.pt"
-        return load_checkpoint(path)["model"]
+        ckpt = load_checkpoint(path)
+        if ckpt.get("ema") is None:
+            return ckpt["model"]
+        prefix = "module."  # AveragedModel wraps the network; its own n_averaged counter is not a model weight
+        return {k[len(prefix):]: v for k, v in ckpt["ema"].items() if k.startswith(prefix)}
 
     def export(
         self,

@@ -41,7 +41,7 @@ def test_yaml_defaults_match_dataclass(cls, name):
 
 
 @pytest.mark.parametrize("override", [{"size": 8}, {"threshold": 1.0}, {"arch": "vgg"}, {"min_lr": 1.0},
-                                      {"crop_scale": 0.0}, {"lungmask": True}])
+                                      {"crop_scale": 0.0}, {"lungmask": True}, {"ema": 1.0}, {"ema": 0.0}])
 def test_config_validation(override):
     with pytest.raises(ConfigError):
         load_config(SliceTrainConfig, None, override)

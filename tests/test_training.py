@@ -74,10 +74,6 @@ def _make(run_dir: Path, max_epochs: int, step=_step, data=None, **kw) -> Traine
     )
 
 
-def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(path)["model"]
-
-
 def test_loss_decreases_and_outputs(tmp_path):
     trainer = _make(tmp_path / "run", max_epochs=4, sample_weights=[1.0] * 64)
     result = trainer.fit()
@@ -97,13 +93,13 @@ def test_loss_decreases_and_outputs(tmp_path):
     assert all(torch.equal(exported[k], best["model"][k]) for k in best["model"])
 
 
-@pytest.mark.parametrize("how", ["max_epochs", "crash"])
-def test_resume_is_bit_identical(tmp_path, how):
-    full = _make(tmp_path / "full", max_epochs=3)
+@pytest.mark.parametrize("how,ema", [("max_epochs", None), ("crash", None), ("crash", 0.9)])
+def test_resume_is_bit_identical(tmp_path, how, ema):
+    full = _make(tmp_path / "full", max_epochs=3, ema_decay=ema)
     full.fit()
     run = tmp_path / "cut"
     if how == "max_epochs":
-        _make(run, max_epochs=1).fit()
+        _make(run, max_epochs=1, ema_decay=ema).fit()
     else:  # an exception in the middle of epoch 2 (the process "dies"); last.pt is from epoch 1
         calls = {"n": 0}
 
@@ -114,18 +110,59 @@ def test_resume_is_bit_identical(tmp_path, how):
             return _step(model, batch)
 
         with pytest.raises(KeyboardInterrupt):
-            _make(run, max_epochs=3, step=crashing_step).fit()
+            _make(run, max_epochs=3, step=crashing_step, ema_decay=ema).fit()
         assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
     with pytest.raises(CheckpointError, match="--resume"):
-        _make(run, max_epochs=3).fit(resume=False)  # never overwrite a run by accident
-    result = _make(run, max_epochs=3).fit(resume=True)
+        _make(run, max_epochs=3, ema_decay=ema).fit(resume=False)  # never overwrite a run by accident
+    result = _make(run, max_epochs=3, ema_decay=ema).fit(resume=True)
     assert [r["epoch"] for r in result.history] == [0, 1, 2]
-    a, b = _weights(tmp_path / "full" / "checkpoints" / "last.pt"), _weights(run / "checkpoints" / "last.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
+    b = load_checkpoint(run / "checkpoints" / "last.pt")
+    for key in ("model",) + (("ema",) if ema else ()):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
     full_csv = (tmp_path / "full" / "metrics.csv").read_text().splitlines()
     cut_csv = (run / "metrics.csv").read_text().splitlines()
     strip = lambda lines: [line.rsplit(",", 1)[0] for line in lines]  # noqa: E731  (drop the seconds column)
     assert strip(full_csv) == strip(cut_csv)
+
+
+def test_weight_average_is_validated_and_exported(tmp_path):
+    """With ema_decay the loop keeps e <- d*e + (1-d)*w after every step, and validates, selects and exports e."""
+    decay, seen = 0.8, []
+
+    def recording_step(model, batch):
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})  # weights before this step
+        return _step(model, batch)
+
+    trainer = _make(tmp_path / "run", max_epochs=2, step=recording_step, ema_decay=decay)
+    result = trainer.fit()
+    steps = seen[1:] + [trainer.model.state_dict()]  # the weights after each optimiser step
+    expected = {k: v.clone() for k, v in steps[0].items()}  # the first update copies the weights
+    for w in steps[1:]:
+        expected = {k: decay * expected[k] + (1 - decay) * w[k] for k in expected}
+    last = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    averaged = {k[len("module."):]: v for k, v in last["ema"].items() if k.startswith("module.")}
+    for k, v in expected.items():
+        torch.testing.assert_close(averaged[k], v)
+        assert not torch.allclose(averaged[k], last["model"][k])  # it is not the raw weights
+    val = _ToyData(32, seed=1)
+    net = _model()
+    net.load_state_dict(averaged)
+    with torch.no_grad():
+        logits = net.eval()(val.x)
+    assert result.history[-1]["val_loss"] == pytest.approx(float(nn.functional.cross_entropy(logits, val.y)))
+    best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")["ema"]
+    exported = trainer.best_state_dict()
+    assert exported.keys() == averaged.keys()
+    assert all(torch.equal(exported[k], best["module." + k]) for k in exported)
+
+
+def test_resume_refuses_another_weight_average_setting(tmp_path):
+    _make(tmp_path / "run", max_epochs=1, ema_decay=0.9).fit()
+    with pytest.raises(CheckpointError, match="ema_decay"):
+        _make(tmp_path / "run", max_epochs=2).fit(resume=True)
+    with pytest.raises(ConfigError, match="ema_decay"):
+        _make(tmp_path / "other", max_epochs=1, ema_decay=1.0)
 
 
 def test_resume_needs_a_checkpoint(tmp_path):
