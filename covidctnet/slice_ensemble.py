@@ -9,7 +9,8 @@ slice model directory (``components.model.members: N``, one safetensors file, :c
 The members must share architecture, width, input channels and preprocessing (e.g. the same ``train-slice`` recipe
 with different ``--seed``). With ``data``, the ensemble is scored on the validation split and the figures go into
 ``config.yaml`` and the model card, with each member's own figures for comparison; the members were selected on that
-split, so these figures are optimistic.
+split, so these figures are optimistic. ``threshold="youden"`` also sets the ensemble's decision threshold on that split
+(:func:`~covidctnet.slice_training.youden_threshold`); the figures at 0.5 are kept beside it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def ensemble_slice_models(
     data: str | os.PathLike | None = None,
     device: str = "auto",
     command: str | None = None,
+    threshold: float | str | None = None,
 ) -> dict[str, Any]:
     """Combine slice model directories into one ensemble model directory.
 
@@ -54,23 +56,31 @@ def ensemble_slice_models(
             ``val_preds.csv``, ``roc.png`` and ``confusion.png`` are written into ``out_dir`` as well.
         device: where to score the validation split.
         command: the command line, recorded in ``config.yaml`` and the card.
+        threshold: the ensemble's decision threshold: a number in (0, 1), ``"youden"`` (chosen on ``data``'s val
+            split by Youden's J; needs ``data``) or ``None`` (the members' shared threshold).
 
     Returns:
-        ``{"model_dir": Path, "members": int, "val": metrics or None}``.
+        ``{"model_dir": Path, "members": int, "val": metrics or None, "threshold": float}``.
 
     Raises:
-        ConfigError: fewer than two members, or members that differ in architecture or preprocessing.
+        ConfigError: fewer than two members, members that differ in architecture or preprocessing, or a bad
+            threshold (``"youden"`` without ``data``).
         ModelDirError: a member is not a slice model directory.
     """
     import tempfile
 
     from covidctnet.model_dir import save_model_dir
     from covidctnet.models.slice import SliceEnsemble
-    from covidctnet.slice_training import _predict_dataset, _write_val_outputs, load_slice_model
+    from covidctnet.slice_training import (_predict_dataset, _write_val_outputs, load_slice_model, slice_metrics,
+                                           youden_threshold)
     from covidctnet.utils import resolve_device
 
     if len(model_dirs) < 2:
         raise ConfigError(f"an ensemble needs at least 2 model directories, not {len(model_dirs)}")
+    if threshold == "youden" and data is None:
+        raise ConfigError("threshold 'youden' is chosen on a validation split: give --data")
+    if threshold is not None and threshold != "youden" and not (isinstance(threshold, float) and 0 < threshold < 1):
+        raise ConfigError(f"threshold must be a number in (0, 1) or 'youden', not {threshold!r}")
     loaded = [load_slice_model(d, "cpu") for d in model_dirs]
     ref_dir, (_, ref) = model_dirs[0], loaded[0]
     ref_comp = ref["components"]["model"]
@@ -80,12 +90,12 @@ def ensemble_slice_models(
             raise ConfigError(f"{path}: already an ensemble; list its own members instead")
         diff = [k for k in _SAME if comp.get(k) != ref_comp.get(k)]
         diff += ["preprocessing"] if cfg.get("preprocessing") != ref.get("preprocessing") else []
-        diff += ["threshold"] if cfg.get("threshold", 0.5) != ref.get("threshold", 0.5) else []
+        diff += ["threshold"] if threshold is None and cfg.get("threshold", 0.5) != ref.get("threshold", 0.5) else []
         if diff:
             raise ConfigError(f"{path}: differs from {ref_dir} in {', '.join(diff)}; ensemble members must share "
-                              "architecture, preprocessing and threshold")
+                              "architecture and preprocessing (and the threshold, unless the ensemble sets its own)")
     ensemble = SliceEnsemble([m for m, _ in loaded]).eval()
-    threshold = float(ref.get("threshold", 0.5))
+    chosen = float(ref.get("threshold", 0.5)) if threshold is None else threshold
     members = [{"path": str(d), "name": cfg.get("name"), "weights_sha256": cfg.get("weights_sha256"),
                 "training": cfg.get("training"), "validation": cfg.get("validation")}
                for d, (_, cfg) in zip(model_dirs, loaded)]
@@ -94,7 +104,7 @@ def ensemble_slice_models(
         "task": "slice",
         "classes": ref.get("classes"),
         "positive_class": ref.get("positive_class", "covid"),
-        "threshold": threshold,
+        "threshold": chosen,
         "components": {"model": {"arch": ref_comp["arch"], "kwargs": ref_comp.get("kwargs", {}),
                                  "members": len(loaded)}},
         "preprocessing": ref["preprocessing"],
@@ -111,7 +121,15 @@ def ensemble_slice_models(
             val = SliceDataset(find_records(data, "val"), pre["size"], pre["lung_mask"], None)
             dev = resolve_device(device)
             probs = _predict_dataset(ensemble.to(dev), val, dev)
-            metrics = _write_val_outputs(Path(tmp), val, probs, threshold)
+            if chosen == "youden":
+                chosen = youden_threshold(val.labels, probs[:, 1])
+                at_half = slice_metrics(val.labels, probs[:, 1], 0.5)
+                config["threshold"] = chosen
+                config["threshold_selection"] = {
+                    "method": "Youden's J on the validation split", "data": str(data), "n": len(val),
+                    "validation_at_0.5": {k: float(v) for k, v in at_half.items()}}
+                logger.info("threshold %.4f by Youden's J on %s val (n=%d)", chosen, data, len(val))
+            metrics = _write_val_outputs(Path(tmp), val, probs, chosen)
             config["validation"] = {k: float(v) for k, v in metrics.items()}
             extra = {name: Path(tmp) / name for name in ("val_preds.csv", "roc.png", "confusion.png")
                      if (Path(tmp) / name).is_file()}
@@ -119,7 +137,7 @@ def ensemble_slice_models(
                         metrics["accuracy"], metrics["f1"], metrics["auc"], metrics["n"])
         card = _card(config, members, metrics, data, command)
         save_model_dir(out_dir, config, {"model": ensemble.cpu().state_dict()}, card, extra_files=extra)
-    return {"model_dir": Path(out_dir), "members": len(loaded), "val": metrics}
+    return {"model_dir": Path(out_dir), "members": len(loaded), "val": metrics, "threshold": float(config["threshold"])}
 
 
 def _card(config: dict[str, Any], members: list[dict[str, Any]], metrics: dict[str, float] | None,
@@ -127,6 +145,12 @@ def _card(config: dict[str, Any], members: list[dict[str, Any]], metrics: dict[s
     comp = config["components"]["model"]
     rows = "\n".join(_member_row(f"member {i} ({m['path']})", m.get("validation")) for i, m in enumerate(members))
     ens = _member_row("**ensemble**", metrics) if metrics else "| ensemble | not scored (no --data) | | | |"
+    selection = config.get("threshold_selection")
+    if selection:
+        ens += "\n" + _member_row("ensemble at threshold 0.5", selection["validation_at_0.5"])
+    rule = (f"Threshold: COVID when `p_covid >= {config['threshold']:.4f}`, chosen on this validation split by "
+            "Youden's J (sensitivity + specificity - 1), so the figures at it are optimistic twice over; the row at "
+            "0.5 is beside it." if selection else f"Threshold: COVID when `p_covid >= {config['threshold']}`.")
     return f"""# {config['name']}
 
 COVID-19 vs non-COVID classifier for single chest CT slice images (class 1 = COVID-19): the mean of the COVID
@@ -143,6 +167,5 @@ probabilities of {len(members)} `{comp['arch']}` models of one recipe. Research 
 {rows}
 {ens}
 
-Threshold: COVID when `p_covid >= {config['threshold']}`. Each member's own card, training command and data are
-recorded under `ensemble.members` in `config.yaml`.
+{rule} Each member's own card, training command and data are recorded under `ensemble.members` in `config.yaml`.
 """

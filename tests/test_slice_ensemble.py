@@ -14,7 +14,7 @@ from covidctnet.config import load_config
 from covidctnet.errors import ConfigError
 from covidctnet.onnx_export import export_onnx
 from covidctnet.slice_ensemble import ensemble_slice_models
-from covidctnet.slice_training import SliceTrainConfig, load_slice_model, train_slice
+from covidctnet.slice_training import SliceTrainConfig, load_slice_model, train_slice, youden_threshold
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -75,6 +75,33 @@ def test_ensemble_exports_to_onnx(members, mini_ucsd, tmp_path):
         assert res.exit_code == 0, res.output
     torch_p, onnx_p = _scores(tmp_path / "torch.csv"), _scores(tmp_path / "onnx.csv")
     np.testing.assert_allclose([onnx_p[f] for f in torch_p], list(torch_p.values()), atol=1e-4)
+
+
+def test_threshold_chosen_on_validation(members, mini_ucsd, tmp_path):
+    out = tmp_path / "ens"
+    res = CliRunner().invoke(cli, ["ensemble-slice", *map(str, members), "-o", str(out), "--data", str(mini_ucsd),
+                                   "--threshold", "youden", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    preds = list(csv.DictReader((out / "val_preds.csv").open()))
+    labels = np.array([r["label"] == "covid" for r in preds], int)
+    p = np.array([float(r["p_covid"]) for r in preds])
+    t = config["threshold"]
+    assert t == pytest.approx(youden_threshold(labels, p), abs=1e-5)  # val_preds are rounded to 6 decimals
+    assert [r["predicted"] == "covid" for r in preds] == list(p >= t)
+    assert config["threshold_selection"]["n"] == 12 and "validation_at_0.5" in config["threshold_selection"]
+    assert "Youden" in (out / "MODEL_CARD.md").read_text()
+    # predict-slice applies the ensemble's own threshold
+    res = CliRunner().invoke(cli, ["predict-slice", str(mini_ucsd / "CT_NonCOVID"), "--model", str(out), "-o",
+                                   str(tmp_path / "p.csv"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    assert rows and all((r["predicted"] == "covid") == (float(r["p_covid"]) >= t) for r in rows)
+    for args, message in ((["--threshold", "youden"], "give --data"), (["--threshold", "1.5"], "(0, 1)"),
+                          (["--threshold", "high"], "'youden'")):
+        res = CliRunner().invoke(cli, ["ensemble-slice", *map(str, members), "-o", str(tmp_path / "bad"), *args])
+        assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
+        assert not (tmp_path / "bad").exists()
 
 
 def test_members_must_match(members, mini_ucsd, tmp_path):

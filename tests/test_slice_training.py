@@ -25,6 +25,7 @@ from covidctnet.slice_training import (
     pretrain_slice,
     slice_metrics,
     train_slice,
+    youden_threshold,
 )
 from covidctnet.training import load_checkpoint
 
@@ -57,6 +58,23 @@ def test_slice_metrics_covid_positive():
     assert m["auc"] == pytest.approx(5 / 6)
     flipped = slice_metrics(1 - labels, p, 0.5)  # if COVID were the negative class the numbers would differ
     assert flipped["auc"] == pytest.approx(1 / 6)
+
+
+def test_youden_threshold():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    p = np.array([0.1, 0.2, 0.7, 0.6, 0.8, 0.9])
+    # J = 2/3 at 0.8 (sens 2/3, spec 1) and at 0.6 (sens 1, spec 2/3): the higher one, midway to the next score
+    assert youden_threshold(labels, p) == pytest.approx(0.75)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    p = np.clip(0.3 + 0.4 * labels + rng.normal(0, 0.2, 200), 0, 1)  # two overlapping score distributions
+    t = youden_threshold(labels, p)
+    best = slice_metrics(labels, p, t)
+    j = lambda m: m["sensitivity"] + m["specificity"]  # noqa: E731
+    assert all(j(best) >= j(slice_metrics(labels, p, c)) - 1e-12 for c in np.unique(p))
+    assert not np.isin(t, p) and 0.4 < t < 0.65
+    with pytest.raises(ConfigError, match="both classes"):
+        youden_threshold(np.ones(4), np.linspace(0, 1, 4))
 
 
 def test_nt_xent():
