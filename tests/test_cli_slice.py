@@ -61,12 +61,13 @@ def test_predict_slice_format_with_bundled_model(val_images, tmp_path):
     result = CliRunner().invoke(cli, ["predict-slice", *map(str, val_images), str(bad), "-o", str(out)])
     assert result.exit_code == 1, result.output  # one image failed, the others were scored
     rows = _rows(out)
+    threshold = yaml.safe_load((DEFAULT_SLICE_MODEL / "config.yaml").read_text())["threshold"]
     assert list(rows[0]) == ["file", "p_covid", "predicted", "status", "error"]
     assert [r["file"] for r in rows] == [*map(str, val_images), str(bad)]
     for r in rows[:4]:
         p = float(r["p_covid"])
         assert 0.0 <= p <= 1.0 and r["status"] == "ok" and r["error"] == ""
-        assert r["predicted"] == ("covid" if p >= 0.5 else "noncovid")
+        assert r["predicted"] == ("covid" if p >= threshold else "noncovid")
     assert rows[4]["status"] == "error" and "broken.png" in rows[4]["error"] and rows[4]["p_covid"] == ""
     assert sum(line.startswith("Error:") and "broken.png" in line for line in result.output.splitlines()) == 1
 
