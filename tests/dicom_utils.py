@@ -10,7 +10,8 @@ from typing import Any
 import pydicom
 
 
-def copy_series(src: Path, dst: Path, edit: Callable[[int, Any], None] | None = None, keep: Callable[[int], bool] | None = None) -> Path:
+def copy_series(src: Path, dst: Path, edit: Callable[[int, Any], None] | None = None,
+                keep: Callable[[int], bool] | None = None) -> Path:
     """Copy a DICOM series folder, optionally dropping files (``keep(i)``) or editing headers (``edit(i, ds)``).
 
     Files are taken in name order (0001.dcm = most inferior in the shared series). Pixel data stays compressed.

@@ -115,7 +115,8 @@ def test_tampered_weights_are_refused(tiny_model, dicom_dirs, tmp_path):
     blob = bytearray((bad / "classifier.safetensors").read_bytes())
     blob[-1] ^= 0xFF
     (bad / "classifier.safetensors").write_bytes(bytes(blob))
-    result = CliRunner().invoke(cli, ["predict", str(dicom_dirs["cap"]), "--model", str(bad), "-o", str(tmp_path / "o")])
+    result = CliRunner().invoke(cli, ["predict", str(dicom_dirs["cap"]), "--model", str(bad),
+                                      "-o", str(tmp_path / "o")])
     assert result.exit_code == 2
     assert "does not match SHA256SUMS" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "o").exists()
