@@ -21,7 +21,7 @@ def cpu_model() -> str:
 def replace_section(doc: Path, heading: str, text: str) -> None:
     """Replace the section that starts with the line ``heading`` (e.g. ``## Perlin noise``) up to the next ``## ``
     heading by ``text`` (which starts with that heading), or append it; the file is written atomically."""
-    from covidctnet.utils import atomic_write_text
+    from covidctnet.core.files import atomic_write_text
 
     doc = Path(doc)
     lines = doc.read_text().splitlines() if doc.exists() else ["# Benchmarks"]

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
 from _docs import cpu_model  # benchmarks/_docs.py
 
 SECTION = "## BCDU-Net training throughput"

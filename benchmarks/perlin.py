@@ -1,4 +1,4 @@
-"""Benchmark: vectorised Perlin noise (covidctnet.noise) against the official per-pixel ``noise.pnoise2`` loop.
+"""Benchmark: vectorised Perlin noise (covidctnet.preprocessing.perlin) against the official per-pixel ``noise.pnoise2`` loop.
 
 In one run, at 240x240 with parameters drawn as the official training code draws them:
 
@@ -37,16 +37,18 @@ import noise
 import numpy as np
 import scipy
 import torch
+from _docs import cpu_model  # benchmarks/_docs.py
 
-from covidctnet.noise import (
+# private helpers, used only by the naive variants below (same lattice arithmetic, no sparse factorisation)
+from covidctnet.preprocessing.perlin import (
     RandPerlinNoiseBatch,
+    _axis_lattice,
+    _gradient_lookup,
+    _octave_frequencies,
+    _octave_weights,
     perlin_noise_2d,
     perlin_noise_2d_batch,
 )
-
-# private helpers, used only by the naive variants below (same lattice arithmetic, no sparse factorisation)
-from covidctnet.noise import _axis_lattice, _gradient_lookup, _octave_frequencies, _octave_weights
-from _docs import cpu_model  # benchmarks/_docs.py
 
 REPO = Path(__file__).resolve().parents[1]
 SECTION = "## Perlin noise"
@@ -162,7 +164,7 @@ def bench_per_slice(repeats: int, seed: int) -> dict[str, tuple[float, float]]:
         for name, fn in impls.items():  # interleaved: same parameters, same load
             samples[name].append(_timed(lambda fn=fn: fn(shape, scale, persistence, base)))
     # first call for a scale, i.e. building its factors (once per scale per process)
-    from covidctnet.noise import _plan
+    from covidctnet.preprocessing.perlin import _plan
 
     cold = []
     for scale in (11, 19, 27):
@@ -297,7 +299,7 @@ def render(per_slice, batch_res, share, args, load_start, load_end) -> str:
         "How: per octave the noise is `Lx·Gx·Rxᵀ + Ly·Gy·Ryᵀ`, with sparse row/column factors (fade and offset "
         "weights of the two lattice lines each pixel row/column interpolates between; cached per shape and scale) "
         "and the gradients of the visited lattice points only; one sparse product sums the octaves. Values equal "
-        "the loop's to ~1e-6 for base 0/1 (tests/test_noise.py). Variants tried during development (CPU time per "
+        "the loop's to ~1e-6 for base 0/1 (tests/preprocessing/test_perlin.py). Variants tried during development (CPU time per "
         "240x240 slice on this machine, measured then, not by this script): naive per-pixel gathers (the rows "
         "above); the same bilinear form with dense NumPy GEMMs (about 107 M + 71 M multiply-adds: ~4.4 ms "
         "single-threaded, while 2-thread OpenBLAS took >50 ms wall per slice once the 2 cores were oversubscribed); "

@@ -7,7 +7,7 @@ initialised networks of the chosen size (official BCDU-Net width 32 at 240×240,
 
 Variants (``--variants``, all by default): ``torch:fp32`` (eager PyTorch), ``torch:bf16`` (``--precision bf16``:
 bfloat16 autocast, channels-last) and ``onnx:fp32`` (``--backend onnx``; the model directory is exported once with
-``covidctnet.onnx_export.export_onnx``, which checks the export against PyTorch). Two model sizes by default: 240×240
+``covidctnet.inference.onnx.export_onnx``, which checks the export against PyTorch). Two model sizes by default: 240×240
 (the default preprocessing) and 128×128 (the official code's). For each size a side-by-side denoiser timing (ms per
 slice, same process, same random batch) comes first; then the real scans (first size only), a synthetic 300-slice
 scan (every size) and a synthetic 512×512×600 scan for peak memory (first size only).
@@ -40,11 +40,11 @@ SECTION = "## Predict latency"
 def build_model(out: Path, size: int, features: int, depth: int = 50) -> Path:
     import torch
 
-    from covidctnet.config import config_to_dict
-    from covidctnet.model_dir import save_model_dir
+    from covidctnet.core.config import config_to_dict
+    from covidctnet.core.model_dir import save_model_dir
     from covidctnet.models.bcdunet import BCDUNet
     from covidctnet.models.cnn3d import build_classifier
-    from covidctnet.preprocess import PreprocessConfig
+    from covidctnet.preprocessing.preprocess import PreprocessConfig
 
     torch.manual_seed(0)
     den = BCDUNet(features=features)
@@ -80,7 +80,7 @@ def time_denoiser(model: Path, onnx_dir: Path | None, batch: int, repeats: int, 
 
     import torch
 
-    from covidctnet.residuals import load_denoiser
+    from covidctnet.models.registry import load_denoiser
 
     den = load_denoiser(model, "cpu")
     x = torch.rand((batch, 1, den.size_xy, den.size_xy), generator=torch.Generator().manual_seed(0))
@@ -92,7 +92,7 @@ def time_denoiser(model: Path, onnx_dir: Path | None, batch: int, repeats: int, 
         runners["torch:bf16"] = (net, x.to(memory_format=torch.channels_last),
                                  lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     if onnx_dir is not None:
-        from covidctnet.onnx_export import load_onnx_component, load_onnx_manifest
+        from covidctnet.inference.onnx import load_onnx_component, load_onnx_manifest
 
         runners["onnx:fp32"] = (load_onnx_component(*load_onnx_manifest(onnx_dir), "denoiser"), x,
                                 contextlib.nullcontext)
@@ -133,7 +133,7 @@ def denoiser_gflop(model: Path) -> float:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from covidctnet.residuals import load_denoiser
+    from covidctnet.models.registry import load_denoiser
 
     den = load_denoiser(model, "cpu")
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
@@ -150,7 +150,7 @@ def time_one(scan: str, model: str, out: str, batch_size: int, variant: str) -> 
         "def peak_mb():\n"
         "    line = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0]\n"
         "    return int(line.split()[1]) / 1024\n"
-        "from covidctnet.predict import PredictConfig, predict_studies\n"
+        "from covidctnet.inference.predict import PredictConfig, predict_studies\n"
         f"t = time.perf_counter(); s = predict_studies([{scan!r}], {model!r}, {out!r}, "
         f"PredictConfig(batch_size={batch_size}, device='cpu', backend={backend!r}, precision={precision!r}))\n"
         "total = time.perf_counter() - t\n"
@@ -201,7 +201,7 @@ def main() -> None:
             label = str(args.model) if args.model else f"{size}×{size}, width {args.features}"
             models = {"torch": model}
             if any(v.startswith("onnx") for v in args.variants):
-                from covidctnet.onnx_export import export_onnx
+                from covidctnet.inference.onnx import export_onnx
 
                 t = time.perf_counter()
                 models["onnx"] = export_onnx(model, tmp_path / f"onnx{size}").out_dir

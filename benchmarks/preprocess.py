@@ -76,8 +76,8 @@ def _warm_up(impl: str) -> None:
     else:
         import SimpleITK  # noqa: F401
 
-        from covidctnet.io import Volume
-        from covidctnet.preprocess import PreprocessConfig, preprocess_volume
+        from covidctnet.io.volume import Volume
+        from covidctnet.preprocessing.preprocess import PreprocessConfig, preprocess_volume
 
         preprocess_volume(Volume(np.full((32, 32, 4), -500, np.float32), np.eye(4), Path("warm")), PreprocessConfig(size_xy=16))
 
@@ -94,8 +94,8 @@ def run_one(case: str, impl: str, data: Path, out: Path) -> dict:
             stack, spacing = _read_reference_dicom(data / "ct-dicom" / case)
         result = _reference(stack, spacing, 240).astype(np.float32)  # (z, y, x) = official layout
     else:
-        from covidctnet.io import Volume, read_volume
-        from covidctnet.preprocess import PreprocessConfig, preprocess_volume, ras_to_official_layout
+        from covidctnet.io.volume import Volume, read_volume
+        from covidctnet.preprocessing.preprocess import PreprocessConfig, preprocess_volume, ras_to_official_layout
 
         if case.startswith("synthetic"):
             stack, spacing = _synthetic(int(case.split("-")[1]))

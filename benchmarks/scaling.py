@@ -41,8 +41,8 @@ def main() -> None:
     from _docs import cpu_model
     from predict import build_model, synthetic_scan
 
-    from covidctnet.predict import PredictConfig, predict_studies
-    from covidctnet.preprocess import PreprocessConfig, preprocess_studies
+    from covidctnet.inference.predict import PredictConfig, predict_studies
+    from covidctnet.preprocessing.preprocess import PreprocessConfig, preprocess_studies
 
     results: dict[str, dict[int, float]] = {"preprocess": {}, "predict": {}}
     mismatch: list[str] = []

@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "covidctnet.cli.evaluate:evaluate_cmd",
     "reader-study": "covidctnet.cli.reader_study:reader_study_cmd",
     "export-onnx": "covidctnet.cli.export_onnx:export_onnx_cmd",
+    "defaults": "covidctnet.cli.defaults:defaults_cmd",
 }
 
 
@@ -47,7 +48,7 @@ class _LazyGroup(click.Group):
         return getattr(importlib.import_module(module_name), attr)
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
-        from covidctnet.errors import CovidCTNetError
+        from covidctnet.core.errors import CovidCTNetError
 
         try:
             return super().invoke(ctx)

@@ -7,24 +7,24 @@ import sys
 from pathlib import Path
 
 import click
+from covidctnet.cli.options import device_option, out_option
 
 
 @click.command("ensemble-slice")
 @click.argument("model_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="The ensemble's model directory (for predict-slice --model and export-onnx).")
+@out_option("The ensemble's model directory (for predict-slice --model and export-onnx).")
 @click.option("--data", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Dataset whose val split scores the ensemble (UCSD or <split>/<class>/ layout).")
 @click.option("--threshold", default=None,
               help="Decision threshold: a number in (0, 1), or 'youden' (chosen on --data's val split by Youden's J)  "
                    "[default: the members' threshold].")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option()
 def ensemble_slice_cmd(model_dirs, out_dir, data, threshold, device):
     """Average the COVID probabilities of several slice models (e.g. train-slice runs with different --seed).
 
     MODEL_DIRS are train-slice model directories (RUN/model) of one architecture and preprocessing.
     """
-    from covidctnet.slice_ensemble import ensemble_slice_models
+    from covidctnet.training.slice_ensemble import ensemble_slice_models
 
     if threshold is not None and threshold != "youden":
         try:

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from covidctnet.cli.options import config_file_option, config_option, out_option
+
+_CONFIG = "covidctnet.evaluation.evaluate:EvaluateConfig"
 
 __all__ = ["evaluate_cmd"]
 
@@ -18,22 +21,16 @@ __all__ = ["evaluate_cmd"]
     type=click.Path(dir_okay=False, path_type=Path),
     help="Labels CSV: study_id,label (or case_id,label); control/covid/cap (aliases accepted) or covid/noncovid.",
 )
-@click.option(
-    "-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Report folder."
-)
-@click.option(
+@out_option("Report folder.")
+@config_option(
+    _CONFIG,
     "--threshold",
     type=click.FloatRange(0.0, 1.0),
-    default=None,
-    help="2-class threshold on p_covid (COVID-19 when p_covid >= T). Default: argmax of the probabilities.",
+    help="2-class threshold on p_covid (COVID-19 when p_covid >= T); none: argmax of the probabilities.",
 )
-@click.option(
-    "--config",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="YAML overriding configs/evaluate.yaml (ci_level, auc_ci, n_bootstrap, seed, prob_tolerance, roc_band).",
-)
-def evaluate_cmd(predictions: Path, labels: Path, out_dir: Path, threshold: float | None, config: Path | None) -> None:
+@config_file_option("evaluate.yaml")
+def evaluate_cmd(predictions: Path, labels: Path, out_dir: Path, threshold: float | None,
+                 config_path: Path | None) -> None:
     """Score PREDICTIONS (report.csv from predict, or preds.csv from predict-slice) against --labels.
 
     Writes report.md, metrics.json, config.yaml and PNGs (ROC curves, confusion matrices) to --out: 2-class (COVID-19 vs
@@ -41,15 +38,15 @@ def evaluate_cmd(predictions: Path, labels: Path, out_dir: Path, threshold: floa
     proportions, DeLong for AUC). Rows with status=error are excluded and counted. Bad input writes nothing.
     """
     # the library (numpy, scipy, matplotlib) is imported here so that `covidctnet --help` stays instant
-    from covidctnet.config import load_config
-    from covidctnet.evaluation import EvaluateConfig, evaluate, format_estimate
+    from covidctnet.core.config import load_config
+    from covidctnet.evaluation.evaluate import EvaluateConfig, evaluate, format_estimate
 
-    cfg = load_config(EvaluateConfig, config, {"threshold": threshold})
+    cfg = load_config(EvaluateConfig, config_path, {"threshold": threshold})
     result = evaluate(predictions, labels, out_dir, cfg)
     two = result["two_class"]["metrics"]
 
     def show(key: str, percent: bool = True) -> str:
-        from covidctnet.stats import Estimate
+        from covidctnet.evaluation.stats import Estimate
 
         if key not in two:
             return "n/a"
@@ -66,7 +63,7 @@ def evaluate_cmd(predictions: Path, labels: Path, out_dir: Path, threshold: floa
         f"specificity {show('specificity')}, AUC {show('auc', percent=False)}"
     )
     if result.get("three_class"):
-        from covidctnet.stats import Estimate
+        from covidctnet.evaluation.stats import Estimate
 
         value, ci, _ = format_estimate(Estimate(**result["three_class"]["accuracy"]))
         click.echo(f"3-class accuracy {value} ({ci})")

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from covidctnet.cli.options import out_option
 
 
 @click.command("export-onnx")
 @click.argument("model_dir", type=click.Path(path_type=Path))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="ONNX model directory to write (*.onnx, onnx.json, and the source's config.yaml, MODEL_CARD.md, "
+@out_option("ONNX model directory to write (*.onnx, onnx.json, and the source's config.yaml, MODEL_CARD.md, "
                    "SHA256SUMS).")
 @click.option("--opset", type=int, default=17, show_default=True, help="ONNX opset version.")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True,
@@ -23,7 +23,7 @@ def export_onnx_cmd(model_dir, out_dir, opset, tolerance):
     (or `predict-slice --backend onnx --model OUT`).
     """
     # torch and onnx are imported inside the library call: `covidctnet --help` stays instant
-    from covidctnet.onnx_export import export_onnx
+    from covidctnet.inference.onnx import export_onnx
 
     result = export_onnx(model_dir, out_dir, opset=opset, tolerance=tolerance)
     for name, entry in result.components.items():

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from covidctnet.cli.options import out_option
 
 
 @click.command("import-keras")
 @click.argument("weights", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Model directory to write (config.yaml, classifier.safetensors, MODEL_CARD.md, SHA256SUMS); an "
+@out_option("Model directory to write (config.yaml, classifier.safetensors, MODEL_CARD.md, SHA256SUMS); an "
                    "existing model directory there is replaced, any other non-empty folder refused.")
 @click.option("--denoiser", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="A model directory with a 'denoiser' component, or a train-denoiser run directory (a model "
@@ -23,7 +23,7 @@ def import_keras_cmd(weights: Path, out_dir: Path, denoiser: Path | None) -> Non
     were never published, so pair it with a denoiser trained here (--denoiser); the model card says so.
     """
     # Heavy imports (torch, h5py) happen here, not at `covidctnet --help`.
-    from covidctnet.keras_import import import_keras_model
+    from covidctnet.models.keras_import import import_keras_model
 
     md = import_keras_model(weights, out_dir, denoiser=denoiser)
     parts = ", ".join(sorted(md.config["components"]))

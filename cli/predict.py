@@ -6,7 +6,9 @@ import sys
 from pathlib import Path
 
 import click
+from covidctnet.cli.options import config_file_option, config_option, device_option, out_option
 
+_CONFIG = "covidctnet.inference.predict:PredictConfig"
 from covidctnet.cli._common import batch_exit, echo_error_row
 
 
@@ -31,39 +33,27 @@ def _print_report(summary, out_dir: Path) -> None:
     type=click.Path(path_type=Path),
     help="Model directory with denoiser and classifier components (config.yaml, *.safetensors, SHA256SUMS).",
 )
-@click.option(
-    "-o",
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Output folder: report.csv, report.json (and residuals/overlays with --save-residuals).",
-)
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="YAML overriding configs/predict.yaml.",
-)
-@click.option("--batch-size", type=int, default=None, help="Slices per denoiser forward pass (default 8).")
-@click.option("--device", default=None, help="auto (CUDA when present), cpu or cuda[:N] (default auto).")
-@click.option(
+@out_option("Output folder: report.csv, report.json (and residuals/overlays with --save-residuals).")
+@config_file_option("predict.yaml")
+@config_option(_CONFIG, "--batch-size", type=int, help="Slices per denoiser forward pass.")
+@device_option(_CONFIG)
+@config_option(
+    _CONFIG,
     "--save-residuals",
     is_flag=True,
-    default=None,
     help="Write <id>_residual.nii.gz and an overlay PNG (axial, coronal, sagittal) per study.",
 )
-@click.option(
+@config_option(
+    _CONFIG,
     "--backend",
     type=click.Choice(["torch", "onnx"]),
-    default=None,
-    help="torch (default) or onnx: onnxruntime on the CPU; --model is then an `export-onnx` output folder.",
+    help="torch, or onnx: onnxruntime on the CPU; --model is then an `export-onnx` output folder.",
 )
-@click.option(
+@config_option(
+    _CONFIG,
     "--precision",
     type=click.Choice(["fp32", "bf16"]),
-    default=None,
-    help="Denoiser arithmetic (torch backend): fp32 (default) or bf16, several times faster on CPUs with AMX.",
+    help="Denoiser arithmetic (torch backend): fp32, or bf16, several times faster on CPUs with AMX.",
 )
 @click.option("--workers", type=int, default=0, show_default=True,
               help="Worker processes, each with its own copy of the model; 0 predicts in this process.")
@@ -78,8 +68,8 @@ def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, sav
     Runs preprocess -> BCDU-Net denoising -> residual -> 3D CNN and writes OUT/report.csv and report.json.
     A bad study is reported and the others are still predicted (exit code 1); 2 if every study failed.
     """
-    from covidctnet.config import load_config
-    from covidctnet.predict import PredictConfig, predict_studies
+    from covidctnet.core.config import load_config
+    from covidctnet.inference.predict import PredictConfig, predict_studies
 
     cfg = load_config(
         PredictConfig,
@@ -94,22 +84,15 @@ def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, sav
 
 
 @click.command("demo")
-@click.option(
-    "-o",
-    "--out",
-    "out_dir",
-    default="covidctnet-demo",
-    show_default=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Output folder.",
-)
+@out_option("Output folder.", default="covidctnet-demo", show_default=True)
 def demo_cmd(out_dir):
     """Predict the bundled real chest CT with the bundled demonstration model and print the report.
 
     The demonstration weights were trained by this project on a handful of scans: they show the pipeline working end
     to end and are not a diagnostic model (see covidctnet/assets/demo_model/MODEL_CARD.md).
     """
-    from covidctnet.predict import DEMO_MODEL, DEMO_SCAN, run_demo
+    from covidctnet.inference.predict import DEMO_SCAN, run_demo
+    from covidctnet.models.registry import DEMO_MODEL
 
     click.echo(f"scan:  {DEMO_SCAN}\nmodel: {DEMO_MODEL}")
     summary = run_demo(out_dir, on_result=echo_error_row)

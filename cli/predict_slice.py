@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import click
+from covidctnet.cli.options import device_option
 
 
 @click.command("predict-slice")
@@ -16,9 +17,9 @@ import click
               help="Output CSV: file, p_covid, predicted (covid/noncovid), status, error.")
 @click.option("--cam", "cam_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write Grad-CAM overlays (<stem>_cam.png, class COVID-19) into this folder.")
-@click.option("--threshold", type=float, default=None, help="p_covid threshold  [default: the model's, 0.5].")
+@click.option("--threshold", type=float, default=None, help="p_covid threshold  [default: the model's threshold].")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per forward pass.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option()
 @click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
               help="onnx: onnxruntime on the CPU; --model is then an `export-onnx` output folder (no --cam).")
 def predict_slice_cmd(inputs, model_dir, out_csv, cam_dir, threshold, batch_size, device, backend):
@@ -27,7 +28,7 @@ def predict_slice_cmd(inputs, model_dir, out_csv, cam_dir, threshold, batch_size
     A bad image gets an error row (status=error) and the others go on; the exit code is then 1 (2 if all failed,
     and then no CSV is written).
     """
-    from covidctnet.slice_training import predict_slices
+    from covidctnet.inference.predict_slice import predict_slices
 
     summary = predict_slices(inputs, out_csv, model_dir=model_dir, cam_dir=cam_dir, device=device,
                              batch_size=batch_size, threshold=threshold, backend=backend,

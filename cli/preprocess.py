@@ -6,34 +6,24 @@ import sys
 from pathlib import Path
 
 import click
+from covidctnet.cli.options import config_file_option, config_option, out_option
 
+_CONFIG = "covidctnet.preprocessing.preprocess:PreprocessConfig"
 from covidctnet.cli._common import batch_exit, echo_error_row
 
 
 @click.command("preprocess")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option(
-    "-o",
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Output folder: <study_id>.nii.gz, manifest.csv, preprocess.yaml.",
-)
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    help="YAML overriding configs/preprocess.yaml.",
-)
-@click.option(
+@out_option("Output folder: <study_id>.nii.gz, manifest.csv, preprocess.yaml.")
+@config_file_option("preprocess.yaml")
+@config_option(
+    _CONFIG,
     "--profile",
     type=click.Choice(["default", "official"]),
-    default=None,
-    help="default: MONAI chain, 240x240, clip  [default]. official: the official CovidCTNet numerics "
+    help="default: MONAI chain, 240x240, clip. official: the official CovidCTNet numerics "
     "(cubic zoom, out-of-window HU set to -1000, 128x128) for its published weights.",
 )
-@click.option("--size", "size_xy", type=int, default=None, help="In-plane output size in voxels (default 240).")
+@config_option(_CONFIG, "--size", "size_xy", type=int, help="In-plane output size in voxels.")
 @click.option(
     "--workers",
     type=int,
@@ -61,8 +51,8 @@ def preprocess_cmd(inputs, out_dir, config_path, profile, size_xy, workers, sche
     2 if all did.
     """
     # Heavy imports (torch, MONAI) happen here, not at `covidctnet --help`.
-    from covidctnet.config import load_config
-    from covidctnet.preprocess import OFFICIAL_PROFILE, PreprocessConfig, preprocess_studies
+    from covidctnet.core.config import load_config
+    from covidctnet.preprocessing.preprocess import OFFICIAL_PROFILE, PreprocessConfig, preprocess_studies
 
     cfg = load_config(
         PreprocessConfig,

@@ -7,24 +7,24 @@ import sys
 from pathlib import Path
 
 import click
+from covidctnet.cli.options import config_file_option, config_option, device_option, out_option
 
 _ARCHS = ["densenet121", "densenet169", "resnet18", "resnet50"]
+_CONFIG = "covidctnet.training.simclr:PretrainSliceConfig"
 
 
 @click.command("pretrain-slice")
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("-o", "--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run folder: checkpoints/, metrics.csv, loss_curve.png, encoder/ (for train-slice --init).")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="YAML overriding configs/pretrain_slice.yaml.")
-@click.option("--arch", type=click.Choice(_ARCHS), default=None, help="MONAI 2D network  [default: resnet18].")
-@click.option("--size", type=int, default=None, help="Square input size in pixels  [default: 160].")
-@click.option("--epochs", type=int, default=None, help="Pretraining epochs  [default: 20].")
-@click.option("--batch-size", type=int, default=None, help="Images per step (2 views each)  [default: 32].")
-@click.option("--lung-mask/--no-lung-mask", default=None, help="Add the classical lung mask as a 2nd channel.")
-@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N  [default: auto].")
-@click.option("--seed", type=int, default=None, help="Seed  [default: 0].")
-@click.option("--workers", type=int, default=None, help="DataLoader workers  [default: 0].")
+@out_option("Run folder: checkpoints/, metrics.csv, loss_curve.png, encoder/ (for train-slice --init).", "run_dir")
+@config_file_option("pretrain_slice.yaml")
+@config_option(_CONFIG, "--arch", type=click.Choice(_ARCHS), help="MONAI 2D network.")
+@config_option(_CONFIG, "--size", type=int, help="Square input size in pixels.")
+@config_option(_CONFIG, "--epochs", type=int, help="Pretraining epochs.")
+@config_option(_CONFIG, "--batch-size", type=int, help="Images per step (2 views each).")
+@config_option(_CONFIG, "--lung-mask/--no-lung-mask", help="Add the classical lung mask as a 2nd channel.")
+@device_option(_CONFIG)
+@config_option(_CONFIG, "--seed", type=int, help="Seed.")
+@config_option(_CONFIG, "--workers", type=int, help="DataLoader workers.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
 def pretrain_slice_cmd(data, run_dir, config_path, arch, size, epochs, batch_size, lung_mask, device, seed, workers,
                        resume):
@@ -32,8 +32,8 @@ def pretrain_slice_cmd(data, run_dir, config_path, arch, size, epochs, batch_siz
 
     The encoder in OUT/encoder starts `covidctnet train-slice --init OUT/encoder` (same arch, size, lung mask).
     """
-    from covidctnet.config import load_config
-    from covidctnet.slice_training import PretrainSliceConfig, pretrain_slice
+    from covidctnet.core.config import load_config
+    from covidctnet.training.simclr import PretrainSliceConfig, pretrain_slice
 
     overrides = {"arch": arch, "size": size, "epochs": epochs, "batch_size": batch_size, "lung_mask": lung_mask,
                  "device": device, "seed": seed, "workers": workers}

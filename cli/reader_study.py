@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from covidctnet.cli.options import config_file_option, config_option, out_option
+
+_CONFIG = "covidctnet.evaluation.reader_study:ReaderStudyConfig"
 
 __all__ = ["reader_study_cmd"]
 
@@ -32,21 +35,14 @@ __all__ = ["reader_study_cmd"]
     type=click.Path(dir_okay=False, path_type=Path),
     help="Truth CSV: case_id,label.",
 )
-@click.option(
-    "-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Output folder."
-)
-@click.option(
+@out_option("Output folder.")
+@config_option(
+    _CONFIG,
     "--threshold",
     type=click.FloatRange(0.0, 1.0),
-    default=None,
-    help="The model's 2-class threshold on p_covid. Default: argmax of the probabilities.",
+    help="The model's 2-class threshold on p_covid; none: argmax of the probabilities.",
 )
-@click.option(
-    "--config",
-    type=click.Path(dir_okay=False, path_type=Path),
-    default=None,
-    help="YAML overriding configs/reader_study.yaml (ci_level, n_bootstrap, seed, prob_tolerance).",
-)
+@config_file_option("reader_study.yaml")
 def reader_study_cmd(
     reader_files: tuple[Path, ...],
     model_csv: Path,
@@ -54,7 +50,7 @@ def reader_study_cmd(
     truth_csv: Path,
     out_dir: Path,
     threshold: float | None,
-    config: Path | None,
+    config_path: Path | None,
 ) -> None:
     """Compare the model with readers on the same cases, in the layout of the CovidCTNet reader study.
 
@@ -64,10 +60,10 @@ def reader_study_cmd(
     kappa), report.md and roc.png to --out. Every file must hold exactly the truth's cases; bad input writes nothing.
     """
     # click options take one value each, so the files after the first `--readers` arrive as arguments: join them
-    from covidctnet.config import load_config
-    from covidctnet.reader_study import ReaderStudyConfig, run_reader_study
+    from covidctnet.core.config import load_config
+    from covidctnet.evaluation.reader_study import ReaderStudyConfig, run_reader_study
 
-    cfg = load_config(ReaderStudyConfig, config, {"threshold": threshold})
+    cfg = load_config(ReaderStudyConfig, config_path, {"threshold": threshold})
     result = run_reader_study(model_csv, [*readers, *reader_files], truth_csv, out_dir, cfg)
     for row in result["table"]:
         acc = row["accuracy_2class"]["value"]

@@ -6,23 +6,22 @@ import sys
 from pathlib import Path
 
 import click
+from covidctnet.cli.options import config_file_option, config_option, device_option, out_option
 
+_CONFIG = "covidctnet.inference.residuals:ResidualGrid"
 from covidctnet.cli._common import batch_exit, echo_error_row
 
 
 @click.command("residuals")
 @click.argument("preprocessed", type=click.Path(path_type=Path))
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Output folder: <study_id>_residual.nii.gz, manifest.csv, residuals.yaml.")
+@out_option("Output folder: <study_id>_residual.nii.gz, manifest.csv, residuals.yaml.")
 @click.option("--denoiser", required=True, type=click.Path(path_type=Path),
               help="Denoiser model directory, or a train-denoiser run folder holding model/.")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Classifier YAML giving depth and size_xy (configs/classifier.yaml layout; its other keys are "
-                   "validated, not used).")
-@click.option("--depth", type=int, default=None, help="Slices of the residual stack (default 50).")
-@click.option("--size", "size_xy", type=int, default=None, help="In-plane size of the residual stack (default 240).")
+@config_file_option("residuals.yaml")
+@config_option(_CONFIG, "--depth", type=int, help="Slices of the residual stack.")
+@config_option(_CONFIG, "--size", "size_xy", type=int, help="In-plane size of the residual stack.")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Slices per denoiser forward pass.")
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
+@device_option()
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="Denoiser arithmetic; bf16 is several times faster on CPUs with AMX (use the same for training "
                    "and predict).")
@@ -40,7 +39,7 @@ def residuals_cmd(preprocessed, out_dir, denoiser, config_path, depth, size_xy, 
     One bad study is recorded in manifest.csv and the others go on; the exit code is 1 if some failed, 2 if all did.
     """
     # Heavy imports (torch, MONAI) happen here, not at `covidctnet --help`.
-    from covidctnet.residuals import compute_residuals, read_residual_grid
+    from covidctnet.inference.residuals import compute_residuals, read_residual_grid
 
     grid = read_residual_grid(config_path, depth=depth, size_xy=size_xy)
     summary = compute_residuals(preprocessed, out_dir, denoiser, grid, batch_size=batch_size, device=device,

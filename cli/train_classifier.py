@@ -7,6 +7,9 @@ import sys
 from pathlib import Path
 
 import click
+from covidctnet.cli.options import config_file_option, config_option, device_option, out_option
+
+_CONFIG = "covidctnet.training.classifier:ClassifierConfig"
 
 
 @click.command("train-classifier")
@@ -14,20 +17,17 @@ import click
 @click.option("--labels", "labels", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="CSV study_id,label[,patient_id] (control/covid/cap, aliases or 0/1/2). Default: the label "
                    "column of RESIDUALS/manifest.csv.")
-@click.option("-o", "--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run folder: split.csv, checkpoints/, metrics.csv, loss_curve.png, roc.png, confusion.png, model/.")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="YAML overriding configs/classifier.yaml.")
+@out_option("Run folder: split.csv, checkpoints/, metrics.csv, loss_curve.png, roc.png, confusion.png, model/.",
+            "run_dir")
+@config_file_option("classifier.yaml")
 @click.option("--split-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="CSV study_id,split (train/val/test) instead of a seeded patient-level split.")
-@click.option("--arch", default=None,
-              help="covidctnet3d (official CNN) or a MONAI 3D net: densenet121, resnet18, …  "
-                   "[default: covidctnet3d].")
-@click.option("--epochs", type=int, default=None, help="Maximum training epochs  [default: 50].")
-@click.option("--batch-size", type=int, default=None, help="Volumes per step and process  [default: 4].")
-@click.option("--seed", type=int, default=None, help="Seed of split, weights, data order, augmentation  [default: 0].")
-@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N  [default: auto].")
-@click.option("--workers", type=int, default=None, help="DataLoader workers (0 = this process)  [default: 0].")
+@config_option(_CONFIG, "--arch", help="covidctnet3d (official CNN) or a MONAI 3D net: densenet121, resnet18, ….")
+@config_option(_CONFIG, "--epochs", type=int, help="Maximum training epochs.")
+@config_option(_CONFIG, "--batch-size", type=int, help="Volumes per step and process.")
+@config_option(_CONFIG, "--seed", type=int, help="Seed of split, weights, data order, augmentation.")
+@device_option(_CONFIG)
+@config_option(_CONFIG, "--workers", type=int, help="DataLoader workers (0 = this process).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt (with OUT/split.csv).")
 def train_classifier_cmd(residuals, labels, run_dir, config_path, split_file, arch, epochs, batch_size, seed, device,
                          workers, resume):
@@ -38,8 +38,8 @@ def train_classifier_cmd(residuals, labels, run_dir, config_path, split_file, ar
     (OUT/model). Under `torchrun --nproc_per_node N` it runs DistributedDataParallel.
     """
     # heavy imports here, not at module level: `covidctnet --help` must not load torch
-    from covidctnet.classifier_training import ClassifierConfig, train_classifier
-    from covidctnet.config import load_config
+    from covidctnet.core.config import load_config
+    from covidctnet.training.classifier import ClassifierConfig, train_classifier
 
     overrides = {"arch": arch, "epochs": epochs, "batch_size": batch_size, "seed": seed, "device": device,
                  "workers": workers}

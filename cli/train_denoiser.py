@@ -6,16 +6,17 @@ import sys
 from pathlib import Path
 
 import click
+from covidctnet.cli.options import config_file_option, config_option, device_option, out_option
+
+_CONFIG = "covidctnet.training.denoiser:DenoiserConfig"
 
 
 @click.command("train-denoiser")
 @click.argument("data", type=click.Path(path_type=Path))
-@click.option("-o", "--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run folder: checkpoints/, metrics.csv, loss_curve.png, samples/, and model/ at the end.")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="YAML overriding configs/denoiser.yaml (with --resume: default is RUN_DIR/config.yaml).")
-@click.option("--device", type=str, default=None, help="auto | cpu | cuda | cuda:N  [default: auto]")
-@click.option("--epochs", type=int, default=None, help="Total epochs (overrides the config; default 20).")
+@out_option("Run folder: checkpoints/, metrics.csv, loss_curve.png, samples/, and model/ at the end.", "run_dir")
+@config_file_option("denoiser.yaml", "; with --resume, RUN_DIR/config.yaml")
+@device_option(_CONFIG)
+@config_option(_CONFIG, "--epochs", type=int, help="Total epochs (overrides the config).")
 @click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="labels CSV (study_id,label): train on its 'control' studies.")
 @click.option("--studies", default=None, help="Comma-separated control study ids (overrides labels).")
@@ -28,8 +29,8 @@ def train_denoiser_cmd(data, run_dir, config_path, device, epochs, labels_path, 
     multi-node: `torchrun --nproc_per_node N $(which covidctnet) train-denoiser ...`.
     """
     # Heavy imports (torch, MONAI) happen here, not at `covidctnet --help`.
-    from covidctnet.config import load_config
-    from covidctnet.denoiser_training import DenoiserConfig, train_denoiser
+    from covidctnet.core.config import load_config
+    from covidctnet.training.denoiser import DenoiserConfig, train_denoiser
 
     base = config_path
     if base is None and resume and (run_dir / "config.yaml").is_file():

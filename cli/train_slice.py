@@ -7,26 +7,26 @@ import sys
 from pathlib import Path
 
 import click
+from covidctnet.cli.options import config_file_option, config_option, device_option, out_option
 
 _ARCHS = ["densenet121", "densenet169", "resnet18", "resnet50"]
+_CONFIG = "covidctnet.training.slice:SliceTrainConfig"
 
 
 @click.command("train-slice")
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("-o", "--out", "run_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run folder: checkpoints/, metrics.csv, loss_curve.png, roc.png, confusion.png, model/.")
-@click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="YAML overriding configs/slice.yaml.")
-@click.option("--arch", type=click.Choice(_ARCHS), default=None, help="MONAI 2D network  [default: resnet18].")
-@click.option("--size", type=int, default=None, help="Square input size in pixels (paper: 480)  [default: 160].")
-@click.option("--epochs", type=int, default=None, help="Training epochs (cosine period)  [default: 30].")
-@click.option("--batch-size", type=int, default=None, help="Images per step and process  [default: 16].")
-@click.option("--lung-mask/--no-lung-mask", default=None, help="Add a classical lung mask as a 2nd input channel.")
+@out_option("Run folder: checkpoints/, metrics.csv, loss_curve.png, roc.png, confusion.png, model/.", "run_dir")
+@config_file_option("slice.yaml")
+@config_option(_CONFIG, "--arch", type=click.Choice(_ARCHS), help="MONAI 2D network.")
+@config_option(_CONFIG, "--size", type=int, help="Square input size in pixels (paper: 480).")
+@config_option(_CONFIG, "--epochs", type=int, help="Training epochs (cosine period).")
+@config_option(_CONFIG, "--batch-size", type=int, help="Images per step and process.")
+@config_option(_CONFIG, "--lung-mask/--no-lung-mask", help="Add a classical lung mask as a 2nd input channel.")
 @click.option("--init", "init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Model directory from pretrain-slice (or train-slice) whose encoder starts the training.")
-@click.option("--device", default=None, help="auto, cpu, cuda or cuda:N  [default: auto].")
-@click.option("--seed", type=int, default=None, help="Seed of weights, data order and augmentation  [default: 0].")
-@click.option("--workers", type=int, default=None, help="DataLoader workers (0 = this process)  [default: 0].")
+@device_option(_CONFIG)
+@config_option(_CONFIG, "--seed", type=int, help="Seed of weights, data order and augmentation.")
+@config_option(_CONFIG, "--workers", type=int, help="DataLoader workers (0 = this process).")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
 def train_slice_cmd(data, run_dir, config_path, arch, size, epochs, batch_size, lung_mask, init, device, seed,
                     workers, resume):
@@ -36,8 +36,8 @@ def train_slice_cmd(data, run_dir, config_path, arch, size, epochs, batch_size, 
     matrix and a model directory (OUT/model) for predict-slice. Under `torchrun --nproc_per_node N` it runs
     DistributedDataParallel.
     """
-    from covidctnet.config import load_config
-    from covidctnet.slice_training import SliceTrainConfig, train_slice
+    from covidctnet.core.config import load_config
+    from covidctnet.training.slice import SliceTrainConfig, train_slice
 
     overrides = {"arch": arch, "size": size, "epochs": epochs, "batch_size": batch_size, "lung_mask": lung_mask,
                  "init": str(init) if init else None, "device": device, "seed": seed, "workers": workers}

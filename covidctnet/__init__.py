@@ -5,7 +5,6 @@ Importing the package is cheap: heavy dependencies (torch, MONAI) are imported b
 
 __version__ = "0.1.0"
 
-CLASS_NAMES: tuple[str, ...] = ("control", "covid", "cap")
-"""Class order of the 3D classifier (index 0, 1, 2), as in the official CovidCTNet model."""
+from covidctnet.core.labels import CLASS_NAMES
 
 __all__ = ["CLASS_NAMES", "__version__"]

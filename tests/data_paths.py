@@ -25,3 +25,23 @@ def require_data(*parts: str) -> Path:
             pytest.fail(msg)
         pytest.skip(msg)
     return path
+
+
+CONTROL = "control-normal001"
+"""The control series used for denoiser and residual tests (32 slices of ``ct-dicom/``)."""
+SIZE = 64
+
+
+def preprocessed_control(tmp_path_factory: pytest.TempPathFactory, size: int = SIZE) -> Path:
+    """The shared control DICOM series through ``preprocess_studies`` at ``size``, once per test session.
+
+    Shared by the denoiser and residual tests through a folder in the session's base temp dir (a session fixture
+    imported into several modules would run once per module).
+    """
+    from covidctnet.preprocessing.preprocess import PreprocessConfig, preprocess_studies
+
+    out = tmp_path_factory.getbasetemp() / f"preprocessed_control_{size}"
+    if not (out / "preprocess.yaml").is_file():
+        summary = preprocess_studies([require_data("ct-dicom", CONTROL)], out, PreprocessConfig(size_xy=size))
+        assert summary.n_failed == 0, summary.errors
+    return out

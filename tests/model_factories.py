@@ -16,10 +16,10 @@ def tiny_denoiser_dir(out: Path, size: int = SIZE, seed: int = 0) -> Path:
     """A valid denoiser model directory (BCDU-Net width 4) for data preprocessed at ``size``."""
     import torch
 
-    from covidctnet.config import config_to_dict
-    from covidctnet.model_dir import save_model_dir
+    from covidctnet.core.config import config_to_dict
+    from covidctnet.core.model_dir import save_model_dir
     from covidctnet.models.bcdunet import BCDUNet
-    from covidctnet.preprocess import PreprocessConfig
+    from covidctnet.preprocessing.preprocess import PreprocessConfig
 
     torch.manual_seed(seed)
     net = BCDUNet(features=4)
@@ -39,11 +39,11 @@ def tiny_predict_model(out: Path, size: int = SIZE, depth: int = DEPTH, seed: in
     """
     import torch
 
-    from covidctnet.config import config_to_dict
-    from covidctnet.model_dir import save_model_dir
+    from covidctnet.core.config import config_to_dict
+    from covidctnet.core.model_dir import save_model_dir
     from covidctnet.models.bcdunet import BCDUNet
     from covidctnet.models.cnn3d import build_classifier
-    from covidctnet.preprocess import PreprocessConfig
+    from covidctnet.preprocessing.preprocess import PreprocessConfig
 
     torch.manual_seed(seed)
     denoiser = BCDUNet(features=4)

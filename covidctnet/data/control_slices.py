@@ -36,7 +36,12 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from covidctnet.errors import ConfigError, InputError, LabelError, ShapeError, SplitError
+from covidctnet.core.errors import ConfigError, InputError, LabelError, ShapeError, SplitError
+from covidctnet.core.labels import normalize_label, read_labels_csv
+from covidctnet.core.seeding import derive_seed
+from covidctnet.io.batch import read_manifest
+from covidctnet.io.volume import read_nifti
+from covidctnet.preprocessing.perlin import RandPerlinNoise
 
 __all__ = [
     "ControlSplit",
@@ -83,9 +88,6 @@ def select_control_studies(
         InputError: no ``manifest.csv``; a requested study is missing or not ``ok`` in it.
         LabelError: no control study found (the message says how to pick them).
     """
-    from covidctnet.batch import read_manifest
-    from covidctnet.labels import normalize_label, read_labels_csv
-
     data_dir = Path(data_dir)
     manifest = data_dir / "manifest.csv"
     rows = read_manifest(manifest)
@@ -126,7 +128,6 @@ def select_control_studies(
 
 
 def _read_preprocessed(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    from covidctnet.io import read_nifti
 
     volume = read_nifti(path)
     array = volume.array
@@ -153,8 +154,6 @@ def load_slices(
         InputError: unreadable file or values outside [0, 1].
         ShapeError: a volume is not ``size_xy`` × ``size_xy`` in-plane.
     """
-    from covidctnet.batch import read_manifest
-
     data_dir = Path(data_dir)
     rows = read_manifest(data_dir / "manifest.csv")
     outputs = {r["study_id"]: r.get("output") or f"{r['study_id']}.nii.gz" for r in rows}
@@ -188,7 +187,6 @@ class ControlSplit:
         train_ids, val_ids: studies contributing training / validation slices (the same single id in mode slices).
         train, val: the slices.
     """
-
     mode: Literal["studies", "slices"]
     train_ids: tuple[str, ...]
     val_ids: tuple[str, ...]
@@ -197,7 +195,6 @@ class ControlSplit:
 
     def to_dict(self) -> dict[str, Any]:
         """A YAML-friendly summary (ids, and slice indices per study)."""
-
         def per_study(pairs: Sequence[tuple[str, int]]) -> dict[str, list[int]]:
             out: dict[str, list[int]] = {}
             for sid, k in pairs:
@@ -291,7 +288,7 @@ def noise_transform_kwargs(
     octaves: int = 10,
     amplitude: float = 1.0,
 ) -> dict[str, Any]:
-    """Arguments of :class:`covidctnet.noise.RandPerlinNoise` for slices of ``size_xy`` pixels.
+    """Arguments of :class:`covidctnet.preprocessing.perlin.RandPerlinNoise` for slices of ``size_xy`` pixels.
 
     The official ``scale`` (pixels per lattice cell, ``randint(10, 30)``) was meant for 128×128 slices; with
     ``reference_size`` set, the range is multiplied by ``size_xy / reference_size`` so the noise keeps the same size
@@ -329,7 +326,7 @@ class ControlSliceDataset(torch.utils.data.Dataset):
             ``stacks`` may be freed afterwards.
         seed: run seed; the noise of item ``i`` in epoch ``e`` comes from ``derive_seed(seed, e, i)``.
         noise_fraction: share of each batch to noise, ``int(B * noise_fraction)`` slices (official 0.5).
-        noise_kwargs: :class:`~covidctnet.noise.RandPerlinNoise` arguments (see :func:`noise_transform_kwargs`).
+        noise_kwargs: :class:`~covidctnet.preprocessing.perlin.RandPerlinNoise` arguments (see :func:`noise_transform_kwargs`).
 
     ``dataset[i]`` is ``(i, clean)`` with ``clean`` a ``(1, H, W)`` float32 tensor in [0, 1];
     ``collate(items)`` returns ``{"image": (B, 1, H, W) input, "target": (B, 1, H, W) clean,
@@ -340,7 +337,6 @@ class ControlSliceDataset(torch.utils.data.Dataset):
         >>> ds.set_epoch(0)
         >>> batch = ds.collate([ds[i] for i in range(5)])  # batch["noised"] == [True, True, False, False, False]
     """
-
     def __init__(
         self,
         stacks: Mapping[str, np.ndarray],
@@ -374,7 +370,6 @@ class ControlSliceDataset(torch.utils.data.Dataset):
     @property
     def noiser(self) -> Any:
         if self._noiser is None:  # built lazily: DataLoader workers unpickle the dataset and build their own
-            from covidctnet.noise import RandPerlinNoise
 
             self._noiser = RandPerlinNoise(prob=1.0, **self.noise_kwargs)
         return self._noiser
@@ -386,8 +381,6 @@ class ControlSliceDataset(torch.utils.data.Dataset):
 
     def collate(self, items: Sequence[tuple[int, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Stack items and noise the first ``int(B * noise_fraction)`` of them (official half-noised batches)."""
-        from covidctnet.training import derive_seed
-
         clean = torch.stack([img for _, img in items])
         image = clean.clone()
         n_noisy = int(len(items) * self.noise_fraction)
@@ -409,9 +402,6 @@ def noised_validation_set(
     Returns:
         ``(noisy, clean)``, each ``(N, 1, H, W)`` float32; ``noisy`` is not clipped (as in training).
     """
-    from covidctnet.noise import RandPerlinNoise
-    from covidctnet.training import derive_seed
-
     if not slices:
         raise SplitError("no validation slice selected")
     clean = torch.from_numpy(np.stack([stacks[s][k] for s, k in slices])[:, None].copy())

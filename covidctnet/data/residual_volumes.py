@@ -3,7 +3,7 @@
 The residual NIfTI written by ``covidctnet residuals`` is ``(X, Y, Z)`` in RAS+ (``size_xy × size_xy × depth``,
 float32, signed: input − denoised). The network takes ``(C, D, H, W)``. The one conversion between the two is
 :func:`residual_to_network_input`, shared by training and prediction; it uses the official CovidCTNet layout
-(:func:`covidctnet.preprocess.ras_to_official_layout`): ``D`` = slices inferior → superior, ``H`` = image rows
+(:func:`covidctnet.preprocessing.preprocess.ras_to_official_layout`): ``D`` = slices inferior → superior, ``H`` = image rows
 anterior → posterior, ``W`` = image columns patient-right → patient-left (an axial slice as a radiologist views it,
 and as the official code stacked its pydicom slices). Keeping the official layout matters for imported official
 weights: the Dense layer after Flatten is position dependent, so a transposed or flipped volume is a different input.
@@ -20,7 +20,6 @@ the axial plane, isotropic-ish scaling, translation; zero padding = "no residual
 from __future__ import annotations
 
 import csv
-import io
 import logging
 import math
 import os
@@ -33,8 +32,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from covidctnet.errors import InputError, LabelError, NonFiniteError, ShapeError, SplitError, UnreadableFileError
-from covidctnet.labels import CLASS_NAMES, label_index, read_labels_csv
+from covidctnet.core.errors import InputError, LabelError, NonFiniteError, ShapeError, SplitError, UnreadableFileError
+from covidctnet.core.files import write_csv
+from covidctnet.core.labels import CLASS_NAMES, label_index, read_labels_csv
+from covidctnet.core.seeding import derive_seed
+from covidctnet.io.batch import read_manifest
+from covidctnet.preprocessing.preprocess import ras_to_official_layout
 
 __all__ = [
     "SPLITS",
@@ -73,14 +76,12 @@ def residual_to_network_input(array: np.ndarray) -> torch.Tensor:
 
     Returns:
         (1, D, H, W) float32 contiguous tensor: D = slices inferior → superior, H = rows anterior → posterior,
-        W = columns patient-right → patient-left (:func:`covidctnet.preprocess.ras_to_official_layout`).
+        W = columns patient-right → patient-left (:func:`covidctnet.preprocessing.preprocess.ras_to_official_layout`).
         Intensities are left as they are (signed residuals; no normalisation, as in the official code).
 
     Raises:
         ShapeError: ``array`` is not 3-D.
     """
-    from covidctnet.preprocess import ras_to_official_layout
-
     array = np.asarray(array)
     if array.ndim != 3:
         raise ShapeError(f"a residual volume must be 3-D (X, Y, Z), not shape {array.shape}")
@@ -141,7 +142,6 @@ class ResidualRecord:
         label: class index (0 control, 1 covid, 2 cap).
         patient_id: patient the study belongs to (the study id unless the labels CSV says otherwise).
     """
-
     study_id: str
     path: Path
     label: int
@@ -162,8 +162,6 @@ def find_residuals(residuals_dir: str | os.PathLike) -> tuple[dict[str, Path], d
         InputError: no ``manifest.csv``, or no ``ok`` row in it.
         UnreadableFileError: an ``ok`` row whose file is missing.
     """
-    from covidctnet.batch import read_manifest
-
     residuals_dir = Path(residuals_dir)
     manifest = residuals_dir / "manifest.csv"
     rows = read_manifest(manifest)
@@ -216,7 +214,7 @@ def build_records(
     Args:
         residuals_dir: output folder of ``covidctnet residuals``.
         labels: labels CSV (``study_id,label[,patient_id]``; names, aliases or indices, see
-            :func:`covidctnet.labels.normalize_label`). None: use the ``label`` column of the residuals manifest.
+            :func:`covidctnet.core.labels.normalize_label`). None: use the ``label`` column of the residuals manifest.
 
     Returns:
         Records sorted by study id. Residuals without a label are skipped (logged).
@@ -302,7 +300,7 @@ class ResidualVolumeDataset(Dataset):
 
     Items are ``{"image": (1, D, H, W) float32, "label": int64 scalar, "index": int64 scalar}``; D, H, W follow
     :func:`residual_to_network_input`. With a ``transform``, item ``i`` of epoch ``e`` is augmented with the random
-    state ``derive_seed(seed, e, i)`` (the :class:`~covidctnet.training.Trainer` calls :meth:`set_epoch`).
+    state ``derive_seed(seed, e, i)`` (the :class:`~covidctnet.training.trainer.Trainer` calls :meth:`set_epoch`).
 
     Args:
         records: the studies (see :func:`build_records`).
@@ -312,7 +310,6 @@ class ResidualVolumeDataset(Dataset):
         cache: keep volumes in memory after the first read (``4 · depth · size_xy²`` bytes each, 11.5 MB at the
             default 50×240×240); turn off for large sets.
     """
-
     def __init__(
         self,
         records: Sequence[ResidualRecord],
@@ -359,7 +356,6 @@ class ResidualVolumeDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         x = self.volume(index)
         if self.transform is not None:
-            from covidctnet.training import derive_seed
 
             self.transform.set_random_state(seed=derive_seed(self.seed, self.epoch, index) % 2**32)
             x = self.transform(x)
@@ -528,12 +524,7 @@ def write_split_csv(path: str | os.PathLike, records: Sequence[ResidualRecord], 
 
     The file is itself a valid split file for :func:`read_split_file`.
     """
-    from covidctnet.utils import atomic_write_text
-
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["study_id", "patient_id", "label", "split"])
-    chosen = [r for r in records if r.study_id in assignment]
-    for rec in sorted(chosen, key=lambda r: (SPLITS.index(assignment[r.study_id]), r.study_id)):
-        writer.writerow([rec.study_id, rec.patient_id, rec.label_name, assignment[rec.study_id]])
-    atomic_write_text(path, buf.getvalue())
+    chosen = sorted((r for r in records if r.study_id in assignment),
+                    key=lambda r: (SPLITS.index(assignment[r.study_id]), r.study_id))
+    write_csv(path, ["study_id", "patient_id", "label", "split"],
+              ([rec.study_id, rec.patient_id, rec.label_name, assignment[rec.study_id]] for rec in chosen))

@@ -9,7 +9,7 @@ Layouts read:
 
   The split lists are one file name per line; the NonCOVID lists have Windows line endings and no final newline.
   A split whose list is absent (the test split here) is simply unavailable. Every listed file must exist, and no
-  file may be listed in two splits (:class:`~covidctnet.errors.SplitError` otherwise).
+  file may be listed in two splits (:class:`~covidctnet.core.errors.SplitError` otherwise).
 * **Folder per class**: ``ROOT/<class>/*`` for one set, or ``ROOT/<split>/<class>/*`` with ``split`` in
   ``train``/``val``/``test``. Class folders are read with the label aliases (``covid``, ``CT_COVID``, ``COVID-19``,
   ``noncovid``, ``CT_NonCOVID``, ``normal``, ``control``, ``cap`` …; every non-COVID class is negative).
@@ -34,7 +34,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from covidctnet.errors import LabelError, SplitError, UnreadableFileError
+from covidctnet.core.errors import LabelError, SplitError, UnreadableFileError
+from covidctnet.core.labels import normalize_any_label
+from covidctnet.core.seeding import derive_seed
+from covidctnet.preprocessing.lungmask2d import lung_mask
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -138,8 +141,6 @@ def label_of_folder(name: str) -> int:
     Raises:
         LabelError: the folder name is no known class.
     """
-    from covidctnet.labels import normalize_any_label
-
     return int(normalize_any_label(name, f"class folder {name!r}") == "covid")
 
 
@@ -256,8 +257,6 @@ def prepare_slice(image: np.ndarray, size: int, with_lung_mask: bool) -> np.ndar
 
     Intensities stay in [0, 1] here; the transforms normalise them (:func:`build_slice_transforms`).
     """
-    from covidctnet.lungmask2d import lung_mask
-
     img = resize_square(image, size)
     if not with_lung_mask:
         return img[None]
@@ -338,7 +337,6 @@ class SliceDataset:
 
     ``dataset[i]`` is ``{"image": (C, size, size) float32 tensor, "label": int64 tensor, "index": i}``.
     """
-
     def __init__(
         self,
         records: Sequence[SliceRecord],
@@ -377,7 +375,6 @@ class SliceDataset:
     def __getitem__(self, index: int) -> dict[str, Any]:
         import torch
 
-        from covidctnet.training import derive_seed
 
         arr = self.cache[index]
         item = {"image": arr[:1]}

@@ -3,7 +3,7 @@
 The layer graph, widths, dropout placement and initialisers follow the Keras originals exactly
 (``BCDU_net_D3`` / ``BCDU_net_D1`` in rezazad68/BCDU-Net ``models.py`` and in mohofar/CovidCtNet
 ``Codes/training and testing/Training-CovidCTNet.ipynb``), so that Keras weights load through
-:func:`covidctnet.keras_import.bcdunet_state_dict_from_keras` and give the same outputs:
+:func:`covidctnet.models.keras_import.bcdunet_state_dict_from_keras` and give the same outputs:
 
 * encoder: three blocks of two 3×3 conv + ReLU (widths ``f, 2f, 4f``), each followed by 2×2 max pooling;
 * bottleneck (width ``8f``) of 1 (D1) or 3 (D3) conv blocks, densely connected: block 3 reads
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from covidctnet.errors import ConfigError, ShapeError
+from covidctnet.core.errors import ConfigError, ShapeError
 from covidctnet.models.convlstm import RECURRENT_ACTIVATIONS, ConvLSTM2D
 
 __all__ = ["DOWNSAMPLE_FACTOR", "BCDUNet", "keras_param_count"]
@@ -60,7 +60,6 @@ class _DenseBottleneck(nn.Module):
     Dropout follows the Keras originals: in D3 after every block (``drop4_1``, the dropout on ``conv4_2``,
     ``drop4_3``); in D1 none on the path (the original's ``drop4_1`` is not connected to anything).
     """
-
     def __init__(self, in_ch: int, out_ch: int, dense_blocks: int, dropout: float) -> None:
         super().__init__()
         self.dense_blocks = dense_blocks
@@ -88,7 +87,6 @@ class _UpConvLSTM(nn.Module):
         bidirectional: a two-way ConvLSTM (output ``out_ch``) instead of Keras' backwards one (output ``out_ch // 2``).
         recurrent_activation: gate activation of the ConvLSTM.
     """
-
     def __init__(self, in_ch: int, out_ch: int, bidirectional: bool, recurrent_activation: str) -> None:
         super().__init__()
         self.up = nn.Sequential(
@@ -147,7 +145,6 @@ class BCDUNet(nn.Module):
         >>> BCDUNet(features=64, dense_blocks=1)  # original BCDU-Net D1 # doctest: +ELLIPSIS
         BCDUNet(...)
     """
-
     def __init__(
         self,
         in_channels: int = 1,

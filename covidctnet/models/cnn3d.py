@@ -8,7 +8,7 @@ followed by a 2×2×2 max-pool, then Flatten → Dense 32 → ReLU → Dropout 0
 official input of 50×128×128 it has 920,715 parameters.
 
 Flatten order: this port flattens in PyTorch's channels-first order ``(c, d, h, w)``. Keras flattens channels-last
-``(d, h, w, c)``; :func:`covidctnet.keras_import.cnn3d_state_dict_from_keras` permutes the rows of the first Dense
+``(d, h, w, c)``; :func:`covidctnet.models.keras_import.cnn3d_state_dict_from_keras` permutes the rows of the first Dense
 kernel instead, so the imported model computes exactly what the Keras model computes.
 
 :func:`build_classifier` also offers MONAI 3D DenseNets and ResNets; :func:`load_classifier` rebuilds any of them from a
@@ -18,25 +18,23 @@ model directory and loads its hash-checked weights.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
-from covidctnet.errors import ConfigError, ModelDirError, ShapeError
+from covidctnet.core.errors import ConfigError, ShapeError
+from covidctnet.core.files import to_jsonable
 
 if TYPE_CHECKING:
-    from covidctnet.model_dir import ModelDir
+    pass
 
 __all__ = [
     "CovidCTNet3D",
     "CLASSIFIER_ARCHS",
     "build_classifier",
-    "load_classifier",
     "predict_proba",
-    "state_dict_mismatch",
 ]
 
 logger = logging.getLogger(__name__)
@@ -86,7 +84,6 @@ class CovidCTNet3D(nn.Module):
         >>> net(torch.zeros(2, 1, 50, 128, 128)).shape
         torch.Size([2, 3])
     """
-
     def __init__(
         self,
         in_channels: int = 1,
@@ -233,15 +230,6 @@ CLASSIFIER_ARCHS: dict[str, Callable[..., nn.Module]] = {
 """Architecture name → builder. ``covidctnet3d`` is the official CNN; the others are MONAI 3D networks."""
 
 
-def _plain(value: Any) -> Any:
-    """YAML-friendly copy: tuples become lists (so config.yaml stays readable and reloads to equal values)."""
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
 def build_classifier(
     arch: str,
     in_channels: int = 1,
@@ -295,72 +283,8 @@ def build_classifier(
         resolved = {"in_channels": in_channels, "num_classes": num_classes, "input_size": input_size, **kwargs}
         if input_size is None:
             resolved.pop("input_size")
-    setattr(model, "spec", {"arch": arch, "kwargs": _plain(resolved)})  # noqa: B010 (nn.Module typing)
+    setattr(model, "spec", {"arch": arch, "kwargs": to_jsonable(resolved)})  # noqa: B010 (nn.Module typing)
     return model
-
-
-def state_dict_mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor], limit: int = 3) -> str | None:
-    """Describe in one line how ``state_dict`` fails to fit ``model`` (missing/unexpected keys, shapes), or None."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    shapes = [
-        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
-        for k, v in own.items()
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)
-    ]
-    parts = []
-    for what, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
-        if items:
-            more = f" (+{len(items) - limit} more)" if len(items) > limit else ""
-            parts.append(f"{len(items)} {what}: {', '.join(items[:limit])}{more}")
-    return "; ".join(parts) or None
-
-
-def load_classifier(
-    model_dir: str | os.PathLike | ModelDir,
-    component: str = "classifier",
-    device: str | torch.device | None = None,
-) -> nn.Module:
-    """Rebuild a model directory's classifier from its ``config.yaml`` and load its hash-checked weights.
-
-    Args:
-        model_dir: a model directory path, or an already loaded :class:`~covidctnet.model_dir.ModelDir`.
-        component: the component name in ``config.yaml`` (``classifier``).
-        device: where to put the model (``"auto"`` takes CUDA when present); None keeps it on the CPU.
-
-    Returns:
-        The network in eval mode; ``model.spec`` holds its arch and kwargs.
-
-    Raises:
-        ModelDirError: missing component, unknown architecture, hash mismatch, or weights of another architecture
-            (the first mismatching keys and shapes are named).
-    """
-    from covidctnet.model_dir import ModelDir, load_model_dir
-    from covidctnet.utils import resolve_device
-
-    md = model_dir if isinstance(model_dir, ModelDir) else load_model_dir(model_dir)
-    entry = md.component(component)
-    arch = entry.get("arch")
-    kwargs = entry.get("kwargs") or {}
-    if not isinstance(arch, str) or not isinstance(kwargs, dict):
-        raise ModelDirError(f"{md.path}: components.{component} needs 'arch' (a name) and 'kwargs' (a mapping)")
-    try:
-        model = build_classifier(arch, **kwargs)
-    except ConfigError as err:
-        raise ModelDirError(f"{md.path}: components.{component}: {err}") from err
-    state = md.state_dict(component)
-    problem = state_dict_mismatch(model, state)
-    if problem:
-        raise ModelDirError(f"{md.path}: {component} weights do not fit arch {arch!r} {kwargs}: {problem}")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:  # e.g. dtype trouble the key/shape check cannot see
-        raise ModelDirError(f"{md.path}: cannot load {component} weights: {str(err).splitlines()[0]}") from err
-    if device is not None:
-        model = model.to(resolve_device(device) if isinstance(device, str) else device)
-    logger.info("loaded %s classifier %s from %s", arch, md.weights_sha256(component)[:12], md.path)
-    return model.eval()
 
 
 @torch.no_grad()

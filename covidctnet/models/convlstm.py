@@ -59,7 +59,6 @@ class ConvLSTM2DCell(nn.Module):
 
     The state is a pair ``(h, c)`` of ``(B, F, H, W)`` tensors; ``None`` means zeros.
     """
-
     def __init__(
         self,
         in_channels: int,
@@ -175,7 +174,6 @@ class ConvLSTM2D(nn.Module):
         >>> lstm(torch.zeros(2, 2, 3, 6, 5)).shape
         torch.Size([2, 4, 6, 5])
     """
-
     def __init__(
         self,
         in_channels: int,

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from covidctnet.errors import CheckpointError, ConfigError
+from covidctnet.core.errors import CheckpointError, ConfigError
 
 __all__ = [
     "SLICE_ARCHS",
@@ -161,7 +161,6 @@ class SliceEnsemble(nn.Module):
     Args:
         members: the networks (eval mode is set on the ensemble as a whole).
     """
-
     def __init__(self, members: list[nn.Module]) -> None:
         super().__init__()
         if len(members) < 2:

@@ -6,7 +6,7 @@ import pytest
 import torch
 import yaml
 
-from covidctnet.errors import ConfigError, ShapeError
+from covidctnet.core.errors import ConfigError, ShapeError
 from covidctnet.models.bcdunet import BCDUNet, keras_param_count
 
 

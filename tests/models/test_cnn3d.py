@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from covidctnet.errors import ConfigError, ModelDirError, ShapeError
-from covidctnet.model_dir import save_model_dir
-from covidctnet.models.cnn3d import CLASSIFIER_ARCHS, CovidCTNet3D, build_classifier, load_classifier, predict_proba
-
+from covidctnet.core.errors import ConfigError, ModelDirError, ShapeError
+from covidctnet.core.model_dir import save_model_dir
+from covidctnet.models.cnn3d import CLASSIFIER_ARCHS, CovidCTNet3D, build_classifier, predict_proba
+from covidctnet.models.registry import load_classifier
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

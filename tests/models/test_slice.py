@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from covidctnet.errors import CheckpointError, ConfigError
+from covidctnet.core.errors import CheckpointError, ConfigError
 from covidctnet.models.slice import (
     build_slice_model,
     encoder_state_dict,

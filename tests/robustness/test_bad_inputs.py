@@ -3,7 +3,7 @@
 Every kind is made in the test from the real shared scans (see ``robust_cases.py``) and must give: exit code 2 (1 for a
 batch in which only some studies failed), exactly one ``Error:`` line naming the file and the problem, no traceback,
 and no output left behind for the bad study. Unit-level checks of the same errors live next to their modules
-(``tests/test_io.py``, ``test_checks.py``, ``test_training.py`` ...); this file proves them end to end at the CLI.
+(``tests/io/test_volume.py``, ``io/test_checks.py``, ``training/test_trainer.py`` ...); this file proves them end to end at the CLI.
 Config validation is in ``test_configs.py``, weights safety in ``test_safe_loading.py``.
 """
 
@@ -22,8 +22,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
-
-from covidctnet.batch import read_manifest
 from robust_cases import (
     CONTROL,
     DEPTH,
@@ -41,6 +39,8 @@ from robust_cases import (
     two_series_folder,
     write_csv,
 )
+
+from covidctnet.io.batch import read_manifest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -121,7 +121,7 @@ def test_predict_batch_records_every_bad_scan(sources, ws, tmp_path):
 
 def test_two_series_takes_the_largest_and_series_uid_is_honoured(sources, tmp_path, caplog):
     folder, big_uid, small_uid = two_series_folder(sources, tmp_path)
-    caplog.set_level(logging.WARNING, logger="covidctnet.io")
+    caplog.set_level(logging.WARNING, logger="covidctnet.io.volume")
     result = invoke_ok("preprocess", folder, "-o", tmp_path / "out", "--size", SIZE)
     assert "Traceback" not in result.output and not error_lines(result)
     (row,) = read_manifest(tmp_path / "out" / "manifest.csv")
@@ -341,7 +341,7 @@ COMMAND_CASES: dict[str, Callable[..., CommandCase]] = {
     "evaluate-labels-duplicated-id": case_evaluate_labels_duplicated_id,
 }
 """Bad inputs of the commands after preprocess, by readable id (the test ids). Tampered model weights
-(SHA256SUMS mismatch) are ``tests/test_predict.py::test_tampered_weights_are_refused``."""
+(SHA256SUMS mismatch) are ``tests/inference/test_predict.py::test_tampered_weights_are_refused``."""
 
 
 @pytest.mark.parametrize("kind", list(COMMAND_CASES))

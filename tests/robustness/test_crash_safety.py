@@ -3,7 +3,7 @@
 `covidctnet train-denoiser` runs in a real process on the real control series (tiny config, CPU, fixed seed) and is
 killed as soon as its first checkpoint exists; `--resume` then finishes it. The final weights, the exported model
 weights and the metrics must equal those of a run that was never interrupted. (The same kill-and-resume proof for
-`covidctnet preprocess`, byte for byte, is ``tests/test_cli.py::test_sigkill_then_resume_equals_uninterrupted``.)
+`covidctnet preprocess`, byte for byte, is ``tests/cli/test_cli.py::test_sigkill_then_resume_equals_uninterrupted``.)
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
-from covidctnet.training import load_checkpoint
 from robust_cases import (
     CONTROL,
     invoke_ok,
 )
+
+from covidctnet.core.checkpoint import load_checkpoint
 
 EPOCHS = 3
 # Small enough for seconds per epoch on a busy CPU, but the whole real recipe: BCE, Adam, half-noised batches,

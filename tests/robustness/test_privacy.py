@@ -2,7 +2,7 @@
 series must not appear in any output file (NIfTI headers and gzip contents included), manifest, report, PNG, the
 console output or the log, for preprocess, residuals and predict, on good studies and on studies that fail.
 
-(``tests/test_cli.py::test_no_patient_identifiers_in_outputs`` checks preprocess alone; this extends it to the later
+(``tests/cli/test_cli.py::test_no_patient_identifiers_in_outputs`` checks preprocess alone; this extends it to the later
 stages, more tags, error paths and the debug log.)
 """
 
@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from dicom_utils import copy_series
-
 from robust_cases import (
     SIZE,
     error_lines,

@@ -3,7 +3,7 @@ and model directories are hash-checked.
 
 A pickle whose unpickling would create a marker file is planted where each command reads weights; the command must
 refuse it with one line, and the marker must not exist. (A weights file that does not match ``SHA256SUMS`` is
-``tests/test_predict.py::test_tampered_weights_are_refused``; here the attacker also rewrites ``SHA256SUMS``.)
+``tests/inference/test_predict.py::test_tampered_weights_are_refused``; here the attacker also rewrites ``SHA256SUMS``.)
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-
 from robust_cases import (
     Workspace,
     assert_one_line_error,

@@ -1,0 +1,84 @@
+"""Options shared by the commands, and options that override one field of a command's config dataclass.
+
+A config-backed option has no default of its own: unset means "the value of the config" (the dataclass default,
+then ``--config`` YAML), and ``--help`` shows the dataclass default, read when the help is rendered. So every default
+is written once, in the dataclass, and ``covidctnet --help`` still imports no torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from pathlib import Path
+from typing import Any
+
+import click
+
+__all__ = ["ConfigOption", "config_option", "out_option", "config_file_option", "device_option", "dataclass_default"]
+
+DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
+
+
+def dataclass_default(ref: str, key: str) -> Any:
+    """The default of field ``key`` of the dataclass at ``ref`` (``"module:Class"``)."""
+    module, name = ref.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    field = {f.name: f for f in dataclasses.fields(cls)}[key]
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+
+def _shown(option: click.Option, value: Any) -> str:
+    if option.is_flag and option.secondary_opts and isinstance(value, bool):
+        return (option.opts if value else option.secondary_opts)[-1].lstrip("-")
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return " ".join(map(str, value))
+    return "none" if value is None else str(value)
+
+
+class ConfigOption(click.Option):
+    """An option that overrides field ``key`` of the config dataclass ``config`` (``"module:Class"``).
+
+    Its value is ``None`` unless given, so that ``load_config(cls, yaml, {key: value})`` keeps the YAML's value;
+    ``--help`` appends ``[default: <the dataclass default>]``.
+    """
+
+    def __init__(self, *args: Any, config: str, key: str | None = None, **kwargs: Any) -> None:
+        kwargs["default"] = None
+        kwargs["show_default"] = False
+        super().__init__(*args, **kwargs)
+        self.config_ref = config
+        self.config_key = key or self.name
+
+    def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
+        record = super().get_help_record(ctx)
+        if record is None:
+            return None
+        default = _shown(self, dataclass_default(self.config_ref, self.config_key))
+        return record[0], f"{record[1]}  [default: {default}]".lstrip()
+
+
+def config_option(config: str, *decls: str, key: str | None = None, **kwargs: Any) -> Any:
+    """``click.option`` for a :class:`ConfigOption` of ``config``."""
+    return click.option(*decls, cls=ConfigOption, config=config, key=key, **kwargs)
+
+
+def out_option(help: str, dest: str = "out_dir", **kwargs: Any) -> Any:  # noqa: A002 (click's name)
+    """``-o/--out FOLDER``, required unless a default is given."""
+    kwargs.setdefault("required", "default" not in kwargs)
+    return click.option("-o", "--out", dest, type=click.Path(file_okay=False, path_type=Path), help=help, **kwargs)
+
+
+def config_file_option(yaml_name: str, extra: str = "") -> Any:
+    """``--config FILE``: a YAML overriding ``configs/<yaml_name>`` (see ``covidctnet defaults``)."""
+    return click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                        help=f"YAML overriding configs/{yaml_name} (`covidctnet defaults "
+                             f"{yaml_name.removesuffix('.yaml')}` prints it){extra}.")
+
+
+def device_option(config: str | None = None) -> Any:
+    """``--device``: a config-backed option when the command's config has ``device``, else defaulting to auto."""
+    if config is not None:
+        return config_option(config, "--device", help=DEVICE_HELP + ".")
+    return click.option("--device", default="auto", show_default=True, help=DEVICE_HELP + ".")

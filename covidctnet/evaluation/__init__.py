@@ -1,0 +1,1 @@
+"""Judging predictions: statistics (Wilson, DeLong, McNemar, kappa), metrics, evaluate, reader study, plots."""

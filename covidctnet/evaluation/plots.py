@@ -1,0 +1,265 @@
+"""Every PNG the toolkit writes: ROC curves, confusion matrices (and, later, overlays and loss curves).
+
+Figures are built on :class:`matplotlib.figure.Figure` with the Agg canvas directly, never through ``pyplot``: no global
+figure registry, no backend switch, nothing left open, and it works the same in a notebook, a worker process or a
+headless server. Each public function takes the output path first and writes the PNG atomically (temp file + rename),
+so an interrupted run never leaves a half-written image. New plots should follow the same shape:
+``plot_x(path, data..., *, title=..., dpi=...) -> Path`` built on :func:`new_figure` and :func:`save_figure`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from covidctnet.core.files import atomic_path
+
+__all__ = [
+    "RocCurve",
+    "OperatingPoint",
+    "new_figure",
+    "save_figure",
+    "plot_roc",
+    "plot_confusion",
+    "plot_residual_overlay",
+]
+
+_DEFAULT_DPI = 150
+
+
+@dataclass(frozen=True)
+class RocCurve:
+    """One ROC curve to draw.
+
+    Attributes:
+        fpr, tpr: (P,) points of the curve (false-positive rate = 1 - specificity, true-positive rate = sensitivity).
+        label: legend text (the AUC is appended when ``auc`` is given).
+        auc: optional AUC shown in the legend.
+        auc_ci: optional ``(low, high)`` shown in the legend after the AUC.
+        band_fpr, band_low, band_high: optional (G,) pointwise confidence band of the sensitivity at ``band_fpr``.
+        style: matplotlib line style (``"-"``, ``"--"`` …).
+        color: matplotlib colour; ``None`` takes ``"C<i>"`` for the i-th curve.
+    """
+    fpr: Sequence[float] | np.ndarray
+    tpr: Sequence[float] | np.ndarray
+    label: str
+    auc: float | None = None
+    auc_ci: tuple[float, float] | None = None
+    band_fpr: Sequence[float] | np.ndarray | None = None
+    band_low: Sequence[float] | np.ndarray | None = None
+    band_high: Sequence[float] | np.ndarray | None = None
+    style: str = "-"
+    color: str | None = None
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """A single (FPR, TPR) decision point, e.g. a reader's call or the model at its threshold.
+
+    Attributes:
+        fpr, tpr: position in ROC space, in [0, 1].
+        label: legend text.
+        marker: matplotlib marker (``"o"``, ``"s"``, ``"^"`` …).
+        color: matplotlib colour; ``None`` takes the next colour after the curves' (``"C0"`` matches the first curve).
+    """
+    fpr: float
+    tpr: float
+    label: str
+    marker: str = "o"
+    color: str | None = None
+
+
+def new_figure(figsize: tuple[float, float] = (5.5, 5.0)) -> Any:
+    """A fresh Agg-backed figure that no global state refers to (garbage-collected when dropped)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def save_figure(fig: Any, path: str | os.PathLike, dpi: int = _DEFAULT_DPI) -> Path:
+    """Write ``fig`` as PNG to ``path`` atomically and return the path."""
+    path = Path(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    return path
+
+
+def _legend_text(curve: RocCurve) -> str:
+    if curve.auc is None:
+        return curve.label
+    text = f"{curve.label} (AUC {curve.auc:.3f}"
+    if curve.auc_ci is not None and None not in curve.auc_ci:
+        text += f", {curve.auc_ci[0]:.3f}–{curve.auc_ci[1]:.3f}"
+    return text + ")"
+
+
+def plot_roc(
+    path: str | os.PathLike,
+    curves: Sequence[RocCurve],
+    points: Sequence[OperatingPoint] = (),
+    *,
+    title: str = "ROC curve",
+    band_label: str | None = None,
+    dpi: int = _DEFAULT_DPI,
+) -> Path:
+    """Draw ROC curves, optional confidence bands and operating points, and write the PNG.
+
+    Args:
+        path: output PNG path.
+        curves: curves to draw, in legend order (each may carry a band).
+        points: operating points drawn as markers (e.g. each reader's sensitivity and 1 - specificity).
+        title: axes title.
+        band_label: legend text for the bands (e.g. ``"95% CI (bootstrap)"``); no legend entry when ``None``.
+        dpi: resolution.
+
+    Returns:
+        ``path``.
+    """
+    fig = new_figure()
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], ls=":", color="0.6", lw=1, label="chance")
+    colors = [f"C{i}" for i in range(10)]
+    for i, curve in enumerate(curves):
+        color = curve.color or colors[i % len(colors)]
+        if curve.band_fpr is not None and curve.band_low is not None and curve.band_high is not None:
+            ax.fill_between(
+                np.asarray(curve.band_fpr),
+                np.asarray(curve.band_low),
+                np.asarray(curve.band_high),
+                step="post",
+                color=color,
+                alpha=0.18,
+                lw=0,
+                label=band_label if (band_label and i == 0) else None,
+            )
+        ax.plot(np.asarray(curve.fpr), np.asarray(curve.tpr), curve.style, color=color, lw=2, label=_legend_text(curve))
+    next_color = len(curves)
+    for point in points:
+        color = point.color
+        if color is None:
+            color = colors[next_color % len(colors)]
+            next_color += 1
+        ax.plot(
+            [point.fpr],
+            [point.tpr],
+            point.marker,
+            color=color,
+            ms=8,
+            mec="black",
+            mew=0.6,
+            label=point.label,
+            linestyle="none",
+        )
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_aspect("equal")
+    ax.set_xlabel("1 − specificity (false-positive rate)")
+    ax.set_ylabel("sensitivity (true-positive rate)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=7, framealpha=0.9)
+    return save_figure(fig, path, dpi=dpi)
+
+
+def plot_confusion(
+    path: str | os.PathLike,
+    matrix: Sequence[Sequence[int]] | np.ndarray,
+    class_names: Sequence[str],
+    *,
+    title: str = "Confusion matrix",
+    dpi: int = _DEFAULT_DPI,
+) -> Path:
+    """Draw a confusion matrix (rows = truth, columns = prediction) with counts and row percentages.
+
+    Args:
+        path: output PNG path.
+        matrix: (C, C) counts, ``matrix[i, j]`` = cases of true class ``i`` predicted as ``j``.
+        class_names: (C,) names in matrix order.
+        title: axes title.
+        dpi: resolution.
+
+    Returns:
+        ``path``.
+    """
+    m = np.asarray(matrix, dtype=np.int64)
+    if m.ndim != 2 or m.shape[0] != m.shape[1] or m.shape[0] != len(class_names):
+        raise ValueError(f"matrix must be (C, C) with C = {len(class_names)} class names, not shape {m.shape}")
+    row_sums = m.sum(axis=1, keepdims=True)
+    frac = np.divide(m, row_sums, out=np.zeros(m.shape, dtype=np.float64), where=row_sums > 0)
+    size = 1.2 + 1.1 * m.shape[0]
+    fig = new_figure((size + 1.0, size))
+    ax = fig.add_subplot()
+    image = ax.imshow(frac, cmap="Blues", vmin=0.0, vmax=1.0)
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            ax.text(
+                j,
+                i,
+                f"{m[i, j]}\n{100 * frac[i, j]:.0f}%",
+                ha="center",
+                va="center",
+                fontsize=9,
+                color="white" if frac[i, j] > 0.6 else "black",
+            )
+    ticks = np.arange(m.shape[0])
+    ax.set_xticks(ticks, labels=list(class_names))
+    ax.set_yticks(ticks, labels=list(class_names))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    return save_figure(fig, path, dpi=dpi)
+
+
+def plot_residual_overlay(
+    path: str | os.PathLike,
+    ct: np.ndarray,
+    residual: np.ndarray,
+    *,
+    title: str = "",
+    dpi: int = _DEFAULT_DPI,
+) -> Path:
+    """Residual over the CT on the axial, coronal and sagittal mid slices.
+
+    Args:
+        path: output PNG.
+        ct: (X, Y, Z) preprocessed CT in [0, 1], RAS (axis 2 = slices, inferior to superior).
+        residual: (X, Y, Z) signed residual on the same grid (input − denoised); drawn in a diverging colour map
+            where its magnitude exceeds the 95th percentile, so structure the denoiser could not reproduce stands out.
+        title: figure title (e.g. the study id and predicted class).
+
+    Returns:
+        The written path.
+    """
+    ct = np.asarray(ct, dtype=np.float32)
+    residual = np.asarray(residual, dtype=np.float32)
+    if ct.shape != residual.shape:
+        raise ValueError(f"ct and residual must have the same shape, not {ct.shape} and {residual.shape}")
+    limit = float(np.percentile(np.abs(residual), 99.5)) or 1.0
+    shown = np.ma.masked_where(np.abs(residual) < np.percentile(np.abs(residual), 95), residual)
+    x, y, z = (s // 2 for s in ct.shape)
+    # Radiological display: rot90 puts anterior (or superior) up with the patient's right on the image's left.
+    views = [
+        ("axial", np.rot90(ct[:, :, z]), np.rot90(shown[:, :, z])),
+        ("coronal", np.rot90(ct[:, y, :]), np.rot90(shown[:, y, :])),
+        ("sagittal", np.rot90(ct[x, :, :]), np.rot90(shown[x, :, :])),
+    ]
+    fig = new_figure((12.0, 4.4))
+    axes = fig.subplots(1, 3)
+    for ax, (name, base, over) in zip(axes, views):
+        ax.imshow(base, cmap="gray", vmin=0, vmax=1, aspect="auto")
+        im = ax.imshow(over, cmap="coolwarm", vmin=-limit, vmax=limit, alpha=0.8, aspect="auto")
+        ax.set_title(name)
+        ax.set_axis_off()
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label="residual (input − denoised)")
+    if title:
+        fig.suptitle(title)
+    return save_figure(fig, path, dpi=dpi)

@@ -1,0 +1,804 @@
+"""``covidctnet reader-study``: the model against radiologists on the same cases, as in the CovidCTNet paper.
+
+Javaheri et al. (npj Digit. Med. 4:29, 2021) compared CovidCTNet with four radiologists on 20 cases and reported, per
+reader, for the reader average and for the model: accuracy (COVID-19 vs non-COVID and 3-class), sensitivity,
+specificity and AUC. This module builds that table with confidence intervals and adds what a paper needs next to it:
+
+* paired tests of the model against each reader, the majority vote and the average reader: exact McNemar on
+  correctness (2-class and 3-class) and DeLong's test of the AUCs where the reader gave confidence scores;
+* inter-reader agreement: Cohen's kappa for every pair of readers and Fleiss' kappa over all of them;
+* a ROC plot of the model with each reader's operating point.
+
+Inputs (see ``docs/evaluation.md``): the model's ``report.csv`` (or ``preds.csv``), one CSV per reader
+(``case_id,label[,score]``; ``score`` = the reader's confidence that the case is COVID-19, higher = more likely, any
+scale) and the truth (``case_id,label``). Every file must hold exactly the truth's cases. Outputs go to one folder:
+``table.csv``, ``tests.csv``, ``agreement.csv``, ``metrics.json``, ``report.md``, ``roc.png`` and ``config.yaml``,
+written only after every check passed, each atomically.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from covidctnet.core.config import config_to_dict, save_config
+from covidctnet.core.errors import ConfigError, InputError, LabelError
+from covidctnet.core.files import atomic_write_text, sha256_file, to_jsonable
+from covidctnet.core.labels import CLASS_NAMES, normalize_any_label
+from covidctnet.evaluation.evaluate import (
+    POSITIVE_CLASS,
+    check_eval_settings,
+    decide,
+    format_estimate,
+    listed,
+    match_case_ids,
+    read_csv_rows,
+    read_predictions,
+    read_truth,
+)
+from covidctnet.evaluation.plots import OperatingPoint, RocCurve, plot_roc
+from covidctnet.evaluation.stats import (
+    Estimate,
+    bootstrap_ci,
+    cohen_kappa,
+    delong_auc_ci,
+    delong_contrast_test,
+    delong_covariance,
+    delong_test,
+    fleiss_kappa,
+    mcnemar_exact,
+    proportion,
+    roc_points,
+    sign_flip_test,
+)
+
+__all__ = ["ReaderStudyConfig", "ReaderReads", "read_reader_csv", "majority_vote", "run_reader_study"]
+
+logger = logging.getLogger(__name__)
+
+# Tie-break of the majority vote: a tie that involves COVID-19 is called COVID-19 (the cautious call that triggers
+# isolation and testing), then CAP, then control.
+_VOTE_PRIORITY = ("covid", "cap", "control")
+_TABLE_METRICS = ("accuracy_2class", "accuracy_3class", "sensitivity", "specificity", "auc")
+
+
+@dataclass(frozen=True)
+class ReaderStudyConfig:
+    """Options of ``covidctnet reader-study`` (defaults = ``configs/reader_study.yaml``).
+
+    Attributes:
+        threshold: the model's 2-class threshold on ``p_covid``; ``None`` = argmax (as in ``evaluate``).
+        ci_level: confidence level of every interval.
+        n_bootstrap: case-bootstrap resamples for the reader-average intervals.
+        seed: seed of the bootstrap's ``numpy.random.default_rng``.
+        prob_tolerance: how far the model's three probabilities may sum from 1.
+    """
+    threshold: float | None = None
+    ci_level: float = 0.95
+    n_bootstrap: int = 2000
+    seed: int = 0
+    prob_tolerance: float = 1e-3
+
+    def __post_init__(self) -> None:
+        check_eval_settings(self)
+
+
+@dataclass(frozen=True)
+class ReaderReads:
+    """One reader's reads.
+
+    Attributes:
+        name: display name (the file stem unless given).
+        path: the CSV.
+        labels: ``{case id: label}``, labels in {control, covid, cap} or {covid, noncovid}.
+        scores: ``{case id: COVID-19 confidence}`` when the CSV has a ``score`` column, else ``None``.
+    """
+    name: str
+    path: Path
+    labels: dict[str, str]
+    scores: dict[str, float] | None
+
+
+def read_reader_csv(path: str | os.PathLike, name: str | None = None) -> ReaderReads:
+    """Read a reader CSV: ``case_id,label[,score]`` (``study_id`` is accepted for ``case_id``).
+
+    Raises:
+        InputError: empty file, missing column, empty or non-numeric score.
+        LabelError: empty or duplicated case id, unknown class name.
+    """
+    path = Path(path)
+    header, rows = read_csv_rows(path, "reader CSV")
+    id_column = "case_id" if "case_id" in header else ("study_id" if "study_id" in header else None)
+    missing = [c for c, ok in (("case_id", id_column is not None), ("label", "label" in header)) if not ok]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {missing}; a reader CSV has 'case_id,label[,score]'")
+    assert id_column is not None
+    has_score = "score" in header
+    labels: dict[str, str] = {}
+    scores: dict[str, float] = {}
+    for line, row in rows:
+        cid = row[id_column]
+        if not cid:
+            raise LabelError(f"{path}: row {line}: empty {id_column}")
+        if cid in labels:
+            raise LabelError(f"{path}: row {line}: duplicated {id_column} {cid!r}")
+        labels[cid] = normalize_any_label(row["label"], f"{path}: row {line}")
+        if has_score:
+            raw = row["score"]
+            try:
+                value = float(raw)
+            except ValueError:
+                raise InputError(
+                    f"{path}: row {line}: score {raw!r} is not a number; give a score on every row or drop the column"
+                ) from None
+            if not math.isfinite(value):
+                raise InputError(f"{path}: row {line}: score {raw!r} is not a finite number")
+            scores[cid] = value
+    return ReaderReads(name or path.stem, path, labels, scores if has_score else None)
+
+
+def majority_vote(labels: np.ndarray) -> np.ndarray:
+    """Per-case majority of R readers' labels; ties go to covid, then cap, then control (noncovid last).
+
+    Args:
+        labels: (N, R) labels (3-class names, or covid / noncovid).
+
+    Returns:
+        (N,) the voted label.
+    """
+    priority = {name: i for i, name in enumerate((*_VOTE_PRIORITY, "noncovid"))}
+    out = []
+    for row in np.asarray(labels, dtype=object):
+        counts = Counter(row.tolist())
+        best = max(counts.values())
+        out.append(min((lab for lab, c in counts.items() if c == best), key=lambda lab: priority[lab]))
+    return np.asarray(out, dtype=object)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the study
+
+
+@dataclass
+class _Rater:
+    name: str
+    kind: str  # "reader", "majority vote", "model"
+    call: np.ndarray  # (N,) bool: called COVID-19
+    labels3: np.ndarray | None  # (N,) 3-class labels, None if the rater only gave 2 classes
+    score: np.ndarray | None  # (N,) COVID-19 score, None if none was given
+    score_name: str = "score"
+
+    def auc_input(self) -> tuple[np.ndarray, str]:
+        """The ROC score (the given score, else the binary call) and its description."""
+        if self.score is not None:
+            return self.score, self.score_name
+        return self.call.astype(np.float64), "binary call"
+
+
+def _rater_metrics(r: _Rater, y: np.ndarray, truth3: np.ndarray | None, level: float) -> dict[str, Any]:
+
+    n = int(y.size)
+    correct2 = r.call == y
+    row: dict[str, Any] = {
+        "rater": r.name,
+        "type": r.kind,
+        "n_cases": n,
+        "accuracy_2class": proportion(int(correct2.sum()), n, level),
+        "accuracy_3class": None,
+        "sensitivity": proportion(int(np.sum(r.call & y)), int(y.sum()), level),
+        "specificity": proportion(int(np.sum(~r.call & ~y)), int((~y).sum()), level),
+    }
+    if r.labels3 is not None and truth3 is not None:
+        row["accuracy_3class"] = proportion(int(np.sum(r.labels3 == truth3)), n, level)
+    score, source = r.auc_input()
+    if 0 < y.sum() < n:
+        row["auc"] = delong_auc_ci(y.astype(int), score, level)
+    else:
+        row["auc"] = Estimate(None, None, None, "undefined: only one class present", n=n, level=level)
+    row["auc_source"] = source
+    return row
+
+
+def _reader_average(
+    readers: Sequence[_Rater], y: np.ndarray, truth3: np.ndarray | None, strata: np.ndarray, cfg: ReaderStudyConfig
+) -> dict[str, Any]:
+    """Mean of the readers' metrics; CIs by a stratified case bootstrap, the AUC's by DeLong (mean of the AUCs)."""
+
+    level, n = cfg.ci_level, int(y.size)
+    correct2 = np.stack([r.call == y for r in readers]).astype(np.float64)  # (R, N)
+    calls = np.stack([r.call for r in readers]).astype(np.float64)
+    with3 = [r for r in readers if r.labels3 is not None]
+    correct3 = (
+        np.stack([r.labels3 == truth3 for r in with3]).astype(np.float64) if (with3 and truth3 is not None) else None
+    )
+
+    def means(w: np.ndarray) -> list[float]:
+        pos, neg = w * y, w * ~y
+        acc2 = float((correct2 @ w).mean() / w.sum())
+        acc3 = float((correct3 @ w).mean() / w.sum()) if correct3 is not None else math.nan
+        sens = float((calls @ pos).mean() / pos.sum()) if pos.sum() else math.nan
+        spec = float(((1.0 - calls) @ neg).mean() / neg.sum()) if neg.sum() else math.nan
+        return [acc2, acc3, sens, spec]
+
+    point = means(np.ones(n))
+    low, high = bootstrap_ci(
+        lambda idx: means(np.bincount(idx, minlength=n).astype(np.float64)),
+        n,
+        strata=strata,
+        n_boot=cfg.n_bootstrap,
+        seed=cfg.seed,
+        level=level,
+    )
+    method = f"stratified case bootstrap (percentile, {cfg.n_bootstrap} resamples, seed {cfg.seed})"
+
+    def est(i: int) -> Estimate | None:
+        if math.isnan(point[i]):
+            return None
+        return Estimate(point[i], _nan_none(low[i]), _nan_none(high[i]), method, n=n, level=level)
+
+    row: dict[str, Any] = {
+        "rater": "Reader average",
+        "type": "reader average",
+        "n_cases": n,
+        "accuracy_2class": est(0),
+        "accuracy_3class": est(1),
+        "sensitivity": est(2),
+        "specificity": est(3),
+    }
+    sources = sorted({r.auc_input()[1] for r in readers})
+    if 0 < y.sum() < n:
+        scores = np.stack([r.auc_input()[0] for r in readers])
+        aucs, cov = delong_covariance(y.astype(int), scores)
+        c = np.full(len(readers), 1.0 / len(readers))
+        mean_auc, se = float(c @ aucs), math.sqrt(max(float(c @ cov @ c), 0.0))
+        from scipy.stats import norm
+
+        half = float(norm.ppf(0.5 + level / 2.0)) * se
+        row["auc"] = Estimate(
+            mean_auc,
+            max(0.0, mean_auc - half),
+            min(1.0, mean_auc + half),
+            "DeLong (mean of the readers' AUCs)",
+            n=n,
+            level=level,
+        )
+    else:
+        row["auc"] = Estimate(None, None, None, "undefined: only one class present", n=n, level=level)
+    row["auc_source"] = "mean of readers (" + ", ".join(sources) + ")"
+    if correct3 is not None and len(with3) < len(readers):
+        row["note"] = f"3-class accuracy averaged over the {len(with3)} readers who gave 3-class labels"
+    return row
+
+
+def _nan_none(x: float) -> float | None:
+    return None if x is None or math.isnan(float(x)) else float(x)
+
+
+def _paired_tests(
+    model: _Rater, others: Sequence[_Rater], readers: Sequence[_Rater], y: np.ndarray, truth3: np.ndarray | None
+) -> list[dict[str, Any]]:
+
+    y_int = y.astype(int)
+    both_classes = 0 < y.sum() < y.size
+    m_correct2 = model.call == y
+    m_correct3 = model.labels3 == truth3 if (model.labels3 is not None and truth3 is not None) else None
+    out: list[dict[str, Any]] = []
+    for other in others:
+        row: dict[str, Any] = {"comparison": f"model vs {other.name}", "other": other.name, "other_type": other.kind}
+        o_correct2 = other.call == y
+        res = mcnemar_exact(m_correct2, o_correct2)
+        row.update(
+            test_2class="exact McNemar",
+            b_2class=res.b,
+            c_2class=res.c,
+            p_2class=res.p_value,
+            accuracy_difference_2class=float(m_correct2.mean() - o_correct2.mean()),
+        )
+        if m_correct3 is not None and other.labels3 is not None:
+            o_correct3 = other.labels3 == truth3
+            res = mcnemar_exact(m_correct3, o_correct3)
+            row.update(
+                test_3class="exact McNemar",
+                b_3class=res.b,
+                c_3class=res.c,
+                p_3class=res.p_value,
+                accuracy_difference_3class=float(m_correct3.mean() - o_correct3.mean()),
+            )
+        else:
+            row.update(test_3class="n/a (no 3-class labels)", b_3class=None, c_3class=None, p_3class=None)
+        if other.score is not None and model.score is not None and both_classes:
+            t = delong_test(y_int, model.score, other.score)
+            row.update(
+                auc_test=f"DeLong (model p_covid vs {other.score_name})",
+                auc_model=t.aucs[0],
+                auc_other=t.aucs[1],
+                auc_difference=t.estimate,
+                auc_z=t.z,
+                auc_p=t.p_value,
+            )
+        else:
+            row.update(
+                auc_test="n/a (no scores)", auc_model=None, auc_other=None, auc_difference=None, auc_z=None, auc_p=None
+            )
+        out.append(row)
+
+    # average reader: per-case difference of correctness between the model and the mean reader, scaled by R to
+    # integers; the exact sign-flip test reduces to the exact McNemar test when R = 1.
+    R = len(readers)
+    row = {"comparison": "model vs average reader", "other": "Reader average", "other_type": "reader average"}
+    d2 = R * m_correct2.astype(int) - np.sum([r.call == y for r in readers], axis=0)
+    row.update(
+        test_2class="exact paired sign-flip test",
+        b_2class=None,
+        c_2class=None,
+        p_2class=sign_flip_test(d2),
+        accuracy_difference_2class=float(d2.mean() / R),
+    )
+    if m_correct3 is not None and all(r.labels3 is not None for r in readers):
+        d3 = R * m_correct3.astype(int) - np.sum([r.labels3 == truth3 for r in readers], axis=0)
+        row.update(
+            test_3class="exact paired sign-flip test",
+            b_3class=None,
+            c_3class=None,
+            p_3class=sign_flip_test(d3),
+            accuracy_difference_3class=float(d3.mean() / R),
+        )
+    else:
+        row.update(test_3class="n/a (no 3-class labels)", b_3class=None, c_3class=None, p_3class=None)
+    if model.score is not None and all(r.score is not None for r in readers) and both_classes:
+        scores = np.stack([model.score, *[r.score for r in readers]])  # type: ignore[misc]
+        t = delong_contrast_test(y_int, scores, np.r_[1.0, np.full(R, -1.0 / R)])
+        row.update(
+            auc_test="DeLong contrast (model AUC - mean reader AUC)",
+            auc_model=t.aucs[0],
+            auc_other=float(np.mean(t.aucs[1:])),
+            auc_difference=t.estimate,
+            auc_z=t.z,
+            auc_p=t.p_value,
+        )
+    else:
+        row.update(
+            auc_test="n/a (not every reader gave scores)",
+            auc_model=None,
+            auc_other=None,
+            auc_difference=None,
+            auc_z=None,
+            auc_p=None,
+        )
+    out.append(row)
+    return out
+
+
+def _agreement(readers: Sequence[_Rater]) -> dict[str, Any]:
+
+    pairs = []
+    for i in range(len(readers)):
+        for j in range(i + 1, len(readers)):
+            a, b = readers[i], readers[j]
+            row: dict[str, Any] = {"reader_a": a.name, "reader_b": b.name}
+            if a.labels3 is not None and b.labels3 is not None:
+                row["cohen_kappa_3class"] = cohen_kappa(a.labels3, b.labels3, CLASS_NAMES)
+                row["agreement_3class"] = float(np.mean(a.labels3 == b.labels3))
+            else:
+                row["cohen_kappa_3class"] = None
+                row["agreement_3class"] = None
+            row["cohen_kappa_2class"] = cohen_kappa(a.call, b.call, [False, True])
+            row["agreement_2class"] = float(np.mean(a.call == b.call))
+            pairs.append(row)
+    result: dict[str, Any] = {"pairwise": pairs, "fleiss_kappa_3class": None, "fleiss_kappa_2class": None}
+    if len(readers) >= 2:
+        if all(r.labels3 is not None for r in readers):
+            result["fleiss_kappa_3class"] = fleiss_kappa(np.stack([r.labels3 for r in readers], axis=1), CLASS_NAMES)
+        result["fleiss_kappa_2class"] = fleiss_kappa(
+            np.stack([np.where(r.call, "covid", "noncovid") for r in readers], axis=1), ("noncovid", "covid")
+        )
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# output
+
+
+def _fmt(x: Any) -> str:
+    if x is None:
+        return ""
+    if isinstance(x, (bool, np.bool_)):
+        return str(bool(x)).lower()
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    if isinstance(x, (float, np.floating)):
+        return "" if math.isnan(float(x)) else format(float(x), ".12g")
+    return str(x)
+
+
+def _csv_text(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_fmt(row.get(c)) for c in columns])
+    return buf.getvalue()
+
+
+def _table_rows_flat(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    columns = ["rater", "type", "n_cases"]
+    for m in _TABLE_METRICS:
+        columns += [m, f"{m}_ci_low", f"{m}_ci_high"]
+    columns += ["auc_source", "ci_method_proportions", "ci_method_auc"]
+    flat = []
+    for row in rows:
+        f: dict[str, Any] = {k: row[k] for k in ("rater", "type", "n_cases", "auc_source")}
+        for m in _TABLE_METRICS:
+            est = row.get(m)
+            f[m] = est.value if est is not None else None
+            f[f"{m}_ci_low"] = est.ci_low if est is not None else None
+            f[f"{m}_ci_high"] = est.ci_high if est is not None else None
+        f["ci_method_proportions"] = row["accuracy_2class"].method
+        f["ci_method_auc"] = row["auc"].method
+        flat.append(f)
+    return columns, flat
+
+
+_TEST_COLUMNS = [
+    "comparison",
+    "other",
+    "other_type",
+    "accuracy_difference_2class",
+    "test_2class",
+    "b_2class",
+    "c_2class",
+    "p_2class",
+    "accuracy_difference_3class",
+    "test_3class",
+    "b_3class",
+    "c_3class",
+    "p_3class",
+    "auc_test",
+    "auc_model",
+    "auc_other",
+    "auc_difference",
+    "auc_z",
+    "auc_p",
+]
+_AGREEMENT_COLUMNS = [
+    "reader_a",
+    "reader_b",
+    "cohen_kappa_3class",
+    "agreement_3class",
+    "cohen_kappa_2class",
+    "agreement_2class",
+]
+
+
+def _cell(est: Any, percent: bool = True) -> str:
+    if est is None:
+        return "n/a"
+    value, ci, _ = format_estimate(est, percent)
+    return value if value == "n/a" else f"{value} ({ci})"
+
+
+def _p(x: Any) -> str:
+    if x is None:
+        return "n/a"
+    return "<0.0001" if x < 1e-4 else f"{x:.4f}"
+
+
+def _render_report(
+    payload: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    tests: Sequence[Mapping[str, Any]],
+    cfg: ReaderStudyConfig,
+) -> str:
+    level = f"{100 * cfg.ci_level:g}%"
+    inputs = payload["inputs"]
+    lines = [
+        "# Reader study",
+        "",
+        f"- Truth: `{inputs['truth']}` — {inputs['n_cases']} cases ({inputs['class_counts']})",
+        f"- Model: `{inputs['model']}` ({inputs['model_kind']}); decision rule: {payload['decision_rule']}",
+        "- Readers: "
+        + ", ".join(
+            f"{r['name']} (`{r['path']}`{', with scores' if r['has_scores'] else ''})" for r in inputs["readers"]
+        ),
+        "- Majority vote: most frequent label per case; ties go to COVID-19, then CAP, then control. "
+        "Its ROC score is the fraction of readers calling COVID-19.",
+        "",
+        f"## Diagnostic performance ({level} CI)",
+        "",
+        "| | Accuracy (COVID-19 vs non-COVID) | Accuracy (3-class) | Sensitivity | Specificity | AUC | AUC from |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        name = f"**{row['rater']}**" if row["type"] != "reader" else row["rater"]
+        lines.append(
+            f"| {name} | {_cell(row['accuracy_2class'])} | {_cell(row['accuracy_3class'])} | "
+            f"{_cell(row['sensitivity'])} | {_cell(row['specificity'])} | {_cell(row['auc'], percent=False)} | "
+            f"{row['auc_source']} |"
+        )
+    m = payload["methods"]
+    lines += [
+        "",
+        f"Intervals: {m['proportions']} for single raters; {m['reader_average']} for the reader average; "
+        f"AUC: {m['auc']}. A reader without scores gets the AUC of the binary call (one operating point: "
+        "(sensitivity + specificity) / 2).",
+        "",
+        "## Paired tests: model against readers",
+        "",
+        "| comparison | 2-class correctness | p | 3-class correctness | p | AUC model vs other | p (DeLong) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in tests:
+        bc2 = f"{t['test_2class']}" + (
+            f" (b={t['b_2class']}, c={t['c_2class']})" if t.get("b_2class") is not None else ""
+        )
+        bc3 = f"{t['test_3class']}" + (
+            f" (b={t['b_3class']}, c={t['c_3class']})" if t.get("b_3class") is not None else ""
+        )
+        auc = f"{t['auc_model']:.3f} vs {t['auc_other']:.3f}" if t.get("auc_model") is not None else t["auc_test"]
+        lines.append(
+            f"| {t['comparison']} | {bc2} | {_p(t['p_2class'])} | {bc3} | {_p(t['p_3class'])} | {auc} | "
+            f"{_p(t['auc_p'])} |"
+        )
+    lines += [
+        "",
+        "b = cases only the model got right, c = cases only the other got right. Exact McNemar: two-sided binomial "
+        "test on b of b + c. Average reader: exact sign-flip test on the per-case difference between the model's "
+        "correctness and the fraction of readers correct (the same as McNemar for one reader). DeLong: two-sided test "
+        "of the AUC difference with DeLong's covariance (for the average reader, of the model AUC minus the mean "
+        "reader AUC). p-values are not corrected for multiple comparisons.",
+        "",
+        "## Inter-reader agreement",
+        "",
+    ]
+    ag = payload["agreement"]
+    lines.append(
+        f"Fleiss' kappa over all readers: 3-class {_kappa(ag['fleiss_kappa_3class'])}, "
+        f"COVID-19 vs non-COVID {_kappa(ag['fleiss_kappa_2class'])}."
+    )
+    if ag["pairwise"]:
+        lines += [
+            "",
+            "| reader A | reader B | Cohen's kappa (3-class) | agreement (3-class) | Cohen's kappa (2-class) "
+            "| agreement (2-class) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for p in ag["pairwise"]:
+            a3 = "n/a" if p["agreement_3class"] is None else f"{100 * p['agreement_3class']:.1f}%"
+            lines.append(
+                f"| {p['reader_a']} | {p['reader_b']} | {_kappa(p['cohen_kappa_3class'])} | {a3} | "
+                f"{_kappa(p['cohen_kappa_2class'])} | {100 * p['agreement_2class']:.1f}% |"
+            )
+    lines += [
+        "",
+        "![ROC of the model with the readers' operating points](roc.png)",
+        "",
+        "---",
+        "Generated by `covidctnet reader-study`. Research software, not a medical device.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _kappa(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _plot(
+    path: Path, model: _Rater, readers: Sequence[_Rater], vote: _Rater, rows: Sequence[Mapping[str, Any]], y: np.ndarray
+) -> None:
+
+    by_name = {row["rater"]: row for row in rows}
+    # one colour per rater (curve and operating point alike): model C0, readers C1.., then average and vote
+    colors = {model.name: "C0", **{r.name: f"C{(i + 1) % 10}" for i, r in enumerate(readers)}}
+    colors["Reader average"] = f"C{(len(readers) + 1) % 10}"
+    colors[vote.name] = f"C{(len(readers) + 2) % 10}"
+    curves: list[RocCurve] = []
+    both_classes = 0 < y.sum() < y.size  # with one class there is no ROC curve, only the rates that exist
+    if model.score is not None and both_classes:
+        fpr, tpr, _ = roc_points(y, model.score)
+        auc = by_name[model.name]["auc"]
+        curves.append(
+            RocCurve(fpr, tpr, "model", auc=auc.value, auc_ci=(auc.ci_low, auc.ci_high), color=colors[model.name])
+        )
+    for r in readers:
+        if r.score is not None and both_classes:
+            fpr, tpr, _ = roc_points(y, r.score)
+            auc = by_name[r.name]["auc"]
+            curves.append(
+                RocCurve(fpr, tpr, f"{r.name} ({r.score_name})", auc=auc.value, style="--", color=colors[r.name])
+            )
+
+    def point(name: str, label: str, marker: str) -> OperatingPoint | None:
+        sens, spec = by_name[name]["sensitivity"], by_name[name]["specificity"]
+        if sens is None or spec is None or sens.value is None or spec.value is None:
+            return None
+        return OperatingPoint(1 - spec.value, sens.value, label, marker, colors[name])
+
+    markers = ["s", "^", "v", "D", "P", "X", "<", ">", "p", "h"]
+    candidates = [point(model.name, "model (decision rule)", "o")]
+    candidates += [point(r.name, r.name, markers[i % len(markers)]) for i, r in enumerate(readers)]
+    candidates += [point("Reader average", "reader average", "*"), point(vote.name, "majority vote", "H")]
+    points = [p for p in candidates if p is not None]
+    plot_roc(path, curves, points, title="COVID-19 vs non-COVID: model and readers")
+
+
+def run_reader_study(
+    model_csv: str | os.PathLike,
+    reader_csvs: Sequence[str | os.PathLike],
+    truth_csv: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    config: ReaderStudyConfig | None = None,
+    reader_names: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Compare the model with readers on the same cases and write the study folder.
+
+    Args:
+        model_csv: the model's ``report.csv`` (3-class) or ``preds.csv`` (2-class, then no 3-class accuracy).
+        reader_csvs: one ``case_id,label[,score]`` CSV per reader.
+        truth_csv: ``case_id,label``.
+        out_dir: output folder (``table.csv``, ``tests.csv``, ``agreement.csv``, ``metrics.json``, ``report.md``,
+            ``roc.png``, ``config.yaml``).
+        config: options; defaults from :class:`ReaderStudyConfig`.
+        reader_names: display names, one per reader CSV (default: the file stems, made unique).
+
+    Returns:
+        the content of ``metrics.json``.
+
+    Raises:
+        InputError / LabelError: no reader, bad files, ids unknown to the truth or missing from a file, model rows
+            that failed (status error) — a paired study needs every case.
+    """
+    cfg = config or ReaderStudyConfig()
+    model_csv, truth_csv, out_dir = Path(model_csv), Path(truth_csv), Path(out_dir)
+    reader_paths = [Path(p) for p in reader_csvs]
+    if not reader_paths:
+        raise InputError("no reader CSV given; pass --readers R1.csv [R2.csv ...]")
+    if reader_names is not None and len(reader_names) != len(reader_paths):
+        raise ConfigError(f"{len(reader_names)} reader names for {len(reader_paths)} reader CSVs")
+    names = list(reader_names) if reader_names is not None else _unique_names([p.stem for p in reader_paths])
+
+    truth = read_truth(truth_csv)
+    case_ids = list(truth)
+    order = {cid: i for i, cid in enumerate(case_ids)}
+    model_pred = read_predictions(model_csv, cfg.prob_tolerance)
+    keys = match_case_ids(
+        model_pred.all_ids,
+        truth,
+        model_csv,
+        truth_csv,
+        allow_file_names=model_pred.id_column == "file",
+        what="model predictions",
+    )
+    if model_pred.excluded:
+        raise InputError(
+            f"{model_csv}: the model has no prediction for {len(model_pred.excluded)} case(s) "
+            f"(status {'/'.join(sorted(set(model_pred.excluded.values())))}): {listed(model_pred.excluded)}; "
+            "a paired reader study needs every case: re-run predict or drop these cases from the truth and reader files"
+        )
+    perm = np.argsort([order[k] for k in keys])  # model rows into truth order
+    labels3_model, call_model = decide(model_pred, cfg.threshold)
+    model = _Rater(
+        "Model",
+        "model",
+        call_model[perm],
+        None if labels3_model is None else labels3_model[perm],
+        model_pred.p_covid[perm],
+        "p_covid",
+    )
+
+    readers: list[_Rater] = []
+    reads: list[ReaderReads] = []
+    for path, name in zip(reader_paths, names):
+        rr = read_reader_csv(path, name)
+        match_case_ids(list(rr.labels), truth, path, truth_csv, what=f"reader CSV of {name!r}")
+        labs = np.asarray([rr.labels[c] for c in case_ids], dtype=object)
+        is3 = all(v in CLASS_NAMES for v in labs)
+        score = None if rr.scores is None else np.asarray([rr.scores[c] for c in case_ids], dtype=np.float64)
+        readers.append(_Rater(name, "reader", labs == POSITIVE_CLASS, labs if is3 else None, score, "score"))
+        reads.append(rr)
+
+    truth_arr = np.asarray([truth[c] for c in case_ids], dtype=object)
+    y = truth_arr == POSITIVE_CLASS
+    truth3 = truth_arr if all(v in CLASS_NAMES for v in truth_arr) else None
+    if 0 == y.sum() or y.all():
+        logger.warning(
+            "%s: only one class in COVID-19 vs non-COVID; sensitivity, specificity or AUC are undefined", truth_csv
+        )
+
+    # majority vote over readers
+    all3 = all(r.labels3 is not None for r in readers)
+    votes = majority_vote(
+        np.stack([r.labels3 if all3 else np.where(r.call, "covid", "noncovid") for r in readers], axis=1)
+    )
+    vote = _Rater(
+        "Majority vote",
+        "majority vote",
+        votes == POSITIVE_CLASS,
+        votes if all3 else None,
+        np.mean([r.call for r in readers], axis=0),
+        "vote fraction",
+    )
+
+    strata = truth_arr.astype(str)
+    rows = [_rater_metrics(r, y, truth3, cfg.ci_level) for r in readers]
+    rows.append(_reader_average(readers, y, truth3, strata, cfg))
+    rows.append(_rater_metrics(vote, y, truth3, cfg.ci_level))
+    rows.append(_rater_metrics(model, y, truth3, cfg.ci_level))
+    tests = _paired_tests(model, [*readers, vote], readers, y, truth3)
+    agreement = _agreement(readers)
+
+    class_counts = ", ".join(f"{n} {c}" for c, n in Counter(truth_arr.tolist()).items())
+    decision = (
+        f"COVID-19 when p_covid >= {cfg.threshold:g}; 3-class argmax"
+        if cfg.threshold is not None
+        else ("argmax of the probabilities" if model_pred.kind == "3class" else "COVID-19 when p_covid > 0.5")
+    )
+    payload: dict[str, Any] = {
+        "schema": "covidctnet-reader-study/1",
+        "inputs": {
+            "truth": str(truth_csv),
+            "truth_sha256": sha256_file(truth_csv),
+            "n_cases": len(case_ids),
+            "class_counts": class_counts,
+            "model": str(model_csv),
+            "model_kind": "report.csv, 3-class" if model_pred.kind == "3class" else "preds.csv, 2-class",
+            "model_sha256": sha256_file(model_csv),
+            "readers": [
+                {
+                    "name": rr.name,
+                    "path": str(rr.path),
+                    "sha256": sha256_file(rr.path),
+                    "has_scores": rr.scores is not None,
+                }
+                for rr in reads
+            ],
+        },
+        "config": config_to_dict(cfg),
+        "decision_rule": decision,
+        "methods": {
+            "proportions": "Wilson score interval",
+            "reader_average": f"stratified case bootstrap (percentile, {cfg.n_bootstrap} resamples, seed {cfg.seed})",
+            "auc": "DeLong variance, normal interval clipped to [0, 1]",
+            "level": f"{100 * cfg.ci_level:g}%",
+            "majority_vote_ties": "covid > cap > control",
+        },
+        "table": to_jsonable(rows),
+        "paired_tests": to_jsonable(tests),
+        "agreement": to_jsonable(agreement),
+        "files": sorted(
+            ["table.csv", "tests.csv", "agreement.csv", "metrics.json", "report.md", "roc.png", "config.yaml"]
+        ),
+    }
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    columns, flat = _table_rows_flat(rows)
+    atomic_write_text(out_dir / "table.csv", _csv_text(columns, flat))
+    atomic_write_text(out_dir / "tests.csv", _csv_text(_TEST_COLUMNS, tests))
+    atomic_write_text(out_dir / "agreement.csv", _csv_text(_AGREEMENT_COLUMNS, agreement["pairwise"]))
+    _plot(out_dir / "roc.png", model, readers, vote, rows, y)
+    save_config(cfg, out_dir / "config.yaml")
+    atomic_write_text(out_dir / "metrics.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(out_dir / "report.md", _render_report(payload, rows, tests, cfg))
+    logger.info("reader study: %d cases, %d readers; results in %s", len(case_ids), len(readers), out_dir)
+    return payload
+
+
+def _unique_names(stems: Sequence[str]) -> list[str]:
+    counts = Counter(stems)
+    seen: Counter[str] = Counter()
+    out = []
+    for s in stems:
+        seen[s] += 1
+        out.append(f"{s} ({seen[s]})" if counts[s] > 1 else s)
+    return out

@@ -1,0 +1,314 @@
+"""ONNX export of a model directory and the onnxruntime backend of ``predict`` / ``predict-slice``.
+
+``covidctnet export-onnx MODEL_DIR -o OUT_DIR`` writes a self-contained *ONNX model directory*::
+
+    OUT_DIR/
+      config.yaml        # copied byte for byte from MODEL_DIR (preprocessing, input sizes, component specs)
+      MODEL_CARD.md      # copied
+      SHA256SUMS         # copied: it still matches config.yaml, and its sha256 (the report's ``weights_sha256``)
+                         # is the source model's, so both backends report the same model identity
+      denoiser.onnx      # (B, 1, S, S) in [0, 1] -> denoised slice          } a predict model directory
+      classifier.onnx    # (B, 1, D, H, W) residual -> (B, 3) logits         }
+      model.onnx         # (B, C, S, S) -> (B, 2) logits                       a predict-slice model directory
+      onnx.json          # manifest: files, sha256, input/output names and shapes, opset, export check results,
+                         # and the sha256 of the copied SHA256SUMS (ties the ONNX files to that config)
+
+The safetensors weights are not copied: the folder is what a deployment needs, and ``--backend torch`` keeps using
+the original ``MODEL_DIR``. ``predict --backend onnx --model OUT_DIR`` loads it with :func:`load_onnx_component`.
+
+Each network is exported with the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``; it needs
+no ``onnxscript``) with a dynamic batch axis, checked with ``onnx.checker`` and run through onnxruntime on a random
+batch of another batch size than the one traced: an export whose outputs differ from PyTorch's by more than
+``tolerance`` (1e-4) is refused and nothing is written. The whole folder is built next to ``OUT_DIR`` and renamed
+into place, so a failed or killed export leaves no partial folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from covidctnet.core.errors import ConfigError, ModelDirError
+from covidctnet.core.files import atomic_dir, sha256_file
+from covidctnet.core.model_dir import load_model_dir
+from covidctnet.models.registry import Denoiser, load_classifier, load_denoiser, load_slice_model
+
+__all__ = [
+    "ONNX_MANIFEST",
+    "OnnxExport",
+    "OnnxModule",
+    "export_onnx",
+    "load_onnx_manifest",
+    "load_onnx_component",
+    "load_onnx_denoiser",
+]
+
+logger = logging.getLogger(__name__)
+
+ONNX_MANIFEST = "onnx.json"
+OPSET = 17
+TOLERANCE = 1e-4
+_COPIED = ("config.yaml", "MODEL_CARD.md", "SHA256SUMS")
+_TRACE_BATCH, _CHECK_BATCH = 2, 3  # checking with another batch size than the traced one proves the axis is dynamic
+
+
+@dataclass
+class OnnxExport:
+    """What :func:`export_onnx` wrote.
+
+    Attributes:
+        out_dir: the ONNX model directory.
+        components: ``{name: manifest entry}`` (file, sha256, input shape, ``max_abs_diff`` against PyTorch).
+    """
+    out_dir: Path
+    components: dict[str, dict[str, Any]]
+
+
+def _sha256(path: Path) -> str:
+
+    return sha256_file(path)
+
+
+def _torch_components(model_dir: Path) -> tuple[Any, dict[str, tuple[Any, tuple[int, ...], str]]]:
+    """The networks of a predict or slice model directory on the CPU, with one example input shape each.
+
+    Returns:
+        ``(ModelDir, {name: (module in eval mode, input shape with batch 1, input kind)})``; kind ``unit`` means
+        inputs in [0, 1] (a preprocessed slice), ``normal`` z-scored or signed inputs.
+    """
+    md = load_model_dir(model_dir)
+    comps = md.config.get("components") or {}
+    if md.config.get("task") == "slice":
+
+        model, config = load_slice_model(md.path, "cpu")
+        size = int((config.get("preprocess") or {}).get("size", 0))
+        channels = int((md.component("model").get("kwargs") or {}).get("in_channels", 1))
+        if size < 1:
+            raise ModelDirError(f"{md.path / 'config.yaml'}: no preprocessing.size for the slice model's input")
+        return md, {"model": (model, (1, channels, size, size), "normal")}
+    missing = [c for c in ("denoiser", "classifier") if c not in comps]
+    if missing:
+        raise ModelDirError(f"{md.path}: no {' or '.join(missing)} component in config.yaml (found {sorted(comps)}); "
+                            "export-onnx takes a predict model directory (denoiser + classifier) or a slice model "
+                            "directory (task: slice)")
+
+    den = load_denoiser(md.path, device="cpu")
+    classifier = load_classifier(md, device="cpu")
+    input_size = (md.component("classifier").get("kwargs") or {}).get("input_size")
+    if not input_size or len(input_size) != 3:
+        raise ModelDirError(f"{md.path}: the classifier's input_size (depth, height, width) is not recorded")
+    return md, {
+        "denoiser": (den.model, (1, 1, den.size_xy, den.size_xy), "unit"),
+        "classifier": (classifier, (1, 1, *(int(s) for s in input_size)), "normal"),
+    }
+
+
+def _random_batch(shape: tuple[int, ...], batch: int, kind: str, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    full = (batch, *shape[1:])
+    return torch.rand(full, generator=g) if kind == "unit" else torch.randn(full, generator=g)
+
+
+def _export_one(name: str, module: Any, shape: tuple[int, ...], kind: str, path: Path, opset: int,
+                tolerance: float, seed: int) -> dict[str, Any]:
+    """Export, check and compare one network; raises ModelDirError when onnxruntime and PyTorch disagree."""
+    import warnings
+
+    import onnx
+    import onnxruntime as ort
+
+    output_name = "denoised" if name == "denoiser" else "logits"
+    module = module.cpu().eval()
+    with warnings.catch_warnings():
+        # the exporter warns about the shape checks in forward() being traced as constants: that is intended
+        # (H, W, D are fixed per model, only the batch axis is dynamic)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        torch.onnx.export(module, (_random_batch(shape, _TRACE_BATCH, kind, seed),), str(path), dynamo=False,
+                          input_names=["input"], output_names=[output_name], opset_version=opset,
+                          dynamic_axes={"input": {0: "batch"}, output_name: {0: "batch"}}, do_constant_folding=True)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as err:
+        raise ModelDirError(f"{name}: the exported ONNX graph is invalid: {str(err).splitlines()[0]}") from err
+    x = _random_batch(shape, _CHECK_BATCH, kind, seed + 1)
+    with torch.inference_mode():
+        expected = module(x).float().numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {"input": x.numpy()})[0]
+    if got.shape != expected.shape:
+        raise ModelDirError(f"{name}: onnxruntime output shape {got.shape} differs from PyTorch's {expected.shape}")
+    diff = float(np.abs(got - expected).max())
+    if not diff <= tolerance:  # also catches NaN
+        raise ModelDirError(f"{name}: onnxruntime and PyTorch outputs differ by {diff:.3g} > {tolerance:g} on a "
+                            f"random batch of {_CHECK_BATCH}; export refused, nothing written")
+    logger.info("%s: exported to ONNX (opset %d), max |onnxruntime - PyTorch| = %.2e on batch %d", name, opset,
+                diff, _CHECK_BATCH)
+    return {
+        "file": path.name,
+        "sha256": _sha256(path),
+        "input": "input",
+        "output": output_name,
+        "input_shape": ["batch", *shape[1:]],
+        "max_abs_diff": diff,
+        "checked_batch": _CHECK_BATCH,
+    }
+
+
+def export_onnx(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    opset: int = OPSET,
+    tolerance: float = TOLERANCE,
+    seed: int = 0,
+) -> OnnxExport:
+    """``covidctnet export-onnx``: write an ONNX model directory (layout in the module docstring).
+
+    Args:
+        model_dir: a predict model directory (``denoiser`` + ``classifier``) or a slice model directory.
+        out_dir: the ONNX model directory to write; replaced if it is an earlier export, refused if it is any
+            other non-empty folder.
+        opset: ONNX opset of the export.
+        tolerance: largest accepted ``|onnxruntime - PyTorch|`` on the check batch.
+        seed: seed of the random trace and check batches.
+
+    Returns:
+        What was written.
+
+    Raises:
+        ModelDirError: not a predict/slice model directory (e.g. no denoiser), hash mismatch, or an export that
+            fails ``onnx.checker`` or disagrees with PyTorch by more than ``tolerance``.
+        ConfigError: ``out_dir`` is ``model_dir`` or a non-empty folder that is not an ONNX export.
+    """
+    import onnx
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if out_dir.resolve() == model_dir.resolve():
+        raise ConfigError(f"{out_dir}: -o must differ from MODEL_DIR (the export would replace the source model)")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / ONNX_MANIFEST).is_file():
+        raise ConfigError(f"{out_dir}: exists and is not an earlier ONNX export ({ONNX_MANIFEST} missing); "
+                          "choose a new or empty folder")
+    md, modules = _torch_components(model_dir)
+    with atomic_dir(out_dir) as tmp:
+        entries = {name: _export_one(name, module, shape, kind, tmp / f"{name}.onnx", opset, tolerance, seed)
+                   for name, (module, shape, kind) in modules.items()}
+        for fname in _COPIED:
+            if (md.path / fname).is_file():
+                shutil.copyfile(md.path / fname, tmp / fname)
+        manifest = {
+            "format": "covidctnet-onnx",
+            "version": 1,
+            "source": str(md.path),
+            "source_sums_sha256": hashlib.sha256((md.path / "SHA256SUMS").read_bytes()).hexdigest(),
+            "opset": opset,
+            "exporter": f"torch.onnx.export(dynamo=False), torch {torch.__version__}, onnx {onnx.__version__}",
+            "tolerance": tolerance,
+            "components": entries,
+        }
+        (tmp / ONNX_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    logger.info("%s: ONNX model directory with %s", out_dir, ", ".join(e["file"] for e in entries.values()))
+    return OnnxExport(out_dir, {k: dict(v) for k, v in entries.items()})
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# loading (the onnx backend)
+
+
+def load_onnx_manifest(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+    """Open an ONNX model directory: its ``config.yaml``/``SHA256SUMS`` (hash-checked) and ``onnx.json``.
+
+    Returns:
+        ``(ModelDir, manifest dict)``.
+
+    Raises:
+        ModelDirError: not a model directory, no ``onnx.json`` (a PyTorch model directory: export it first), or a
+            manifest that belongs to another config.
+    """
+    md = load_model_dir(path)
+    mpath = md.path / ONNX_MANIFEST
+    if not mpath.is_file():
+        raise ModelDirError(f"{md.path}: no {ONNX_MANIFEST}, not an ONNX model directory; create one with "
+                            f"`covidctnet export-onnx {md.path} -o ONNX_DIR` and pass --model ONNX_DIR")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except json.JSONDecodeError as err:
+        raise ModelDirError(f"{mpath}: not valid JSON: {err}") from err
+    sums = hashlib.sha256((md.path / "SHA256SUMS").read_bytes()).hexdigest()
+    if manifest.get("source_sums_sha256") != sums:
+        raise ModelDirError(f"{mpath}: made for another SHA256SUMS than the one in {md.path}; export again")
+    return md, manifest
+
+
+class OnnxModule(nn.Module):
+    """An onnxruntime session behind the ``torch.nn.Module`` call interface.
+
+    Code written for PyTorch modules (:func:`covidctnet.inference.residuals.compute_residual`, which calls ``net(x)`` on CPU
+    tensors in eval mode) runs it unchanged. It has no parameters: it always runs on the CPU.
+
+    Args:
+        path: the ``.onnx`` file.
+        input_name, output_name: the graph's input and output names (from ``onnx.json``).
+    """
+    def __init__(self, path: str | os.PathLike, input_name: str = "input", output_name: str | None = None) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        # intra_op_num_threads left at its default (all cores), as PyTorch does
+        self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        self.input_name = input_name
+        self.output_name = output_name
+        self.path = Path(path)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Run a float32 batch (e.g. ``(B, 1, S, S)``) and return the first (named) output as float32."""
+        names = [self.output_name] if self.output_name else None
+        out = self.session.run(names, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        return np.asarray(out, dtype=np.float32)
+
+    def forward(self, x: Any) -> Any:
+        """``x``: CPU tensor of the graph's input shape; returns a CPU float32 tensor."""
+        return torch.from_numpy(self.run(x.detach().cpu().numpy()))
+
+
+def load_onnx_component(md: Any, manifest: dict[str, Any], name: str) -> OnnxModule:
+    """One component of an ONNX model directory as an :class:`OnnxModule` (its sha256 checked against onnx.json).
+
+    Raises:
+        ModelDirError: the component is not in ``onnx.json``, its file is missing or its hash differs.
+    """
+    entry = (manifest.get("components") or {}).get(name)
+    if not entry:
+        raise ModelDirError(f"{md.path / ONNX_MANIFEST}: no component {name!r}; found "
+                            f"{sorted(manifest.get('components') or {})}")
+    path = md.path / entry["file"]
+    if not path.is_file():
+        raise ModelDirError(f"{path}: ONNX file missing")
+    if _sha256(path) != entry.get("sha256"):
+        raise ModelDirError(f"{path}: sha256 does not match {ONNX_MANIFEST}; the file was changed or corrupted")
+    return OnnxModule(path, entry.get("input", "input"), entry.get("output"))
+
+
+def load_onnx_denoiser(md: Any, manifest: dict[str, Any]) -> Any:
+    """The ``denoiser`` of an ONNX model directory as a :class:`covidctnet.inference.residuals.Denoiser` (CPU).
+
+    Raises:
+        ModelDirError: see :func:`load_onnx_component`; no input size in ``config.yaml``.
+    """
+    module = load_onnx_component(md, manifest, "denoiser")
+    preprocess = dict(md.config.get("preprocess") or {})
+    size = (md.config.get("input") or {}).get("size_xy", preprocess.get("size_xy"))
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise ModelDirError(f"{md.path / 'config.yaml'}: no input size (input.size_xy or preprocess.size_xy)")
+    return Denoiser(module, size, md.path, manifest["components"]["denoiser"]["sha256"], torch.device("cpu"),
+                    preprocess)

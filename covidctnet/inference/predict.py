@@ -1,0 +1,348 @@
+"""End-to-end prediction: raw CT → preprocess → denoise → residual → 3D CNN → report.
+
+A model directory for ``predict`` holds two components, ``denoiser`` (BCDU-Net) and ``classifier`` (3D CNN), and
+records the preprocessing its denoiser was trained with (``config.yaml: preprocess``) and the residual grid its
+classifier takes (the classifier's ``input_size``). ``predict`` applies exactly that preprocessing, so a model trained
+on 128×128 official-profile volumes is never fed 240×240 default-profile ones.
+
+Outputs (``OUT/``): ``report.csv`` (``study_id, p_control, p_covid, p_cap, predicted, status, error, model,
+weights_sha256``), ``report.json`` (the same plus the input checks passed and the seconds per step), and with
+``save_residuals`` ``<study_id>_residual.nii.gz`` and ``<study_id>_overlay.png`` per study. As the other batch stages,
+``predict`` keeps ``manifest.csv`` and one ``predictions/<study_id>.json`` per study as it goes, so a rerun (or a run
+killed half-way) skips the studies already predicted (the manifest records each study's model hash and precision, and
+a folder of another model is refused).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from covidctnet.core.config import validate_config
+from covidctnet.core.errors import ConfigError, ModelDirError
+from covidctnet.core.files import atomic_write_text
+from covidctnet.core.labels import CLASS_NAMES
+from covidctnet.core.model_dir import dir_stamp
+from covidctnet.data.residual_volumes import residual_to_network_input
+from covidctnet.evaluation.plots import plot_residual_overlay
+from covidctnet.inference.backends import BACKENDS, open_model
+from covidctnet.inference.residuals import PRECISIONS, compute_residual, residual_affine
+from covidctnet.io.batch import MANIFEST_NAME, BatchSummary, Study, discover_studies, read_manifest, run_batch
+from covidctnet.io.checks import check_volume
+from covidctnet.io.volume import read_volume, write_nifti
+from covidctnet.models.cnn3d import predict_proba
+from covidctnet.models.registry import ASSETS, DEMO_MODEL
+from covidctnet.preprocessing.preprocess import PreprocessConfig, preprocess_volume
+
+__all__ = [
+    "PredictConfig",
+    "Pipeline",
+    "REPORT_COLUMNS",
+    "load_pipeline",
+    "predict_volume",
+    "predict_studies",
+    "run_demo",
+]
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS_DIR = "predictions"
+MANIFEST_COLUMNS = ("p_control", "p_covid", "p_cap", "predicted", "model", "weights_sha256", "precision")
+"""Stage columns of ``OUT/manifest.csv`` after the common ones; ``weights_sha256`` and ``precision`` are what resume
+compares with the current run."""
+REPORT_COLUMNS = (
+    "study_id",
+    "p_control",
+    "p_covid",
+    "p_cap",
+    "predicted",
+    "status",
+    "error",
+    "model",
+    "weights_sha256",
+)
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Settings of ``covidctnet predict`` (defaults = ``configs/predict.yaml``).
+
+    Attributes:
+        batch_size: slices per denoiser forward pass (memory grows linearly with it).
+        device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
+        save_residuals: also write each study's residual NIfTI and an overlay PNG.
+        backend: ``torch`` (the model directory's safetensors) or ``onnx`` (onnxruntime on the CPU; the model
+            directory is an ``export-onnx`` output, see :mod:`covidctnet.inference.onnx`).
+        precision: denoiser arithmetic of the torch backend: ``fp32`` (default) or ``bf16`` (several times faster on
+            CPUs with AMX / AVX512-BF16 and on recent GPUs; probabilities move by about 1e-3, see
+            ``docs/benchmarks.md``).
+    """
+    batch_size: int = 8
+    device: str = "auto"
+    save_residuals: bool = False
+    backend: str = "torch"
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+
+        if self.batch_size < 1:
+            raise ConfigError(f"'batch_size' must be at least 1, not {self.batch_size}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"'backend' must be one of {list(BACKENDS)}, not {self.backend!r}")
+
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"'precision' must be one of {list(PRECISIONS)}, not {self.precision!r}")
+        if self.precision != "fp32" and self.backend == "onnx":
+            raise ConfigError("'precision: bf16' is for the torch backend; the onnx backend runs in fp32")
+
+
+@dataclass
+class Pipeline:
+    """A loaded model directory, ready to predict."""
+
+    name: str
+    preprocess: Any  # PreprocessConfig
+    denoiser: Any  # torch.nn.Module, eval mode
+    classifier: Any  # torch.nn.Module, eval mode
+    depth: int
+    size_xy: int
+    device: Any
+    weights_sha256: str
+    backend: str = "torch"
+
+
+def load_pipeline(model_dir: str | os.PathLike, device: str = "auto", backend: str = "torch") -> Pipeline:
+    """Load a model directory with ``denoiser`` and ``classifier`` components (hashes checked).
+
+    ``weights_sha256`` in the report is the sha256 of the directory's ``SHA256SUMS``, which covers the config and
+    every weights file, so one value identifies the whole model (an ONNX export carries its source's SHA256SUMS, so
+    both backends report the same value).
+
+    Args:
+        backend: ``torch``, or ``onnx``: ``model_dir`` is an ``export-onnx`` output and both networks run in
+            onnxruntime on the CPU (``device`` is then ignored).
+
+    Raises:
+        ModelDirError: missing component, hash mismatch, wrong architecture, or inconsistent sizes.
+    """
+    model = open_model(model_dir, backend, device)
+    md, dev = model.md, model.device
+    try:
+        pre = validate_config(PreprocessConfig, md.config.get("preprocess") or {}, f"{md.path}/config.yaml: preprocess")
+    except ConfigError as err:
+        raise ModelDirError(str(err)) from err
+    denoiser, classifier = model.denoiser(), model.classifier()
+    # The official CNN records its input size; MONAI nets (global pooling) may not, then config.yaml's `input` says.
+    grid = md.config.get("input") or {}
+    input_size = (md.component("classifier").get("kwargs") or {}).get("input_size")
+    if not input_size and "depth" in grid and "size_xy" in grid:
+        input_size = (grid["depth"], grid["size_xy"], grid["size_xy"])
+    if not input_size or len(input_size) != 3:
+        raise ModelDirError(f"{md.path}: the classifier's input_size (depth, height, width) is not recorded")
+    depth, height, width = (int(s) for s in input_size)
+    if height != width or height != pre.size_xy or denoiser.size_xy != pre.size_xy:
+        raise ModelDirError(
+            f"{md.path}: classifier input {height}x{width}, denoiser input {denoiser.size_xy} and preprocessing size "
+            f"{pre.size_xy} must agree"
+        )
+    sums = hashlib.sha256((md.path / "SHA256SUMS").read_bytes()).hexdigest()
+    return Pipeline(md.name, pre, denoiser, classifier, depth, pre.size_xy, dev, sums, backend=backend)
+
+
+def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8, precision: str = "fp32") -> dict[str, Any]:
+    """Predict one checked HU volume (``precision``: the denoiser's, see :class:`PredictConfig`).
+
+    Returns:
+        ``probabilities`` (3,) in ``CLASS_NAMES`` order, ``predicted``, ``preprocessed`` ((X, Y, Z) array, affine),
+        ``residual`` ((size, size, depth) array, affine) and ``seconds`` per step.
+    """
+    import torch
+
+
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    array, affine = preprocess_volume(volume, pipeline.preprocess)
+    seconds["preprocess"] = time.perf_counter() - t
+    t = time.perf_counter()
+    residual = compute_residual(
+        array,
+        pipeline.denoiser,
+        depth=pipeline.depth,
+        size=pipeline.size_xy,
+        batch_size=batch_size,
+        source=str(volume.source),
+        precision=precision,
+    )
+    seconds["denoise"] = time.perf_counter() - t
+    t = time.perf_counter()
+    x = torch.as_tensor(residual_to_network_input(residual))[None]
+    if pipeline.backend == "onnx":  # an OnnxModule has no parameters for predict_proba to find a device from
+        probs = torch.softmax(pipeline.classifier(x).float(), dim=1)[0].numpy().astype(np.float64)
+    else:
+        probs = predict_proba(pipeline.classifier, x)[0].numpy().astype(np.float64)
+    seconds["classify"] = time.perf_counter() - t
+    return {
+        "probabilities": probs,
+        "predicted": CLASS_NAMES[int(np.argmax(probs))],
+        "preprocessed": (array, affine),
+        "residual": (residual, residual_affine(affine, array.shape, residual.shape)),
+        "seconds": seconds,
+    }
+
+
+@functools.lru_cache(maxsize=2)
+def _load_cached(model_dir: str, device: str, backend: str, stamp: tuple[int, int]) -> Pipeline:
+    return load_pipeline(model_dir, device, backend)
+
+
+def _cached_pipeline(model_dir: str, device: str, backend: str) -> Pipeline:
+    """One load per process (each worker of ``--workers`` / ``--scheduler`` loads its own), reloaded when the model
+    directory is rewritten."""
+
+    return _load_cached(model_dir, device, backend, dir_stamp(model_dir))
+
+
+def _json_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A report row for JSON: probabilities as numbers (empty for failed studies)."""
+    return {**row, **{f"p_{c}": float(row[f"p_{c}"]) for c in CLASS_NAMES if row.get(f"p_{c}") not in ("", None)}}
+
+
+def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConfig) -> dict[str, Any]:
+
+    pipeline = _cached_pipeline(model_dir, cfg.device, cfg.backend)
+    t = time.perf_counter()
+    volume = read_volume(study.path)
+    passed = check_volume(volume, pipeline.preprocess.limits)
+    read_s = time.perf_counter() - t
+    result = predict_volume(pipeline, volume, cfg.batch_size, cfg.precision)
+    probs = result["probabilities"]
+    row: dict[str, Any] = {
+        **{f"p_{c}": f"{p:.6f}" for c, p in zip(CLASS_NAMES, probs)},
+        "predicted": result["predicted"],
+        "model": pipeline.name,
+        "weights_sha256": pipeline.weights_sha256,
+        "precision": cfg.precision,
+        "checks": " ".join(passed),
+        "seconds": {"read": round(read_s, 3), **{k: round(v, 3) for k, v in result["seconds"].items()}},
+    }
+    if cfg.save_residuals:  # written before the study's JSON, whose presence marks the study done
+        from scipy import ndimage
+
+
+        residual, res_affine = result["residual"]
+        write_nifti(residual, res_affine, out_dir / f"{study.study_id}_residual.nii.gz")
+        ct = result["preprocessed"][0]
+        ct_small = ndimage.zoom(ct, np.array(residual.shape) / np.array(ct.shape), order=1)
+        title = f"{study.study_id}: {result['predicted']} " + " ".join(
+            f"{c}={p:.2f}" for c, p in zip(CLASS_NAMES, probs)
+        )
+        plot_residual_overlay(out_dir / f"{study.study_id}_overlay.png", ct_small, residual, title=title)
+        row["residual"] = f"{study.study_id}_residual.nii.gz"
+        row["overlay"] = f"{study.study_id}_overlay.png"
+    row["output"] = f"{PREDICTIONS_DIR}/{study.study_id}.json"
+    (out_dir / PREDICTIONS_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / row["output"], json.dumps(_json_row({"study_id": study.study_id, **row}), indent=2))
+    logger.info(
+        "%s: %s (%s)",
+        study.study_id,
+        result["predicted"],
+        ", ".join(f"{c} {p:.3f}" for c, p in zip(CLASS_NAMES, probs)),
+    )
+    return row
+
+
+def predict_studies(
+    inputs: Sequence[str | os.PathLike],
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    cfg: PredictConfig = PredictConfig(),
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+    *,
+    resume: bool = True,
+    workers: int = 0,
+    scheduler: str | None = None,
+) -> BatchSummary:
+    """``covidctnet predict``: predict every study found in ``inputs`` and write the report.
+
+    A bad study gets ``status=error`` with its one-line message and the others are still predicted. Each study's
+    result is kept as it finishes (``manifest.csv``, ``predictions/<study_id>.json``); ``report.csv`` and
+    ``report.json`` are written atomically once every study has been seen. Nothing is written if every study failed.
+
+    Args:
+        resume: skip studies whose prediction in ``out_dir`` is intact and was made by the same model and precision
+            (another model or precision in the same folder is refused).
+        workers: 0 predicts in this process; N > 0 in N spawned processes, each loading the model once and using
+            ``cpu_count // N`` threads.
+        scheduler: Dask scheduler address; the studies then run on its workers, which must see ``model_dir``, the
+            inputs and ``out_dir`` (overrides ``workers``).
+
+    Raises:
+        ConfigError: with ``resume``, ``out_dir``'s manifest holds predictions of another model or precision.
+    """
+    model_dir = str(Path(model_dir).resolve())
+    # loaded here even with workers: a bad model directory fails once, before any study, with its one-line error
+    pipeline = _cached_pipeline(model_dir, cfg.device, cfg.backend)
+    studies = discover_studies(inputs)
+    out_dir = Path(out_dir)
+    if resume:  # the manifest is rewritten after every study, so this also covers a run that was killed half-way
+        current = {"weights_sha256": pipeline.weights_sha256, "precision": cfg.precision}
+        done = [r for r in read_manifest(out_dir / MANIFEST_NAME) if r.get("status") == "ok"]
+        changed = sorted({k for r in done for k, v in current.items() if r.get(k) != v})
+        if changed:  # the backend may change: onnxruntime and PyTorch agree to 1e-4
+            raise ConfigError(f"{out_dir / MANIFEST_NAME}: {out_dir} holds predictions made with another "
+                              f"{' / '.join(changed)}; use a new output folder or --no-resume")
+    fn = functools.partial(_predict_study, model_dir=model_dir, cfg=cfg)
+    summary = run_batch(studies, out_dir, fn, MANIFEST_COLUMNS, resume=resume, workers=workers, scheduler=scheduler,
+                        desc="predict", on_result=on_result)
+    if summary.n_ok + summary.n_skipped == 0:
+        return summary
+    rows = []
+    for r in summary.rows:
+        if r.get("status") == "ok":  # the study's JSON holds the full row, also for studies done by an earlier run
+            r = {**json.loads((out_dir / r["output"]).read_text()), "status": "ok", "error": "",
+                 "source": r.get("source", ""), "label": r.get("label", "")}
+        else:
+            r = {**r, "model": pipeline.name, "weights_sha256": pipeline.weights_sha256}
+        rows.append(r)
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(REPORT_COLUMNS), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out_dir / "report.csv", buf.getvalue())
+    report = {
+        "model": pipeline.name,
+        "weights_sha256": pipeline.weights_sha256,
+        "class_names": list(CLASS_NAMES),
+        "preprocess_profile": pipeline.preprocess.profile,
+        "backend": cfg.backend,
+        "precision": cfg.precision,
+        "studies": [_json_row({c: r.get(c, "") for c in REPORT_COLUMNS} | {
+            k: r[k] for k in ("checks", "seconds", "residual", "overlay", "label", "source") if k in r}) for r in rows],
+    }
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    return summary
+
+
+DEMO_SCAN = ASSETS / "demo" / "chest_ct_sample.nii.gz"
+
+
+def run_demo(out_dir: str | os.PathLike, on_result: Callable[[dict[str, Any]], None] | None = None) -> BatchSummary:
+    """``covidctnet demo``: predict the bundled real chest CT with the bundled demonstration model.
+
+    Writes the report, the residual NIfTI and the overlay PNG to ``out_dir``. See the model card in
+    ``covidctnet/assets/demo_model/MODEL_CARD.md`` for what the demonstration weights are and are not.
+    """
+    return predict_studies([DEMO_SCAN], DEMO_MODEL, out_dir, PredictConfig(save_residuals=True), on_result=on_result)

@@ -1,0 +1,1 @@
+"""Reading scans into HU volumes, input checks, and the batch runner (manifest, resume, worker processes, Dask)."""

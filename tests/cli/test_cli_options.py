@@ -1,0 +1,53 @@
+"""Command-line defaults come from the config dataclasses: `--help` shows them, and none is typed by hand."""
+
+from __future__ import annotations
+
+import re
+
+import click
+import pytest
+from covidctnet.cli import COMMANDS, cli
+from covidctnet.cli.options import ConfigOption, dataclass_default
+
+CONTEXT = click.Context(cli)
+
+
+def _options():
+    for name in sorted(COMMANDS):
+        command = cli.get_command(CONTEXT, name)
+        for param in command.params:
+            if isinstance(param, click.Option):
+                yield name, param
+
+
+@pytest.mark.parametrize(("command", "option"), [(c, o) for c, o in _options() if isinstance(o, ConfigOption)],
+                         ids=lambda x: x if isinstance(x, str) else x.name)
+def test_config_option_shows_the_dataclass_default(command, option):
+    default = dataclass_default(option.config_ref, option.config_key)  # also: the key is a field of that config
+    help_text = option.get_help_record(click.Context(cli.get_command(CONTEXT, command)))[1]
+    shown = re.search(r"\[default: ([^\]]*)\]$", help_text)
+    assert shown, help_text
+    if isinstance(default, bool) and option.secondary_opts:  # --flag/--no-flag: the name of the default side
+        expected = (option.opts if default else option.secondary_opts)[-1].lstrip("-")
+    elif isinstance(default, bool) or default is None:
+        expected = str(default).lower()
+    else:
+        expected = str(default)
+    assert shown.group(1) == expected
+    assert option.default is None  # unset keeps the value of --config's YAML
+
+
+def test_no_default_is_typed_by_hand():
+    for command, option in _options():
+        record = option.get_help_record(click.Context(cli.get_command(CONTEXT, command)))
+        if record is None:
+            continue
+        text = record[1]
+        generated = isinstance(option, ConfigOption) or option.show_default
+        mentions = len(re.findall(r"\[default:|\(default", text, flags=re.I))
+        # one "[default: …]" at the end, from the dataclass or click; a hand-typed one only where no value exists
+        # (the bundled model, the model's or members' own threshold)
+        if not generated:
+            assert mentions == 0 or re.search(r"\[default: the [^\]0-9]*\]\.?$", text), (command, option.name, text)
+        else:
+            assert mentions == 1 and text.rstrip(".").endswith("]"), (command, option.name, text)

@@ -1,0 +1,81 @@
+"""ModelDirConfig: one validated config.yaml schema for every model kind; older directories still load."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+import yaml
+
+from covidctnet.core.errors import ModelDirError
+from covidctnet.core.model_dir import (
+    ComponentEntry,
+    ModelDirConfig,
+    load_model_dir,
+    save_model_dir,
+)
+from covidctnet.models.registry import DEFAULT_SLICE_MODEL, DEMO_MODEL
+
+SLICE = {"name": "s", "task": "slice", "threshold": 0.5, "components": {"model": {"arch": "resnet18", "kwargs": {}}}}
+
+
+def test_bundled_models_load_in_the_current_schema():
+    # the bundled slice model was written before the schema: `classes` and `preprocessing`
+    raw = yaml.safe_load((DEFAULT_SLICE_MODEL / "config.yaml").read_text())
+    assert "classes" in raw and "preprocessing" in raw
+    md = load_model_dir(DEFAULT_SLICE_MODEL)
+    assert md.config["class_names"] == raw["classes"] and md.config["preprocess"] == raw["preprocessing"]
+    assert "classes" not in md.config and "preprocessing" not in md.config
+    assert md.spec.components["model"].members == 2 and md.spec.threshold == raw["threshold"]
+    assert md.spec.extra["positive_class"] == "covid"  # kind-specific keys are kept as written
+    demo = load_model_dir(DEMO_MODEL).spec
+    assert demo.task == "covidctnet" and set(demo.components) == {"classifier", "denoiser"}
+    assert demo.components["denoiser"].source["weights_sha256"]
+
+
+def test_round_trip_and_weights_filled_in(tmp_path):
+    spec = ModelDirConfig("m", "denoise", {"denoiser": ComponentEntry("bcdunet", {"features": 4})},
+                          preprocess={"size_xy": 64}, extra={"note": 1})
+    md = save_model_dir(tmp_path / "m", spec, {"denoiser": {"w": torch.zeros(2)}}, "# card")
+    assert md.spec == ModelDirConfig("m", "denoise", {"denoiser": ComponentEntry("bcdunet", {"features": 4},
+                                                                                 "denoiser.safetensors")},
+                                     preprocess={"size_xy": 64}, extra={"note": 1})
+    assert list(md.config) == ["name", "task", "components", "preprocess", "note"]
+
+
+def test_legacy_dict_is_written_in_the_current_schema(tmp_path):
+    legacy = {**SLICE, "classes": ["noncovid", "covid"], "preprocessing": {"size": 64}}
+    save_model_dir(tmp_path / "m", legacy, {"model": {"w": torch.zeros(1)}}, "")
+    written = yaml.safe_load((tmp_path / "m" / "config.yaml").read_text())
+    assert written["class_names"] == ["noncovid", "covid"] and written["preprocess"] == {"size": 64}
+    assert "classes" not in written and "preprocessing" not in written
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"task": "segment"}, r"'task' must be one of"),
+    ({"threshold": 1.5}, r"'threshold' must be a number in \[0, 1\]"),
+    ({"components": {}}, r"'components' mapping with at least one network"),
+    ({"components": {"model": {"kwargs": {}}}}, r"components.model: 'arch' must be"),
+    ({"components": {"model": {"arch": "resnet18", "kwarg": {}}}}, r"components.model: unknown key\(s\) \['kwarg'\]"),
+    ({"components": {"model": {"arch": "resnet18", "members": 1}}}, r"'members' must be an integer >= 2"),
+    ({"class_names": "covid"}, r"'class_names' must be a list"),
+    ({"preprocess": {"size": 1}, "preprocessing": {"size": 1}}, r"both 'preprocessing' and 'preprocess'"),
+])
+def test_bad_configs_are_refused_with_the_key_named(change, message):
+    with pytest.raises(ModelDirError, match=message):
+        ModelDirConfig.from_dict({**SLICE, **change}, "config.yaml")
+
+
+def test_weights_without_a_component_are_refused(tmp_path):
+    with pytest.raises(ModelDirError, match=r"weights for \['other'\] but no such component"):
+        save_model_dir(tmp_path / "m", SLICE, {"other": {"w": torch.zeros(1)}}, "")
+    assert not (tmp_path / "m").exists()
+
+
+def test_edited_config_with_a_bad_schema_fails_on_load(tmp_path):
+    shutil.copytree(DEFAULT_SLICE_MODEL, tmp_path / "m")
+    cfg = tmp_path / "m" / "config.yaml"
+    cfg.write_text(cfg.read_text().replace("task: slice", "task: nonsense"))
+    with pytest.raises(ModelDirError, match="config was edited"):  # the hash guards the file before the schema
+        load_model_dir(tmp_path / "m")
