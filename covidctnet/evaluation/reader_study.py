@@ -38,6 +38,7 @@ from covidctnet.core.files import atomic_write_text, sha256_file, to_jsonable
 from covidctnet.core.labels import CLASS_NAMES, normalize_any_label
 from covidctnet.evaluation.evaluate import (
     POSITIVE_CLASS,
+    Predictions,
     check_eval_settings,
     decide,
     format_estimate,
@@ -669,8 +670,51 @@ def run_reader_study(
     names = list(reader_names) if reader_names is not None else _unique_names([p.stem for p in reader_paths])
 
     truth = read_truth(truth_csv)
+    model, model_pred = _model_rater(model_csv, truth, truth_csv, cfg)
+    readers, reads = _reader_raters(reader_paths, names, truth, truth_csv)
+
     case_ids = list(truth)
-    order = {cid: i for i, cid in enumerate(case_ids)}
+    truth_arr = np.asarray([truth[c] for c in case_ids], dtype=object)
+    y = truth_arr == POSITIVE_CLASS
+    truth3 = truth_arr if all(v in CLASS_NAMES for v in truth_arr) else None
+    if 0 == y.sum() or y.all():
+        logger.warning(
+            "%s: only one class in COVID-19 vs non-COVID; sensitivity, specificity or AUC are undefined", truth_csv
+        )
+
+    vote = _majority_vote_rater(readers)
+    strata = truth_arr.astype(str)
+    rows = [_rater_metrics(r, y, truth3, cfg.ci_level) for r in readers]
+    rows.append(_reader_average(readers, y, truth3, strata, cfg))
+    rows.append(_rater_metrics(vote, y, truth3, cfg.ci_level))
+    rows.append(_rater_metrics(model, y, truth3, cfg.ci_level))
+    tests = _paired_tests(model, [*readers, vote], readers, y, truth3)
+    agreement = _agreement(readers)
+
+    payload = _metrics_payload(cfg, truth_csv, truth_arr, model_csv, model_pred, reads, rows, tests, agreement)
+    _write_study(out_dir, cfg, payload, rows, tests, agreement, model, readers, vote, y)
+    logger.info("reader study: %d cases, %d readers; results in %s", len(case_ids), len(readers), out_dir)
+    return payload
+
+
+def _model_rater(
+    model_csv: Path, truth: Mapping[str, str], truth_csv: Path, cfg: ReaderStudyConfig
+) -> tuple[_Rater, Predictions]:
+    """Read the model's predictions and put them in the truth's case order.
+
+    Args:
+        model_csv: ``report.csv`` (3-class) or ``preds.csv`` (2-class).
+        truth: ``{case id: label}``; its order is the study's case order.
+        truth_csv: the truth's path (for messages).
+        cfg: options (``prob_tolerance``, ``threshold``).
+
+    Returns:
+        the model as a rater ((N,) arrays in truth order, score ``p_covid``) and the predictions file as read.
+
+    Raises:
+        InputError / LabelError: a bad file, ids that do not match the truth, or rows without a prediction.
+    """
+    order = {cid: i for i, cid in enumerate(truth)}
     model_pred = read_predictions(model_csv, cfg.prob_tolerance)
     keys = match_case_ids(
         model_pred.all_ids,
@@ -696,7 +740,28 @@ def run_reader_study(
         model_pred.p_covid[perm],
         "p_covid",
     )
+    return model, model_pred
 
+
+def _reader_raters(
+    reader_paths: Sequence[Path], names: Sequence[str], truth: Mapping[str, str], truth_csv: Path
+) -> tuple[list[_Rater], list[ReaderReads]]:
+    """Read every reader's CSV and put its reads in the truth's case order.
+
+    Args:
+        reader_paths: one CSV per reader.
+        names: display names, one per CSV.
+        truth: ``{case id: label}``; its order is the study's case order.
+        truth_csv: the truth's path (for messages).
+
+    Returns:
+        the readers as raters ((N,) arrays in truth order; 3-class labels only when every read is a 3-class name) and
+        their reads as read.
+
+    Raises:
+        InputError / LabelError: a bad file or ids that do not match the truth.
+    """
+    case_ids = list(truth)
     readers: list[_Rater] = []
     reads: list[ReaderReads] = []
     for path, name in zip(reader_paths, names):
@@ -707,21 +772,20 @@ def run_reader_study(
         score = None if rr.scores is None else np.asarray([rr.scores[c] for c in case_ids], dtype=np.float64)
         readers.append(_Rater(name, "reader", labs == POSITIVE_CLASS, labs if is3 else None, score, "score"))
         reads.append(rr)
+    return readers, reads
 
-    truth_arr = np.asarray([truth[c] for c in case_ids], dtype=object)
-    y = truth_arr == POSITIVE_CLASS
-    truth3 = truth_arr if all(v in CLASS_NAMES for v in truth_arr) else None
-    if 0 == y.sum() or y.all():
-        logger.warning(
-            "%s: only one class in COVID-19 vs non-COVID; sensitivity, specificity or AUC are undefined", truth_csv
-        )
 
-    # majority vote over readers
+def _majority_vote_rater(readers: Sequence[_Rater]) -> _Rater:
+    """The readers' majority vote as one more rater.
+
+    It votes on 3-class labels when every reader gave them, else on covid / noncovid; its ROC score is the (N,)
+    fraction of readers calling COVID-19.
+    """
     all3 = all(r.labels3 is not None for r in readers)
     votes = majority_vote(
         np.stack([r.labels3 if all3 else np.where(r.call, "covid", "noncovid") for r in readers], axis=1)
     )
-    vote = _Rater(
+    return _Rater(
         "Majority vote",
         "majority vote",
         votes == POSITIVE_CLASS,
@@ -730,26 +794,44 @@ def run_reader_study(
         "vote fraction",
     )
 
-    strata = truth_arr.astype(str)
-    rows = [_rater_metrics(r, y, truth3, cfg.ci_level) for r in readers]
-    rows.append(_reader_average(readers, y, truth3, strata, cfg))
-    rows.append(_rater_metrics(vote, y, truth3, cfg.ci_level))
-    rows.append(_rater_metrics(model, y, truth3, cfg.ci_level))
-    tests = _paired_tests(model, [*readers, vote], readers, y, truth3)
-    agreement = _agreement(readers)
 
+def _metrics_payload(
+    cfg: ReaderStudyConfig,
+    truth_csv: Path,
+    truth_arr: np.ndarray,
+    model_csv: Path,
+    model_pred: Predictions,
+    reads: Sequence[ReaderReads],
+    rows: Sequence[Mapping[str, Any]],
+    tests: Sequence[Mapping[str, Any]],
+    agreement: Mapping[str, Any],
+) -> dict[str, Any]:
+    """The content of ``metrics.json``: the inputs with their sha256, the config, the decision rule, the methods and
+    the results (JSON-plain).
+
+    Args:
+        cfg: options.
+        truth_csv: the truth's path.
+        truth_arr: (N,) the true labels in case order.
+        model_csv: the model predictions' path.
+        model_pred: the model predictions as read.
+        reads: every reader's reads.
+        rows: the table rows (one per rater).
+        tests: the paired tests.
+        agreement: the inter-reader agreement.
+    """
     class_counts = ", ".join(f"{n} {c}" for c, n in Counter(truth_arr.tolist()).items())
     decision = (
         f"COVID-19 when p_covid >= {cfg.threshold:g}; 3-class argmax"
         if cfg.threshold is not None
         else ("argmax of the probabilities" if model_pred.kind == "3class" else "COVID-19 when p_covid > 0.5")
     )
-    payload: dict[str, Any] = {
+    return {
         "schema": "covidctnet-reader-study/1",
         "inputs": {
             "truth": str(truth_csv),
             "truth_sha256": sha256_file(truth_csv),
-            "n_cases": len(case_ids),
+            "n_cases": len(truth_arr),
             "class_counts": class_counts,
             "model": str(model_csv),
             "model_kind": "report.csv, 3-class" if model_pred.kind == "3class" else "preds.csv, 2-class",
@@ -781,6 +863,34 @@ def run_reader_study(
         ),
     }
 
+
+def _write_study(
+    out_dir: Path,
+    cfg: ReaderStudyConfig,
+    payload: Mapping[str, Any],
+    rows: Sequence[Mapping[str, Any]],
+    tests: Sequence[Mapping[str, Any]],
+    agreement: Mapping[str, Any],
+    model: _Rater,
+    readers: Sequence[_Rater],
+    vote: _Rater,
+    y: np.ndarray,
+) -> None:
+    """Write the study folder, each file atomically: ``table.csv``, ``tests.csv``, ``agreement.csv``, ``roc.png``,
+    ``config.yaml``, ``metrics.json`` and ``report.md``.
+
+    Args:
+        out_dir: the folder (created if missing).
+        cfg: options (saved as ``config.yaml``).
+        payload: the content of ``metrics.json``.
+        rows: the table rows (one per rater).
+        tests: the paired tests.
+        agreement: the inter-reader agreement.
+        model: the model as a rater.
+        readers: the readers.
+        vote: the majority vote.
+        y: (N,) bool truth, COVID-19 vs non-COVID (for the ROC plot).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     columns, flat = _table_rows_flat(rows)
     atomic_write_text(out_dir / "table.csv", _csv_text(columns, flat))
@@ -790,8 +900,6 @@ def run_reader_study(
     save_config(cfg, out_dir / "config.yaml")
     atomic_write_text(out_dir / "metrics.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out_dir / "report.md", _render_report(payload, rows, tests, cfg))
-    logger.info("reader study: %d cases, %d readers; results in %s", len(case_ids), len(readers), out_dir)
-    return payload
 
 
 def _unique_names(stems: Sequence[str]) -> list[str]:
