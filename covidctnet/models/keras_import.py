@@ -379,42 +379,82 @@ def _find_denoiser(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str
     Raises:
         ModelDirError: nothing usable found, a hash mismatch, or weights that do not fit their architecture.
     """
-    import inspect
-
-    import yaml
-
-
-    def is_model_dir(p: Path) -> bool:
-        return (p / CONFIG_NAME).is_file() and (p / SUMS_NAME).is_file()
-
     if not path.is_dir():
         raise ModelDirError(f"{path}: --denoiser must be a model directory or a train-denoiser run directory")
-    candidates = [path] if is_model_dir(path) else []
-    subdirs = sorted((p for p in path.iterdir() if p.is_dir() and is_model_dir(p)), key=lambda p: p.name)
-    candidates += sorted(subdirs, key=lambda p: not p.name.lower().startswith(("model", "best")))
-    for cand in candidates:
-        md = load_model_dir(cand)
-        if "denoiser" not in md.config.get("components", {}):
-            continue
-        entry = {k: v for k, v in md.component("denoiser").items() if k != "weights"}
-        state = md.state_dict("denoiser")
-        if entry.get("arch") == "bcdunet":
-            _check_bcdunet_fits(entry, state, str(cand))
-        else:
-            logging.getLogger(__name__).warning("%s: denoiser arch %r is not checked here", cand, entry.get("arch"))
-        provenance = {"path": str(cand.resolve()), "weights_sha256": md.weights_sha256("denoiser")}
-        profile = _denoiser_profile(md.config)
-        if profile is not None:
-            provenance["preprocess_profile"] = profile
-        size = (md.config.get("input") or {}).get("size_xy")
-        if size is not None and size != CNN3D_KERAS_INPUT_SIZE[1]:
-            raise ModelDirError(
-                f"{cand}: the denoiser takes {size}x{size} slices (input.size_xy), the official CNN 128x128 residuals; "
-                "train a denoiser on `covidctnet preprocess --profile official` output"
-            )
-        preprocess = md.config.get("preprocess")
-        return dict(state), entry, provenance, dict(preprocess) if isinstance(preprocess, Mapping) else None
+    for cand in _denoiser_model_dirs(path):
+        found = _model_dir_denoiser(cand)
+        if found is not None:
+            return found
 
+    weights_path = _raw_denoiser_weights(path)
+    state = _read_raw_denoiser(weights_path)
+    entry = {"arch": "bcdunet", "kwargs": _run_bcdunet_kwargs(path / "config.yaml")}
+    _check_bcdunet_fits(entry, state, str(weights_path))
+
+    provenance = {"path": str(weights_path.resolve()), "weights_sha256": sha256_file(weights_path)}
+    return state, entry, provenance, None
+
+
+def _is_model_dir(p: Path) -> bool:
+    """Whether ``p`` holds a model directory's ``config.yaml`` and ``SHA256SUMS``."""
+    return (p / CONFIG_NAME).is_file() and (p / SUMS_NAME).is_file()
+
+
+def _denoiser_model_dirs(path: Path) -> list[Path]:
+    """The model directories ``--denoiser`` may name, in the order they are tried: ``path`` itself if it is one, then
+    its immediate subfolders that are one, in name order with folders named ``model*`` or ``best*`` first."""
+    candidates = [path] if _is_model_dir(path) else []
+    subdirs = sorted((p for p in path.iterdir() if p.is_dir() and _is_model_dir(p)), key=lambda p: p.name)
+    candidates += sorted(subdirs, key=lambda p: not p.name.lower().startswith(("model", "best")))
+    return candidates
+
+
+def _model_dir_denoiser(
+    cand: Path,
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any] | None] | None:
+    """The ``denoiser`` component of one model directory, as :func:`_find_denoiser` returns it.
+
+    Args:
+        cand: a model directory (``config.yaml`` + ``SHA256SUMS``).
+
+    Returns:
+        ``(state_dict, component entry without weights, provenance, preprocess config or None)``, or ``None`` when the
+        directory has no ``denoiser`` component.
+
+    Raises:
+        ModelDirError: a hash mismatch, ``bcdunet`` weights that do not fit their kwargs, or a denoiser whose
+            ``input.size_xy`` is not the official CNN's 128.
+    """
+    md = load_model_dir(cand)
+    if "denoiser" not in md.config.get("components", {}):
+        return None
+    entry = {k: v for k, v in md.component("denoiser").items() if k != "weights"}
+    state = md.state_dict("denoiser")
+    if entry.get("arch") == "bcdunet":
+        _check_bcdunet_fits(entry, state, str(cand))
+    else:
+        logging.getLogger(__name__).warning("%s: denoiser arch %r is not checked here", cand, entry.get("arch"))
+    provenance = {"path": str(cand.resolve()), "weights_sha256": md.weights_sha256("denoiser")}
+    profile = _denoiser_profile(md.config)
+    if profile is not None:
+        provenance["preprocess_profile"] = profile
+    size = (md.config.get("input") or {}).get("size_xy")
+    if size is not None and size != CNN3D_KERAS_INPUT_SIZE[1]:
+        raise ModelDirError(
+            f"{cand}: the denoiser takes {size}x{size} slices (input.size_xy), the official CNN 128x128 residuals; "
+            "train a denoiser on `covidctnet preprocess --profile official` output"
+        )
+    preprocess = md.config.get("preprocess")
+    return dict(state), entry, provenance, dict(preprocess) if isinstance(preprocess, Mapping) else None
+
+
+def _raw_denoiser_weights(path: Path) -> Path:
+    """The first raw weights file of a run directory: ``best.safetensors``, ``model.safetensors``, then the same under
+    ``checkpoints/``, then ``checkpoints/best.pt``.
+
+    Raises:
+        ModelDirError: none of them exists (and no model directory was found before).
+    """
     raw_names = ["best.safetensors", "model.safetensors"]
     raw = [path / n for n in raw_names] + [path / "checkpoints" / n for n in raw_names + ["best.pt"]]
     weights_path = next((p for p in raw if p.is_file()), None)
@@ -423,22 +463,42 @@ def _find_denoiser(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str
             f"{path}: no denoiser found: not a model directory with a 'denoiser' component, no such model directory "
             f"inside, and none of {[str(p.relative_to(path)) for p in raw]}"
         )
-    if weights_path.suffix == ".pt":
+    return weights_path
 
+
+def _read_raw_denoiser(weights_path: Path) -> dict[str, Any]:
+    """The state dict in raw weights: a trainer checkpoint (``.pt``, its ``model``, read with ``weights_only=True``)
+    or a safetensors file.
+
+    Raises:
+        ModelDirError: the file cannot be read.
+    """
+    if weights_path.suffix == ".pt":
         try:
-            state = dict(load_checkpoint(weights_path)["model"])
+            return dict(load_checkpoint(weights_path)["model"])
         except CheckpointError as err:
             raise ModelDirError(str(err)) from err
-    else:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-        try:
-            state = load_file(str(weights_path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise ModelDirError(f"{weights_path}: cannot read safetensors weights: {err}") from err
+    try:
+        return load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelDirError(f"{weights_path}: cannot read safetensors weights: {err}") from err
+
+
+def _run_bcdunet_kwargs(run_cfg_path: Path) -> dict[str, Any]:
+    """The ``BCDUNet`` keyword arguments a run's ``config.yaml`` gives: its top level, then ``model``, then
+    ``components.denoiser.kwargs`` (later ones win); only ``BCDUNet.__init__``'s parameters, ``{}`` without the file.
+
+    Raises:
+        ModelDirError: the file is not valid YAML.
+    """
+    import inspect
+
+    import yaml
+
     kwargs: dict[str, Any] = {}
-    run_cfg_path = path / "config.yaml"
     if run_cfg_path.is_file():
         try:
             run_cfg = yaml.safe_load(run_cfg_path.read_text()) or {}
@@ -451,11 +511,7 @@ def _find_denoiser(path: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str
         for source in (run_cfg, nested, (comp or {}).get("kwargs")):
             if isinstance(source, Mapping):
                 kwargs.update({k: v for k, v in source.items() if k in valid})
-    entry = {"arch": "bcdunet", "kwargs": kwargs}
-    _check_bcdunet_fits(entry, state, str(weights_path))
-
-    provenance = {"path": str(weights_path.resolve()), "weights_sha256": sha256_file(weights_path)}
-    return state, entry, provenance, None
+    return kwargs
 
 
 def _imported_model_card(
