@@ -141,56 +141,112 @@ def predict_slices(
     files = _expand_inputs(inputs)
     if not files:
         raise InputError(f"{', '.join(map(str, inputs))}: no images to predict")
-    if check_backend(backend) == "onnx":
-        if cam_dir is not None:
-            raise ConfigError("--cam needs gradients, which the onnx backend has not; use --backend torch for Grad-CAM")
-        if model_dir is None:
-            raise ConfigError("--backend onnx needs --model: an `export-onnx` output folder of a slice model")
-    if model_dir is None and not DEFAULT_SLICE_MODEL.is_dir():
-        raise ModelDirError(f"{DEFAULT_SLICE_MODEL}: no bundled slice model in this installation; pass --model MODEL_DIR")
-    model, config = open_model(model_dir or DEFAULT_SLICE_MODEL, backend, device).slice_model()
+    model, config = _open_slice_model(model_dir, backend, device, cam_dir)
     thr = float(config.get("threshold", 0.5) if threshold is None else threshold)
     rows: list[list[str]] = []
     cams: list[Path] = []
-    gradcam = None
-    if cam_dir is not None:
-        from monai.visualize import GradCAM
-
-        gradcam = GradCAM(nn_module=model, target_layers=_cam_layers(model))
-        Path(cam_dir).mkdir(parents=True, exist_ok=True)
+    gradcam = None if cam_dir is None else _grad_cam(model, Path(cam_dir))
     used_names: set[str] = set()
-    n_failed = 0
     for start in progress(range(0, len(files), batch_size), total=math.ceil(len(files) / batch_size),
                           desc="predict-slice"):
-        chunk = files[start : start + batch_size]
-        arrays: list[np.ndarray | None] = []
-        errors: list[str] = []
-        for f in chunk:
-            try:
-                arrays.append(load_grey(f))
-                errors.append("")
-            except CovidCTNetError as err:
-                arrays.append(None)
-                errors.append(str(err))
-        good = [a for a in arrays if a is not None]
-        probs = iter(predict_arrays(model, config, good).tolist()) if good else iter(())
-        for f, arr, err in zip(chunk, arrays, errors):
-            if arr is None:
-                n_failed += 1
-                (on_error or logger.error)(err)
-                rows.append([str(f), "", "", "error", err])
-                continue
-            p = float(next(probs))
-            rows.append([str(f), f"{p:.6f}", BINARY_CLASS_NAMES[int(p >= thr)], "ok", ""])
-            if gradcam is not None:
-                assert cam_dir is not None
-                cams.append(_cam_for(gradcam, model, config, arr, p, f, Path(cam_dir), used_names))
+        batch_rows, batch_cams = _score_batch(
+            files[start : start + batch_size], model, config, thr, gradcam, cam_dir, used_names, on_error
+        )
+        rows += batch_rows
+        cams += batch_cams
+    n_failed = sum(row[3] == "error" for row in rows)
     if n_failed == len(rows):
         return PredictSummary(Path(out_csv), 0, n_failed, cams)
     write_csv(out_csv, ["file", "p_covid", "predicted", "status", "error"], rows)
     logger.info("%s: %d image(s) scored, %d failed (model %s)", out_csv, len(rows) - n_failed, n_failed,
                 config.get("name"))
     return PredictSummary(Path(out_csv), len(rows) - n_failed, n_failed, cams)
+
+
+def _open_slice_model(
+    model_dir: str | os.PathLike | None, backend: str, device: str, cam_dir: str | os.PathLike | None
+) -> tuple[nn.Module, dict]:
+    """Check the backend against the other options, then open the slice model (the bundled one when ``model_dir`` is
+    ``None``).
+
+    Returns:
+        the model and its ``config.yaml`` as a dict.
+
+    Raises:
+        ConfigError: unknown backend, Grad-CAM asked of the ONNX backend, or the ONNX backend without a model.
+        ModelDirError: no bundled model in this installation, or the model directory is unusable.
+    """
+    if check_backend(backend) == "onnx":
+        if cam_dir is not None:
+            raise ConfigError("--cam needs gradients, which the onnx backend has not; use --backend torch for Grad-CAM")
+        if model_dir is None:
+            raise ConfigError("--backend onnx needs --model: an `export-onnx` output folder of a slice model")
+    if model_dir is None and not DEFAULT_SLICE_MODEL.is_dir():
+        raise ModelDirError(
+            f"{DEFAULT_SLICE_MODEL}: no bundled slice model in this installation; pass --model MODEL_DIR"
+        )
+    return open_model(model_dir or DEFAULT_SLICE_MODEL, backend, device).slice_model()
+
+
+def _grad_cam(model: nn.Module, cam_dir: Path) -> Any:
+    """MONAI's Grad-CAM on the model's last feature layer(s), with ``cam_dir`` created for its PNGs."""
+    from monai.visualize import GradCAM
+
+    gradcam = GradCAM(nn_module=model, target_layers=_cam_layers(model))
+    cam_dir.mkdir(parents=True, exist_ok=True)
+    return gradcam
+
+
+def _score_batch(
+    chunk: Sequence[Path],
+    model: nn.Module,
+    config: dict,
+    thr: float,
+    gradcam: Any,
+    cam_dir: str | os.PathLike | None,
+    used_names: set[str],
+    on_error: Callable[[str], None] | None,
+) -> tuple[list[list[str]], list[Path]]:
+    """Score one batch of image files in one forward pass; a file that cannot be read is an error row.
+
+    Args:
+        chunk: the image files.
+        model: the slice model.
+        config: its ``config.yaml`` as a dict.
+        thr: the decision threshold on ``p_covid``.
+        gradcam: a Grad-CAM (see :func:`_grad_cam`), or ``None`` for no CAM PNGs.
+        cam_dir: where the CAM PNGs go (when ``gradcam`` is given).
+        used_names: CAM file names taken so far; the new ones are added.
+        on_error: called with each bad image's message; ``None`` logs it.
+
+    Returns:
+        one ``preds.csv`` row per file (``file, p_covid, predicted, status, error``), in order, and the CAM PNGs
+        written.
+    """
+    rows: list[list[str]] = []
+    cams: list[Path] = []
+    arrays: list[np.ndarray | None] = []
+    errors: list[str] = []
+    for f in chunk:
+        try:
+            arrays.append(load_grey(f))
+            errors.append("")
+        except CovidCTNetError as err:
+            arrays.append(None)
+            errors.append(str(err))
+    good = [a for a in arrays if a is not None]
+    probs = iter(predict_arrays(model, config, good).tolist()) if good else iter(())
+    for f, arr, err in zip(chunk, arrays, errors):
+        if arr is None:
+            (on_error or logger.error)(err)
+            rows.append([str(f), "", "", "error", err])
+            continue
+        p = float(next(probs))
+        rows.append([str(f), f"{p:.6f}", BINARY_CLASS_NAMES[int(p >= thr)], "ok", ""])
+        if gradcam is not None:
+            assert cam_dir is not None
+            cams.append(_cam_for(gradcam, model, config, arr, p, f, Path(cam_dir), used_names))
+    return rows, cams
 
 
 def _cam_for(gradcam: Any, model: nn.Module, config: dict, arr: np.ndarray, p: float, f: Path, cam_dir: Path,
