@@ -40,6 +40,6 @@ def pretrain_slice_cmd(data, run_dir, config_path, arch, size, epochs, batch_siz
     cfg = load_config(PretrainSliceConfig, config_path, overrides)
     command = "covidctnet " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None
     summary = pretrain_slice(data, run_dir, cfg, resume=resume, command=command)
-    if summary:
-        click.echo(f"pretrain-slice: {summary['epochs_run']} epochs, final NT-Xent loss {summary['final_loss']:.4f}; "
-                   f"encoder: {summary['encoder_dir']}", err=True)
+    if summary.model_dir is not None:
+        click.echo(f"pretrain-slice: {summary.epochs_run} epochs, final NT-Xent loss "
+                   f"{summary.details['final_loss']:.4f}; encoder: {summary.model_dir}", err=True)

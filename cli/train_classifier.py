@@ -47,9 +47,9 @@ def train_classifier_cmd(residuals, labels, run_dir, config_path, split_file, ar
     command = "covidctnet " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None
     summary = train_classifier(residuals, run_dir, cfg, labels=labels, split_file=split_file, resume=resume,
                                command=command)
-    if summary:
-        v = summary["val"]
+    if summary.model_dir is not None:
+        v = summary.val
         auc = "n/a (one class)" if v["auc"] != v["auc"] else f"{v['auc']:.3f}"
-        click.echo(f"train-classifier: best epoch {summary['best_epoch']} by {summary['monitor']}: validation macro "
-                   f"AUC {auc}, accuracy {100 * v['accuracy']:.1f}% (n={v['n']}); model: {summary['model_dir']}",
+        click.echo(f"train-classifier: best epoch {summary.best_epoch} by {summary.monitor}: validation macro "
+                   f"AUC {auc}, accuracy {100 * v['accuracy']:.1f}% (n={v['n']}); model: {summary.model_dir}",
                    err=True)

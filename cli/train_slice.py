@@ -44,8 +44,8 @@ def train_slice_cmd(data, run_dir, config_path, arch, size, epochs, batch_size, 
     cfg = load_config(SliceTrainConfig, config_path, overrides)
     command = "covidctnet " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None
     summary = train_slice(data, run_dir, cfg, resume=resume, command=command)
-    if summary:
-        v = summary["val"]
-        click.echo(f"train-slice: best epoch {summary['best_epoch']}: validation accuracy {100 * v['accuracy']:.1f}%, "
-                   f"F1 {100 * v['f1']:.1f}, AUC {100 * v['auc']:.1f} (n={int(v['n'])}); model: {summary['model_dir']}",
+    if summary.model_dir is not None:
+        v = summary.val
+        click.echo(f"train-slice: best epoch {summary.best_epoch}: validation accuracy {100 * v['accuracy']:.1f}%, "
+                   f"F1 {100 * v['f1']:.1f}, AUC {100 * v['auc']:.1f} (n={int(v['n'])}); model: {summary.model_dir}",
                    err=True)

@@ -39,7 +39,7 @@ from torch import nn
 from covidctnet.core.errors import CheckpointError, ConfigError, CovidCTNetError, SplitError
 from covidctnet.core.files import atomic_write_text, to_jsonable, write_csv
 from covidctnet.core.labels import CLASS_NAMES
-from covidctnet.core.model_dir import load_model_dir, save_model_dir
+from covidctnet.core.model_dir import load_model_dir
 from covidctnet.core.seeding import seed_everything
 from covidctnet.data.residual_volumes import (
     ResidualVolumeDataset,
@@ -52,7 +52,7 @@ from covidctnet.data.residual_volumes import (
 from covidctnet.evaluation.plots import RocCurve, plot_confusion, plot_roc
 from covidctnet.models.cnn3d import build_classifier
 from covidctnet.models.registry import resolve_denoiser_dir
-from covidctnet.training.trainer import Trainer, distributed_context
+from covidctnet.training.trainer import ModelExport, RunResult, Trainer, distributed_context
 
 __all__ = [
     "ClassifierConfig",
@@ -436,13 +436,6 @@ def _paired_denoiser(info: dict[str, Any] | None, cfg: ClassifierConfig) -> tupl
         return None, f"its denoiser {info['denoiser']} cannot be loaded ({str(err).splitlines()[0][:200]})"
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # train-classifier
 
@@ -455,7 +448,7 @@ def train_classifier(
     split_file: str | os.PathLike | None = None,
     resume: bool = False,
     command: str | None = None,
-) -> dict[str, Any]:
+) -> RunResult:
     """Train the 3D classifier on residual volumes; select the epoch on validation AUC; write plots and a model dir.
 
     Args:
@@ -470,8 +463,8 @@ def train_classifier(
         command: the command line, recorded in the model card.
 
     Returns:
-        On rank 0 ``{"best_epoch", "epochs_run", "monitor", "val": metrics (see :func:`classifier_metrics`),
-        "model_dir", "n_train", "n_val", "n_test", "denoiser_bundled"}``; other DDP ranks get ``{}``.
+        :class:`~covidctnet.training.trainer.RunResult`: ``val`` holds :func:`classifier_metrics` of the exported
+        epoch, ``details`` ``n_train``, ``n_val``, ``n_test`` and ``denoiser_bundled``.
 
     Raises:
         InputError, LabelError, SplitError: bad residuals, labels or split (one-line messages naming the file).
@@ -528,11 +521,10 @@ def train_classifier(
         logger.warning("validation set holds a single class (%s): AUC is undefined, so model selection and early "
                        "stopping use val_loss instead", val_classes[0])
 
-    device_holder: dict[str, torch.device] = {}
     val_labels = val_ds.labels
 
-    def validate(net: nn.Module) -> dict[str, float]:
-        m = classifier_metrics(val_labels, predict_dataset(net, val_ds, device_holder["device"], cfg.batch_size))
+    def validate(net: nn.Module, device: torch.device) -> dict[str, float]:
+        m = classifier_metrics(val_labels, predict_dataset(net, val_ds, device, cfg.batch_size))
         return {"val_loss": m["loss"], "val_auc": m["auc"], "val_acc": m["accuracy"]}
 
     ctx = distributed_context()
@@ -557,21 +549,25 @@ def train_classifier(
         seed=cfg.seed,
         config=cfg,
     )
-    device_holder["device"] = trainer.device
     try:
-        result = trainer.fit(resume=resume)
-        summary: dict[str, Any] = {}
-        if trainer.ctx.is_main:
-            summary = _finish(trainer, result, cfg, data, val_ds, monitor, residuals_dir, info, command)
-        _barrier()  # other ranks wait until the model dir is written
-        return summary
+        fit = trainer.fit(resume=resume)
+        finished: list[RunResult] = []  # filled on rank 0 by describe()
+
+        def describe() -> ModelExport:
+            export, result = _finish(trainer, fit, cfg, data, val_ds, monitor, residuals_dir, info, command)
+            finished.append(result)
+            return export
+
+        trainer.export(run_dir / "model", describe, "classifier")
+        return finished[0] if finished else RunResult(run_dir, None, fit.best_epoch, fit.epochs_run, monitor)
     finally:
         trainer.close()
 
 
 def _finish(trainer: Any, result: Any, cfg: ClassifierConfig, data: PreparedData, val_ds: Any, monitor: str,
-            residuals_dir: str | os.PathLike, info: dict[str, Any] | None, command: str | None) -> dict[str, Any]:
-    """Rank 0 after training: validation outputs of the best epoch and the model directory."""
+            residuals_dir: str | os.PathLike, info: dict[str, Any] | None,
+            command: str | None) -> tuple[ModelExport, RunResult]:
+    """Rank 0 after training: validation outputs of the best epoch, and what to write as the model directory."""
 
     run_dir = trainer.run_dir
     best_state = trainer.best_state_dict()
@@ -632,7 +628,8 @@ def _finish(trainer: Any, result: Any, cfg: ClassifierConfig, data: PreparedData
                  note if paired is not None else None, note if paired is None else None)
     extra = {"training_config.yaml": run_dir / "config.yaml", "metrics.csv": run_dir / "metrics.csv",
              "split.csv": run_dir / "split.csv"}
-    save_model_dir(run_dir / "model", config, states, card, extra)
-    return {"best_epoch": int(result.best_epoch), "epochs_run": int(result.epochs_run), "monitor": monitor,
-            "val": metrics, "model_dir": run_dir / "model", "n_train": len(data.train), "n_val": len(data.val),
-            "n_test": len(data.test), "denoiser_bundled": paired is not None}
+    details = {"n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),
+               "denoiser_bundled": paired is not None}
+    return ModelExport(config, card, extra, states), RunResult(run_dir, run_dir / "model", int(result.best_epoch),
+                                                               int(result.epochs_run), monitor, metrics,
+                                                               list(result.history), details)

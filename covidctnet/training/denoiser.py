@@ -26,9 +26,8 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,11 +47,10 @@ from covidctnet.data.control_slices import (
     split_control_slices,
 )
 from covidctnet.models.registry import DENOISER_COMPONENT, build_denoiser
-from covidctnet.training.trainer import Trainer, distributed_context
+from covidctnet.training.trainer import ModelExport, RunResult, Trainer, distributed_context
 
 __all__ = [
     "DenoiserConfig",
-    "DenoiserRunResult",
     "train_denoiser",
     "denoiser_loss",
     "read_preprocess_settings",
@@ -178,27 +176,6 @@ class DenoiserConfig:
             "recurrent_activation": self.recurrent_activation,
             "dropout": self.dropout,
         }
-
-
-@dataclass
-class DenoiserRunResult:
-    """What :func:`train_denoiser` returns (on rank 0; other ranks get ``model_dir=None`` and empty metrics).
-
-    Attributes:
-        run_dir: the run folder.
-        model_dir: ``run_dir/model`` (rank 0).
-        best_epoch, epochs_run: from the Trainer.
-        val: the best epoch's validation metrics (``val_psnr``, ``val_psnr_noisy``, ``val_ssim``, ...).
-        data: the split (``data.yaml`` content).
-        history: per-epoch metrics rows.
-    """
-    run_dir: Path
-    model_dir: Path | None
-    best_epoch: int
-    epochs_run: int
-    val: dict[str, float] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -337,24 +314,6 @@ preprocessed with the settings in `config.yaml` (`preprocess`), in particular si
 """
 
 
-class _EpochTimed(torch.utils.data.Dataset):
-    """Forwards to the training dataset and notes when the Trainer starts an epoch (for samples/s)."""
-
-    def __init__(self, dataset: Any, timing: dict[str, float]) -> None:
-        self.dataset = dataset
-        self.timing = timing
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> Any:
-        return self.dataset[index]
-
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
-        self.timing["start"] = time.perf_counter()
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # main entry
 
@@ -369,7 +328,7 @@ def train_denoiser(
     resume: bool = False,
     command: str | None = None,
     show_progress: bool | None = None,
-) -> DenoiserRunResult:
+) -> RunResult:
     """Train the BCDU-Net denoiser on the control slices of a preprocessed folder.
 
     Args:
@@ -384,7 +343,7 @@ def train_denoiser(
         show_progress: progress bar (``None``: on an interactive terminal).
 
     Returns:
-        :class:`DenoiserRunResult`.
+        :class:`~covidctnet.training.trainer.RunResult`; ``details["data"]`` is the split (``data.yaml``).
 
     Raises:
         InputError: not a preprocessed folder, unreadable volume, or no control study.
@@ -439,20 +398,11 @@ def train_denoiser(
     # baselines: noisy input vs clean target, the same every epoch
     base_psnr, base_ssim = _metric_means(val_noisy, val_clean)
     baseline = {"val_psnr_noisy": float(base_psnr.mean()), "val_ssim_noisy": float(base_ssim.mean())}
-    timing: dict[str, float] = {}
-    holder: dict[str, Any] = {}
 
     def training_step(net: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return denoiser_loss(cfg.loss, net(batch["image"]), batch["target"])
 
-    def validate(net: nn.Module) -> dict[str, float]:
-        train_seconds = time.perf_counter() - timing.get("start", time.perf_counter())
-        trainer = holder["trainer"]
-        per_rank = len(trainer.sampler)
-        if cfg.steps_per_epoch is not None:
-            per_rank = min(per_rank, cfg.steps_per_epoch * cfg.batch_size)
-        samples = per_rank * trainer.ctx.world_size
-        device = trainer.device
+    def validate(net: nn.Module, device: torch.device) -> dict[str, float]:
         losses, psnrs, ssims, psnrs_clean = [], [], [], []
         for i in range(0, len(val_clean), cfg.val_batch_size):
             noisy = val_noisy[i : i + cfg.val_batch_size].to(device)
@@ -470,7 +420,6 @@ def train_denoiser(
             "val_ssim": float(torch.cat(ssims).mean()),
             **baseline,
             "val_psnr_clean": float(torch.cat(psnrs_clean).mean()),
-            "train_samples_per_s": samples / max(train_seconds, 1e-9),
         }
 
     sample_index = len(val_clean) // 2
@@ -483,7 +432,7 @@ def train_denoiser(
         try:
             with torch.no_grad():
                 x = torch.cat([val_noisy[sample_index : sample_index + 1], val_clean[sample_index : sample_index + 1]])
-                den = net(x.to(holder["trainer"].device)).float().cpu().numpy()[:, 0]
+                den = net(x.to(next(net.parameters()).device)).float().cpu().numpy()[:, 0]
             inp, clean = x.numpy()[:, 0], val_clean[sample_index, 0].numpy()
             sid, k = split.val[sample_index]
             _save_sample_png(out_dir / "samples" / f"epoch_{epoch:03d}.png",
@@ -497,7 +446,7 @@ def train_denoiser(
     trainer = Trainer(
         model,
         run_dir,
-        train_data=_EpochTimed(train_ds, timing),
+        train_data=train_ds,
         training_step=training_step,
         validate=validate,
         optimizer_factory=lambda p: torch.optim.Adam(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
@@ -517,36 +466,38 @@ def train_denoiser(
         epoch_callback=write_sample,
         show_progress=show_progress,
     )
-    holder["trainer"] = trainer
     try:
         fit = trainer.fit(resume=resume)
         last_row = fit.history[-1] if fit.history else {}
         best_row = next((r for r in fit.history if r["epoch"] == fit.best_epoch), last_row)
         val = {k: float(v) for k, v in best_row.items() if k.startswith("val_")}
-        config = {
-            "name": f"covidctnet-denoiser-bcdunet{cfg.features}-d{cfg.dense_blocks}-{size}",
-            "task": "denoise",
-            "components": {DENOISER_COMPONENT: {"arch": "bcdunet", "kwargs": cfg.model_kwargs()}},
-            "preprocess": dict(preprocess),
-            "input": {"size_xy": size, "channels": 1, "range": [0.0, 1.0]},
-            "training": {"data_dir": str(data_dir), "command": command or "(library call)", "seed": cfg.seed,
-                         "best_epoch": int(fit.best_epoch), "epochs_run": int(fit.epochs_run),
-                         "split": split.mode, "train_ids": list(split.train_ids), "val_ids": list(split.val_ids),
-                         "n_train_slices": len(split.train), "n_val_slices": len(split.val)},
-            "validation": val,
-        }
-        card = _model_card(cfg, data_dir, split_info, val, fit.best_epoch, fit.epochs_run, size, preprocess,
-                           command or "(library call)")
-        extra = {name: run_dir / name for name in ("metrics.csv", "loss_curve.png", "data.yaml")
-                 if (run_dir / name).is_file()}
-        extra["training_config.yaml"] = run_dir / "config.yaml"
-        md = trainer.export(run_dir / "model", config, card, DENOISER_COMPONENT, extra_files=extra)
-        if ctx.is_main:
+
+        def describe() -> ModelExport:
+            config = {
+                "name": f"covidctnet-denoiser-bcdunet{cfg.features}-d{cfg.dense_blocks}-{size}",
+                "task": "denoise",
+                "components": {DENOISER_COMPONENT: {"arch": "bcdunet", "kwargs": cfg.model_kwargs()}},
+                "preprocess": dict(preprocess),
+                "input": {"size_xy": size, "channels": 1, "range": [0.0, 1.0]},
+                "training": {"data_dir": str(data_dir), "command": command or "(library call)", "seed": cfg.seed,
+                             "best_epoch": int(fit.best_epoch), "epochs_run": int(fit.epochs_run),
+                             "split": split.mode, "train_ids": list(split.train_ids), "val_ids": list(split.val_ids),
+                             "n_train_slices": len(split.train), "n_val_slices": len(split.val)},
+                "validation": val,
+            }
+            card = _model_card(cfg, data_dir, split_info, val, fit.best_epoch, fit.epochs_run, size, preprocess,
+                               command or "(library call)")
+            extra = {name: run_dir / name for name in ("metrics.csv", "loss_curve.png", "data.yaml")
+                     if (run_dir / name).is_file()}
+            return ModelExport(config, card, {**extra, "training_config.yaml": run_dir / "config.yaml"})
+
+        md = trainer.export(run_dir / "model", describe, DENOISER_COMPONENT)
+        if md is not None:
             logger.info("denoiser: best epoch %d, validation PSNR %.2f dB (noisy input %.2f dB), SSIM %.4f "
                         "(noisy %.4f); model directory %s", fit.best_epoch, val.get("val_psnr", float("nan")),
                         val.get("val_psnr_noisy", float("nan")), val.get("val_ssim", float("nan")),
                         val.get("val_ssim_noisy", float("nan")), md.path)
-        return DenoiserRunResult(run_dir, md.path if md is not None else None, fit.best_epoch, fit.epochs_run,
-                                 val if ctx.is_main else {}, split_info, fit.history)
+        return RunResult(run_dir, md.path if md is not None else None, fit.best_epoch, fit.epochs_run, _MONITOR,
+                         val if md is not None else {}, fit.history, {"data": split_info})
     finally:
         trainer.close()

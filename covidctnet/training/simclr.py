@@ -15,7 +15,6 @@ from torch import nn
 
 from covidctnet.core.checkpoint import load_checkpoint
 from covidctnet.core.errors import ConfigError
-from covidctnet.core.model_dir import save_model_dir
 from covidctnet.core.seeding import derive_seed, seed_everything
 from covidctnet.models.slice import (
     build_slice_model,
@@ -29,7 +28,7 @@ from covidctnet.training.slice import (
     slice_model_kwargs,
     slice_preprocessing,
 )
-from covidctnet.training.trainer import Trainer
+from covidctnet.training.trainer import ModelExport, RunResult, Trainer
 
 __all__ = ["PretrainSliceConfig", "pretrain_slice", "nt_xent_loss"]
 
@@ -140,7 +139,7 @@ def pretrain_slice(
     cfg: PretrainSliceConfig,
     resume: bool = False,
     command: str | None = None,
-) -> dict[str, Any]:
+) -> RunResult:
     """Contrastive (SimCLR) pretraining of the slice encoder on the training images, without their labels.
 
     Writes ``run_dir/checkpoints``, ``metrics.csv``, ``loss_curve.png`` and ``run_dir/encoder`` (a model directory
@@ -148,7 +147,8 @@ def pretrain_slice(
     validation images are not used at all).
 
     Returns:
-        ``{"epochs_run", "final_loss", "encoder_dir"}`` on rank 0.
+        :class:`~covidctnet.training.trainer.RunResult` whose ``model_dir`` is ``run_dir/encoder`` (the last epoch's
+        encoder) and ``details["final_loss"]`` the last epoch's NT-Xent loss.
     """
     run_dir = Path(run_dir)
     seed_everything(cfg.seed)
@@ -179,10 +179,10 @@ def pretrain_slice(
     )
     try:
         result = trainer.fit(resume=resume)
-        # the last epoch, not the lowest loss: a contrastive loss keeps falling and its minimum says little
+        final_loss = float(result.history[-1]["train_loss"])
 
-        summary: dict[str, Any] = {}
-        if trainer.ctx.is_main:
+        def describe() -> ModelExport:
+            # the last epoch, not the lowest loss: a contrastive loss keeps falling and its minimum says little
             state = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
             encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
             config = {
@@ -191,16 +191,17 @@ def pretrain_slice(
                 "components": {"encoder": {"arch": cfg.arch, "kwargs": slice_model_kwargs(cfg)}},
                 "preprocess": slice_preprocessing(cfg),
                 "training": {"data": str(data), "command": command or "", "method": "SimCLR (NT-Xent)",
-                             "epochs_run": int(result.epochs_run),
-                             "final_loss": float(result.history[-1]["train_loss"])},
+                             "epochs_run": int(result.epochs_run), "final_loss": final_loss},
             }
             card = (f"# SimCLR slice encoder ({cfg.arch}, {cfg.size} px)\n\nContrastive pretraining on the training "
                     f"images of `{data}` without labels.\n\n```\n{command or '(library call)'}\n```\n\nUse with "
                     "`covidctnet train-slice --init THIS_DIR` (same arch, width and lung_mask). Not a classifier.\n")
-            save_model_dir(run_dir / "encoder", config, {"encoder": encoder}, card,
-                           {"training_config.yaml": run_dir / "config.yaml", "metrics.csv": run_dir / "metrics.csv"})
-            summary = {"epochs_run": result.epochs_run, "final_loss": result.history[-1]["train_loss"],
-                       "encoder_dir": run_dir / "encoder"}
-        return summary
+            extra = {"training_config.yaml": run_dir / "config.yaml", "metrics.csv": run_dir / "metrics.csv"}
+            return ModelExport(config, card, extra, {"encoder": encoder})
+
+        md = trainer.export(run_dir / "encoder", describe)
+        last = int(result.history[-1]["epoch"])
+        return RunResult(run_dir, md.path if md is not None else None, last, result.epochs_run, "train_loss",
+                         {}, list(result.history), {"final_loss": final_loss})
     finally:
         trainer.close()

@@ -36,7 +36,7 @@ from covidctnet.models.slice import (
     encoder_state_dict,
     load_encoder_state_dict,
 )
-from covidctnet.training.trainer import Trainer, distributed_context
+from covidctnet.training.trainer import ModelExport, RunResult, Trainer, distributed_context
 
 __all__ = [
     "SliceTrainConfig",
@@ -363,7 +363,7 @@ def train_slice(
     cfg: SliceTrainConfig,
     resume: bool = False,
     command: str | None = None,
-) -> dict[str, Any]:
+) -> RunResult:
     """Train the slice classifier; select the epoch on validation AUC; write plots and a model directory.
 
     Args:
@@ -376,7 +376,7 @@ def train_slice(
         command: the command line, recorded in the model card.
 
     Returns:
-        ``{"best_epoch", "epochs_run", "val": {accuracy, f1, auc, ...}, "model_dir"}`` (rank 0; others get ``{}``).
+        :class:`~covidctnet.training.trainer.RunResult`; ``val`` holds the exported epoch's accuracy, F1, AUC ….
     """
     run_dir = Path(run_dir)
     seed_everything(cfg.seed)
@@ -384,13 +384,11 @@ def train_slice(
     model = build_slice_model(cfg.arch, **slice_model_kwargs(cfg))
     if cfg.init and not resume:
         _init_from(model, cfg.init, cfg)
-    device_holder: dict[str, torch.device] = {}
-
     def training_step(net: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         return nn.functional.cross_entropy(net(batch["image"]), batch["label"])
 
-    def validate(net: nn.Module) -> dict[str, float]:
-        probs = predict_slice_dataset(net, val, device_holder["device"])
+    def validate(net: nn.Module, device: torch.device) -> dict[str, float]:
+        probs = predict_slice_dataset(net, val, device)
         m = slice_metrics(val.labels, probs[:, 1], cfg.threshold)
         eps = 1e-7
         loss = -np.mean(np.log(np.clip(probs[np.arange(len(probs)), val.labels], eps, 1.0)))
@@ -417,15 +415,16 @@ def train_slice(
         seed=cfg.seed,
         config=cfg,
     )
-    device_holder["device"] = trainer.device
     try:
         result = trainer.fit(resume=resume)
-        summary: dict[str, Any] = {}
-        if trainer.ctx.is_main:
+        metrics: dict[str, float] = {}
+
+        def describe() -> ModelExport:
             best = build_slice_model(cfg.arch, **slice_model_kwargs(cfg))
             best.load_state_dict(trainer.best_state_dict())
             best.to(trainer.device)
-            metrics = write_slice_val_outputs(run_dir, val, predict_slice_dataset(best, val, trainer.device), cfg.threshold)
+            probs = predict_slice_dataset(best, val, trainer.device)
+            metrics.update(write_slice_val_outputs(run_dir, val, probs, cfg.threshold))
             logger.info("best epoch %d: validation accuracy %.3f, F1 %.3f, AUC %.3f (n=%d)", result.best_epoch,
                         metrics["accuracy"], metrics["f1"], metrics["auc"], metrics["n"])
             config = {
@@ -442,12 +441,11 @@ def train_slice(
             }
             card = _card(cfg, str(data), command or "(library call)", metrics, result, len(train), len(val))
             extra = {"training_config.yaml": run_dir / "config.yaml", "metrics.csv": run_dir / "metrics.csv"}
-            trainer.export(run_dir / "model", config, card, "model", extra_files=extra)
-            summary = {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run, "val": metrics,
-                       "model_dir": run_dir / "model"}
-        else:
-            trainer.export(run_dir / "model", {}, "", "model")  # joins the barrier only
-        return summary
+            return ModelExport(config, card, extra)
+
+        md = trainer.export(run_dir / "model", describe, "model")
+        return RunResult(run_dir, md.path if md is not None else None, result.best_epoch, result.epochs_run,
+                         "val_auc", metrics, list(result.history))
     finally:
         trainer.close()
 

@@ -26,7 +26,7 @@ Example:
     >>> trainer = Trainer(model, run_dir, train_data=ds, batch_size=8, training_step=step, validate=val,
     ...                   monitor="val_auc", mode="max", max_epochs=10)
     >>> result = trainer.fit(resume=False)
-    >>> trainer.export("model_dir", config={...}, card="# My model")
+    >>> trainer.export("model_dir", lambda: ModelExport(config={...}, card="# My model"))
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from covidctnet.core.config import config_to_dict
 from covidctnet.core.device import resolve_device
 from covidctnet.core.errors import CheckpointError, ConfigError, CovidCTNetError
 from covidctnet.core.files import atomic_write_text, remove_stale_temps
-from covidctnet.core.model_dir import save_model_dir
+from covidctnet.core.model_dir import ModelDir, ModelDirConfig, save_model_dir
 from covidctnet.core.progress import progress
 from covidctnet.core.seeding import derive_seed
 from covidctnet.evaluation.plots import new_figure, save_figure
@@ -64,6 +64,8 @@ from covidctnet.evaluation.plots import new_figure, save_figure
 __all__ = [
     "Trainer",
     "FitResult",
+    "ModelExport",
+    "RunResult",
     "DistributedContext",
     "EpochSampler",
     "distributed_context",
@@ -280,6 +282,17 @@ def plot_loss_curve(history: Sequence[Mapping[str, Any]], path: str | os.PathLik
 # trainer
 
 
+def _batch_len(batch: Any) -> int:
+    """Samples in a batch: the first dimension of its (first) tensor."""
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0])
+    if isinstance(batch, Mapping):
+        return _batch_len(next(iter(batch.values())))
+    if isinstance(batch, (list, tuple)):
+        return _batch_len(batch[0])
+    raise TypeError(f"cannot count the samples of a batch of type {type(batch).__name__}")
+
+
 @dataclass
 class FitResult:
     """What :meth:`Trainer.fit` returns (the same on every rank)."""
@@ -296,6 +309,48 @@ class FitResult:
         return None if self.run_dir is None else self.run_dir / "checkpoints" / "best.pt"
 
 
+@dataclass
+class ModelExport:
+    """A model directory to write from a finished run: what :meth:`Trainer.export`'s ``describe`` returns on rank 0.
+
+    Attributes:
+        config: its ``config.yaml`` (:class:`~covidctnet.core.model_dir.ModelDirConfig` or the mapping of one).
+        card: ``MODEL_CARD.md`` text.
+        extra_files: files copied in, e.g. ``{"metrics.csv": run_dir / "metrics.csv"}``.
+        state_dicts: the weights by component; ``None`` = the best epoch's weights as the export's ``component``.
+    """
+
+    config: ModelDirConfig | Mapping[str, Any]
+    card: str
+    extra_files: dict[str, str | os.PathLike] = field(default_factory=dict)
+    state_dicts: dict[str, dict[str, torch.Tensor]] | None = None
+
+
+@dataclass
+class RunResult:
+    """What every training command returns (``train_denoiser``, ``train_classifier``, ``train_slice``,
+    ``pretrain_slice``). On ranks other than 0 of a distributed run, ``model_dir`` is ``None`` and ``val`` empty.
+
+    Attributes:
+        run_dir: the run folder.
+        model_dir: the model directory written at the end.
+        best_epoch, epochs_run: from the Trainer (``best_epoch`` is the exported epoch).
+        monitor: the metric that chose the epoch.
+        val: the exported model's validation metrics.
+        history: per-epoch metrics rows (as in ``metrics.csv``).
+        details: what the model kind adds (the denoiser's split, the classifier's split sizes …).
+    """
+
+    run_dir: Path
+    model_dir: Path | None
+    best_epoch: int
+    epochs_run: int
+    monitor: str
+    val: dict[str, Any] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
 OptimizerFactory = Callable[[Sequence[nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
 
@@ -309,8 +364,9 @@ class Trainer:
         train_data: a map-style dataset; batches are made by a ``DataLoader`` with :class:`EpochSampler`.
         training_step: ``(model, batch) -> scalar loss``; ``batch`` is already on the device, ``model`` is the
             (possibly DDP-wrapped) network in train mode and under autocast on CUDA.
-        validate: ``(model) -> {name: float}``, run on rank 0 in eval mode under ``torch.no_grad`` after each epoch;
-            the unwrapped model is passed. ``None``: the monitored metric is ``train_loss``.
+        validate: ``(model, device) -> {name: float}``, run on rank 0 in eval mode under ``torch.no_grad`` after each
+            epoch with the unwrapped model and the device it is on. ``None``: the monitored metric is ``train_loss``.
+            The Trainer adds ``train_samples_per_s`` (training throughput over all processes) to every row itself.
         optimizer_factory: ``params -> optimiser`` (default Adam, lr 1e-3).
         scheduler_factory: ``optimiser -> LR scheduler`` or ``None``; stepped once per epoch (``scheduler_interval``
             ``"epoch"``) or once per optimiser step (``"step"``).
@@ -341,7 +397,7 @@ class Trainer:
         *,
         train_data: Dataset,
         training_step: Callable[[nn.Module, Any], torch.Tensor],
-        validate: Callable[[nn.Module], Mapping[str, float]] | None = None,
+        validate: Callable[[nn.Module, torch.device], Mapping[str, float]] | None = None,
         optimizer_factory: OptimizerFactory | None = None,
         scheduler_factory: SchedulerFactory | None = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
@@ -546,12 +602,14 @@ class Trainer:
             generator=g,
         )
 
-    def _train_epoch(self, epoch: int) -> float:
+    def _train_epoch(self, epoch: int) -> tuple[float, float]:
+        """One epoch of optimiser steps; returns the mean loss and the samples per second over all processes."""
+        start = time.perf_counter()
         self.ddp_model.train()
         loader = self._loader(epoch)
         n_steps = len(loader) if self.steps_per_epoch is None else min(len(loader), self.steps_per_epoch)
         enabled = self.show_progress if self.ctx.is_main else False
-        total = torch.zeros(2, dtype=torch.float64)  # (sum of losses, number of steps)
+        total = torch.zeros(3, dtype=torch.float64)  # (sum of losses, number of steps, number of samples)
         # islice, not break: a break would still fetch (and augment) one batch too many
         batches = itertools.islice(loader, n_steps)
         for step, batch in enumerate(progress(batches, total=n_steps, desc=f"epoch {epoch}", enabled=enabled)):
@@ -574,10 +632,10 @@ class Trainer:
                 self.scheduler.step()
             if self.ema is not None:
                 self.ema.update_parameters(self.model)
-            total += torch.tensor([float(loss.detach()), 1.0], dtype=torch.float64)
+            total += torch.tensor([float(loss.detach()), 1.0, _batch_len(batch)], dtype=torch.float64)
         if self.ctx.enabled:
             dist.all_reduce(total)
-        return float(total[0] / max(total[1], 1.0))
+        return float(total[0] / max(total[1], 1.0)), float(total[2]) / max(time.perf_counter() - start, 1e-9)
 
     @property
     def eval_model(self) -> nn.Module:
@@ -590,7 +648,7 @@ class Trainer:
             net = self.eval_model
             net.eval()
             with torch.no_grad():
-                metrics = {k: float(v) for k, v in self.validate(net).items()}
+                metrics = {k: float(v) for k, v in self.validate(net, self.device).items()}
             net.train()
         if self.ctx.enabled:  # every rank needs the monitored value to stop at the same epoch
             box: list[Any] = [metrics]
@@ -645,11 +703,12 @@ class Trainer:
         while epoch < self.max_epochs and not stopped_early:
             t0 = time.perf_counter()
             lr = float(self.optimizer.param_groups[0]["lr"])
-            train_loss = self._train_epoch(epoch)
+            train_loss, samples_per_s = self._train_epoch(epoch)
             val = self._validate()
             if self.scheduler is not None and self.scheduler_interval == "epoch":
                 self.scheduler.step()
-            row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, **val, "lr": lr}
+            row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "train_samples_per_s": samples_per_s,
+                                   **val, "lr": lr}
             value = train_loss if self.monitor == "train_loss" else val.get(self.monitor)
             if value is None:
                 raise ConfigError(f"monitor {self.monitor!r} is not among the validation metrics {sorted(val)}")
@@ -696,26 +755,24 @@ class Trainer:
         prefix = "module."  # AveragedModel wraps the network; its own n_averaged counter is not a model weight
         return {k[len(prefix):]: v for k, v in ckpt["ema"].items() if k.startswith(prefix)}
 
-    def export(
-        self,
-        out_dir: str | os.PathLike,
-        config: dict[str, Any],
-        card: str,
-        component: str = "model",
-        extra_files: dict[str, str | os.PathLike] | None = None,
-    ) -> Any:
-        """Write the best weights as a model directory (rank 0 only; other ranks return ``None``).
+    def export(self, out_dir: str | os.PathLike, describe: Callable[[], ModelExport],
+               component: str = "model") -> ModelDir | None:
+        """Write the run's model directory. Call it on every rank: rank 0 calls ``describe`` and writes, then every
+        rank waits at one barrier, so no rank goes on before the directory exists.
 
         Args:
             out_dir: model directory to (re)write.
-            config: its ``config.yaml`` (architecture, kwargs, expected preprocessing); see ``save_model_dir``.
-            card: ``MODEL_CARD.md`` text.
-            component: weights name inside the directory (``<component>.safetensors``).
-            extra_files: e.g. ``{"metrics.csv": run_dir / "metrics.csv"}``.
+            describe: builds the config, card and extra files on rank 0 (it may read the run's outputs).
+            component: component name of the best weights when ``describe`` gives no ``state_dicts``.
+
+        Returns:
+            The written :class:`~covidctnet.core.model_dir.ModelDir` on rank 0, ``None`` elsewhere.
         """
         result = None
         if self.ctx.is_main:
-            result = save_model_dir(out_dir, config, {component: self.best_state_dict()}, card, extra_files)
+            spec = describe()
+            states = spec.state_dicts if spec.state_dicts is not None else {component: self.best_state_dict()}
+            result = save_model_dir(out_dir, spec.config, states, spec.card, spec.extra_files or None)
         _barrier(self.ctx)
         return result
 

@@ -213,11 +213,11 @@ def test_resume_gives_identical_weights(tmp_path):
     resumed = train_classifier(res, tmp_path / "split_run", cfg2, labels=labels, resume=True)
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "split_run")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert resumed["epochs_run"] == full["epochs_run"] == 2
+    assert resumed.epochs_run == full.epochs_run == 2
     assert (tmp_path / "full" / "split.csv").read_text() == (tmp_path / "split_run" / "split.csv").read_text()
     # no residuals.yaml here: the model dir holds the classifier alone and says so
     md = load_model_dir(tmp_path / "full" / "model")
-    assert sorted(md.config["components"]) == ["classifier"] and not full["denoiser_bundled"]
+    assert sorted(md.config["components"]) == ["classifier"] and not full.details["denoiser_bundled"]
     assert "No denoiser is bundled" in (md.path / "MODEL_CARD.md").read_text()
 
 
@@ -230,7 +230,7 @@ def test_single_class_validation_falls_back_to_val_loss(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         out = train_classifier(res, tmp_path / "run", ClassifierConfig(**{**TINY, "epochs": 1}), labels=labels,
                                split_file=split)
-    assert out["monitor"] == "val_loss" and np.isnan(out["val"]["auc"])
+    assert out.monitor == "val_loss" and np.isnan(out.val["auc"])
     assert "AUC is undefined" in caplog.text
     assert not (tmp_path / "run" / "roc.png").exists() and (tmp_path / "run" / "confusion.png").is_file()
     assert json.loads((tmp_path / "run" / "val_metrics.json").read_text())["auc"] is None

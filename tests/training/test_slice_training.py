@@ -118,7 +118,7 @@ def test_train_slice_outputs(mini_ucsd, tmp_path):
     assert len(preds) == 12 and {p["label"] for p in preds} == {"covid", "noncovid"}
     assert all(p["label"] == ("covid" if "CT_COVID" in p["file"] else "noncovid") for p in preds)
     best_auc = max(float(r["val_auc"]) for r in rows)
-    assert summary["val"]["auc"] == pytest.approx(best_auc, abs=1e-4)  # the exported model is the best epoch
+    assert summary.val["auc"] == pytest.approx(best_auc, abs=1e-4)  # the exported model is the best epoch
     model, config = load_slice_model(run / "model")
     assert config["task"] == "slice" and config["preprocess"]["size"] == 48
     assert "covidctnet train-slice test" in (run / "model" / "MODEL_CARD.md").read_text()
@@ -151,7 +151,7 @@ def test_train_slice_resume_matches(mini_ucsd, tmp_path, monkeypatch):
 def test_pretrain_then_init(mini_ucsd, tmp_path):
     cfg = load_config(PretrainSliceConfig, None, {**TINY, "epochs": 2})
     summary = pretrain_slice(mini_ucsd, tmp_path / "pre", cfg)
-    enc_dir = summary["encoder_dir"]
+    enc_dir = summary.model_dir
     md = load_model_dir(enc_dir)
     assert md.config["task"] == "slice-encoder"
     enc = md.state_dict("encoder")

@@ -23,7 +23,7 @@ from covidctnet.core.checkpoint import load_checkpoint
 from covidctnet.core.errors import CheckpointError, ConfigError
 from covidctnet.core.model_dir import load_model_dir
 from covidctnet.core.seeding import derive_seed, seed_everything
-from covidctnet.training.trainer import EpochSampler, Trainer
+from covidctnet.training.trainer import EpochSampler, ModelExport, Trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -62,7 +62,8 @@ def _make(run_dir: Path, max_epochs: int, step=_step, data=None, **kw) -> Traine
     data = data or _ToyData()
     val = _ToyData(32, seed=1)
 
-    def validate(model):
+    def validate(model, device):
+        assert device == torch.device("cpu") and next(model.parameters()).device == device  # the Trainer's device
         logits = model(val.x)
         return {"val_loss": float(nn.functional.cross_entropy(logits, val.y)),
                 "val_acc": float((logits.argmax(1) == val.y).float().mean())}
@@ -83,14 +84,18 @@ def test_loss_decreases_and_outputs(tmp_path):
     assert losses[-1] < 0.7 * losses[0], losses
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
-    assert list(rows[0]) == ["epoch", "train_loss", "val_acc", "val_loss", "lr", "seconds"]
+    assert list(rows[0]) == ["epoch", "train_loss", "train_samples_per_s", "val_acc", "val_loss", "lr", "seconds"]
+    # throughput is measured by the Trainer: 64 samples per epoch over a positive time
+    assert all(float(r["train_samples_per_s"]) > 0 for r in rows)
+    assert float(rows[0]["train_samples_per_s"]) == pytest.approx(64 / float(rows[0]["seconds"]), rel=0.9)
     assert float(rows[0]["lr"]) == pytest.approx(1e-2) and float(rows[1]["lr"]) < 1e-2  # cosine schedule stepped
     for name in ("checkpoints/last.pt", "checkpoints/best.pt", "loss_curve.png", "config.yaml"):
         assert (tmp_path / "run" / name).is_file(), name
     best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")
     assert best["epoch"] == result.best_epoch
     assert best["best_metric"] == pytest.approx(min(r["val_loss"] for r in result.history))
-    md = trainer.export(tmp_path / "model", {"name": "toy", "components": {"model": {"arch": "mlp"}}}, "# toy\n")
+    md = trainer.export(tmp_path / "model",
+                        lambda: ModelExport({"name": "toy", "components": {"model": {"arch": "mlp"}}}, "# toy\n"))
     exported = load_model_dir(md.path).state_dict("model")
     assert all(torch.equal(exported[k], best["model"][k]) for k in best["model"])
 
@@ -122,10 +127,12 @@ def test_resume_is_bit_identical(tmp_path, how, ema):
     b = load_checkpoint(run / "checkpoints" / "last.pt")
     for key in ("model",) + (("ema",) if ema else ()):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
-    full_csv = (tmp_path / "full" / "metrics.csv").read_text().splitlines()
-    cut_csv = (run / "metrics.csv").read_text().splitlines()
-    strip = lambda lines: [line.rsplit(",", 1)[0] for line in lines]  # noqa: E731  (drop the seconds column)
-    assert strip(full_csv) == strip(cut_csv)
+    timing = ("seconds", "train_samples_per_s")  # wall-clock columns differ between runs, nothing else may
+
+    def rows(path: Path) -> list[dict[str, str]]:
+        return [{k: v for k, v in r.items() if k not in timing} for r in csv.DictReader(path.open())]
+
+    assert rows(tmp_path / "full" / "metrics.csv") == rows(run / "metrics.csv")
 
 
 def test_weight_average_is_validated_and_exported(tmp_path):
@@ -248,20 +255,21 @@ _DDP_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from test_trainer import _ToyData, _model, _step
     from covidctnet.core.seeding import seed_everything
-    from covidctnet.training.trainer import Trainer
+    from covidctnet.training.trainer import ModelExport, Trainer
     torch.set_num_threads(1)
     run = Path(sys.argv[1])
     seed_everything(0)
     val = _ToyData(16, seed=1)
     trainer = Trainer(_model(), run, train_data=_ToyData(), training_step=_step,
-                      validate=lambda m: {{"val_acc": float((m(val.x).argmax(1) == val.y).float().mean())}},
+                      validate=lambda m, d: {{"val_acc": float((m(val.x).argmax(1) == val.y).float().mean())}},
                       monitor="val_acc", mode="max", max_epochs=2, batch_size=8, device="auto", seed=0)
     assert trainer.ctx.world_size == 2 and torch.distributed.get_backend() == "gloo"
     assert len(trainer._loader(0)) == 4  # 64 samples / 2 ranks / batch 8
     result = trainer.fit()
     flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
     torch.save(flat, run.parent / f"weights_rank{{trainer.ctx.rank}}.pt")
-    trainer.export(run.parent / "model", {{"name": "toy", "components": {{"model": {{"arch": "mlp"}}}}}}, "# toy")
+    trainer.export(run.parent / "model",
+                   lambda: ModelExport({{"name": "toy", "components": {{"model": {{"arch": "mlp"}}}}}}, "# toy"))
     trainer.close()
     """
 )
