@@ -244,8 +244,51 @@ def run_batch(
     previous = {r["study_id"]: r for r in read_manifest(manifest_path)} if manifest_path else {}
     rows: dict[str, dict[str, Any]] = dict(previous)
     summary = BatchSummary(manifest=manifest_path)
-    by_id: dict[str, dict[str, Any]] = {}
+    todo, by_id, summary.n_skipped = _resume_plan(studies, previous, out_dir, resume)
 
+    def record(row: dict[str, Any]) -> None:
+        by_id[row["study_id"]] = row
+        rows[row["study_id"]] = row
+        if on_result is not None:
+            on_result(row)
+        if manifest_path and (existed or any(r.get("status") == "ok" for r in rows.values())):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            _write_manifest(manifest_path, rows.values(), all_columns)
+
+    created_dir = not out_dir.exists()
+    if todo:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(out_dir)  # temp files of a killed run
+    _run_studies(todo, out_dir, fn, record, workers=workers, scheduler=scheduler, desc=desc)
+
+    summary.rows = list(by_id.values())
+    summary.n_ok = sum(1 for r in summary.rows if r.get("status") == "ok") - summary.n_skipped
+    summary.n_failed = sum(1 for r in summary.rows if r.get("status") == "error")
+    if created_dir and out_dir.is_dir() and not any(out_dir.iterdir()):
+        out_dir.rmdir()  # nothing succeeded: leave no trace
+    return summary
+
+
+def _resume_plan(
+    studies: Sequence[Study], previous: dict[str, dict[str, Any]], out_dir: Path, resume: bool
+) -> tuple[list[Study], dict[str, dict[str, Any]], int]:
+    """The resume decision: which studies still have to run.
+
+    A study whose id was already seen in ``studies`` becomes an error row; with ``resume``, a study whose previous
+    manifest row is ``ok`` and whose output still has the recorded sha256 is skipped (its old row is kept).
+
+    Args:
+        studies: the batch's studies, in input order.
+        previous: the existing manifest's rows by study id (empty when there is none).
+        out_dir: the output folder the manifest's ``output`` names are relative to.
+        resume: skip the studies already done.
+
+    Returns:
+        ``(todo, rows, n_skipped)``: the studies to run in input order; the rows decided without running, by study id
+        (a duplicate under ``<id>#dup<k>``), in input order; how many studies were skipped.
+    """
+    by_id: dict[str, dict[str, Any]] = {}
+    n_skipped = 0
     todo: list[Study] = []
     seen: dict[str, Study] = {}
     for study in studies:
@@ -268,23 +311,24 @@ def run_batch(
             out = out_dir / old["output"]
             if out.is_file() and sha256_file(out) == old.get("sha256"):
                 by_id[study.study_id] = dict(old, status="ok")
-                summary.n_skipped += 1
+                n_skipped += 1
                 continue
         todo.append(study)
+    return todo, by_id, n_skipped
 
-    def record(row: dict[str, Any]) -> None:
-        by_id[row["study_id"]] = row
-        rows[row["study_id"]] = row
-        if on_result is not None:
-            on_result(row)
-        if manifest_path and (existed or any(r.get("status") == "ok" for r in rows.values())):
-            out_dir.mkdir(parents=True, exist_ok=True)
-            _write_manifest(manifest_path, rows.values(), all_columns)
 
-    created_dir = not out_dir.exists()
-    if todo:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temps(out_dir)  # temp files of a killed run
+def _run_studies(
+    todo: list[Study],
+    out_dir: Path,
+    fn: Callable[[Study, Path], dict[str, Any]],
+    record: Callable[[dict[str, Any]], None],
+    *,
+    workers: int,
+    scheduler: str | None,
+    desc: str,
+) -> None:
+    """Run ``fn`` on every study where the options say (a Dask cluster, this process, or worker processes), passing
+    each finished row to ``record`` in this process."""
     if scheduler:
         _run_dask(todo, out_dir, fn, scheduler, record, desc)
     elif workers <= 0:
@@ -292,13 +336,6 @@ def run_batch(
             record(_run_one(fn, study, out_dir))
     else:
         _run_pool(todo, out_dir, fn, workers, record, desc)
-
-    summary.rows = list(by_id.values())
-    summary.n_ok = sum(1 for r in summary.rows if r.get("status") == "ok") - summary.n_skipped
-    summary.n_failed = sum(1 for r in summary.rows if r.get("status") == "error")
-    if created_dir and out_dir.is_dir() and not any(out_dir.iterdir()):
-        out_dir.rmdir()  # nothing succeeded: leave no trace
-    return summary
 
 
 def _run_pool(
