@@ -217,7 +217,8 @@ def config_yaml(cls: type, preset: Mapping[str, Any] | None = None, title: str |
         raise ConfigError(f"{cls.__name__}: field(s) {missing} missing from the docstring's Attributes section")
     wrap = textwrap.TextWrapper(width=118, initial_indent="# ", subsequent_indent="#   ")
     lines = [f"# {line}" if line else "#" for line in textwrap.wrap(_plain_text(title or summary), 118)]
-    lines += ["# Generated from the config dataclass (covidctnet defaults); a YAML passed with --config overrides keys.", ""]
+    lines += ["# Generated from the config dataclass (covidctnet defaults); a YAML passed with --config overrides keys.",
+              ""]
     done: set[str] = set()
     for f in dataclasses.fields(cls):
         if f.name in done:

@@ -248,7 +248,8 @@ def save_model_dir(
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    spec = config if isinstance(config, ModelDirConfig) else ModelDirConfig.from_dict(config, str(out_dir / CONFIG_NAME))
+    spec = config if isinstance(config, ModelDirConfig) else ModelDirConfig.from_dict(config,
+                                                                                      str(out_dir / CONFIG_NAME))
     missing = sorted(set(state_dicts) - set(spec.components))
     if missing:
         raise ModelDirError(f"{out_dir}: weights for {missing} but no such component in the config")

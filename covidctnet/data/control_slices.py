@@ -326,7 +326,8 @@ class ControlSliceDataset(torch.utils.data.Dataset):
             ``stacks`` may be freed afterwards.
         seed: run seed; the noise of item ``i`` in epoch ``e`` comes from ``derive_seed(seed, e, i)``.
         noise_fraction: share of each batch to noise, ``int(B * noise_fraction)`` slices (official 0.5).
-        noise_kwargs: :class:`~covidctnet.preprocessing.perlin.RandPerlinNoise` arguments (see :func:`noise_transform_kwargs`).
+        noise_kwargs: :class:`~covidctnet.preprocessing.perlin.RandPerlinNoise` arguments (see
+        :func:`noise_transform_kwargs`).
 
     ``dataset[i]`` is ``(i, clean)`` with ``clean`` a ``(1, H, W)`` float32 tensor in [0, 1];
     ``collate(items)`` returns ``{"image": (B, 1, H, W) input, "target": (B, 1, H, W) clean,

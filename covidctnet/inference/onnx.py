@@ -253,7 +253,8 @@ def load_onnx_manifest(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
 class OnnxModule(nn.Module):
     """An onnxruntime session behind the ``torch.nn.Module`` call interface.
 
-    Code written for PyTorch modules (:func:`covidctnet.inference.residuals.compute_residual`, which calls ``net(x)`` on CPU
+    Code written for PyTorch modules (:func:`covidctnet.inference.residuals.compute_residual`, which calls ``net(x)``
+    on CPU
     tensors in eval mode) runs it unchanged. It has no parameters: it always runs on the CPU.
 
     Args:

@@ -18,7 +18,8 @@ slices only, cannot reproduce is left in the residual.
   its hash, architecture and expected input checked.
 
 The array order of the NIfTI is the preprocessed one (RAS, axis 2 = slices). The official CNN takes
-``(depth, rows, columns)`` in its own layout: :func:`covidctnet.preprocessing.preprocess.ras_to_official_layout` converts.
+``(depth, rows, columns)`` in its own layout: :func:`covidctnet.preprocessing.preprocess.ras_to_official_layout`
+converts.
 """
 
 from __future__ import annotations

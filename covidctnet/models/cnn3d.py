@@ -8,7 +8,8 @@ followed by a 2×2×2 max-pool, then Flatten → Dense 32 → ReLU → Dropout 0
 official input of 50×128×128 it has 920,715 parameters.
 
 Flatten order: this port flattens in PyTorch's channels-first order ``(c, d, h, w)``. Keras flattens channels-last
-``(d, h, w, c)``; :func:`covidctnet.models.keras_import.cnn3d_state_dict_from_keras` permutes the rows of the first Dense
+``(d, h, w, c)``; :func:`covidctnet.models.keras_import.cnn3d_state_dict_from_keras` permutes the rows of the first
+Dense
 kernel instead, so the imported model computes exactly what the Keras model computes.
 
 :func:`build_classifier` also offers MONAI 3D DenseNets and ResNets; :func:`load_classifier` rebuilds any of them from a

@@ -290,7 +290,8 @@ def _write_val_outputs(run_dir: Path, records: Sequence[Any], probs: np.ndarray,
 
 
     y = np.array([r.label for r in records], dtype=np.int64)
-    write_csv(run_dir / "val_preds.csv", ["study_id", "patient_id", "label", "p_control", "p_covid", "p_cap", "predicted"],
+    write_csv(run_dir / "val_preds.csv",
+              ["study_id", "patient_id", "label", "p_control", "p_covid", "p_cap", "predicted"],
               ([rec.study_id, rec.patient_id, rec.label_name, *(f"{v:.6f}" for v in p), CLASS_NAMES[int(np.argmax(p))]]
                for rec, p in zip(records, probs)))
     atomic_write_text(run_dir / "val_metrics.json", json.dumps(to_jsonable(metrics), indent=2) + "\n")
@@ -440,6 +441,39 @@ def _paired_denoiser(info: dict[str, Any] | None, cfg: ClassifierConfig) -> tupl
 # train-classifier
 
 
+def _check_resume(run_dir: Path, resume: bool, split_file: str | os.PathLike | None) -> str | os.PathLike | None:
+    """Refuse to overwrite a run (before ``split.csv`` is touched) or to resume none; return the split file to use (a
+    resumed run without one reuses its own ``split.csv``, so it trains on the same studies)."""
+    last = run_dir / "checkpoints" / "last.pt"
+    if not resume and last.exists():
+        raise CheckpointError(f"{last}: a run already exists here; pass --resume to continue it or use a new run "
+                              "directory")
+    if resume and not last.is_file():
+        raise CheckpointError(f"{last}: checkpoint not found; nothing to resume (drop --resume to start a new run)")
+    if resume and split_file is None and (run_dir / "split.csv").is_file():
+        split_file = run_dir / "split.csv"
+        logger.info("resume: reusing the run's split %s", split_file)
+    return split_file
+
+
+def _selection_metric(data: PreparedData) -> tuple[str, str]:
+    """``(monitor, mode)`` for epoch selection and early stopping: macro AUC when the validation set has two classes
+    or more, its loss when it has one, the training loss when there is none."""
+    val_classes = sorted({r.label_name for r in data.val})
+    if not data.val:
+        logger.warning("no validation set (val_fraction 0): the epoch with the lowest training loss is kept and there "
+                       "is no validation figure")
+        return "train_loss", "min"
+    if len(val_classes) == 1:
+        logger.warning("validation set holds a single class (%s): AUC is undefined, so model selection and early "
+                       "stopping use val_loss instead", val_classes[0])
+        return "val_loss", "min"
+    if len(val_classes) < len(CLASS_NAMES):
+        logger.warning("validation set holds only %s: val_auc is the macro one-vs-rest AUC over these classes",
+                       val_classes)
+    return "val_auc", "max"
+
+
 def train_classifier(
     residuals_dir: str | os.PathLike,
     run_dir: str | os.PathLike,
@@ -472,15 +506,7 @@ def train_classifier(
         CheckpointError: ``resume`` without a checkpoint, or an existing run without ``resume``.
     """
     run_dir = Path(run_dir)
-    last = run_dir / "checkpoints" / "last.pt"
-    if not resume and last.exists():  # refuse before split.csv is touched
-        raise CheckpointError(f"{last}: a run already exists here; pass --resume to continue it or use a new run "
-                              "directory")
-    if resume and not last.is_file():
-        raise CheckpointError(f"{last}: checkpoint not found; nothing to resume (drop --resume to start a new run)")
-    if resume and split_file is None and (run_dir / "split.csv").is_file():
-        split_file = run_dir / "split.csv"
-        logger.info("resume: reusing the run's split %s", split_file)
+    split_file = _check_resume(run_dir, resume, split_file)
     info = _residuals_info(residuals_dir, cfg)
     data = prepare_data(residuals_dir, labels, cfg, split_file)
     logger.info("split (%s): train %s, val %s, test %s", data.split_source, _counts(data.train), _counts(data.val),
@@ -506,20 +532,7 @@ def train_classifier(
     if weight is not None:
         logger.info("class weights %s", dict(zip(CLASS_NAMES, (round(float(w), 4) for w in weight))))
 
-    val_classes = sorted({r.label_name for r in data.val})
-    if not data.val:
-        monitor, mode = "train_loss", "min"
-        logger.warning("no validation set (val_fraction 0): the epoch with the lowest training loss is kept and there "
-                       "is no validation figure")
-    elif len(val_classes) >= 2:
-        monitor, mode = "val_auc", "max"
-        if len(val_classes) < len(CLASS_NAMES):
-            logger.warning("validation set holds only %s: val_auc is the macro one-vs-rest AUC over these classes",
-                           val_classes)
-    else:
-        monitor, mode = "val_loss", "min"
-        logger.warning("validation set holds a single class (%s): AUC is undefined, so model selection and early "
-                       "stopping use val_loss instead", val_classes[0])
+    monitor, mode = _selection_metric(data)
 
     val_labels = val_ds.labels
 

@@ -3,7 +3,8 @@
 The official notebook trains a BCDU-Net (width 32, D3) with BCE loss and Adam (lr 1e-3), batch 5, on the slices
 of control patients, half of them with Perlin noise added and the clean slice as the target. Here the data come from
 a ``covidctnet preprocess`` folder (see :mod:`covidctnet.data.control_slices`), the loop is the shared
-:class:`~covidctnet.training.trainer.Trainer` (checkpoints, exact resume, AMP on CUDA, ``torchrun`` DDP), and each epoch is
+:class:`~covidctnet.training.trainer.Trainer` (checkpoints, exact resume, AMP on CUDA, ``torchrun`` DDP), and each
+epoch is
 validated on held-out control slices with fixed noise:
 
 * ``val_loss``: the training loss between denoised and clean slices;
@@ -26,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -318,42 +319,27 @@ preprocessed with the settings in `config.yaml` (`preprocess`), in particular si
 # main entry
 
 
-def train_denoiser(
-    data_dir: str | os.PathLike,
-    run_dir: str | os.PathLike,
-    cfg: DenoiserConfig = DenoiserConfig(),
-    *,
-    labels: str | os.PathLike | None = None,
-    studies: Sequence[str] | None = None,
-    resume: bool = False,
-    command: str | None = None,
-    show_progress: bool | None = None,
-) -> RunResult:
-    """Train the BCDU-Net denoiser on the control slices of a preprocessed folder.
+@dataclass
+class _DenoiserData:
+    """The control slices of one run: training set, fixed noisy/clean validation pairs and the split."""
 
-    Args:
-        data_dir: output folder of ``covidctnet preprocess`` (``manifest.csv``, ``preprocess.yaml``, volumes).
-        run_dir: output folder (see the module docstring). Must not hold a run unless ``resume``.
-        cfg: the resolved config.
-        labels: labels CSV choosing the control studies (when the manifest has no labels).
-        studies: explicit control study ids (overrides ``labels``). On ``resume`` without ``labels``/``studies``,
-            the studies recorded in ``run_dir/data.yaml`` are used.
-        resume: continue from ``run_dir/checkpoints/last.pt`` (exact on CPU with a fixed seed).
-        command: the command line, recorded in the model card.
-        show_progress: progress bar (``None``: on an interactive terminal).
+    train: ControlSliceDataset
+    val_noisy: torch.Tensor  # (N, 1, S, S) in [0, 1]
+    val_clean: torch.Tensor  # (N, 1, S, S) in [0, 1]
+    split: Any
+    split_info: dict[str, Any]
+    size: int
+    preprocess: dict[str, Any]
 
-    Returns:
-        :class:`~covidctnet.training.trainer.RunResult`; ``details["data"]`` is the split (``data.yaml``).
 
-    Raises:
-        InputError: not a preprocessed folder, unreadable volume, or no control study.
-        ConfigError: ``cfg.size_xy`` differs from the preprocessed size, or it is not a multiple of 8.
-        CheckpointError: ``resume`` without a checkpoint, or an existing run without ``resume``.
+def _prepare_data(data_dir: Path, run_dir: Path, cfg: DenoiserConfig, labels: str | os.PathLike | None,
+                  studies: Sequence[str] | None, resume: bool) -> _DenoiserData:
+    """Select the control studies, split their slices and build the datasets; write ``run_dir/data.yaml``.
+
+    A resumed run reuses the studies recorded in ``data.yaml`` and refuses data that now splits differently.
     """
     import yaml
 
-
-    data_dir, run_dir = Path(data_dir), Path(run_dir)
     ctx = distributed_context()
     preprocess = read_preprocess_settings(data_dir)
     size = int(preprocess["size_xy"])
@@ -392,15 +378,15 @@ def train_denoiser(
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(data_file, yaml.safe_dump(split_info, sort_keys=False))
+    return _DenoiserData(train_ds, val_noisy, val_clean, split, split_info, size, preprocess)
 
-    seed_everything(cfg.seed)
-    model = build_denoiser(cfg.model_kwargs())
+
+def _validation(cfg: DenoiserConfig, data: _DenoiserData) -> Callable[[nn.Module, torch.device], dict[str, float]]:
+    """The per-epoch validation: loss, PSNR and SSIM of denoised vs clean, beside the noisy-input baseline."""
+    val_noisy, val_clean = data.val_noisy, data.val_clean
     # baselines: noisy input vs clean target, the same every epoch
     base_psnr, base_ssim = _metric_means(val_noisy, val_clean)
     baseline = {"val_psnr_noisy": float(base_psnr.mean()), "val_ssim_noisy": float(base_ssim.mean())}
-
-    def training_step(net: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return denoiser_loss(cfg.loss, net(batch["image"]), batch["target"])
 
     def validate(net: nn.Module, device: torch.device) -> dict[str, float]:
         losses, psnrs, ssims, psnrs_clean = [], [], [], []
@@ -422,7 +408,12 @@ def train_denoiser(
             "val_psnr_clean": float(torch.cat(psnrs_clean).mean()),
         }
 
-    sample_index = len(val_clean) // 2
+    return validate
+
+
+def _sample_writer(cfg: DenoiserConfig, data: _DenoiserData) -> Callable[[int, nn.Module, Path], None]:
+    """The epoch callback writing ``samples/epoch_NNN.png``: one held-out slice, noisy and clean, through the net."""
+    sample_index = len(data.val_clean) // 2
 
     def write_sample(epoch: int, net: nn.Module, out_dir: Path) -> None:
         if not cfg.sample_png:
@@ -431,10 +422,11 @@ def train_denoiser(
         net.eval()
         try:
             with torch.no_grad():
-                x = torch.cat([val_noisy[sample_index : sample_index + 1], val_clean[sample_index : sample_index + 1]])
+                x = torch.cat([data.val_noisy[sample_index : sample_index + 1],
+                               data.val_clean[sample_index : sample_index + 1]])
                 den = net(x.to(next(net.parameters()).device)).float().cpu().numpy()[:, 0]
-            inp, clean = x.numpy()[:, 0], val_clean[sample_index, 0].numpy()
-            sid, k = split.val[sample_index]
+            inp, clean = x.numpy()[:, 0], data.val_clean[sample_index, 0].numpy()
+            sid, k = data.split.val[sample_index]
             _save_sample_png(out_dir / "samples" / f"epoch_{epoch:03d}.png",
                              [("noisy", inp[0], den[0], clean), ("clean", inp[1], den[1], clean)],
                              f"epoch {epoch}: held-out slice {sid}[:, :, {k}]")
@@ -443,12 +435,56 @@ def train_denoiser(
         finally:
             net.train(was_training)
 
+    return write_sample
+
+
+def train_denoiser(
+    data_dir: str | os.PathLike,
+    run_dir: str | os.PathLike,
+    cfg: DenoiserConfig = DenoiserConfig(),
+    *,
+    labels: str | os.PathLike | None = None,
+    studies: Sequence[str] | None = None,
+    resume: bool = False,
+    command: str | None = None,
+    show_progress: bool | None = None,
+) -> RunResult:
+    """Train the BCDU-Net denoiser on the control slices of a preprocessed folder.
+
+    Args:
+        data_dir: output folder of ``covidctnet preprocess`` (``manifest.csv``, ``preprocess.yaml``, volumes).
+        run_dir: output folder (see the module docstring). Must not hold a run unless ``resume``.
+        cfg: the resolved config.
+        labels: labels CSV choosing the control studies (when the manifest has no labels).
+        studies: explicit control study ids (overrides ``labels``). On ``resume`` without ``labels``/``studies``,
+            the studies recorded in ``run_dir/data.yaml`` are used.
+        resume: continue from ``run_dir/checkpoints/last.pt`` (exact on CPU with a fixed seed).
+        command: the command line, recorded in the model card.
+        show_progress: progress bar (``None``: on an interactive terminal).
+
+    Returns:
+        :class:`~covidctnet.training.trainer.RunResult`; ``details["data"]`` is the split (``data.yaml``).
+
+    Raises:
+        InputError: not a preprocessed folder, unreadable volume, or no control study.
+        ConfigError: ``cfg.size_xy`` differs from the preprocessed size, or it is not a multiple of 8.
+        CheckpointError: ``resume`` without a checkpoint, or an existing run without ``resume``.
+    """
+    data_dir, run_dir = Path(data_dir), Path(run_dir)
+    data = _prepare_data(data_dir, run_dir, cfg, labels, studies, resume)
+    split, split_info, size, preprocess = data.split, data.split_info, data.size, data.preprocess
+    seed_everything(cfg.seed)
+    model = build_denoiser(cfg.model_kwargs())
+
+    def training_step(net: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return denoiser_loss(cfg.loss, net(batch["image"]), batch["target"])
+
     trainer = Trainer(
         model,
         run_dir,
-        train_data=train_ds,
+        train_data=data.train,
         training_step=training_step,
-        validate=validate,
+        validate=_validation(cfg, data),
         optimizer_factory=lambda p: torch.optim.Adam(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
         monitor=_MONITOR,
         mode="max",
@@ -457,13 +493,13 @@ def train_denoiser(
         batch_size=cfg.batch_size,
         steps_per_epoch=cfg.steps_per_epoch,
         num_workers=cfg.num_workers,
-        collate_fn=train_ds.collate,
+        collate_fn=data.train.collate,
         device=cfg.device,
         amp=cfg.amp,
         grad_clip=cfg.grad_clip,
         seed=cfg.seed,
         config=cfg,
-        epoch_callback=write_sample,
+        epoch_callback=_sample_writer(cfg, data),
         show_progress=show_progress,
     )
     try:

@@ -1,4 +1,5 @@
-"""Tests of covidctnet.data.ucsd (UCSD and folder-per-class layouts, grey-scale reading) and covidctnet.preprocessing.lungmask2d."""
+"""Tests of covidctnet.data.ucsd (UCSD and folder-per-class layouts, grey-scale reading) and
+covidctnet.preprocessing.lungmask2d."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tests of covidctnet.evaluation.evaluate: reading predict / predict-slice CSVs, metrics by hand and against scikit-learn."""
+"""Tests of covidctnet.evaluation.evaluate: reading predict / predict-slice CSVs, metrics by hand and against
+scikit-learn."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tests of covidctnet.evaluation.reader_study: a study with known answers computed independently, the example and its notebook."""
+"""Tests of covidctnet.evaluation.reader_study: a study with known answers computed independently, the example and its
+notebook."""
 
 from __future__ import annotations
 

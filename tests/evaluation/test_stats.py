@@ -1,4 +1,5 @@
-"""Tests of covidctnet.evaluation.stats: hand-computed tiny cases, independent computations and published worked examples."""
+"""Tests of covidctnet.evaluation.stats: hand-computed tiny cases, independent computations and published worked
+examples."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Tests of covidctnet.inference.residuals and ``covidctnet residuals`` on the real control series (64x64) with a denoiser
+"""Tests of covidctnet.inference.residuals and ``covidctnet residuals`` on the real control series (64x64) with a
+denoiser
 trained by ``train_denoiser`` (tiny, a few steps: the point is shapes, geometry, manifest and resume)."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Tests for covidctnet.preprocessing.perlin: parity with ``noise.pnoise2``, statistics for base >= 2, transforms, validation."""
+"""Tests for covidctnet.preprocessing.perlin: parity with ``noise.pnoise2``, statistics for base >= 2, transforms,
+validation."""
 
 from __future__ import annotations
 

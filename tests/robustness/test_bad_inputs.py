@@ -3,7 +3,8 @@
 Every kind is made in the test from the real shared scans (see ``robust_cases.py``) and must give: exit code 2 (1 for a
 batch in which only some studies failed), exactly one ``Error:`` line naming the file and the problem, no traceback,
 and no output left behind for the bad study. Unit-level checks of the same errors live next to their modules
-(``tests/io/test_volume.py``, ``io/test_checks.py``, ``training/test_trainer.py`` ...); this file proves them end to end at the CLI.
+(``tests/io/test_volume.py``, ``io/test_checks.py``, ``training/test_trainer.py`` ...); this file proves them end to
+end at the CLI.
 Config validation is in ``test_configs.py``, weights safety in ``test_safe_loading.py``.
 """
 

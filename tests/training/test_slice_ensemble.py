@@ -1,4 +1,5 @@
-"""``covidctnet ensemble-slice`` (covidctnet.training.slice_ensemble) on two tiny slice models trained on real UCSD images."""
+"""``covidctnet ensemble-slice`` (covidctnet.training.slice_ensemble) on two tiny slice models trained on real UCSD
+images."""
 
 from __future__ import annotations
 
