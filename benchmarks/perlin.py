@@ -1,4 +1,5 @@
-"""Benchmark: vectorised Perlin noise (covidctnet.preprocessing.perlin) against the official per-pixel ``noise.pnoise2`` loop.
+"""Benchmark: vectorised Perlin noise (covidctnet.preprocessing.perlin) against the official per-pixel
+``noise.pnoise2`` loop.
 
 In one run, at 240x240 with parameters drawn as the official training code draws them:
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from typing import Any
 
 import click
 
@@ -45,7 +46,10 @@ class _LazyGroup(click.Group):
         if target is None:
             return None
         module_name, attr = target.split(":")
-        return getattr(importlib.import_module(module_name), attr)
+        command = getattr(importlib.import_module(module_name), attr)
+        if not any(p.name == "global_verbose" for p in command.params):
+            command.params.extend(_global_params())  # `covidctnet predict ... -q` as well as `covidctnet -q predict`
+        return command
 
     def invoke(self, ctx: click.Context):  # type: ignore[override]
         from covidctnet.core.errors import CovidCTNetError
@@ -67,6 +71,40 @@ class _LazyGroup(click.Group):
             raise exc from None
 
 
+def _configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.INFO if verbose == 0 else logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(level)  # basicConfig sets it only once per process
+    # Library chatter from third parties stays at WARNING unless -vv.
+    for noisy in ("monai", "matplotlib", "PIL", "h5py", "distributed"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+
+
+def _global_params() -> list[click.Option]:
+    """-v, -q and --debug again on every command, so they work after the command name too (hidden from its help)."""
+
+    def apply(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        root = ctx.find_root()
+        root.ensure_object(dict)
+        if param.name == "global_debug":
+            root.obj["debug"] = root.obj.get("debug", False) or bool(value)
+            return
+        if param.name == "global_verbose" and value:
+            root.obj["verbose"] = root.obj.get("verbose", 0) + value
+        elif param.name == "global_quiet" and value:
+            root.obj["quiet"] = True
+        else:
+            return
+        _configure_logging(root.obj.get("verbose", 0), root.obj.get("quiet", False))
+
+    return [
+        click.Option(["-v", "--verbose", "global_verbose"], count=True, hidden=True, expose_value=False,
+                     callback=apply),
+        click.Option(["-q", "--quiet", "global_quiet"], is_flag=True, hidden=True, expose_value=False, callback=apply),
+        click.Option(["--debug", "global_debug"], is_flag=True, hidden=True, expose_value=False, callback=apply),
+    ]
+
+
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(
     package_name="covidctnet", message="covidctnet %(version)s — cite Javaheri et al., npj Digit. Med. 4, 29 (2021)"
@@ -78,12 +116,8 @@ class _LazyGroup(click.Group):
 def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     """CovidCTNet: COVID-19 / CAP / control diagnosis from chest CT scans."""
     ctx.ensure_object(dict)
-    ctx.obj["debug"] = debug
-    level = logging.WARNING if quiet else (logging.INFO if verbose == 0 else logging.DEBUG)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    # Library chatter from third parties stays at WARNING unless -vv.
-    for noisy in ("monai", "matplotlib", "PIL", "h5py", "distributed"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose >= 2 else logging.WARNING)
+    ctx.obj.update(debug=debug, verbose=verbose, quiet=quiet)
+    _configure_logging(verbose, quiet)
 
 
 def main() -> None:

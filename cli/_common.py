@@ -18,3 +18,10 @@ def batch_exit(summary: Any) -> int:
     if summary.n_failed == 0:
         return 0
     return 2 if summary.n_ok + summary.n_skipped == 0 else 1
+
+
+def bundled_model_notice(what: str) -> None:
+    """One line on stderr whenever a command runs a bundled demonstration model, so that no output is mistaken for a
+    diagnosis."""
+    click.echo(f"Note: using the bundled {what}, a demonstration trained on a handful of scans: not diagnostic "
+               "(pass --model MODEL_DIR for your own model).", err=True)

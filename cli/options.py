@@ -14,9 +14,10 @@ from typing import Any
 
 import click
 
-__all__ = ["ConfigOption", "config_option", "out_option", "config_file_option", "device_option", "dataclass_default"]
+__all__ = ["ConfigOption", "config_option", "out_option", "config_file_option", "device_option", "dataclass_default",
+           "loader_workers_option"]
 
-DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N"
+DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N (gpu = cuda)"
 
 
 def dataclass_default(ref: str, key: str) -> Any:
@@ -41,18 +42,27 @@ class ConfigOption(click.Option):
     """An option that overrides field ``key`` of the config dataclass ``config`` (``"module:Class"``).
 
     Its value is ``None`` unless given, so that ``load_config(cls, yaml, {key: value})`` keeps the YAML's value;
-    ``--help`` appends ``[default: <the dataclass default>]``.
+    ``--help`` appends ``[default: <the dataclass default>]``. ``old_names`` are earlier names of the option: still
+    accepted, not shown.
     """
 
-    def __init__(self, *args: Any, config: str, key: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, config: str, key: str | None = None, old_names: tuple[str, ...] = (),
+                 **kwargs: Any) -> None:
         kwargs["default"] = None
         kwargs["show_default"] = False
-        super().__init__(*args, **kwargs)
+        decls, *rest = args  # click passes the declarations as one list
+        super().__init__([*decls, *old_names], *rest, **kwargs)
         self.config_ref = config
         self.config_key = key or self.name
+        self.old_names = old_names
 
     def get_help_record(self, ctx: click.Context) -> tuple[str, str] | None:
-        record = super().get_help_record(ctx)
+        # an old name still works (scripts keep running) but --help shows one name per meaning
+        shown, self.opts = self.opts, [o for o in self.opts if o not in self.old_names]
+        try:
+            record = super().get_help_record(ctx)
+        finally:
+            self.opts = shown
         if record is None:
             return None
         default = _shown(self, dataclass_default(self.config_ref, self.config_key))
@@ -82,3 +92,11 @@ def device_option(config: str | None = None) -> Any:
     if config is not None:
         return config_option(config, "--device", help=DEVICE_HELP + ".")
     return click.option("--device", default="auto", show_default=True, help=DEVICE_HELP + ".")
+
+
+def loader_workers_option(config: str, key: str = "workers") -> Any:
+    """``--loader-workers``: DataLoader worker processes of a training command (``--workers`` means processes that
+    each run whole studies, in preprocess / residuals / predict; the training commands' old ``--workers`` still works).
+    """
+    return config_option(config, "--loader-workers", key, key=key, old_names=("--workers",), type=int,
+                         help="DataLoader worker processes (0 = load in the training process).")

@@ -9,7 +9,7 @@ import click
 from covidctnet.cli.options import config_file_option, config_option, device_option, out_option
 
 _CONFIG = "covidctnet.inference.predict:PredictConfig"
-from covidctnet.cli._common import batch_exit, echo_error_row
+from covidctnet.cli._common import batch_exit, bundled_model_notice, echo_error_row
 
 
 def _print_report(summary, out_dir: Path) -> None:
@@ -29,9 +29,10 @@ def _print_report(summary, out_dir: Path) -> None:
 @click.option(
     "--model",
     "model_dir",
-    required=True,
+    default=None,
     type=click.Path(path_type=Path),
-    help="Model directory with denoiser and classifier components (config.yaml, *.safetensors, SHA256SUMS).",
+    help="Model directory with denoiser and classifier components (config.yaml, *.safetensors, SHA256SUMS)  "
+    "[default: the bundled demonstration model].",
 )
 @out_option("Output folder: report.csv, report.json (and residuals/overlays with --save-residuals).")
 @config_file_option("predict.yaml")
@@ -70,6 +71,11 @@ def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, sav
     """
     from covidctnet.core.config import load_config
     from covidctnet.inference.predict import PredictConfig, predict_studies
+    from covidctnet.models.registry import DEMO_MODEL
+
+    if model_dir is None:
+        bundled_model_notice("3D model (covidctnet/assets/demo_model)")
+        model_dir = DEMO_MODEL
 
     cfg = load_config(
         PredictConfig,
@@ -94,6 +100,7 @@ def demo_cmd(out_dir):
     from covidctnet.inference.predict import DEMO_SCAN, run_demo
     from covidctnet.models.registry import DEMO_MODEL
 
+    bundled_model_notice("3D model (covidctnet/assets/demo_model)")
     click.echo(f"scan:  {DEMO_SCAN}\nmodel: {DEMO_MODEL}")
     summary = run_demo(out_dir, on_result=echo_error_row)
     _print_report(summary, out_dir)

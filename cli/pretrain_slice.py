@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import click
-from covidctnet.cli.options import config_file_option, config_option, device_option, out_option
+from covidctnet.cli.options import config_file_option, config_option, device_option, loader_workers_option, out_option
 
 _ARCHS = ["densenet121", "densenet169", "resnet18", "resnet50"]
 _CONFIG = "covidctnet.training.simclr:PretrainSliceConfig"
@@ -18,13 +18,14 @@ _CONFIG = "covidctnet.training.simclr:PretrainSliceConfig"
 @out_option("Run folder: checkpoints/, metrics.csv, loss_curve.png, encoder/ (for train-slice --init).", "run_dir")
 @config_file_option("pretrain_slice.yaml")
 @config_option(_CONFIG, "--arch", type=click.Choice(_ARCHS), help="MONAI 2D network.")
-@config_option(_CONFIG, "--size", type=int, help="Square input size in pixels.")
+@config_option(_CONFIG, "--image-size", "size", key="size", old_names=("--size",), type=int,
+               help="Square input size of the slice images in pixels.")
 @config_option(_CONFIG, "--epochs", type=int, help="Pretraining epochs.")
 @config_option(_CONFIG, "--batch-size", type=int, help="Images per step (2 views each).")
 @config_option(_CONFIG, "--lung-mask/--no-lung-mask", help="Add the classical lung mask as a 2nd channel.")
 @device_option(_CONFIG)
 @config_option(_CONFIG, "--seed", type=int, help="Seed.")
-@config_option(_CONFIG, "--workers", type=int, help="DataLoader workers.")
+@loader_workers_option(_CONFIG)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
 def pretrain_slice_cmd(data, run_dir, config_path, arch, size, epochs, batch_size, lung_mask, device, seed, workers,
                        resume):

@@ -19,7 +19,8 @@ from covidctnet.cli._common import batch_exit, echo_error_row
               help="Denoiser model directory, or a train-denoiser run folder holding model/.")
 @config_file_option("residuals.yaml")
 @config_option(_CONFIG, "--depth", type=int, help="Slices of the residual stack.")
-@config_option(_CONFIG, "--size", "size_xy", type=int, help="In-plane size of the residual stack.")
+@config_option(_CONFIG, "--grid-size", "size_xy", key="size_xy", old_names=("--size",), type=int,
+               help="In-plane size of the residual stack (the classifier's input grid).")
 @click.option("--batch-size", type=int, default=8, show_default=True, help="Slices per denoiser forward pass.")
 @device_option()
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,

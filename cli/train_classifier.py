@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import click
-from covidctnet.cli.options import config_file_option, config_option, device_option, out_option
+from covidctnet.cli.options import config_file_option, config_option, device_option, loader_workers_option, out_option
 
 _CONFIG = "covidctnet.training.classifier:ClassifierConfig"
 
@@ -27,7 +27,7 @@ _CONFIG = "covidctnet.training.classifier:ClassifierConfig"
 @config_option(_CONFIG, "--batch-size", type=int, help="Volumes per step and process.")
 @config_option(_CONFIG, "--seed", type=int, help="Seed of split, weights, data order, augmentation.")
 @device_option(_CONFIG)
-@config_option(_CONFIG, "--workers", type=int, help="DataLoader workers (0 = this process).")
+@loader_workers_option(_CONFIG)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt (with OUT/split.csv).")
 def train_classifier_cmd(residuals, labels, run_dir, config_path, split_file, arch, epochs, batch_size, seed, device,
                          workers, resume):

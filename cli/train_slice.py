@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import click
-from covidctnet.cli.options import config_file_option, config_option, device_option, out_option
+from covidctnet.cli.options import config_file_option, config_option, device_option, loader_workers_option, out_option
 
 _ARCHS = ["densenet121", "densenet169", "resnet18", "resnet50"]
 _CONFIG = "covidctnet.training.slice:SliceTrainConfig"
@@ -18,7 +18,8 @@ _CONFIG = "covidctnet.training.slice:SliceTrainConfig"
 @out_option("Run folder: checkpoints/, metrics.csv, loss_curve.png, roc.png, confusion.png, model/.", "run_dir")
 @config_file_option("slice.yaml")
 @config_option(_CONFIG, "--arch", type=click.Choice(_ARCHS), help="MONAI 2D network.")
-@config_option(_CONFIG, "--size", type=int, help="Square input size in pixels (paper: 480).")
+@config_option(_CONFIG, "--image-size", "size", key="size", old_names=("--size",), type=int,
+               help="Square input size of the slice images in pixels (paper: 480).")
 @config_option(_CONFIG, "--epochs", type=int, help="Training epochs (cosine period).")
 @config_option(_CONFIG, "--batch-size", type=int, help="Images per step and process.")
 @config_option(_CONFIG, "--lung-mask/--no-lung-mask", help="Add a classical lung mask as a 2nd input channel.")
@@ -26,7 +27,7 @@ _CONFIG = "covidctnet.training.slice:SliceTrainConfig"
               help="Model directory from pretrain-slice (or train-slice) whose encoder starts the training.")
 @device_option(_CONFIG)
 @config_option(_CONFIG, "--seed", type=int, help="Seed of weights, data order and augmentation.")
-@config_option(_CONFIG, "--workers", type=int, help="DataLoader workers (0 = this process).")
+@loader_workers_option(_CONFIG)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
 def train_slice_cmd(data, run_dir, config_path, arch, size, epochs, batch_size, lung_mask, init, device, seed,
                     workers, resume):

@@ -16,6 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "covidctnet"
 # stage -> the stages it may import (besides itself). `covidctnet/__init__.py` is the stage "" and may import core.
 ALLOWED: dict[str, set[str]] = {
     "": {"core"},
+    "__main__": {"cli"},  # `python -m covidctnet` runs the command line
     "core": set(),
     "io": {"core"},
     "preprocessing": {"core", "io"},

@@ -51,3 +51,19 @@ def test_no_default_is_typed_by_hand():
             assert mentions == 0 or re.search(r"\[default: the [^\]0-9]*\]\.?$", text), (command, option.name, text)
         else:
             assert mentions == 1 and text.rstrip(".").endswith("]"), (command, option.name, text)
+
+
+@pytest.mark.parametrize(("command", "new", "old", "dest"), [
+    ("train-slice", "--loader-workers", "--workers", "workers"),
+    ("train-denoiser", "--loader-workers", "--workers", "num_workers"),
+    ("train-slice", "--image-size", "--size", "size"),
+    ("residuals", "--grid-size", "--size", "size_xy"),
+])
+def test_one_name_per_meaning_and_old_names_still_work(command, new, old, dest, tmp_path):
+    cmd = cli.get_command(CONTEXT, command)
+    args = [str(tmp_path), "-o", str(tmp_path / "out")] + (["--denoiser", str(tmp_path)] if command == "residuals" else [])
+    for flag in (new, old):
+        ctx = cmd.make_context(command, [*args, flag, "3"])
+        assert ctx.params[dest] == 3
+    help_text = cmd.get_help(click.Context(cmd))
+    assert new in help_text and f"{old} " not in help_text.replace(new, "")
