@@ -44,6 +44,10 @@ STEPS: dict[str, tuple[str, list[str], list[str]]] = {
 }
 
 
+# scripts here that measure nothing for docs/benchmarks.md
+NOT_BENCHMARKS = {"gpu_check.py"}  # `make gpu-check`: CUDA paths against the CPU, on a GPU machine
+
+
 def machine_header() -> str:
     """The document's header: CPU model, cores, memory, OS, Python/torch versions, date and load average."""
     from _docs import cpu_model
@@ -88,7 +92,8 @@ def plan(quick: bool, only: list[str] | None) -> list[tuple[str, list[str]]]:
     steps = [(name, [str(HERE / script), *(quick_args if quick else full_args)])
              for name, (script, full_args, quick_args) in STEPS.items()]
     known = {script for script, _, _ in STEPS.values()} | {Path(__file__).name}
-    for extra in sorted(p for p in HERE.glob("*.py") if p.name not in known and not p.name.startswith("_")):
+    for extra in sorted(p for p in HERE.glob("*.py")
+                        if p.name not in known | NOT_BENCHMARKS and not p.name.startswith("_")):
         logger.warning("%s is not in run_all.STEPS: running it with its defaults (no quick settings known)", extra.name)
         steps.append((extra.stem, [str(extra)]))
     if only:
