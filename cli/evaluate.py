@@ -19,23 +19,28 @@ __all__ = ["evaluate_cmd"]
     "labels",
     required=True,
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Labels CSV: study_id,label (or case_id,label); control/covid/cap (aliases accepted) or covid/noncovid.",
+    help="Labels CSV: study_id,label, case_id,label or file,label (image paths or names, matched to preds.csv by "
+    "relative path, then by name with or without extension); control/covid/cap (aliases accepted) or covid/noncovid.",
 )
 @out_option("Report folder.")
+# float, not click.FloatRange: EvaluateConfig's range check gives the one-line error (exit 2) every bad input gets
 @config_option(
     _CONFIG,
     "--threshold",
-    type=click.FloatRange(0.0, 1.0),
-    help="2-class threshold on p_covid (COVID-19 when p_covid >= T); none: argmax of the probabilities.",
+    type=float,
+    help="2-class threshold on p_covid in [0, 1] (COVID-19 when p_covid >= T); none: the threshold column of "
+    "preds.csv if it has one, else the argmax of the probabilities.",
 )
 @config_file_option("evaluate.yaml")
 def evaluate_cmd(predictions: Path, labels: Path, out_dir: Path, threshold: float | None,
                  config_path: Path | None) -> None:
-    """Score PREDICTIONS (report.csv from predict, or preds.csv from predict-slice) against --labels.
+    """Score PREDICTIONS (report.csv from predict, or OUT/preds.csv from predict-slice) against --labels.
 
     Writes report.md, metrics.json, config.yaml and PNGs (ROC curves, confusion matrices) to --out: 2-class (COVID-19 vs
     the rest) and 3-class accuracy, sensitivity, specificity, precision, F1 and AUC with 95% CIs (Wilson for
     proportions, DeLong for AUC). Rows with status=error are excluded and counted. Bad input writes nothing.
+    The 2-class threshold is --threshold, else the one preds.csv records (the one predict-slice applied), else
+    the argmax.
     """
     # the library (numpy, scipy, matplotlib) is imported here so that `covidctnet --help` stays instant
     from covidctnet.core.config import load_config
@@ -58,6 +63,8 @@ def evaluate_cmd(predictions: Path, labels: Path, out_dir: Path, threshold: floa
         f"{result['inputs']['n_evaluated']} cases evaluated"
         + (f", {excluded} excluded (status error/skipped)" if excluded else "")
     )
+    if result.get("threshold") is not None:
+        click.echo(f"threshold {result['threshold']:.6g} ({result['threshold_source']})")
     click.echo(
         f"COVID-19 vs rest: accuracy {show('accuracy')}, sensitivity {show('sensitivity')}, "
         f"specificity {show('specificity')}, AUC {show('auc', percent=False)}"

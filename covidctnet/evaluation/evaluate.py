@@ -5,9 +5,13 @@ Inputs are the files other stages write (see ``docs/evaluation.md``):
 * ``report.csv`` from ``predict``: ``study_id, p_control, p_covid, p_cap, predicted, status, error, model,
   weights_sha256``. Rows with ``status`` ``error`` (or ``skipped``) are excluded and counted; the others must hold three
   probabilities in [0, 1] that sum to 1 (tolerance ``prob_tolerance``).
-* ``preds.csv`` from ``predict-slice``: ``file, p_covid, predicted`` with ``predicted`` in {covid, noncovid}.
-* a labels CSV ``study_id,label`` (or ``case_id,label``) with 3-class labels (control / covid / cap and their aliases)
-  or 2-class labels (covid / noncovid).
+* ``preds.csv`` from ``predict-slice``: ``file, p_covid, predicted`` with ``predicted`` in {covid, noncovid}, and
+  (since issue 18) ``status, error, model, weights_sha256, threshold``; the file's ``threshold`` is the decision
+  threshold unless one is given.
+* a labels CSV ``study_id,label``, ``case_id,label`` or ``file,label`` (UCSD-style: image paths or names) with 3-class
+  labels (control / covid / cap and their aliases) or 2-class labels (covid / noncovid). File ids are matched to the
+  ``file`` column of ``preds.csv`` by path relative to a common folder, then by file name with or without its
+  extension (see :func:`match_case_ids`).
 
 Outputs (``report.md``, ``metrics.json``, ``config.yaml`` and PNGs) are written only after every input check passed,
 each file atomically: bad input leaves no report at all.
@@ -22,6 +26,7 @@ percentile bootstrap for F1 and macro averages; the report states which.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import logging
@@ -30,7 +35,7 @@ import os
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePath
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -65,6 +70,7 @@ __all__ = [
     "read_truth",
     "match_case_ids",
     "decide",
+    "effective_threshold",
     "binary_metrics",
     "multiclass_metrics",
     "compute_metrics",
@@ -112,8 +118,8 @@ class EvaluateConfig:
 
 def check_eval_settings(cfg: Any) -> None:
     """Range checks shared by the evaluate and reader-study configs."""
-    if cfg.threshold is not None and not 0.0 <= cfg.threshold <= 1.0:
-        raise ConfigError(f"'threshold' must be in [0, 1] or null, not {cfg.threshold!r}")
+    if cfg.threshold is not None and not 0.0 <= cfg.threshold <= 1.0:  # False for NaN as well
+        raise ConfigError(f"'threshold' (--threshold) must be in [0, 1] or null, not {cfg.threshold!r}")
     if not 0.5 <= cfg.ci_level < 1.0:
         raise ConfigError(f"'ci_level' must be in [0.5, 1), not {cfg.ci_level!r}")
     if cfg.n_bootstrap < 10:
@@ -191,6 +197,9 @@ class Predictions:
         probs: (n, 3) probabilities in ``CLASS_NAMES`` order for ``3class``, else ``None``.
         excluded: ``{id: status}`` of rows left out (``status`` error or skipped), in file order.
         n_rows: data rows in the file.
+        threshold: the decision threshold the file records (``threshold`` column of ``preds.csv``), else ``None``.
+        model: the ``model`` column's value (one model per file), else ``""``.
+        weights_sha256: the ``weights_sha256`` column's value, else ``""``.
     """
     path: Path
     kind: Literal["3class", "2class"]
@@ -200,6 +209,9 @@ class Predictions:
     probs: np.ndarray | None
     excluded: dict[str, str] = field(default_factory=dict)
     n_rows: int = 0
+    threshold: float | None = None
+    model: str = ""
+    weights_sha256: str = ""
 
     @property
     def all_ids(self) -> tuple[str, ...]:
@@ -303,13 +315,53 @@ def read_predictions(path: str | os.PathLike, prob_tolerance: float = 1e-3) -> P
             n_disagree,
         )
     arr = np.asarray(probs, dtype=np.float64)
+    threshold, model, sha = _provenance(path, rows)
     if kind == "3class":
-        return Predictions(path, kind, id_column, tuple(ids), arr[:, 1].copy(), arr, excluded, len(rows))
-    return Predictions(path, kind, id_column, tuple(ids), arr[:, 0].copy(), None, excluded, len(rows))
+        return Predictions(path, kind, id_column, tuple(ids), arr[:, 1].copy(), arr, excluded, len(rows),
+                           threshold, model, sha)
+    return Predictions(path, kind, id_column, tuple(ids), arr[:, 0].copy(), None, excluded, len(rows),
+                       threshold, model, sha)
+
+
+def _provenance(path: Path, rows: Sequence[tuple[int, dict[str, str]]]) -> tuple[float | None, str, str]:
+    """The ``threshold``, ``model`` and ``weights_sha256`` a predictions file records (empty cells ignored).
+
+    Every row of a file comes from one run of one model, so each column must hold one value; a file pasted together
+    from two runs would otherwise be judged at one run's threshold.
+
+    Raises:
+        InputError: a threshold that is not a number in [0, 1], or two different values in one of the columns.
+    """
+    values: dict[str, dict[str, int]] = {"threshold": {}, "model": {}, "weights_sha256": {}}
+    for line, row in rows:
+        for column, seen in values.items():
+            cell = row.get(column, "")
+            if cell:
+                seen.setdefault(cell, line)
+    for column, seen in values.items():
+        if len(seen) > 1:
+            (a, la), (b, lb) = list(seen.items())[:2]
+            raise InputError(f"{path}: {column} differs between rows ({a!r} on row {la}, {b!r} on row {lb}); "
+                             "a predictions file must come from one model and one threshold")
+    threshold = None
+    if values["threshold"]:
+        cell, line = next(iter(values["threshold"].items()))
+        try:
+            threshold = float(cell)
+        except ValueError:
+            raise InputError(f"{path}: row {line}: threshold = {cell!r} is not a number") from None
+        if not 0.0 <= threshold <= 1.0:
+            raise InputError(f"{path}: row {line}: threshold = {cell} is outside [0, 1]")
+    model = next(iter(values["model"]), "")
+    sha = next(iter(values["weights_sha256"]), "")
+    return threshold, model, sha
 
 
 def read_truth(path: str | os.PathLike) -> dict[str, str]:
-    """Read a labels CSV (``study_id,label`` or ``case_id,label``) with 3-class or 2-class labels.
+    """Read a labels CSV (``study_id,label``, ``case_id,label`` or ``file,label``) with 3-class or 2-class labels.
+
+    ``file,label`` is the UCSD-style list of images (paths or names, with or without extension) that
+    :func:`match_case_ids` matches to ``preds.csv``'s ``file`` column.
 
     Returns:
         ``{case id: label}`` with labels in {control, covid, cap} or {covid, noncovid}.
@@ -319,19 +371,86 @@ def read_truth(path: str | os.PathLike) -> dict[str, str]:
     """
     path = Path(path)
     # read_csv_rows first so that an empty or missing file gets the same one-line message as the other inputs
-    read_csv_rows(path, "labels CSV")
-    return read_labels_csv(path, normalize=normalize_any_label)
+    header, rows = read_csv_rows(path, "labels CSV")
+    if "study_id" in header or "case_id" in header or "file" not in header:
+        return read_labels_csv(path, normalize=normalize_any_label)
+    if "label" not in header:
+        raise LabelError(f"{path}: missing column(s) ['label']; found {sorted(h for h in header if h)}")
+    labels: dict[str, str] = {}
+    first: dict[str, int] = {}
+    for line, row in rows:
+        name = row["file"]
+        if not name:
+            raise LabelError(f"{path}: row {line}: empty file")
+        if name in labels:
+            raise LabelError(f"{path}: row {line}: duplicated file {name!r} (first on row {first[name]})")
+        first[name] = line
+        labels[name] = normalize_any_label(row["label"], f"{path}: row {line}")
+    return labels
 
 
-def _key_forms(case_id: str) -> tuple[str, str, str]:
-    """Ways a ``preds.csv`` file entry may name a case: as written, its file name, its file name without extension."""
-    pure = PurePath(case_id.replace("\\", "/"))
-    name = pure.name
-    stem = name
-    for suffix in reversed(pure.suffixes):
-        if stem.endswith(suffix):
-            stem = stem[: -len(suffix)]
-    return case_id, name, stem or name
+# Extensions stripped to match a file name "without extension". Only these: a UCSD name such as
+# 2020.02.22.20024927-p17-73%1.png has dots of its own, and Path.suffix/stem would cut it at the first of them.
+_FILE_EXTENSIONS = (".nii.gz", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp", ".nii", ".nrrd",
+                    ".dcm")
+
+
+def _path_parts(case_id: str) -> tuple[str, ...]:
+    """Components of a file id, ``\\`` read as ``/``, without empty or ``.`` components."""
+    return tuple(p for p in case_id.replace("\\", "/").split("/") if p not in ("", "."))
+
+
+def _strip_extension(name: str) -> str:
+    lower = name.lower()
+    for ext in _FILE_EXTENSIONS:
+        if lower.endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def _file_match_rank(pred_parts: tuple[str, ...], label_parts: tuple[str, ...]) -> int:
+    """How well a labels id names a predictions file: 0 not at all, 1 same name without extension, 2 same file name,
+    2 + k the same last k + 1 path components (the path relative to a common folder), large for the same path."""
+    if pred_parts == label_parts:
+        return 10_000
+    if pred_parts[-1] == label_parts[-1]:
+        k = 0
+        while k + 1 < min(len(pred_parts), len(label_parts)) and pred_parts[-2 - k] == label_parts[-2 - k]:
+            k += 1
+        return 2 + k
+    return 1 if _strip_extension(pred_parts[-1]) == _strip_extension(label_parts[-1]) else 0
+
+
+def _match_files(ids: Sequence[str], truth: Mapping[str, str], ids_path: Any, truth_path: Any) -> list[str | None]:
+    """The labels key of each predictions file id (``None`` when nothing matches); see :func:`match_case_ids`.
+
+    Raises:
+        LabelError: an id matched equally well by two labels, or two ids that match the same label.
+    """
+    by_stem: dict[str, list[tuple[str, tuple[str, ...]]]] = {}
+    for key in truth:
+        parts = _path_parts(key) or (key,)
+        by_stem.setdefault(_strip_extension(parts[-1]), []).append((key, parts))
+    keys: list[str | None] = []
+    claimed: dict[str, str] = {}
+    for case_id in ids:
+        parts = _path_parts(case_id) or (case_id,)
+        candidates = by_stem.get(_strip_extension(parts[-1]), [])
+        ranked = sorted(((_file_match_rank(parts, lp), key) for key, lp in candidates), reverse=True)
+        ranked = [(r, key) for r, key in ranked if r > 0]
+        if not ranked:
+            keys.append(None)
+            continue
+        if len(ranked) > 1 and ranked[0][0] == ranked[1][0]:
+            raise LabelError(f"{ids_path}: {case_id!r} matches both {ranked[1][1]!r} and {ranked[0][1]!r} of "
+                             f"{truth_path}; name the files by their path below a common folder to tell them apart")
+        key = ranked[0][1]
+        if key in claimed:
+            raise LabelError(f"{ids_path}: several rows name the same case of {truth_path}: {claimed[key]!r} and "
+                             f"{case_id!r} both match {key!r}")
+        claimed[key] = case_id
+        keys.append(key)
+    return keys
 
 
 def match_case_ids(
@@ -349,40 +468,49 @@ def match_case_ids(
         ids: every id of the predictions (or reader) file, used and excluded rows alike.
         truth: the labels.
         ids_path, truth_path: the two files, for messages.
-        allow_file_names: ids are file paths (``preds.csv``): also match them by file name, then by file name
-            without extension, taking the first form under which every id is known.
+        allow_file_names: ids are file paths (``preds.csv``), matched to the labels as written elsewhere: a labels id
+            names a file when its path components end the file's path (``CT_COVID/a.png`` names
+            ``/data/ucsd/CT_COVID/a.png``: the path relative to a common folder, absolute and relative paths alike;
+            the most components shared wins), else when it has the same file name, else the same file name without
+            extension (``.png``, ``.jpg``, ``.nii.gz`` … only, so ``2020.02.22.20024927-p17-73%1`` names
+            ``2020.02.22.20024927-p17-73%1.png``). Otherwise ids must equal the labels' ids.
         what: name of the ids file in messages (``predictions``, ``reader 'r1'`` …).
 
     Returns:
         truth keys, one per id, in order.
 
     Raises:
-        LabelError: ids unknown to the labels, cases of the labels missing from the file, or (file names) two ids that
-            map to the same case.
+        LabelError: ids unknown to the labels, cases of the labels missing from the file, or (file names) an id
+            matched equally well by two labels, or two ids that match the same case (each message names both).
     """
-    forms = [tuple(_key_forms(i)) for i in ids] if allow_file_names else [(i,) for i in ids]
-    n_forms = len(forms[0]) if forms else 1
-    best_keys: list[str] | None = None
-    best_known = -1
-    for k in range(n_forms):
-        keys = [f[k] for f in forms]
-        known = sum(key in truth for key in keys)
-        if known > best_known:
-            best_keys, best_known = keys, known
-        if known == len(keys):
-            best_keys = keys
-            break
-    assert best_keys is not None
-    unknown = [i for i, key in zip(ids, best_keys) if key not in truth]
+    if allow_file_names:
+        found = _match_files(ids, truth, ids_path, truth_path)
+    else:
+        found = [i if i in truth else None for i in ids]
+    unknown = [i for i, key in zip(ids, found) if key is None]
     if unknown:
         raise LabelError(f"{ids_path}: {len(unknown)} case id(s) not in {truth_path}: {listed(unknown)}")
-    dupes = [key for key, c in Counter(best_keys).items() if c > 1]
+    keys = [key for key in found if key is not None]
+    dupes = [key for key, c in Counter(keys).items() if c > 1]
     if dupes:
         raise LabelError(f"{ids_path}: several rows name the same case of {truth_path}: {listed(dupes)}")
-    missing = set(truth) - set(best_keys)
+    missing = set(truth) - set(keys)
     if missing:
         raise LabelError(f"{truth_path}: {len(missing)} case(s) missing from the {what} {ids_path}: {listed(missing)}")
-    return best_keys
+    return keys
+
+
+def effective_threshold(predictions: Predictions, threshold: float | None) -> tuple[float | None, str]:
+    """The 2-class threshold to apply and where it comes from: ``threshold`` when given (``--threshold`` or the
+    config), else the one the predictions file records (``preds.csv``'s ``threshold`` column, so ``evaluate`` decides as
+    ``predict-slice`` did), else ``None`` (argmax)."""
+    if threshold is not None:
+        if predictions.threshold is not None and predictions.threshold != threshold:
+            return threshold, f"from --threshold / the config, not the file's {predictions.threshold:.6g}"
+        return threshold, "from --threshold / the config"
+    if predictions.threshold is not None:
+        return predictions.threshold, f"the threshold column of {predictions.path.name}"
+    return None, ""
 
 
 def decide(predictions: Predictions, threshold: float | None = None) -> tuple[np.ndarray | None, np.ndarray]:
@@ -409,7 +537,6 @@ def decide(predictions: Predictions, threshold: float | None = None) -> tuple[np
 
 
 def _auc_estimate(y: np.ndarray, score: np.ndarray, cfg: Any) -> Any:
-
     if y.all() or not y.any():
         return Estimate(None, None, None, "undefined: only one class present", n=int(y.size), level=cfg.ci_level)
     if cfg.auc_ci == "bootstrap":
@@ -427,7 +554,6 @@ def _boot_method(cfg: Any) -> str:
 
 
 def _est(value: float, low: float, high: float, method: str, level: float, n: int | None = None) -> Any:
-
     def clean(x: float) -> float | None:
         return None if x is None or math.isnan(x) else float(x)
 
@@ -574,9 +700,10 @@ def multiclass_metrics(truth: np.ndarray, predicted: np.ndarray, probs: np.ndarr
     }
 
 
-def _decision_rule(kind: str, threshold: float | None) -> str:
+def _decision_rule(kind: str, threshold: float | None, source: str = "") -> str:
     if threshold is not None:
-        return f"COVID-19 when p_covid >= {threshold:g} (2-class); argmax of the probabilities (3-class)"
+        where = f" ({source})" if source else ""
+        return f"COVID-19 when p_covid >= {threshold:.6g}{where} (2-class); argmax of the probabilities (3-class)"
     if kind == "3class":
         return "argmax of p_control, p_covid, p_cap (ties: control, covid, cap in that order)"
     return "COVID-19 when p_covid > 0.5 (argmax of the two classes)"
@@ -597,7 +724,11 @@ def _methods(cfg: Any) -> dict[str, str]:
 
 
 def compute_metrics(
-    predictions: Predictions, truth_keys: Sequence[str], truth: Mapping[str, str], cfg: EvaluateConfig
+    predictions: Predictions,
+    truth_keys: Sequence[str],
+    truth: Mapping[str, str],
+    cfg: EvaluateConfig,
+    threshold_source: str = "",
 ) -> dict[str, Any]:
     """All metrics of a validated predictions file against its labels (no file is written).
 
@@ -605,7 +736,8 @@ def compute_metrics(
         predictions: from :func:`read_predictions`.
         truth_keys: the labels key of each *used* prediction row (from :func:`match_case_ids`).
         truth: the labels.
-        cfg: the config.
+        cfg: the config; ``cfg.threshold`` is the threshold applied (see :func:`effective_threshold`).
+        threshold_source: where that threshold came from, for the report.
 
     Returns:
         the ``metrics.json`` content except file provenance; ``Estimate`` objects are kept (see ``to_jsonable``).
@@ -614,8 +746,9 @@ def compute_metrics(
     labels3, call = decide(predictions, cfg.threshold)
     y = labels == POSITIVE_CLASS
     result: dict[str, Any] = {
-        "decision_rule": _decision_rule(predictions.kind, cfg.threshold),
+        "decision_rule": _decision_rule(predictions.kind, cfg.threshold, threshold_source),
         "threshold": cfg.threshold,
+        "threshold_source": threshold_source or None,
         "methods": _methods(cfg),
         "two_class": binary_metrics(y, call, predictions.p_covid, cfg),
     }
@@ -677,6 +810,9 @@ def _render_report(
         f"- Predictions: `{inputs['predictions']}` ({inputs['predictions_kind']}, "
         f"sha256 `{inputs['predictions_sha256'][:12]}…`)"
     )
+    if inputs.get("model"):
+        sha = inputs.get("weights_sha256") or ""
+        lines.append(f"- Model: `{inputs['model']}`" + (f" (weights_sha256 `{sha[:12]}…`)" if sha else ""))
     lines.append(f"- Labels: `{inputs['labels']}` (sha256 `{inputs['labels_sha256'][:12]}…`)")
     lines.append(f"- Cases evaluated: **{inputs['n_evaluated']}** of {inputs['n_rows']} prediction rows")
     if inputs["excluded"]:
@@ -858,7 +994,11 @@ def evaluate(
         predictions.all_ids, truth, predictions_csv, labels_csv, allow_file_names=predictions.id_column == "file"
     )
     truth_keys = keys_all[: len(predictions.ids)]
-    result = compute_metrics(predictions, truth_keys, truth, cfg)
+    threshold, source = effective_threshold(predictions, cfg.threshold)
+    if cfg.threshold is None and threshold is not None:
+        logger.info("%s: threshold %.6g from its threshold column (the one predict-slice used)", predictions_csv,
+                    threshold)
+    result = compute_metrics(predictions, truth_keys, truth, dataclasses.replace(cfg, threshold=threshold), source)
     inputs = {
         "predictions": str(predictions_csv),
         "predictions_kind": "report.csv, 3-class" if predictions.kind == "3class" else "preds.csv, 2-class",
@@ -867,6 +1007,8 @@ def evaluate(
         "labels_sha256": sha256_file(labels_csv),
         "n_rows": predictions.n_rows,
         "n_evaluated": len(predictions.ids),
+        "model": predictions.model or None,
+        "weights_sha256": predictions.weights_sha256 or None,
         "excluded": dict(predictions.excluded),
     }
     if predictions.excluded:

@@ -120,7 +120,7 @@ def test_evaluate_missing_file_and_bad_options(tmp_path, fast_config):
             "1.5",
         ]
     )
-    assert result.exit_code == 2 and "--threshold" in result.stderr
+    assert_one_line_error(result, "--threshold", "must be in [0, 1]")
     assert not (tmp_path / "o").exists()
 
 

@@ -188,9 +188,74 @@ def test_slice_predictions_matched_by_file_name(tmp_path):
 def test_same_file_name_in_two_folders_is_ambiguous(tmp_path):
     (tmp_path / "preds.csv").write_text("file,p_covid,predicted\nx/a.png,0.9,covid\ny/a.png,0.1,noncovid\n")
     labels = write_labels(tmp_path / "l.csv", {"a.png": "covid"})
-    with pytest.raises(LabelError, match="several rows name the same case"):
+    with pytest.raises(LabelError, match="several rows name the same case.*'x/a.png' and 'y/a.png' both match"):
         evaluate(tmp_path / "preds.csv", labels, tmp_path / "out", FAST)
     assert not (tmp_path / "out").exists()
+
+
+SLICE_HEADER = "file,p_covid,predicted,status,error,model,weights_sha256,threshold\n"
+DOTTED = ["2020.02.22.20024927-p17-73%1.png", "2020.03.01.20029769-p21-73_1.png", "12.png", "2020.02.10-p5.jpg"]
+
+
+def _slice_preds(path: Path, root: str, threshold: str = "0.6", ps=(0.9, 0.55, 0.3, 0.65)) -> Path:
+    # as predict-slice writes it: absolute paths, one model and threshold on every row
+    folders = ("CT_COVID", "CT_COVID", "CT_NonCOVID", "CT_NonCOVID")
+    path.write_text(SLICE_HEADER + "".join(
+        f"{root}/{d}/{n},{p},{'covid' if p >= float(threshold) else 'noncovid'},ok,,m,{'a' * 64},{threshold}\n"
+        for d, n, p in zip(folders, DOTTED, ps)))
+    return path
+
+
+@pytest.mark.parametrize("ids", [
+    ["CT_COVID/" + DOTTED[0], "CT_COVID/" + DOTTED[1], "CT_NonCOVID/" + DOTTED[2], "CT_NonCOVID/" + DOTTED[3]],
+    ["ucsd/CT_COVID/" + DOTTED[0], "ucsd/CT_COVID/" + DOTTED[1], "ucsd/CT_NonCOVID/12.png", "ucsd/CT_NonCOVID/"
+     + DOTTED[3]],
+    DOTTED,
+    [n.rsplit(".", 1)[0] for n in DOTTED],  # names without extension, dots kept
+], ids=["relative-path", "other-root", "file-name", "no-extension"])
+def test_ucsd_file_label_csv_matched_as_written(tmp_path, ids):
+    preds = _slice_preds(tmp_path / "preds.csv", "/data/covid-ct-2d")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("file,label\n" + "".join(f"{i},{lab}\n" for i, lab in zip(ids, (1, 1, 0, 0))))
+    result = evaluate(preds, labels, tmp_path / "out", FAST)
+    assert result["threshold"] == 0.6 and "threshold column of preds.csv" in result["threshold_source"]
+    # 0.9, 0.55 | 0.3, 0.65 at 0.6: TP 1, FN 1, TN 1, FP 1 (at the argmax 0.5 it would be TP 2, FP 1)
+    assert result["two_class"]["confusion_matrix"]["matrix"] == [[1, 1], [1, 1]]
+    assert result["inputs"]["model"] == "m" and result["inputs"]["weights_sha256"] == "a" * 64
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "p_covid >= 0.6 (the threshold column of preds.csv)" in report and "Model: `m`" in report
+
+
+def test_given_threshold_overrides_the_files(tmp_path):
+    preds = _slice_preds(tmp_path / "preds.csv", "/data")
+    labels = write_labels(tmp_path / "l.csv", dict(zip(DOTTED, ("covid", "covid", "noncovid", "noncovid"))), "file")
+    result = evaluate(preds, labels, tmp_path / "out", EvaluateConfig(n_bootstrap=200, threshold=0.5))
+    assert result["threshold"] == 0.5 and "not the file's 0.6" in result["threshold_source"]
+    assert result["two_class"]["confusion_matrix"]["matrix"] == [[1, 1], [0, 2]]
+
+
+def test_file_matched_equally_by_two_labels_is_an_error_naming_both(tmp_path):
+    (tmp_path / "preds.csv").write_text("file,p_covid\n/d/z/a.png,0.9\n")
+    labels = write_labels(tmp_path / "l.csv", {"x/a.png": "covid", "y/a.png": "noncovid"}, "file")
+    with pytest.raises(LabelError, match=r"'/d/z/a.png' matches both 'x/a.png' and 'y/a.png'"):
+        evaluate(tmp_path / "preds.csv", labels, tmp_path / "out", FAST)
+    # the longer shared path decides when there is one
+    (tmp_path / "preds.csv").write_text("file,p_covid\n/d/x/a.png,0.9\n/d/y/a.png,0.2\n")
+    keys = match_case_ids(["/d/x/a.png", "/d/y/a.png"], {"x/a.png": "covid", "y/a.png": "noncovid"}, "p", "l",
+                          allow_file_names=True)
+    assert keys == ["x/a.png", "y/a.png"]
+
+
+@pytest.mark.parametrize("cells, match", [
+    (("0.6", "0.5"), r"threshold differs between rows \('0.6' on row 2, '0.5' on row 3\)"),
+    (("1.5", "1.5"), "threshold = 1.5 is outside"),
+    (("high", "high"), "threshold = 'high' is not a number"),
+], ids=["two-thresholds", "above-1", "not-a-number"])
+def test_bad_threshold_column(tmp_path, cells, match):
+    (tmp_path / "preds.csv").write_text("file,p_covid,threshold\na.png,0.9," + cells[0] + "\nb.png,0.2," + cells[1]
+                                        + "\n")
+    with pytest.raises(InputError, match=match):
+        read_predictions(tmp_path / "preds.csv")
 
 
 def test_evaluate_writes_the_report_folder(hand_case, tmp_path):
