@@ -142,14 +142,14 @@ def test_slice_model_export_and_predict_slice_backends_agree(ucsd_root, tmp_path
     images = [str(r.path) for r in ucsd_records(ucsd_root, "val")[:3]]
     probs = {}
     for backend, model in (("torch", "slice"), ("onnx", "slice-onnx")):
-        out = tmp_path / f"{backend}.csv"
+        out = tmp_path / f"{backend}-preds"
         result = CliRunner().invoke(cli, ["predict-slice", *images, "--model", str(tmp_path / model), "-o", str(out),
                                           "--backend", backend, "--device", "cpu"])
         assert result.exit_code == 0, result.output
-        with out.open(newline="") as fh:
+        with (out / "preds.csv").open(newline="") as fh:
             probs[backend] = np.array([float(r["p_covid"]) for r in csv.DictReader(fh)])
     assert probs["torch"].shape == (3,)
     np.testing.assert_allclose(probs["onnx"], probs["torch"], atol=1e-4, rtol=0)
     result = CliRunner().invoke(cli, ["predict-slice", images[0], "--model", str(tmp_path / "slice-onnx"),
-                                      "-o", str(tmp_path / "cam.csv"), "--backend", "onnx", "--cam", str(tmp_path)])
+                                      "-o", str(tmp_path / "cam-preds"), "--backend", "onnx", "--cam", str(tmp_path)])
     assert result.exit_code == 2 and "--cam needs gradients" in result.output

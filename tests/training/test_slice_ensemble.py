@@ -34,8 +34,8 @@ def members(mini_ucsd, tmp_path_factory):
     return dirs
 
 
-def _scores(csv_path):
-    return {r["file"]: float(r["p_covid"]) for r in csv.DictReader(csv_path.open())}
+def _scores(out_dir):
+    return {r["file"]: float(r["p_covid"]) for r in csv.DictReader((out_dir / "preds.csv").open())}
 
 
 def test_ensemble_is_the_mean_of_its_members(members, mini_ucsd, tmp_path):
@@ -50,9 +50,9 @@ def test_ensemble_is_the_mean_of_its_members(members, mini_ucsd, tmp_path):
     scores = {}
     for name, model in (("a", members[0]), ("b", members[1]), ("ens", out)):
         res = CliRunner().invoke(cli, ["predict-slice", str(images), "--model", str(model), "-o",
-                                       str(tmp_path / f"{name}.csv"), "--device", "cpu"])
+                                       str(tmp_path / f"{name}-preds"), "--device", "cpu"])
         assert res.exit_code == 0, res.output
-        scores[name] = _scores(tmp_path / f"{name}.csv")
+        scores[name] = _scores(tmp_path / f"{name}-preds")
     assert len(scores["ens"]) == 14
     for f, p in scores["ens"].items():
         assert p == pytest.approx((scores["a"][f] + scores["b"][f]) / 2, abs=1e-5)
@@ -62,7 +62,7 @@ def test_ensemble_is_the_mean_of_its_members(members, mini_ucsd, tmp_path):
     assert len(preds) == 12 and {p["label"] for p in preds} == {"covid", "noncovid"}
     # Grad-CAM through all members
     res = CliRunner().invoke(cli, ["predict-slice", str(next(images.iterdir())), "--model", str(out), "-o",
-                                   str(tmp_path / "cam.csv"), "--cam", str(tmp_path / "cams"), "--device", "cpu"])
+                                   str(tmp_path / "cam-preds"), "--cam", str(tmp_path / "cams"), "--device", "cpu"])
     assert res.exit_code == 0, res.output
     assert len(list((tmp_path / "cams").glob("*_cam.png"))) == 1
 
@@ -73,9 +73,9 @@ def test_ensemble_exports_to_onnx(members, mini_ucsd, tmp_path):
     images = mini_ucsd / "CT_NonCOVID"
     for backend, model in (("torch", ens), ("onnx", onnx_dir)):
         res = CliRunner().invoke(cli, ["predict-slice", str(images), "--model", str(model), "-o",
-                                       str(tmp_path / f"{backend}.csv"), "--backend", backend, "--device", "cpu"])
+                                       str(tmp_path / backend), "--backend", backend, "--device", "cpu"])
         assert res.exit_code == 0, res.output
-    torch_p, onnx_p = _scores(tmp_path / "torch.csv"), _scores(tmp_path / "onnx.csv")
+    torch_p, onnx_p = _scores(tmp_path / "torch"), _scores(tmp_path / "onnx")
     np.testing.assert_allclose([onnx_p[f] for f in torch_p], list(torch_p.values()), atol=1e-4)
 
 
@@ -95,9 +95,9 @@ def test_threshold_chosen_on_validation(members, mini_ucsd, tmp_path):
     assert "Youden" in (out / "MODEL_CARD.md").read_text()
     # predict-slice applies the ensemble's own threshold
     res = CliRunner().invoke(cli, ["predict-slice", str(mini_ucsd / "CT_NonCOVID"), "--model", str(out), "-o",
-                                   str(tmp_path / "p.csv"), "--device", "cpu"])
+                                   str(tmp_path / "p"), "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    rows = list(csv.DictReader((tmp_path / "p.csv").open()))
+    rows = list(csv.DictReader((tmp_path / "p" / "preds.csv").open()))
     assert rows and all((r["predicted"] == "covid") == (float(r["p_covid"]) >= t) for r in rows)
     for args, message in ((["--threshold", "youden"], "give --data"), (["--threshold", "1.5"], "(0, 1)"),
                           (["--threshold", "high"], "'youden'")):
