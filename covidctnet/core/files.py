@@ -8,6 +8,7 @@ import hashlib
 import io
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -54,7 +55,6 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder next to ``path``; on success it replaces ``path`` (0755 folder, 0644 files), on
     failure it is removed. The ``.tmp`` suffix lets :func:`remove_stale_temps` clean up after a killed run."""
-    import shutil
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -83,8 +83,6 @@ def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
     Returns:
         The paths removed.
     """
-    import shutil
-
     stale = sorted(Path(folder).glob(".*.tmp*")) if Path(folder).is_dir() else []
     for path in stale:
         if path.is_dir():

@@ -7,6 +7,8 @@ import sys
 from collections.abc import Iterable
 from typing import TypeVar
 
+from rich.progress import track
+
 __all__ = ["progress"]
 
 T = TypeVar("T")
@@ -18,6 +20,5 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "", enabl
         enabled = sys.stderr.isatty() and os.environ.get("COVIDCTNET_NO_PROGRESS") != "1"
     if not enabled:
         return items
-    from rich.progress import track
 
     return track(items, total=total, description=desc, transient=False)

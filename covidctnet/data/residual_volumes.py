@@ -29,8 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
+from monai.transforms import Compose, RandAffine, RandFlip
 from torch.utils.data import Dataset
 
 from covidctnet.core.errors import InputError, LabelError, NonFiniteError, ShapeError, SplitError, UnreadableFileError
@@ -104,8 +106,6 @@ def read_residual(path: str | os.PathLike, expected_shape: Sequence[int] | None 
         ShapeError: not 3-D, not RAS-oriented, or not ``expected_shape``.
         NonFiniteError: NaN or infinite voxels.
     """
-    import nibabel as nib
-
     path = Path(path)
     try:
         img = nib.load(str(path))
@@ -143,6 +143,7 @@ class ResidualRecord:
         label: class index (0 control, 1 covid, 2 cap).
         patient_id: patient the study belongs to (the study id unless the labels CSV says otherwise).
     """
+
     study_id: str
     path: Path
     label: int
@@ -277,8 +278,6 @@ def build_augmentation(
     Returns:
         a ``monai.transforms.Compose``; seed it with ``set_random_state`` before each call.
     """
-    from monai.transforms import Compose, RandAffine, RandFlip
-
     translate = None
     if translate_frac > 0 and size is not None:
         translate = tuple(float(translate_frac * s) for s in size)
@@ -311,6 +310,7 @@ class ResidualVolumeDataset(Dataset):
         cache: keep volumes in memory after the first read (``4 · depth · size_xy²`` bytes each, 11.5 MB at the
             default 50×240×240); turn off for large sets.
     """
+
     def __init__(
         self,
         records: Sequence[ResidualRecord],

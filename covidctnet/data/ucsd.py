@@ -26,6 +26,7 @@ whether the run was resumed.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -33,6 +34,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    ConcatItemsd,
+    DeleteItemsd,
+    EnsureTyped,
+    NormalizeIntensityd,
+    RandAdjustContrastd,
+    RandFlipd,
+    RandRotated,
+    RandScaleCropd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    Resized,
+    ToTensord,
+)
+from PIL import Image, UnidentifiedImageError
+from skimage.transform import resize
 
 from covidctnet.core.errors import LabelError, SplitError, UnreadableFileError
 from covidctnet.core.labels import normalize_any_label
@@ -208,8 +227,6 @@ def load_grey(path: str | os.PathLike) -> np.ndarray:
     Raises:
         UnreadableFileError: missing, empty, truncated or not an image.
     """
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     try:
         with Image.open(path) as im:
@@ -244,8 +261,6 @@ def load_grey(path: str | os.PathLike) -> np.ndarray:
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     """Resize (H, W) to (size, size) with anti-aliasing (the aspect ratio is not kept, as in the reference code)."""
-    from skimage.transform import resize
-
     if image.shape == (size, size):
         return image.astype(np.float32)
     return resize(image, (size, size), order=1, anti_aliasing=image.shape[0] > size or image.shape[1] > size,
@@ -279,24 +294,6 @@ def build_slice_transforms(
     image and mask. Both paths end with a per-image z-score of the image (the published figures have arbitrary
     windows) and, with ``lung_mask``, the mask as the second channel.
     """
-    import math
-
-    from monai.transforms import (
-        Compose,
-        ConcatItemsd,
-        DeleteItemsd,
-        EnsureTyped,
-        NormalizeIntensityd,
-        RandAdjustContrastd,
-        RandFlipd,
-        RandRotated,
-        RandScaleCropd,
-        RandScaleIntensityd,
-        RandShiftIntensityd,
-        Resized,
-        ToTensord,
-    )
-
     keys = ["image", "mask"] if lung_mask else ["image"]
     modes = ["bilinear", "nearest"] if lung_mask else ["bilinear"]
     # tensors from the start, so that every key has the same type whichever random branches fire (ConcatItemsd needs it)
@@ -337,6 +334,7 @@ class SliceDataset:
 
     ``dataset[i]`` is ``{"image": (C, size, size) float32 tensor, "label": int64 tensor, "index": i}``.
     """
+
     def __init__(
         self,
         records: Sequence[SliceRecord],
@@ -373,9 +371,6 @@ class SliceDataset:
         return len(self.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        import torch
-
-
         arr = self.cache[index]
         item = {"image": arr[:1]}
         if self.lung_mask:

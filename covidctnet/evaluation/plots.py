@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 from covidctnet.core.files import atomic_path
 
@@ -45,6 +47,7 @@ class RocCurve:
         style: matplotlib line style (``"-"``, ``"--"`` …).
         color: matplotlib colour; ``None`` takes ``"C<i>"`` for the i-th curve.
     """
+
     fpr: Sequence[float] | np.ndarray
     tpr: Sequence[float] | np.ndarray
     label: str
@@ -67,6 +70,7 @@ class OperatingPoint:
         marker: matplotlib marker (``"o"``, ``"s"``, ``"^"`` …).
         color: matplotlib colour; ``None`` takes the next colour after the curves' (``"C0"`` matches the first curve).
     """
+
     fpr: float
     tpr: float
     label: str
@@ -76,9 +80,6 @@ class OperatingPoint:
 
 def new_figure(figsize: tuple[float, float] = (5.5, 5.0)) -> Any:
     """A fresh Agg-backed figure that no global state refers to (garbage-collected when dropped)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=figsize, layout="constrained")
     FigureCanvasAgg(fig)
     return fig

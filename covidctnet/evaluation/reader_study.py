@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.stats import norm
 
 from covidctnet.core.config import config_to_dict, save_config
 from covidctnet.core.errors import ConfigError, InputError, LabelError
@@ -85,6 +86,7 @@ class ReaderStudyConfig:
         seed: seed of the bootstrap's ``numpy.random.default_rng``.
         prob_tolerance: how far the model's three probabilities may sum from 1.
     """
+
     threshold: float | None = None
     ci_level: float = 0.95
     n_bootstrap: int = 2000
@@ -105,6 +107,7 @@ class ReaderReads:
         labels: ``{case id: label}``, labels in {control, covid, cap} or {covid, noncovid}.
         scores: ``{case id: COVID-19 confidence}`` when the CSV has a ``score`` column, else ``None``.
     """
+
     name: str
     path: Path
     labels: dict[str, str]
@@ -188,7 +191,6 @@ class _Rater:
 
 
 def _rater_metrics(r: _Rater, y: np.ndarray, truth3: np.ndarray | None, level: float) -> dict[str, Any]:
-
     n = int(y.size)
     correct2 = r.call == y
     row: dict[str, Any] = {
@@ -215,7 +217,6 @@ def _reader_average(
     readers: Sequence[_Rater], y: np.ndarray, truth3: np.ndarray | None, strata: np.ndarray, cfg: ReaderStudyConfig
 ) -> dict[str, Any]:
     """Mean of the readers' metrics; CIs by a stratified case bootstrap, the AUC's by DeLong (mean of the AUCs)."""
-
     level, n = cfg.ci_level, int(y.size)
     correct2 = np.stack([r.call == y for r in readers]).astype(np.float64)  # (R, N)
     calls = np.stack([r.call for r in readers]).astype(np.float64)
@@ -263,7 +264,6 @@ def _reader_average(
         aucs, cov = delong_covariance(y.astype(int), scores)
         c = np.full(len(readers), 1.0 / len(readers))
         mean_auc, se = float(c @ aucs), math.sqrt(max(float(c @ cov @ c), 0.0))
-        from scipy.stats import norm
 
         half = float(norm.ppf(0.5 + level / 2.0)) * se
         row["auc"] = Estimate(
@@ -382,7 +382,6 @@ def _paired_tests(
 
 
 def _agreement(readers: Sequence[_Rater]) -> dict[str, Any]:
-
     pairs = []
     for i in range(len(readers)):
         for j in range(i + 1, len(readers)):

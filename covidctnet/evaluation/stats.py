@@ -21,6 +21,10 @@ from typing import Any
 
 import numpy as np
 from scipy.stats import norm, rankdata
+from sklearn.metrics import cohen_kappa_score
+from statsmodels.stats.contingency_tables import mcnemar
+from statsmodels.stats.inter_rater import fleiss_kappa as sm_fleiss_kappa
+from statsmodels.stats.proportion import proportion_confint
 
 from covidctnet.core.files import to_jsonable
 
@@ -60,6 +64,7 @@ class Estimate:
         k, n: numerator and denominator for proportions (``None`` otherwise).
         level: confidence level of the interval (0.95 for 95%).
     """
+
     value: float | None
     ci_low: float | None
     ci_high: float | None
@@ -84,6 +89,7 @@ class DeLongTest:
         z: ``estimate / se`` (``±inf`` when ``se`` is 0 and the estimate is not; 0 when both are 0).
         p_value: two-sided p-value, ``2 * (1 - Phi(|z|))``.
     """
+
     aucs: tuple[float, ...]
     estimate: float
     se: float
@@ -103,6 +109,7 @@ class McNemarResult:
         c: cases where only the second rater is correct.
         p_value: exact two-sided p-value (binomial, p = 0.5, on the ``b + c`` discordant pairs).
     """
+
     b: int
     c: int
     p_value: float
@@ -132,8 +139,6 @@ def wilson_ci(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     Returns:
         ``(low, high)`` in [0, 1].
     """
-    from statsmodels.stats.proportion import proportion_confint
-
     if n <= 0 or not 0 <= k <= n:
         raise ValueError(f"need 0 <= k <= n and n > 0, not k={k}, n={n}")
     low, high = proportion_confint(int(k), int(n), alpha=1.0 - level, method="wilson")
@@ -352,6 +357,7 @@ class WeightedAuc:
     pairwise kernel ``psi`` of the original sample (1, 1/2, 0). Precomputing ``psi`` once makes each replicate a
     matrix-vector product instead of a re-ranking; above ``max_pairs`` pairs it falls back to ranking the resample.
     """
+
     def __init__(self, y: np.ndarray, s: np.ndarray, max_pairs: int = 4_000_000) -> None:
         self.y = np.asarray(y, dtype=bool)
         self.s = np.asarray(s, dtype=np.float64)
@@ -458,8 +464,6 @@ def mcnemar_exact(correct_a: Sequence[bool] | np.ndarray, correct_b: Sequence[bo
     Args:
         correct_a, correct_b: (N,) booleans, True where the rater is right.
     """
-    from statsmodels.stats.contingency_tables import mcnemar
-
     a = np.asarray(correct_a, dtype=bool)
     b_ = np.asarray(correct_b, dtype=bool)
     if a.shape != b_.shape or a.ndim != 1:
@@ -515,8 +519,6 @@ def cohen_kappa(
 
     Returns ``None`` when kappa is undefined (both raters give one and the same class to every case: 0 / 0).
     """
-    from sklearn.metrics import cohen_kappa_score
-
     a, b = list(labels_a), list(labels_b)
     expected = _expected_agreement(a, b)
     if expected >= 1.0 - 1e-12:
@@ -544,8 +546,6 @@ def fleiss_kappa(
     Returns:
         kappa, or ``None`` when undefined (every rating is the same class).
     """
-    from statsmodels.stats.inter_rater import fleiss_kappa as sm_fleiss_kappa
-
     arr = np.asarray(ratings, dtype=object)
     if arr.ndim != 2 or arr.shape[1] < 2:
         raise ValueError(f"ratings must be (cases, raters) with at least 2 raters, not shape {arr.shape}")

@@ -24,6 +24,7 @@ converts.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -33,6 +34,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
+import yaml
+from skimage.transform import resize
 
 from covidctnet.core.config import load_config
 from covidctnet.core.device import resolve_device
@@ -89,6 +93,7 @@ class ResidualGrid:
         depth: slices of the residual stack after resampling along z (official 50).
         size_xy: in-plane size of the residual stack (voxels); 240 by default, 128 for the official CNN.
     """
+
     depth: int = 50
     size_xy: int = 240
 
@@ -174,8 +179,6 @@ def _check_precision(precision: str, device: Any) -> None:
     Raises:
         ConfigError: ``precision`` is not one of :data:`PRECISIONS`.
     """
-    import torch
-
     if precision not in PRECISIONS:
         raise ConfigError(f"'precision' must be one of {list(PRECISIONS)}, not {precision!r}")
     if precision != "bf16":
@@ -189,10 +192,6 @@ def _check_precision(precision: str, device: Any) -> None:
 
 
 def _autocast(precision: str, device: Any) -> Any:
-    import contextlib
-
-    import torch
-
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
@@ -229,9 +228,6 @@ def compute_residual(
         ShapeError: not 3-D, or the in-plane size is not the denoiser's.
         InputError: non-finite values or values outside [0, 1] (not preprocessed).
     """
-    import torch
-
-
     expected = model.size_xy if isinstance(model, Denoiser) else None
     net = model.model if isinstance(model, Denoiser) else model
     if device is None:
@@ -272,8 +268,6 @@ def resample_stack(array: np.ndarray, out_shape: tuple[int, int, int]) -> np.nda
     Returns:
         ``out_shape`` float32 (the input itself when the shape already matches).
     """
-    from skimage.transform import resize
-
     if tuple(array.shape) == tuple(out_shape):
         return np.asarray(array, dtype=np.float32)
     return resize(array, out_shape, order=1, mode="reflect", anti_aliasing=True, preserve_range=True).astype(
@@ -319,7 +313,6 @@ def residual_study(study: Study, out_dir: Path, denoiser: str, depth: int, size:
 
 
 def _preprocessed_studies(folder: Path) -> list[Study]:
-
     rows = read_manifest(folder / "manifest.csv")
     if rows:
         studies = [Study(r["study_id"], folder / r["output"], r["output"], r.get("label") or None)
@@ -333,8 +326,6 @@ def _preprocessed_studies(folder: Path) -> list[Study]:
 
 def _check_preprocess_match(folder: Path, den: Denoiser) -> dict[str, Any]:
     """Compare the folder's ``preprocess.yaml`` with what the denoiser was trained on; refuse a mismatch."""
-    import yaml
-
     path = folder / "preprocess.yaml"
     if not path.is_file():
         logger.warning("%s missing: cannot check the preprocessing against the denoiser's; checking sizes only", path)
@@ -394,9 +385,6 @@ def compute_residuals(
         ModelDirError: the denoiser cannot be loaded.
         InputError: ``preprocessed`` is not a preprocessed folder.
     """
-    import yaml
-
-
     preprocessed, out_dir = Path(preprocessed), Path(out_dir)
     if not preprocessed.is_dir():
         raise InputError(f"{preprocessed}: no such folder; PREPROCESSED must be an output folder of "

@@ -20,6 +20,7 @@ the original BCDU-Net (``features=64``) D3 20,659,717 and D1 8,861,189.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -60,6 +61,7 @@ class _DenseBottleneck(nn.Module):
     Dropout follows the Keras originals: in D3 after every block (``drop4_1``, the dropout on ``conv4_2``,
     ``drop4_3``); in D1 none on the path (the original's ``drop4_1`` is not connected to anything).
     """
+
     def __init__(self, in_ch: int, out_ch: int, dense_blocks: int, dropout: float) -> None:
         super().__init__()
         self.dense_blocks = dense_blocks
@@ -87,6 +89,7 @@ class _UpConvLSTM(nn.Module):
         bidirectional: a two-way ConvLSTM (output ``out_ch``) instead of Keras' backwards one (output ``out_ch // 2``).
         recurrent_activation: gate activation of the ConvLSTM.
     """
+
     def __init__(self, in_ch: int, out_ch: int, bidirectional: bool, recurrent_activation: str) -> None:
         super().__init__()
         self.up = nn.Sequential(
@@ -145,6 +148,7 @@ class BCDUNet(nn.Module):
         >>> BCDUNet(features=64, dense_blocks=1)  # original BCDU-Net D1 # doctest: +ELLIPSIS
         BCDUNet(...)
     """
+
     def __init__(
         self,
         in_channels: int = 1,
@@ -207,8 +211,6 @@ class BCDUNet(nn.Module):
         Raises:
             ConfigError: an unknown key, or a value the model does not accept.
         """
-        import inspect
-
         valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
         unknown = sorted(set(config) - set(valid))
         if unknown:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
+from monai.networks import nets
 
 from covidctnet.core.errors import ConfigError, ShapeError
 from covidctnet.core.files import to_jsonable
@@ -85,6 +86,7 @@ class CovidCTNet3D(nn.Module):
         >>> net(torch.zeros(2, 1, 50, 128, 128)).shape
         torch.Size([2, 3])
     """
+
     def __init__(
         self,
         in_channels: int = 1,
@@ -192,8 +194,6 @@ def _check_densenet_size(arch: str, input_size: Sequence[int] | None) -> None:
 
 def _build_densenet(name: str) -> Callable[..., nn.Module]:
     def build(in_channels: int, num_classes: int, input_size: Sequence[int] | None, **kwargs: Any) -> nn.Module:
-        from monai.networks import nets
-
         _check_densenet_size(name, input_size)
         if kwargs.get("pretrained"):
             raise ConfigError(f"{name}: pretrained=True downloads 2D ImageNet weights; not supported for 3D volumes")
@@ -206,8 +206,6 @@ def _build_densenet(name: str) -> Callable[..., nn.Module]:
 
 def _build_resnet(name: str) -> Callable[..., nn.Module]:
     def build(in_channels: int, num_classes: int, input_size: Sequence[int] | None, **kwargs: Any) -> nn.Module:
-        from monai.networks import nets
-
         if kwargs.get("pretrained"):
             raise ConfigError(f"{name}: pretrained=True downloads weights; not supported (runs must work offline)")
         return getattr(nets, name)(spatial_dims=3, n_input_channels=in_channels, num_classes=num_classes, **kwargs)

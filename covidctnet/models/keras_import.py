@@ -7,6 +7,7 @@ numeric parity against a reference forward pass. h5py is an optional dependency 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -14,6 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
 
 from covidctnet.core.checkpoint import load_checkpoint
 from covidctnet.core.config import config_to_dict, validate_config
@@ -106,9 +112,6 @@ def _keras_bcdunet_layers(weights: Mapping[str, Sequence[np.ndarray]]) -> dict[s
 
 def _torch_bcdunet_layers(model: Any) -> dict[str, list[tuple[str, Any]]]:
     """The BCDUNet's layers by kind, in registration order (the order of the Keras graph)."""
-    from torch import nn
-
-
     kinds: dict[str, list[tuple[str, Any]]] = {k: [] for k in _BCDUNET_KINDS}
     lstm_prefixes: list[str] = []
     for name, m in model.named_modules():
@@ -152,8 +155,6 @@ def bcdunet_state_dict_from_keras(path_or_weights: Any, model: Any) -> dict[str,
     Raises:
         CheckpointError: the file is not a BCDU-Net of this configuration (layer counts or shapes differ).
     """
-    import torch
-
     keras = _keras_bcdunet_layers(_as_keras_weights(path_or_weights))
     ours = _torch_bcdunet_layers(model)
     counts_k = {k: len(v) for k, v in keras.items()}
@@ -300,9 +301,6 @@ def cnn3d_state_dict_from_keras(path_or_weights: Any) -> dict[str, Any]:
     Raises:
         CheckpointError: unreadable file, or weights of another architecture (the first differing layer is named).
     """
-    import torch
-
-
     where = str(path_or_weights) if isinstance(path_or_weights, (str, os.PathLike)) else "Keras weights"
     weights = _as_keras_weights(path_or_weights)
     model = CovidCTNet3D(input_size=CNN3D_KERAS_INPUT_SIZE)  # only its shapes are used
@@ -346,9 +344,6 @@ def _denoiser_profile(config: Mapping[str, Any]) -> str | None:
 
 def _check_bcdunet_fits(entry: Mapping[str, Any], state: Mapping[str, Any], where: str) -> None:
     """Refuse a ``bcdunet`` denoiser whose weights do not fit the architecture its kwargs describe."""
-    import torch
-
-
     try:
         with torch.device("meta"):  # shapes only: no memory, no (slow) initialisation
             net = BCDUNet.from_config(entry.get("kwargs") or {})
@@ -478,8 +473,6 @@ def _read_raw_denoiser(weights_path: Path) -> dict[str, Any]:
             return dict(load_checkpoint(weights_path)["model"])
         except CheckpointError as err:
             raise ModelDirError(str(err)) from err
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     try:
         return load_file(str(weights_path))
@@ -494,10 +487,6 @@ def _run_bcdunet_kwargs(run_cfg_path: Path) -> dict[str, Any]:
     Raises:
         ModelDirError: the file is not valid YAML.
     """
-    import inspect
-
-    import yaml
-
     kwargs: dict[str, Any] = {}
     if run_cfg_path.is_file():
         try:

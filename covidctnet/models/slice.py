@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+from monai.networks import nets
 from torch import nn
 
 from covidctnet.core.errors import CheckpointError, ConfigError
@@ -64,8 +65,6 @@ def build_slice_model(
         >>> model(torch.zeros(1, 2, 128, 128)).shape
         torch.Size([1, 2])
     """
-    from monai.networks import nets
-
     if arch not in SLICE_ARCHS:
         raise ConfigError(f"arch must be one of {list(SLICE_ARCHS)}, not {arch!r}")
     if pretrained:
@@ -161,6 +160,7 @@ class SliceEnsemble(nn.Module):
     Args:
         members: the networks (eval mode is set on the ensemble as a whole).
     """
+
     def __init__(self, members: list[nn.Module]) -> None:
         super().__init__()
         if len(members) < 2:

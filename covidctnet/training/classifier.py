@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from torch import nn
 
 from covidctnet.core.errors import CheckpointError, ConfigError, CovidCTNetError, SplitError
@@ -96,6 +98,7 @@ class ClassifierConfig:
         cache: keep the residual volumes in memory after their first read.
         steps_per_epoch: cap on optimiser steps per epoch (null: one pass over the training set).
     """
+
     depth: int = 50
     size_xy: int = 240
     arch: str = "covidctnet3d"
@@ -183,8 +186,6 @@ def classifier_metrics(labels: Sequence[int] | np.ndarray, probs: np.ndarray) ->
         the mean over present classes c of AUC(p_c; c vs rest); equals scikit-learn's macro OvR AUC when all three are
         present; NaN with fewer than two classes), ``auc_per_class`` ({name: AUC or NaN}), ``classes_present``, ``n``.
     """
-    from sklearn.metrics import roc_auc_score
-
     y = np.asarray(labels, dtype=np.int64)
     p = np.asarray(probs, dtype=np.float64)
     present = sorted(int(c) for c in np.unique(y))
@@ -286,9 +287,6 @@ def _counts(records: Sequence[Any]) -> dict[str, int]:
 
 
 def _write_val_outputs(run_dir: Path, records: Sequence[Any], probs: np.ndarray, metrics: dict[str, Any]) -> None:
-    from sklearn.metrics import confusion_matrix, roc_curve
-
-
     y = np.array([r.label for r in records], dtype=np.int64)
     write_csv(run_dir / "val_preds.csv",
               ["study_id", "patient_id", "label", "p_control", "p_covid", "p_cap", "predicted"],
@@ -389,8 +387,6 @@ def _residuals_info(residuals_dir: str | os.PathLike, cfg: ClassifierConfig) -> 
     Raises:
         ConfigError: the residuals were made on another grid than the config's ``depth`` / ``size_xy``.
     """
-    import yaml
-
     path = Path(residuals_dir) / "residuals.yaml"
     if not path.is_file():
         return None
@@ -581,7 +577,6 @@ def _finish(trainer: Any, result: Any, cfg: ClassifierConfig, data: PreparedData
             residuals_dir: str | os.PathLike, info: dict[str, Any] | None,
             command: str | None) -> tuple[ModelExport, RunResult]:
     """Rank 0 after training: validation outputs of the best epoch, and what to write as the model directory."""
-
     run_dir = trainer.run_dir
     best_state = trainer.best_state_dict()
     best = build_classifier(cfg.arch, in_channels=1, num_classes=len(CLASS_NAMES), input_size=cfg.input_size)

@@ -34,10 +34,12 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import yaml
+from monai.metrics import PSNRMetric, SSIMMetric
 from torch import nn
 
 from covidctnet.core.errors import ConfigError, InputError, ShapeError
-from covidctnet.core.files import atomic_path, atomic_write_text
+from covidctnet.core.files import atomic_write_text
 from covidctnet.core.seeding import seed_everything
 from covidctnet.data.control_slices import (
     ControlSliceDataset,
@@ -47,6 +49,7 @@ from covidctnet.data.control_slices import (
     select_control_studies,
     split_control_slices,
 )
+from covidctnet.evaluation.plots import new_figure, save_figure
 from covidctnet.models.registry import DENOISER_COMPONENT, build_denoiser
 from covidctnet.training.trainer import ModelExport, RunResult, Trainer, distributed_context
 
@@ -98,6 +101,7 @@ class DenoiserConfig:
         val_batch_size: slices per forward pass during validation.
         sample_png: write ``samples/epoch_NNN.png`` every epoch.
     """
+
     features: int = 32
     dense_blocks: int = 3
     bidirectional: bool = False
@@ -189,8 +193,6 @@ def read_preprocess_settings(data_dir: str | os.PathLike) -> dict[str, Any]:
     Raises:
         InputError: the file is missing or not a YAML mapping with ``size_xy``.
     """
-    import yaml
-
     path = Path(data_dir) / "preprocess.yaml"
     try:
         settings = yaml.safe_load(path.read_text())
@@ -222,8 +224,6 @@ def denoiser_loss(name: str, output: torch.Tensor, target: torch.Tensor) -> torc
 
 def _metric_means(pred: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-slice PSNR (dB) and SSIM of ``pred`` against ``clean`` (``(B, 1, H, W)``, data range 1), shape (B,)."""
-    from monai.metrics import PSNRMetric, SSIMMetric
-
     psnr = PSNRMetric(max_val=1.0, reduction="none")(pred.float(), clean.float()).flatten()
     ssim = SSIMMetric(spatial_dims=2, data_range=1.0, reduction="none")(pred.float(), clean.float()).flatten()
     return psnr, ssim
@@ -231,13 +231,8 @@ def _metric_means(pred: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor
 
 def _save_sample_png(path: Path, rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray]], title: str) -> None:
     """One row per case: input, denoised, clean target, residual (input - denoised)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-
-    fig, axes = plt.subplots(len(rows), 4, figsize=(12, 3.2 * len(rows)), squeeze=False)
+    fig = new_figure((12, 3.2 * len(rows)))
+    axes = fig.subplots(len(rows), 4, squeeze=False)
     for r, (name, inp, den, clean) in enumerate(rows):
         residual = inp - den
         lim = max(float(np.abs(residual).max()), 1e-6)
@@ -253,10 +248,7 @@ def _save_sample_png(path: Path, rows: Sequence[tuple[str, np.ndarray, np.ndarra
             if c == 3:
                 fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=80)
 
 
 def _model_card(cfg: DenoiserConfig, data_dir: Path, split: dict[str, Any], val: Mapping[str, float],
@@ -338,8 +330,6 @@ def _prepare_data(data_dir: Path, run_dir: Path, cfg: DenoiserConfig, labels: st
 
     A resumed run reuses the studies recorded in ``data.yaml`` and refuses data that now splits differently.
     """
-    import yaml
-
     ctx = distributed_context()
     preprocess = read_preprocess_settings(data_dir)
     size = int(preprocess["size_xy"])

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from sklearn.metrics import confusion_matrix, f1_score, roc_auc_score, roc_curve
 from torch import nn
 
 from covidctnet.core.errors import ConfigError, SplitError
@@ -105,6 +106,7 @@ class SliceTrainConfig:
         max_train_images: train on a stratified subset of this many images (quick runs; null: all).
         init: model directory whose encoder initialises the network (from ``pretrain-slice`` or ``train-slice``).
     """
+
     arch: Arch = "resnet18"
     width: float = 0.5
     dropout: float = 0.0
@@ -161,7 +163,6 @@ def _subset(records: list[Any], n: int | None, seed: int) -> list[Any]:
 
 
 def slice_datasets(data: str | os.PathLike, cfg: Any, train_aug: bool, with_val: bool = True) -> tuple[Any, Any]:
-
     train_records = _subset(find_records(data, "train"), cfg.max_train_images, cfg.seed)
     aug = build_slice_transforms(train_aug, cfg.size, cfg.lung_mask, cfg.crop_scale, cfg.rotate_degrees, cfg.flip,
                                  cfg.intensity)
@@ -196,8 +197,6 @@ def slice_metrics(labels: np.ndarray, p_covid: np.ndarray, threshold: float = 0.
     Returns:
         ``{"accuracy", "f1", "auc", "sensitivity", "specificity", "n"}``; AUC is NaN with a single class.
     """
-    from sklearn.metrics import f1_score, roc_auc_score
-
     labels = np.asarray(labels).astype(int)
     pred = (np.asarray(p_covid) >= threshold).astype(int)
     both = len(np.unique(labels)) == 2
@@ -321,8 +320,6 @@ def youden_threshold(labels: np.ndarray, p_covid: np.ndarray) -> float:
     Raises:
         ConfigError: a single class.
     """
-    from sklearn.metrics import roc_curve
-
     labels, p = np.asarray(labels).astype(int), np.asarray(p_covid, dtype=float)
     if len(np.unique(labels)) != 2:
         raise ConfigError("a threshold by Youden's J needs both classes among the labelled images")
@@ -338,9 +335,6 @@ def youden_threshold(labels: np.ndarray, p_covid: np.ndarray) -> float:
 
 
 def write_slice_val_outputs(run_dir: Path, dataset: Any, probs: np.ndarray, threshold: float) -> dict[str, float]:
-    from sklearn.metrics import confusion_matrix, roc_curve
-
-
     labels = dataset.labels
     p = probs[:, 1]
     metrics = slice_metrics(labels, p, threshold)

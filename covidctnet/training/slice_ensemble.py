@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -72,9 +73,6 @@ def ensemble_slice_models(
             threshold (``"youden"`` without ``data``).
         ModelDirError: a member is not a slice model directory.
     """
-    import tempfile
-
-
     if len(model_dirs) < 2:
         raise ConfigError(f"an ensemble needs at least 2 model directories, not {len(model_dirs)}")
     if threshold == "youden" and data is None:

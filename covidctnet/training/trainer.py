@@ -48,7 +48,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from covidctnet.core.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
@@ -173,6 +176,7 @@ class EpochSampler(Sampler[int]):
         num_samples: samples drawn per epoch over all ranks (default ``n``).
         world_size, rank: DDP position.
     """
+
     def __init__(
         self,
         n: int,
@@ -390,6 +394,7 @@ class Trainer:
         epoch_callback: ``(epoch, model, run_dir)`` run on rank 0 after validation, e.g. to write sample PNGs.
         show_progress: ``None`` shows a progress bar on an interactive terminal.
     """
+
     def __init__(
         self,
         model: nn.Module,
@@ -464,7 +469,6 @@ class Trainer:
         self.grad_clip = grad_clip
         self.ema: torch.optim.swa_utils.AveragedModel | None = None
         if ema_decay is not None:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
             # buffers too, so BatchNorm statistics match the averaged weights without an extra pass over the data
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
@@ -474,7 +478,6 @@ class Trainer:
         self.show_progress = show_progress
         self.ddp_model: nn.Module = self.model
         if self.ctx.enabled:
-            from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
@@ -737,7 +740,6 @@ class Trainer:
     def _save_config(self) -> None:
         if self.config is None:
             return
-        import yaml
 
 
         cfg = config_to_dict(self.config) if dataclasses.is_dataclass(self.config) else dict(self.config)
