@@ -15,7 +15,7 @@ from covidctnet.cli.options import device_option
               help="Slice model directory  [default: the model bundled with covidctnet].")
 # Not options.out_option: its click.Path(file_okay=False) turns an existing file into a multi-line usage error; the
 # library says it in one line instead (exit 2).
-@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path),
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path), metavar="DIRECTORY",
               help="Output folder: gets preds.csv (file, p_covid, predicted, status, error, model, weights_sha256, "
                    "threshold).")
 @click.option("--cam", "cam_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
