@@ -166,5 +166,5 @@ def test_walkthrough_notebook_runs(data_root, tmp_path, monkeypatch):
     assert "3 preprocessed, 0 failed" in text
     assert sum("image/png" in o.get("data", {}) for o in outputs) >= 5
     assert (tmp_path / "nb" / "predict" / "report.csv").is_file()
-    assert len((tmp_path / "nb" / "slices.csv").read_text().splitlines()) == 1 + 4  # the 2D branch's section
+    assert len((tmp_path / "nb" / "slices" / "preds.csv").read_text().splitlines()) == 1 + 4  # the 2D branch
     assert len(list((tmp_path / "nb" / "cams").glob("*_cam.png"))) == 4
