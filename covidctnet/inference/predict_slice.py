@@ -215,7 +215,7 @@ def predict_slices(
     provenance = [str(config.get("name", "")), weights_sha256, repr(thr)]
     rows: list[list[str]] = []
     cams: list[Path] = []
-    gradcam = None if cam_dir is None else _grad_cam(model, Path(cam_dir))
+    gradcam = None if cam_dir is None else _grad_cam(model)
     used_names: set[str] = set()
     for start in progress(range(0, len(files), batch_size), total=math.ceil(len(files) / batch_size),
                           desc="predict-slice"):
@@ -264,9 +264,9 @@ def _open_slice_model(
     return model, config, sha256_file(opened.md.path / "SHA256SUMS")
 
 
-def _grad_cam(model: nn.Module, cam_dir: Path | None = None) -> Any:
+def _grad_cam(model: nn.Module) -> Any:
     """MONAI's Grad-CAM of the model's log-odds of COVID-19 on its last feature layer(s), without MONAI's
-    post-processing; ``cam_dir`` (for the PNGs) is created when given.
+    post-processing.
 
     MONAI's default ``postprocessing`` maps each map's (min, max) to (1, 0): it inverts the map and rescales every
     image on its own. Identity keeps Grad-CAM's own values (ReLU of the gradient-weighted activations), which
@@ -278,11 +278,8 @@ def _grad_cam(model: nn.Module, cam_dir: Path | None = None) -> Any:
     # A new module starts in training mode, and MONAI's hooks restore the wrapper's mode after each map: left so, the
     # first map would switch the network to training mode (batch statistics, running means updated) for good.
     target.train(model.training)
-    gradcam = GradCAM(nn_module=target, target_layers=["net." + name for name in _cam_layers(model)],
-                      postprocessing=lambda m: m)
-    if cam_dir is not None:
-        cam_dir.mkdir(parents=True, exist_ok=True)
-    return gradcam
+    return GradCAM(nn_module=target, target_layers=["net." + name for name in _cam_layers(model)],
+                   postprocessing=lambda m: m)
 
 
 def _network_input(config: dict, arr: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -400,4 +397,5 @@ def _cam_for(gradcam: Any, model: nn.Module, config: dict, arr: np.ndarray, p: f
         k += 1
         name = f"{stem}_{k}_cam.png"
     used.add(name)
+    cam_dir.mkdir(parents=True, exist_ok=True)  # here, not up front: a run in which every image failed leaves nothing
     return _write_cam(cam_dir / name, prepared[0], cam, p, thr, f.name)

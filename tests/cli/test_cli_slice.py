@@ -136,11 +136,12 @@ def test_predict_slice_folder_and_cam(val_images, tmp_path):
 def test_predict_slice_errors(tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_text("nope")
-    result = CliRunner().invoke(cli, ["predict-slice", str(bad), "-o", str(tmp_path / "p")])
+    result = CliRunner().invoke(cli, ["predict-slice", str(bad), "-o", str(tmp_path / "p"), "--cam",
+                                      str(tmp_path / "cams")])
     assert result.exit_code == 2  # every image failed: one Error line naming it, and no output folder
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "bad.jpg" in errors[0] and "Traceback" not in result.output
-    assert not (tmp_path / "p").exists()
+    assert not (tmp_path / "p").exists() and not (tmp_path / "cams").exists()
     result = CliRunner().invoke(cli, ["predict-slice", str(bad), "-o", str(tmp_path / "q"), "--model",
                                       str(tmp_path)])
     assert result.exit_code == 2 and "Error:" in result.output and "config.yaml missing" in result.output
