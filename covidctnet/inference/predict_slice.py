@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from covidctnet.core.errors import ConfigError, CovidCTNetError, InputError, ModelDirError
-from covidctnet.core.files import sha256_file, write_csv
+from covidctnet.core.files import atomic_path, sha256_file, write_csv
 from covidctnet.core.labels import BINARY_CLASS_NAMES
 from covidctnet.core.progress import progress
 from covidctnet.data.ucsd import (
@@ -179,7 +179,8 @@ def predict_slices(
             ``weights_sha256`` (the sha256 of its ``SHA256SUMS``, as in ``predict``'s report) and the threshold used,
             so that ``evaluate`` decides as this run did. Written atomically once all images are done.
         model_dir: a slice model directory; ``None`` = the bundled model.
-        cam_dir: write ``<stem>_cam.png`` Grad-CAM overlays (evidence for COVID-19, see :func:`grad_cam_maps`) here.
+        cam_dir: write ``<stem>_cam.png`` Grad-CAM overlays (evidence for COVID-19, see :func:`grad_cam_maps`) here,
+            each with ``<stem>_cam.npy``, the (S, S) float32 map drawn (log-odds units, over the network input).
         device: ``auto`` / ``cpu`` / ``cuda``.
         batch_size: images per forward pass.
         threshold: override of the model's decision threshold on ``p_covid``, in [0, 1].
@@ -388,7 +389,8 @@ def _score_batch(
 
 def _cam_for(gradcam: Any, model: nn.Module, config: dict, arr: np.ndarray, p: float, thr: float, f: Path,
              cam_dir: Path, used: set[str]) -> Path:
-    """Write the Grad-CAM PNG of one image under a file name not yet ``used``."""
+    """Write the Grad-CAM of one image under a file name not yet ``used``: ``<stem>_cam.png`` (the figure) and
+    ``<stem>_cam.npy`` ((S, S) float32, the map drawn, see :func:`grad_cam_maps`); returns the PNG's path."""
     cam = grad_cam_maps(model, config, [arr], gradcam)[0]
     prepared = _network_input(config, arr)[1]
     stem = f.stem
@@ -398,4 +400,7 @@ def _cam_for(gradcam: Any, model: nn.Module, config: dict, arr: np.ndarray, p: f
         name = f"{stem}_{k}_cam.png"
     used.add(name)
     cam_dir.mkdir(parents=True, exist_ok=True)  # here, not up front: a run in which every image failed leaves nothing
+    # the map itself beside the picture, so its values (log-odds units, over the network input) can be used and checked
+    with atomic_path(cam_dir / f"{name.removesuffix('.png')}.npy", suffix=".npy") as tmp:
+        np.save(tmp, cam.astype(np.float32))
     return _write_cam(cam_dir / name, prepared[0], cam, p, thr, f.name)

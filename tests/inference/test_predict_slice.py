@@ -74,9 +74,11 @@ def test_saved_map_is_oriented_like_raw_grad_cam(slice_model, val_records, tmp_p
     assert summary.n_ok == 3 and len(summary.cams) == 3 and all(p.stat().st_size > 0 for p in summary.cams)
     for path in [*covid, *noncovid]:
         cam, p, threshold = drawn[path.name]
+        saved = np.load(tmp_path / "cams" / f"{path.stem}_cam.npy")
+        np.testing.assert_array_equal(saved, cam)  # the saved map is the one drawn
         x, _ = ps._network_input(config, load_grey(path))
         raw = _raw_monai_cam(model, x)
-        corr = np.corrcoef(cam.ravel(), raw.ravel())[0, 1]
+        corr = np.corrcoef(saved.ravel(), raw.ravel())[0, 1]
         assert corr > 0.95, (path.name, corr)
         assert threshold == pytest.approx(config["threshold"]) and p == pytest.approx(_p_covid(model, x), abs=1e-5)
         assert cam.min() >= 0.0
