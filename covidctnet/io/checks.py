@@ -26,8 +26,10 @@ class CheckLimits:
         min_slices: fewest slices accepted (the classifier resamples to 50 slices; fewer than this is not a chest CT).
         max_gap_ratio: a gap between neighbouring slices larger than this times the median gap means missing slices.
         min_spacing_mm, max_spacing_mm: accepted voxel size range on every axis.
-        max_tilt_deg: largest angle between the slice normal and the slice-to-slice direction (gantry tilt).
+        max_tilt_deg: largest angle between the slice normal and the slice-to-slice direction (gantry tilt, a sheared
+            affine), and largest departure from 90 degrees between the in-plane axes.
     """
+
     min_slices: int = 16
     max_gap_ratio: float = 1.5
     min_spacing_mm: float = 0.1
@@ -42,7 +44,8 @@ def check_volume(volume: Volume, limits: CheckLimits = CheckLimits()) -> list[st
         The names of the checks passed (all of :data:`CHECK_NAMES`), for the report.
 
     Raises:
-        NonFiniteError, NotHUError, TooFewSlicesError, SliceGapError, ShapeError: the first check that fails.
+        NonFiniteError, NotHUError, TooFewSlicesError, SliceGapError, ShapeError: the first check that fails
+        (``gantry_tilt`` is a SliceGapError for a DICOM series, a ShapeError for a sheared NIfTI/NRRD affine).
     """
     src = volume.source
     arr = volume.array
@@ -74,6 +77,7 @@ def check_volume(volume: Volume, limits: CheckLimits = CheckLimits()) -> list[st
             )
     if volume.slice_positions is not None and len(volume.slice_positions) > 1:
         _check_gaps(volume, limits)
+    _check_shear(volume, limits)
     return list(CHECK_NAMES)
 
 
@@ -94,11 +98,36 @@ def _check_gaps(volume: Volume, limits: CheckLimits) -> None:
         raise SliceGapError(
             f"{src}: uneven slice spacing {gaps.min():.3g}..{gaps.max():.3g} mm (median {median:.3g} mm)"
         )
-    step = np.asarray(volume.info.get("slice_direction_mm", [0, 0, 1]), dtype=float)
-    normal = np.asarray(volume.info.get("slice_normal", [0, 0, 1]), dtype=float)
-    cos = abs(float(np.dot(step, normal))) / max(float(np.linalg.norm(step)), 1e-9)
-    tilt = float(np.degrees(np.arccos(min(1.0, cos))))
-    if tilt > limits.max_tilt_deg:
+
+
+def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    """Angle (degrees, 0..90) between two lines."""
+    cos = abs(float(np.dot(a, b))) / max(float(np.linalg.norm(a) * np.linalg.norm(b)), 1e-12)
+    return float(np.degrees(np.arccos(min(1.0, cos))))
+
+
+def _check_shear(volume: Volume, limits: CheckLimits) -> None:
+    """The voxel grid must be orthogonal: resampling treats it so, and a sheared grid would be silently straightened.
+
+    For a DICOM series the slice axis of the affine is the step between slice origins, so a tilt between it and the
+    slice normal is a gantry tilt; for NIfTI/NRRD it is a sheared sform or non-orthogonal space directions.
+    """
+    src = volume.source
+    m = np.asarray(volume.affine, dtype=np.float64)[:3, :3]
+    in_plane = 90.0 - _angle_deg(m[:, 0], m[:, 1])
+    if in_plane > limits.max_tilt_deg:
+        raise ShapeError(
+            f"{src}: voxel axes i and j meet at {90.0 - in_plane:.1f} degrees, not 90 (a non-orthogonal grid); "
+            "resample it to an orthogonal grid first"
+        )
+    tilt = _angle_deg(m[:, 2], np.cross(m[:, 0], m[:, 1]))
+    if tilt <= limits.max_tilt_deg:
+        return
+    if volume.info.get("format") == "dicom":
         raise SliceGapError(
             f"{src}: gantry tilt of {tilt:.1f} degrees (slices are sheared); resample the series without tilt first"
         )
+    raise ShapeError(
+        f"{src}: sheared affine: the slice axis k is {tilt:.1f} degrees off the normal of the i-j plane (a gantry "
+        "tilt or a non-orthogonal grid); resample it to an orthogonal grid first"
+    )
