@@ -431,6 +431,8 @@ def _skip_reason(ds: Any) -> str | None:
     image_type = [v.strip().upper() for item in ([raw] if isinstance(raw, str) else raw) for v in str(item).split("\\")]
     if "LOCALIZER" in image_type:
         return "localizer (ImageType LOCALIZER)"
+    if "SCREEN SAVE" in image_type:  # dose screens some scanners store as CT Image Storage
+        return "screen capture (ImageType SCREEN SAVE)"
     if not _is_multiframe(ds) and not all(t in ds for t in ("ImagePositionPatient", "ImageOrientationPatient")):
         return "CT image without slice geometry (no ImagePositionPatient/ImageOrientationPatient)"
     return None
@@ -441,7 +443,8 @@ def find_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
 
     Left out, and counted by reason in :attr:`DicomSeries.skipped`: files that are not DICOM (a README), objects that
     are not CT images (SOP class other than CT Image, Enhanced CT Image or Legacy Converted Enhanced CT Image: dose
-    reports, secondary captures, DICOMDIR), localizers (ImageType LOCALIZER) and CT images without slice geometry.
+    reports, secondary captures, DICOMDIR), localizers (ImageType LOCALIZER), screen captures stored as CT images
+    (ImageType SCREEN SAVE) and CT images without slice geometry.
 
     Raises:
         UnreadableFileError: the folder is empty, a ``.dcm`` file cannot be parsed, or no file is a DICOM image.

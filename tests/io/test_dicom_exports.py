@@ -17,7 +17,6 @@ import numpy as np
 import pydicom
 import pytest
 from click.testing import CliRunner
-from covidctnet.cli import cli
 from dicom_utils import (
     dose_report,
     enhanced_ct,
@@ -29,6 +28,7 @@ from dicom_utils import (
 )
 from pydicom.uid import generate_uid
 
+from covidctnet.cli import cli
 from covidctnet.core.errors import SliceGapError
 from covidctnet.io.checks import check_volume
 from covidctnet.io.volume import AIR_HU, Volume, read_volume
@@ -197,6 +197,19 @@ def test_scout_in_its_own_series_is_skipped(dicom_dirs, clean, tmp_path, caplog)
     np.testing.assert_array_equal(read_volume(folder).array, clean.array)
     assert "series found" not in caplog.text  # the scout's series is not a second CT series
     assert "1 localizer (ImageType LOCALIZER)" in _skip_lines(caplog)[0]
+
+
+def test_dose_screen_stored_as_a_ct_image_is_skipped(dicom_dirs, clean, tmp_path, caplog):
+    """Some scanners store the dose screen as a CT Image (ImageType SCREEN SAVE), with geometry, in the series."""
+    folder = tmp_path / "export"
+    shutil.copytree(dicom_dirs["control"], folder)
+    ds = pydicom.dcmread(_files(folder)[5])
+    ds.ImageType = ["DERIVED", "SECONDARY", "SCREEN SAVE"]
+    ds.SOPInstanceUID = generate_uid()
+    ds.save_as(folder / "dose_screen.dcm")
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    np.testing.assert_array_equal(read_volume(folder).array, clean.array)
+    assert "1 screen capture (ImageType SCREEN SAVE)" in _skip_lines(caplog)[0]
 
 
 def test_only_a_dose_report_is_not_a_series(dicom_dirs, tmp_path):

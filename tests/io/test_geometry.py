@@ -17,8 +17,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from covidctnet.cli import cli
 
+from covidctnet.cli import cli
 from covidctnet.core.errors import ShapeError
 from covidctnet.io.checks import check_volume
 from covidctnet.io.volume import read_volume
