@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from monai.visualize import GradCAM
 from torch import nn
 
 from covidctnet.core.errors import ConfigError, CovidCTNetError, InputError, ModelDirError
@@ -273,8 +275,6 @@ def _grad_cam(model: nn.Module) -> Any:
     image on its own. Identity keeps Grad-CAM's own values (ReLU of the gradient-weighted activations), which
     :func:`grad_cam_maps` puts on an absolute scale.
     """
-    from monai.visualize import GradCAM
-
     target = _LogOdds(model)
     # A new module starts in training mode, and MONAI's hooks restore the wrapper's mode after each map: left so, the
     # first map would switch the network to training mode (batch statistics, running means updated) for good.
@@ -315,8 +315,6 @@ def grad_cam_maps(model: nn.Module, config: dict, arrays: Sequence[np.ndarray], 
         (N, S, S) float32 maps >= 0 over the network input (S = ``preprocess.size``), in log-odds units; drawn on
         [0, :data:`CAM_VMAX`].
     """
-    import torch.nn.functional as F
-
     gradcam = gradcam if gradcam is not None else _grad_cam(model)
     device = next(model.parameters()).device
     n_layers = len(_cam_layers(model))
