@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib
-
 import click
 
+from covidctnet.cli.options import resolve_ref
+
 # file in configs/ -> ("module:ConfigClass", "module:PRESET" or None). The YAML files are generated from these
-# dataclasses (tests/test_config_files.py keeps them equal), so a default is written in one place only.
+# dataclasses (tests/core/test_config.py keeps them equal), so a default is written in one place only.
 CONFIG_FILES: dict[str, tuple[str, str | None]] = {
     "preprocess.yaml": ("covidctnet.preprocessing.preprocess:PreprocessConfig", None),
     "preprocess_official.yaml": ("covidctnet.preprocessing.preprocess:PreprocessConfig",
@@ -23,11 +23,6 @@ CONFIG_FILES: dict[str, tuple[str, str | None]] = {
 }
 
 
-def _resolve(ref: str) -> object:
-    module, attr = ref.split(":")
-    return getattr(importlib.import_module(module), attr)
-
-
 def config_text(name: str) -> str:
     """The generated text of ``configs/<name>``."""
     from covidctnet.core.config import config_yaml
@@ -37,7 +32,7 @@ def config_text(name: str) -> str:
     if preset:  # a preset's header says what it is for, not the command's defaults
         title = (f"{name}: {cls.rsplit(':', 1)[1]} with {preset.rsplit(':', 1)[1]} applied "
                  "(`covidctnet preprocess --profile official`: the official CovidCTNet numerics, for its weights).")
-    return config_yaml(_resolve(cls), _resolve(preset) if preset else None, title)
+    return config_yaml(resolve_ref(cls), resolve_ref(preset) if preset else None, title)
 
 
 @click.command("defaults")

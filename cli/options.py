@@ -7,25 +7,48 @@ is written once, in the dataclass, and ``covidctnet --help`` still imports no to
 
 from __future__ import annotations
 
-import dataclasses
+import ast
+import functools
 import importlib
+import importlib.util
 from pathlib import Path
 from typing import Any
 
 import click
 
 __all__ = ["ConfigOption", "config_option", "out_option", "config_file_option", "device_option", "dataclass_default",
-           "loader_workers_option"]
+           "loader_workers_option", "resolve_ref"]
 
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N (gpu = cuda)"
 
 
-def dataclass_default(ref: str, key: str) -> Any:
-    """The default of field ``key`` of the dataclass at ``ref`` (``"module:Class"``)."""
+def resolve_ref(ref: str) -> Any:
+    """The object at ``"module:attribute"`` (imports the module)."""
     module, name = ref.split(":")
-    cls = getattr(importlib.import_module(module), name)
-    field = {f.name: f for f in dataclasses.fields(cls)}[key]
-    return field.default_factory() if field.default is dataclasses.MISSING else field.default
+    return getattr(importlib.import_module(module), name)
+
+
+@functools.lru_cache(maxsize=None)
+def _static_defaults(ref: str) -> dict[str, Any]:
+    """Field defaults of the dataclass at ``ref``, read from its source without importing the module.
+
+    A command's ``--help`` then stays instant: the config modules import torch and MONAI at the top. Only literal
+    defaults are read (numbers, strings, booleans, None, tuples); ``tests/cli/test_cli_options.py`` checks every value
+    shown against the imported dataclass.
+    """
+    module, name = ref.split(":")
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise LookupError(f"{module}: module not found")
+    tree = ast.parse(Path(spec.origin).read_text())
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+    return {node.target.id: ast.literal_eval(node.value) for node in cls.body
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None}
+
+
+def dataclass_default(ref: str, key: str) -> Any:
+    """The default of field ``key`` of the dataclass at ``ref`` (``"module:Class"``), without importing it."""
+    return _static_defaults(ref)[key]
 
 
 def _shown(option: click.Option, value: Any) -> str:

@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 
 import click
+
+from covidctnet.cli._common import batch_exit, bundled_model_notice, echo_error_row
 from covidctnet.cli.options import config_file_option, config_option, device_option, out_option
 
 _CONFIG = "covidctnet.inference.predict:PredictConfig"
-from covidctnet.cli._common import batch_exit, bundled_model_notice, echo_error_row
 
 
 def _print_report(summary, out_dir: Path) -> None:

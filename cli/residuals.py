@@ -6,10 +6,11 @@ import sys
 from pathlib import Path
 
 import click
+
+from covidctnet.cli._common import batch_exit, echo_error_row
 from covidctnet.cli.options import config_file_option, config_option, device_option, out_option
 
 _CONFIG = "covidctnet.inference.residuals:ResidualGrid"
-from covidctnet.cli._common import batch_exit, echo_error_row
 
 
 @click.command("residuals")

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from covidctnet.cli.options import config_file_option, config_option, device_option, loader_workers_option, out_option
 
 _CONFIG = "covidctnet.training.classifier:ClassifierConfig"

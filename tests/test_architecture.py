@@ -118,6 +118,32 @@ def hidden_imports(root: Path) -> list[str]:
             for target, _, nested in _imports(path, package) if nested]
 
 
+# Third-party imports inside functions: only the optional extras anywhere, and anything in the stages that read and
+# preprocess scans (a preprocess worker then imports only what it uses; the rest of the library imports at the top).
+LAZY_ANYWHERE = {"onnx", "onnxruntime", "h5py", "dask", "distributed"}
+LAZY_STAGES = {"core", "io", "preprocessing"}
+
+
+def lazy_imports(root: Path) -> list[str]:
+    """Third-party imports inside functions outside :data:`LAZY_STAGES`, other than the optional extras."""
+    bad = []
+    for module, path in _modules(root).items():
+        if _stage(module) in LAZY_STAGES:
+            continue
+        tree = ast.parse(path.read_text())
+        for func in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
+            for node in ast.walk(func):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                bad += [f"{module}: {n}" for n in names
+                        if n.split(".")[0] not in LAZY_ANYWHERE | {root.name} and f"{module}: {n}" not in bad]
+    return bad
+
+
 def private_imports(root: Path) -> list[str]:
     """``from covidctnet.x import _name`` across modules: a helper two modules need is public."""
     package = root.name
@@ -126,7 +152,7 @@ def private_imports(root: Path) -> list[str]:
             if name.startswith("_") and not name.startswith("__")]
 
 
-@pytest.mark.parametrize("check", [stage_violations, import_cycles, hidden_imports, private_imports])
+@pytest.mark.parametrize("check", [stage_violations, import_cycles, hidden_imports, private_imports, lazy_imports])
 def test_package_keeps_the_contract(check):
     assert check(PACKAGE) == []
 
@@ -147,14 +173,17 @@ def test_checks_catch_what_they_guard(tmp_path):
         "training/t.py": "from covidctnet.core.a import x\n\ndef fit():\n    from covidctnet.core import b\n",
         "core/b.py": "from covidctnet.io.r import _helper\n",
         "io/r.py": "def _helper():\n    pass\n",
+        "models/m.py": "def build():\n    import torch\n    import onnx\n",
     })
     assert stage_violations(pkg) == ["covidctnet.core.a (core) imports covidctnet.training.t (training)",
                                      "covidctnet.core.b (core) imports covidctnet.io.r (io)"]
     assert import_cycles(pkg) == [["covidctnet.core.a", "covidctnet.training.t", "covidctnet.core.a"]]
     assert hidden_imports(pkg) == ["covidctnet.training.t: covidctnet.core"]
     assert private_imports(pkg) == ["covidctnet.core.b imports covidctnet.io.r._helper"]
+    assert lazy_imports(pkg) == ["covidctnet.models.m: torch"]  # onnx is an optional extra
 
 
 def test_clean_synthetic_package_passes(tmp_path):
     pkg = _write(tmp_path, {"core/a.py": "X = 1\n", "io/r.py": "from covidctnet.core.a import X\n"})
     assert stage_violations(pkg) == import_cycles(pkg) == hidden_imports(pkg) == private_imports(pkg) == []
+    assert lazy_imports(pkg) == []

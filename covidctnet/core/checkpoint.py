@@ -1,8 +1,9 @@
 """The training checkpoint file: written atomically, read back with ``torch.load(weights_only=True)`` so that a
 checkpoint can never run code.
 
-A checkpoint is a dict of tensors and plain values holding at least :data:`REQUIRED_KEYS`; :class:`~covidctnet.training.
-trainer.Trainer` writes it every epoch, and the Keras import reads the model weights of a training run from it.
+A checkpoint is a dict of tensors and plain values holding at least :data:`REQUIRED_KEYS`;
+:class:`~covidctnet.training.trainer.Trainer` writes it every epoch, and the Keras import reads the model weights of a
+training run from it.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Frozen dataclass configs loaded from YAML with strict validation.
 
-Each command has one config dataclass whose field defaults are the defaults; ``configs/<command>.yaml`` holds the same
-values for people to read and copy (a test keeps the two in sync). Loading checks unknown keys, types and ranges and
-names the key in the error, so a typo never silently falls back to a default.
+Each command has one config dataclass whose field defaults are the defaults; ``configs/<command>.yaml`` is generated
+from it by :func:`config_yaml` for people to read and copy (``covidctnet defaults NAME``). Loading checks unknown keys,
+types and ranges and names the key in the error, so a typo never silently falls back to a default.
 """
 
 from __future__ import annotations
@@ -170,12 +170,13 @@ def save_config(cfg: Any, path: str | os.PathLike) -> None:
     atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-_ROLE = re.compile(r":\w+:`~?([\w.]+)`")
+_ROLE = re.compile(r":(\w+):`(~?)([\w.]+)`")
 
 
 def _plain_text(text: str) -> str:
     """Docstring markup to plain text: ``x`` -> x, :class:`~a.B` -> B."""
-    text = _ROLE.sub(lambda m: m.group(1).rsplit(".", 1)[-1], text)
+    # :mod:`a.b` keeps its dotted name (a module is found by it); :class:`~a.B` and :func:`a.f` keep their last part
+    text = _ROLE.sub(lambda m: m.group(3) if m.group(1) == "mod" else m.group(3).rsplit(".", 1)[-1], text)
     return " ".join(text.replace("``", "").split())
 
 
@@ -215,8 +216,11 @@ def config_yaml(cls: type, preset: Mapping[str, Any] | None = None, title: str |
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in documented]
     if missing:
         raise ConfigError(f"{cls.__name__}: field(s) {missing} missing from the docstring's Attributes section")
-    wrap = textwrap.TextWrapper(width=118, initial_indent="# ", subsequent_indent="#   ")
-    lines = [f"# {line}" if line else "#" for line in textwrap.wrap(_plain_text(title or summary), 118)]
+    wrap = textwrap.TextWrapper(width=118, initial_indent="# ", subsequent_indent="#   ", break_on_hyphens=False,
+                                break_long_words=False)
+    # the file is the defaults: "(defaults = configs/x.yaml)" in the class summary says nothing inside it
+    header = re.sub(r"\s*\(defaults = configs/[\w.]+\)", "", _plain_text(title or summary))
+    lines = [f"# {line}" for line in textwrap.wrap(header, 118, break_on_hyphens=False, break_long_words=False)]
     lines += ["# Generated from the config dataclass (covidctnet defaults); a YAML passed with --config overrides keys.",
               ""]
     done: set[str] = set()

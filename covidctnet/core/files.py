@@ -27,6 +27,7 @@ __all__ = [
     "to_jsonable",
 ]
 
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it is renamed onto ``path``, on failure removed.
@@ -55,7 +56,6 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder next to ``path``; on success it replaces ``path`` (0755 folder, 0644 files), on
     failure it is removed. The ``.tmp`` suffix lets :func:`remove_stale_temps` clean up after a killed run."""
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
@@ -115,11 +115,20 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def write_csv(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence[Any]]) -> None:
-    """Write a CSV (``\\n`` line ends, UTF-8) atomically: readers never see half a file."""
+def write_csv(path: str | os.PathLike, header: Sequence[str],
+              rows: Iterable[Sequence[Any]] | Iterable[Mapping[str, Any]]) -> None:
+    """Write a CSV (``\\n`` line ends, UTF-8) atomically: readers never see half a file.
+
+    ``rows`` are sequences in ``header`` order, or mappings whose ``header`` keys are written (other keys ignored).
+    """
     buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
+    rows = list(rows)
+    if rows and isinstance(rows[0], Mapping):
+        writer: Any = csv.DictWriter(buf, fieldnames=list(header), extrasaction="ignore", lineterminator="\n")
+        writer.writeheader()
+    else:
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(header)
     writer.writerows(rows)
     atomic_write_text(path, buf.getvalue())
 

@@ -32,7 +32,8 @@ import yaml
 from covidctnet.core.errors import ModelDirError
 from covidctnet.core.files import atomic_dir, sha256_file
 
-__all__ = ["ComponentEntry", "ModelDirConfig", "ModelDir", "save_model_dir", "load_model_dir", "dir_stamp"]
+__all__ = ["ComponentEntry", "ModelDirConfig", "ModelDir", "save_model_dir", "load_model_dir", "dir_stamp",
+           "CONFIG_NAME", "CARD_NAME", "SUMS_NAME", "TASKS"]
 
 CONFIG_NAME = "config.yaml"
 CARD_NAME = "MODEL_CARD.md"
@@ -85,8 +86,11 @@ class ComponentEntry:
         if entry.members is not None and (isinstance(entry.members, bool) or not isinstance(entry.members, int)
                                           or entry.members < 2):
             raise ModelDirError(f"{where}: 'members' must be an integer >= 2, not {entry.members!r}")
-        if entry.weights is not None and not isinstance(entry.weights, str):
-            raise ModelDirError(f"{where}: 'weights' must be a file name, not {entry.weights!r}")
+        if entry.weights is not None and (not isinstance(entry.weights, str) or Path(entry.weights).name != entry.weights
+                                          or entry.weights in ("", ".", "..")):
+            raise ModelDirError(f"{where}: 'weights' must be a file name in the model directory, not {entry.weights!r}")
+        if entry.source is not None and not isinstance(entry.source, Mapping):
+            raise ModelDirError(f"{where}: 'source' must be a mapping, not {entry.source!r}")
         return entry
 
     def to_dict(self) -> dict[str, Any]:
@@ -99,7 +103,7 @@ class ModelDirConfig:
     """``config.yaml`` of a model directory: one schema for every model kind.
 
     Attributes:
-        name: model name (shown in reports and ``preds.csv``).
+        name: model name (shown in reports and ``preds.csv``); ``None``: the folder's name.
         task: one of :data:`TASKS` (``None`` only in directories written before tasks were recorded).
         components: the networks, by component name (``denoiser``, ``classifier``, ``model``, ``encoder``).
         class_names: the output classes in index order (``control, covid, cap``; ``noncovid, covid``).
@@ -112,7 +116,7 @@ class ModelDirConfig:
         extra: any other key, kept as written (``positive_class``, ``ensemble``, ``threshold_selection`` …).
     """
 
-    name: str
+    name: str | None
     task: str | None
     components: dict[str, ComponentEntry]
     class_names: list[str] | None = None
@@ -145,8 +149,8 @@ class ModelDirConfig:
         components = {str(k): ComponentEntry.from_dict(v, f"{source}: components.{k}") for k, v in comps.items()}
         known = {f.name for f in dataclasses.fields(cls)} - {"components", "extra"}
         fields = {k: data.pop(k) for k in list(data) if k in known}
-        cfg = cls(components=components, extra=data, **{"name": "", "task": None, **fields})
-        if not isinstance(cfg.name, str):
+        cfg = cls(components=components, extra=data, **{"name": None, "task": None, **fields})
+        if cfg.name is not None and not isinstance(cfg.name, str):
             raise ModelDirError(f"{source}: 'name' must be a string, not {cfg.name!r}")
         if cfg.task is not None and cfg.task not in TASKS:
             raise ModelDirError(f"{source}: 'task' must be one of {list(TASKS)}, not {cfg.task!r}")
@@ -163,8 +167,8 @@ class ModelDirConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``config.yaml`` mapping: the schema's keys in a fixed order (unset ones left out), then ``extra``."""
-        out: dict[str, Any] = {"name": self.name}
-        for key in ("task", "class_names", "threshold"):
+        out: dict[str, Any] = {}
+        for key in ("name", "task", "class_names", "threshold"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         out["components"] = {k: v.to_dict() for k, v in self.components.items()}
@@ -202,6 +206,8 @@ class ModelDir:
         comps = self.config.get("components", {})
         if name not in comps:
             raise ModelDirError(f"{self.path}: no component {name!r} in {CONFIG_NAME}; found {sorted(comps)}")
+        if not comps[name].get("weights"):
+            raise ModelDirError(f"{self.path / CONFIG_NAME}: component {name!r} names no weights file")
         return comps[name]
 
     def weights_sha256(self, name: str) -> str:
@@ -255,6 +261,9 @@ def save_model_dir(
         raise ModelDirError(f"{out_dir}: weights for {missing} but no such component in the config")
     components = {k: dataclasses.replace(v, weights=f"{k}.safetensors") if k in state_dicts else v
                   for k, v in spec.components.items()}
+    without = sorted(set(components) - set(state_dicts))
+    if without:
+        raise ModelDirError(f"{out_dir}: no weights given for component(s) {without} of the config")
     spec = dataclasses.replace(spec, components=components)
     with atomic_dir(out_dir) as tmp:
         for name, sd in state_dicts.items():
@@ -295,7 +304,6 @@ def load_model_dir(path: str | os.PathLike) -> ModelDir:
         raise ModelDirError(f"{path / CONFIG_NAME}: not valid YAML: {str(err).splitlines()[0]}") from err
     spec = ModelDirConfig.from_dict(config, str(path / CONFIG_NAME))
     return ModelDir(path=path, config=spec.to_dict(), sha256=sums)
-
 
 
 def dir_stamp(path: str | os.PathLike) -> tuple[int, int]:

@@ -128,7 +128,6 @@ def select_control_studies(
 
 
 def _read_preprocessed(path: Path) -> tuple[np.ndarray, np.ndarray]:
-
     volume = read_nifti(path)
     array = volume.array
     lo, hi = float(array.min()), float(array.max())
@@ -371,7 +370,6 @@ class ControlSliceDataset(torch.utils.data.Dataset):
     @property
     def noiser(self) -> Any:
         if self._noiser is None:  # built lazily: DataLoader workers unpickle the dataset and build their own
-
             self._noiser = RandPerlinNoise(prob=1.0, **self.noise_kwargs)
         return self._noiser
 

@@ -289,7 +289,6 @@ def _nan_none(x: float) -> float | None:
 def _paired_tests(
     model: _Rater, others: Sequence[_Rater], readers: Sequence[_Rater], y: np.ndarray, truth3: np.ndarray | None
 ) -> list[dict[str, Any]]:
-
     y_int = y.astype(int)
     both_classes = 0 < y.sum() < y.size
     m_correct2 = model.call == y
@@ -597,7 +596,6 @@ def _kappa(x: float | None) -> str:
 def _plot(
     path: Path, model: _Rater, readers: Sequence[_Rater], vote: _Rater, rows: Sequence[Mapping[str, Any]], y: np.ndarray
 ) -> None:
-
     by_name = {row["rater"]: row for row in rows}
     # one colour per rater (curve and operating point alike): model C0, readers C1.., then average and vote
     colors = {model.name: "C0", **{r.name: f"C{(i + 1) % 10}" for i, r in enumerate(readers)}}

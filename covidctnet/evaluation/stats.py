@@ -29,6 +29,7 @@ from statsmodels.stats.proportion import proportion_confint
 from covidctnet.core.files import to_jsonable
 
 __all__ = [
+    "WeightedAuc",
     "Estimate",
     "DeLongTest",
     "McNemarResult",

@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,11 +75,6 @@ class OnnxExport:
     components: dict[str, dict[str, Any]]
 
 
-def _sha256(path: Path) -> str:
-
-    return sha256_file(path)
-
-
 def _torch_components(model_dir: Path) -> tuple[Any, dict[str, tuple[Any, tuple[int, ...], str]]]:
     """The networks of a predict or slice model directory on the CPU, with one example input shape each.
 
@@ -89,12 +85,11 @@ def _torch_components(model_dir: Path) -> tuple[Any, dict[str, tuple[Any, tuple[
     md = load_model_dir(model_dir)
     comps = md.config.get("components") or {}
     if md.config.get("task") == "slice":
-
         model, config = load_slice_model(md.path, "cpu")
         size = int((config.get("preprocess") or {}).get("size", 0))
         channels = int((md.component("model").get("kwargs") or {}).get("in_channels", 1))
         if size < 1:
-            raise ModelDirError(f"{md.path / 'config.yaml'}: no preprocessing.size for the slice model's input")
+            raise ModelDirError(f"{md.path / 'config.yaml'}: no preprocess.size for the slice model's input")
         return md, {"model": (model, (1, channels, size, size), "normal")}
     missing = [c for c in ("denoiser", "classifier") if c not in comps]
     if missing:
@@ -122,8 +117,6 @@ def _random_batch(shape: tuple[int, ...], batch: int, kind: str, seed: int) -> t
 def _export_one(name: str, module: Any, shape: tuple[int, ...], kind: str, path: Path, opset: int,
                 tolerance: float, seed: int) -> dict[str, Any]:
     """Export, check and compare one network; raises ModelDirError when onnxruntime and PyTorch disagree."""
-    import warnings
-
     import onnx
     import onnxruntime as ort
 
@@ -156,7 +149,7 @@ def _export_one(name: str, module: Any, shape: tuple[int, ...], kind: str, path:
                 diff, _CHECK_BATCH)
     return {
         "file": path.name,
-        "sha256": _sha256(path),
+        "sha256": sha256_file(path),
         "input": "input",
         "output": output_name,
         "input_shape": ["batch", *shape[1:]],
@@ -254,8 +247,7 @@ class OnnxModule(nn.Module):
     """An onnxruntime session behind the ``torch.nn.Module`` call interface.
 
     Code written for PyTorch modules (:func:`covidctnet.inference.residuals.compute_residual`, which calls ``net(x)``
-    on CPU
-    tensors in eval mode) runs it unchanged. It has no parameters: it always runs on the CPU.
+    on CPU tensors in eval mode) runs it unchanged. It has no parameters: it always runs on the CPU.
 
     Args:
         path: the ``.onnx`` file.
@@ -295,13 +287,13 @@ def load_onnx_component(md: Any, manifest: dict[str, Any], name: str) -> OnnxMod
     path = md.path / entry["file"]
     if not path.is_file():
         raise ModelDirError(f"{path}: ONNX file missing")
-    if _sha256(path) != entry.get("sha256"):
+    if sha256_file(path) != entry.get("sha256"):
         raise ModelDirError(f"{path}: sha256 does not match {ONNX_MANIFEST}; the file was changed or corrupted")
     return OnnxModule(path, entry.get("input", "input"), entry.get("output"))
 
 
 def load_onnx_denoiser(md: Any, manifest: dict[str, Any]) -> Any:
-    """The ``denoiser`` of an ONNX model directory as a :class:`covidctnet.inference.residuals.Denoiser` (CPU).
+    """The ``denoiser`` of an ONNX model directory as a :class:`covidctnet.models.registry.Denoiser` (CPU).
 
     Raises:
         ModelDirError: see :func:`load_onnx_component`; no input size in ``config.yaml``.

@@ -27,10 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from scipy import ndimage
 
 from covidctnet.core.config import validate_config
 from covidctnet.core.errors import ConfigError, ModelDirError
-from covidctnet.core.files import atomic_write_text
+from covidctnet.core.files import atomic_write_text, write_csv
 from covidctnet.core.labels import CLASS_NAMES
 from covidctnet.core.model_dir import dir_stamp
 from covidctnet.data.residual_volumes import residual_to_network_input
@@ -45,6 +47,7 @@ from covidctnet.models.registry import ASSETS, DEMO_MODEL
 from covidctnet.preprocessing.preprocess import PreprocessConfig, preprocess_volume
 
 __all__ = [
+    "DEMO_SCAN",
     "PredictConfig",
     "Pipeline",
     "REPORT_COLUMNS",
@@ -94,7 +97,6 @@ class PredictConfig:
     precision: str = "fp32"
 
     def __post_init__(self) -> None:
-
         if self.batch_size < 1:
             raise ConfigError(f"'batch_size' must be at least 1, not {self.batch_size}")
         if self.backend not in BACKENDS:
@@ -166,9 +168,6 @@ def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8, precisi
         ``probabilities`` (3,) in ``CLASS_NAMES`` order, ``predicted``, ``preprocessed`` ((X, Y, Z) array, affine),
         ``residual`` ((size, size, depth) array, affine) and ``seconds`` per step.
     """
-    import torch
-
-
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     array, affine = preprocess_volume(volume, pipeline.preprocess)
@@ -208,7 +207,6 @@ def _load_cached(model_dir: str, device: str, backend: str, stamp: tuple[int, in
 def _cached_pipeline(model_dir: str, device: str, backend: str) -> Pipeline:
     """One load per process (each worker of ``--workers`` / ``--scheduler`` loads its own), reloaded when the model
     directory is rewritten."""
-
     return _load_cached(model_dir, device, backend, dir_stamp(model_dir))
 
 
@@ -218,7 +216,6 @@ def _json_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConfig) -> dict[str, Any]:
-
     pipeline = _cached_pipeline(model_dir, cfg.device, cfg.backend)
     t = time.perf_counter()
     volume = read_volume(study.path)
@@ -236,9 +233,6 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
         "seconds": {"read": round(read_s, 3), **{k: round(v, 3) for k, v in result["seconds"].items()}},
     }
     if cfg.save_residuals:  # written before the study's JSON, whose presence marks the study done
-        from scipy import ndimage
-
-
         residual, res_affine = result["residual"]
         write_nifti(residual, res_affine, out_dir / f"{study.study_id}_residual.nii.gz")
         ct = result["preprocessed"][0]
@@ -314,14 +308,8 @@ def predict_studies(
         else:
             r = {**r, "model": pipeline.name, "weights_sha256": pipeline.weights_sha256}
         rows.append(r)
-    import csv
-    import io
 
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(REPORT_COLUMNS), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out_dir / "report.csv", buf.getvalue())
+    write_csv(out_dir / "report.csv", REPORT_COLUMNS, rows)
     report = {
         "model": pipeline.name,
         "weights_sha256": pipeline.weights_sha256,

@@ -14,8 +14,8 @@ slices only, cannot reproduce is left in the residual.
   view and overlays on it in a viewer.
 * :func:`compute_residuals`: ``covidctnet residuals`` over a preprocessed folder, with ``manifest.csv``, resume and
   per-study error isolation (:func:`covidctnet.io.batch.run_batch`).
-* :func:`load_denoiser`: a denoiser from a model directory (or a training run directory holding ``model/``), with
-  its hash, architecture and expected input checked.
+The denoiser comes from :func:`covidctnet.models.registry.load_denoiser` (a model directory or a training run
+directory holding ``model/``, with its hash, architecture and expected input checked).
 
 The array order of the NIfTI is the preprocessed one (RAS, axis 2 = slices). The official CNN takes
 ``(depth, rows, columns)`` in its own layout: :func:`covidctnet.preprocessing.preprocess.ras_to_official_layout`
@@ -48,7 +48,6 @@ from covidctnet.io.volume import read_nifti, write_nifti
 from covidctnet.models.registry import Denoiser, load_denoiser, resolve_denoiser_dir
 
 if TYPE_CHECKING:
-
     from covidctnet.io.batch import BatchSummary, Study
 
 __all__ = [
@@ -130,7 +129,6 @@ def _load_cached(path: str, device: str, stamp: tuple[int, int]) -> Denoiser:
 def _cached_denoiser(path: str, device: str) -> Denoiser:
     """One load per process and model directory (worker processes each get their own); a rewritten directory
     (new ``SHA256SUMS``) is loaded again."""
-
     return _load_cached(path, device, dir_stamp(path))
 
 

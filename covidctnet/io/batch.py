@@ -18,7 +18,6 @@ folder name.
 from __future__ import annotations
 
 import csv
-import io as _io
 import logging
 import multiprocessing
 import os
@@ -30,12 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from covidctnet.core.errors import CovidCTNetError, InputError, LabelError
-from covidctnet.core.files import atomic_write_text, remove_stale_temps, sha256_file
+from covidctnet.core.files import remove_stale_temps, sha256_file, write_csv
 from covidctnet.core.labels import normalize_label
 from covidctnet.core.progress import progress
 from covidctnet.io.volume import is_volume_file, study_id_from_path
 
 __all__ = [
+    "MANIFEST_NAME",
     "Study",
     "BatchSummary",
     "BASE_COLUMNS",
@@ -98,7 +98,6 @@ def _is_dicom_folder(folder: Path) -> bool:
 
 
 def _label_from_parts(parts: Sequence[str]) -> str | None:
-
     for part in reversed(parts):
         if part.isdigit():  # a folder called "1" is a patient number, not a class
             continue
@@ -158,12 +157,8 @@ def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
 
 
 def _write_manifest(path: Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
-    buf = _io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in sorted(rows, key=lambda r: r["study_id"]):
-        writer.writerow({c: "" if row.get(c) is None else row.get(c) for c in columns})
-    atomic_write_text(path, buf.getvalue())
+    write_csv(path, columns, [{c: "" if row.get(c) is None else row.get(c) for c in columns}
+                              for row in sorted(rows, key=lambda r: r["study_id"])])
 
 
 def _error_row(study: Study, err: BaseException) -> dict[str, Any]:

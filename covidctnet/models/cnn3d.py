@@ -9,11 +9,10 @@ official input of 50×128×128 it has 920,715 parameters.
 
 Flatten order: this port flattens in PyTorch's channels-first order ``(c, d, h, w)``. Keras flattens channels-last
 ``(d, h, w, c)``; :func:`covidctnet.models.keras_import.cnn3d_state_dict_from_keras` permutes the rows of the first
-Dense
-kernel instead, so the imported model computes exactly what the Keras model computes.
+Dense kernel instead, so the imported model computes exactly what the Keras model computes.
 
-:func:`build_classifier` also offers MONAI 3D DenseNets and ResNets; :func:`load_classifier` rebuilds any of them from a
-model directory and loads its hash-checked weights.
+:func:`build_classifier` also offers MONAI 3D DenseNets and ResNets; :func:`covidctnet.models.registry.load_classifier`
+rebuilds any of them from a model directory and loads its hash-checked weights.
 """
 
 from __future__ import annotations

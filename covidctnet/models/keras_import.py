@@ -566,7 +566,7 @@ reconstruction, the stack resized to 50×128×128 (slices, rows, columns; see `i
 The CNN was trained by the CovidCTNet authors; see Javaheri et al., npj Digit. Med. 4, 29 (2021),
 doi:10.1038/s41746-021-00399-3 for their data and results. This project did not retrain it and has **not** evaluated
 its diagnostic performance. What was checked: the PyTorch port reproduces a NumPy re-implementation of the Keras
-forward pass computed from the same h5 file to 1e-4 (`tests/test_keras_import.py`).
+forward pass computed from the same h5 file to 1e-4 (`tests/models/test_keras_import.py`).
 
 ## License
 The source repository states **no license** for its code or weights (it has no LICENSE file). Check with the authors

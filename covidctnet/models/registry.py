@@ -53,7 +53,7 @@ def load_slice_model(model_dir: str | os.PathLike | None = None, device: str = "
     (:class:`~covidctnet.models.slice.SliceEnsemble`, made by ``covidctnet ensemble-slice``).
 
     Returns:
-        ``(model, config)``; ``config`` is the directory's ``config.yaml`` (``preprocessing``, ``threshold`` …).
+        ``(model, config)``; ``config`` is the directory's ``config.yaml`` (``preprocess``, ``threshold`` …).
 
     Raises:
         ModelDirError: not a slice model directory, missing bundled model, hash mismatch, or weights that do not fit.

@@ -416,7 +416,6 @@ def _paired_denoiser(info: dict[str, Any] | None, cfg: ClassifierConfig) -> tupl
     if not info or not info.get("denoiser"):
         return None, "the residuals folder has no residuals.yaml naming its denoiser"
     try:
-
         md = load_model_dir(resolve_denoiser_dir(info["denoiser"]))
         sha = md.weights_sha256("denoiser")
         if info.get("denoiser_sha256") and sha != info["denoiser_sha256"]:

@@ -4,8 +4,7 @@ The official notebook trains a BCDU-Net (width 32, D3) with BCE loss and Adam (l
 of control patients, half of them with Perlin noise added and the clean slice as the target. Here the data come from
 a ``covidctnet preprocess`` folder (see :mod:`covidctnet.data.control_slices`), the loop is the shared
 :class:`~covidctnet.training.trainer.Trainer` (checkpoints, exact resume, AMP on CUDA, ``torchrun`` DDP), and each
-epoch is
-validated on held-out control slices with fixed noise:
+epoch is validated on held-out control slices with fixed noise:
 
 * ``val_loss``: the training loss between denoised and clean slices;
 * ``val_psnr`` / ``val_ssim``: denoised vs clean (the monitored metric is ``val_psnr``), and the baseline

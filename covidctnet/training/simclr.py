@@ -97,7 +97,6 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torc
 
 class _SimCLR(nn.Module):
     def __init__(self, cfg: PretrainSliceConfig) -> None:
-
         super().__init__()
         net = build_slice_model(cfg.arch, **slice_model_kwargs(cfg))
         dim = feature_dim(net)
@@ -121,7 +120,6 @@ class _TwoViews(torch.utils.data.Dataset):
         return len(self.base)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-
         views = []
         for v in range(2):
             arr = self.base.cache[index]

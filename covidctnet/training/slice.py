@@ -41,6 +41,8 @@ from covidctnet.training.trainer import ModelExport, RunResult, Trainer, distrib
 
 __all__ = [
     "SliceTrainConfig",
+    "Arch",
+    "check_common_settings",
     "train_slice",
     "slice_metrics",
     "youden_threshold",
@@ -57,6 +59,7 @@ Arch = Literal["densenet121", "densenet169", "resnet18", "resnet50"]
 
 
 def check_common_settings(cfg: Any) -> None:
+    """Range checks shared by the train-slice and pretrain-slice configs (size, epochs, batch, lr, augmentation)."""
     if cfg.size < 32 or cfg.size > 1024:
         raise ConfigError(f"size must be in [32, 1024] pixels, not {cfg.size}")
     if cfg.epochs < 1 or cfg.batch_size < 2:
@@ -177,7 +180,6 @@ def slice_datasets(data: str | os.PathLike, cfg: Any, train_aug: bool, with_val:
         val = SliceDataset(val_records, cfg.size, cfg.lung_mask, None, seed=cfg.seed)
         overlap = {r.path.resolve() for r in train_records} & {r.path.resolve() for r in val_records}
         if overlap:
-
             raise SplitError(f"{data}: {len(overlap)} image(s) are in both train and val, e.g. {sorted(overlap)[0]}")
     return train, val
 
@@ -378,6 +380,7 @@ def train_slice(
     model = build_slice_model(cfg.arch, **slice_model_kwargs(cfg))
     if cfg.init and not resume:
         _init_from(model, cfg.init, cfg)
+
     def training_step(net: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         return nn.functional.cross_entropy(net(batch["image"]), batch["label"])
 

@@ -113,7 +113,6 @@ def ensemble_slice_models(
     with tempfile.TemporaryDirectory() as tmp:
         extra: dict[str, Path] = {}
         if data is not None:
-
             pre = ref["preprocess"]
             val = SliceDataset(find_records(data, "val"), pre["size"], pre["lung_mask"], None)
             dev = resolve_device(device)

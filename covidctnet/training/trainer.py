@@ -1,7 +1,7 @@
 """One training loop for every covidctnet model (BCDU-Net denoiser, 3D classifier, 2D slice model).
 
 The caller owns everything model-specific: the network, a ``training_step(model, batch) -> loss`` and a
-``validate(model) -> {metric: value}``. :class:`Trainer` owns the rest, identically for every model:
+``validate(model, device) -> {metric: value}``. :class:`Trainer` owns the rest, identically for every model:
 
 * device choice (``auto|cpu|cuda``), mixed precision on CUDA only (``torch.autocast`` + ``GradScaler``);
 * data order as a pure function of ``(seed, epoch)`` (optionally class-balanced by per-sample weights), and
@@ -11,8 +11,8 @@ The caller owns everything model-specific: the network, a ``training_step(model,
   numpy, torch CPU/CUDA, data-order generator) as tensors and plain types, so it is read back with
   ``torch.load(weights_only=True)`` and never runs code; ``resume=True`` continues from ``last.pt`` and, on CPU with
   a fixed seed, ends with exactly the weights of an uninterrupted run;
-* ``metrics.csv`` (``epoch, train_loss, <val metrics>, lr, seconds``), rewritten atomically from the checkpointed
-  history, and ``loss_curve.png``;
+* ``metrics.csv`` (``epoch, train_loss, train_samples_per_s, <val metrics>, lr, seconds``; the throughput is over all
+  processes), rewritten atomically from the checkpointed history, and ``loss_curve.png``;
 * early stopping with patience on the monitored metric;
 * DistributedDataParallel when launched by ``torchrun`` (``WORLD_SIZE``/``RANK``/``LOCAL_RANK``): ``gloo`` on CPU,
   ``nccl`` on CUDA, a distributed sampler with ``set_epoch``, validation, logging, metrics and checkpoints on
@@ -31,9 +31,7 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 import itertools
 import logging
 import math
@@ -58,7 +56,7 @@ from covidctnet.core.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_
 from covidctnet.core.config import config_to_dict
 from covidctnet.core.device import resolve_device
 from covidctnet.core.errors import CheckpointError, ConfigError, CovidCTNetError
-from covidctnet.core.files import atomic_write_text, remove_stale_temps
+from covidctnet.core.files import atomic_write_text, remove_stale_temps, write_csv
 from covidctnet.core.model_dir import ModelDir, ModelDirConfig, save_model_dir
 from covidctnet.core.progress import progress
 from covidctnet.core.seeding import derive_seed
@@ -245,12 +243,8 @@ def _write_metrics_csv(path: Path, history: Sequence[Mapping[str, Any]]) -> None
         keys.extend(k for k in row if k not in keys)
     ordered = ["epoch", "train_loss"] + sorted(k for k in keys if k not in ("epoch", "train_loss", "lr", "seconds"))
     ordered += ["lr", "seconds"]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=ordered, lineterminator="\n", extrasaction="ignore")
-    writer.writeheader()
-    for row in history:
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
+    write_csv(path, ordered, [{k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+                              for row in history])
 
 
 def plot_loss_curve(history: Sequence[Mapping[str, Any]], path: str | os.PathLike, monitor: str | None = None) -> None:
@@ -286,15 +280,17 @@ def plot_loss_curve(history: Sequence[Mapping[str, Any]], path: str | os.PathLik
 # trainer
 
 
-def _batch_len(batch: Any) -> int:
-    """Samples in a batch: the first dimension of its (first) tensor."""
+def _batch_len(batch: Any) -> float:
+    """Samples in a batch: the first dimension of its first tensor; NaN when it has none (throughput unknown, never an
+    error that stops training)."""
     if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0])
-    if isinstance(batch, Mapping):
-        return _batch_len(next(iter(batch.values())))
-    if isinstance(batch, (list, tuple)):
-        return _batch_len(batch[0])
-    raise TypeError(f"cannot count the samples of a batch of type {type(batch).__name__}")
+        return float(batch.shape[0]) if batch.ndim else math.nan
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+    for value in values:
+        n = _batch_len(value)
+        if not math.isnan(n):
+            return n
+    return math.nan
 
 
 @dataclass
@@ -478,7 +474,6 @@ class Trainer:
         self.show_progress = show_progress
         self.ddp_model: nn.Module = self.model
         if self.ctx.enabled:
-
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.ddp_model = DistributedDataParallel(self.model, device_ids=ids)
 
@@ -741,7 +736,6 @@ class Trainer:
         if self.config is None:
             return
 
-
         cfg = config_to_dict(self.config) if dataclasses.is_dataclass(self.config) else dict(self.config)
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
 
@@ -770,12 +764,21 @@ class Trainer:
         Returns:
             The written :class:`~covidctnet.core.model_dir.ModelDir` on rank 0, ``None`` elsewhere.
         """
-        result = None
+        result, failure = None, None
         if self.ctx.is_main:
-            spec = describe()
-            states = spec.state_dicts if spec.state_dicts is not None else {component: self.best_state_dict()}
-            result = save_model_dir(out_dir, spec.config, states, spec.card, spec.extra_files or None)
-        _barrier(self.ctx)
+            try:
+                spec = describe()
+                states = spec.state_dicts if spec.state_dicts is not None else {component: self.best_state_dict()}
+                result = save_model_dir(out_dir, spec.config, states, spec.card, spec.extra_files or None)
+            except Exception as err:
+                failure = err
+        if self.ctx.enabled:  # every rank learns whether rank 0 failed, so none waits at a barrier until a timeout
+            box: list[Any] = [None if failure is None else f"{type(failure).__name__}: {failure}"]
+            dist.broadcast_object_list(box, src=0)
+            if failure is None and box[0] is not None:
+                raise CovidCTNetError(f"{out_dir}: rank 0 could not write the model directory ({box[0]})")
+        if failure is not None:
+            raise failure
         return result
 
     def close(self) -> None:

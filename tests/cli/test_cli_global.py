@@ -8,13 +8,20 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from covidctnet.cli import cli
 
+from covidctnet.cli import cli
 from covidctnet.core.device import resolve_device
 from covidctnet.core.errors import ConfigError
 
 
-def test_global_options_after_the_command(tmp_path):
+@pytest.fixture
+def restore_log_level():
+    level = logging.getLogger().level
+    yield
+    logging.getLogger().setLevel(level)  # the commands below change the root logger for the whole test session
+
+
+def test_global_options_after_the_command(tmp_path, restore_log_level):
     missing = tmp_path / "nothing"
     before = CliRunner().invoke(cli, ["--debug", "preprocess", str(missing), "-o", str(tmp_path / "a")])
     after = CliRunner().invoke(cli, ["preprocess", str(missing), "-o", str(tmp_path / "b"), "--debug"])

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
+import subprocess
+import sys
 
 import click
 import pytest
+
 from covidctnet.cli import COMMANDS, cli
-from covidctnet.cli.options import ConfigOption, dataclass_default
+from covidctnet.cli.options import ConfigOption, dataclass_default, resolve_ref
 
 CONTEXT = click.Context(cli)
 
@@ -23,7 +27,10 @@ def _options():
 @pytest.mark.parametrize(("command", "option"), [(c, o) for c, o in _options() if isinstance(o, ConfigOption)],
                          ids=lambda x: x if isinstance(x, str) else x.name)
 def test_config_option_shows_the_dataclass_default(command, option):
-    default = dataclass_default(option.config_ref, option.config_key)  # also: the key is a field of that config
+    # the value --help shows is read from the source; it must be the imported dataclass's default
+    fields = {f.name: f for f in dataclasses.fields(resolve_ref(option.config_ref))}
+    default = fields[option.config_key].default  # also: the key is a field of that config
+    assert dataclass_default(option.config_ref, option.config_key) == default
     help_text = option.get_help_record(click.Context(cli.get_command(CONTEXT, command)))[1]
     shown = re.search(r"\[default: ([^\]]*)\]$", help_text)
     assert shown, help_text
@@ -67,3 +74,14 @@ def test_one_name_per_meaning_and_old_names_still_work(command, new, old, dest, 
         assert ctx.params[dest] == 3
     help_text = cmd.get_help(click.Context(cmd))
     assert new in help_text and f"{old} " not in help_text.replace(new, "")
+
+
+@pytest.mark.parametrize("command", ["train-denoiser", "predict", "train-slice"])
+def test_command_help_imports_no_torch(command):
+    code = (
+        "import sys\nfrom covidctnet.cli import cli\n"
+        f"try:\n    cli([{command!r}, '--help'])\nexcept SystemExit:\n    pass\n"
+        "heavy = [m for m in ('torch', 'monai') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from covidctnet.cli import cli
-from covidctnet.cli.defaults import CONFIG_FILES, _resolve, config_text
 
+from covidctnet.cli import cli
+from covidctnet.cli.defaults import CONFIG_FILES, config_text
+from covidctnet.cli.options import resolve_ref
 from covidctnet.core.config import config_yaml, load_config
 from covidctnet.core.errors import ConfigError
 
@@ -31,8 +32,8 @@ def test_config_file_equals_generated_text(name):
 @pytest.mark.parametrize("name", sorted(CONFIG_FILES))
 def test_config_file_loads_to_the_dataclass_defaults(name):
     cls_ref, preset_ref = CONFIG_FILES[name]
-    cls = _resolve(cls_ref)
-    preset = _resolve(preset_ref) if preset_ref else None
+    cls = resolve_ref(cls_ref)
+    preset = resolve_ref(preset_ref) if preset_ref else None
     assert load_config(cls, CONFIGS / name) == load_config(cls, None, defaults=preset)
 
 

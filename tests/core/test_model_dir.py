@@ -9,6 +9,7 @@ import torch
 import yaml
 
 from covidctnet.core.errors import ModelDirError
+from covidctnet.core.files import sha256_file
 from covidctnet.core.model_dir import (
     ComponentEntry,
     ModelDirConfig,
@@ -67,15 +68,29 @@ def test_bad_configs_are_refused_with_the_key_named(change, message):
         ModelDirConfig.from_dict({**SLICE, **change}, "config.yaml")
 
 
-def test_weights_without_a_component_are_refused(tmp_path):
+def test_weights_and_components_must_match(tmp_path):
     with pytest.raises(ModelDirError, match=r"weights for \['other'\] but no such component"):
-        save_model_dir(tmp_path / "m", SLICE, {"other": {"w": torch.zeros(1)}}, "")
+        save_model_dir(tmp_path / "m", SLICE, {"model": {"w": torch.zeros(1)}, "other": {"w": torch.zeros(1)}}, "")
+    with pytest.raises(ModelDirError, match=r"no weights given for component\(s\) \['model'\]"):
+        save_model_dir(tmp_path / "m", SLICE, {}, "")
     assert not (tmp_path / "m").exists()
 
 
-def test_edited_config_with_a_bad_schema_fails_on_load(tmp_path):
+def test_name_defaults_to_the_folder(tmp_path):
+    md = save_model_dir(tmp_path / "my-model", {k: v for k, v in SLICE.items() if k != "name"},
+                        {"model": {"w": torch.zeros(1)}}, "")
+    assert "name" not in md.config and md.name == "my-model"
+
+
+def test_bad_schema_fails_on_load_even_with_matching_hashes(tmp_path):
     shutil.copytree(DEFAULT_SLICE_MODEL, tmp_path / "m")
-    cfg = tmp_path / "m" / "config.yaml"
+    cfg, sums = tmp_path / "m" / "config.yaml", tmp_path / "m" / "SHA256SUMS"
     cfg.write_text(cfg.read_text().replace("task: slice", "task: nonsense"))
-    with pytest.raises(ModelDirError, match="config was edited"):  # the hash guards the file before the schema
+    with pytest.raises(ModelDirError, match="config was edited"):  # the hash guards the file first
+        load_model_dir(tmp_path / "m")
+    # whoever rewrites SHA256SUMS too still meets the schema
+    lines = [f"{sha256_file(cfg)}  config.yaml" if line.endswith("config.yaml") else line
+             for line in sums.read_text().splitlines()]
+    sums.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ModelDirError, match=r"'task' must be one of"):
         load_model_dir(tmp_path / "m")
