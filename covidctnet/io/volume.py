@@ -344,6 +344,7 @@ def read_itk(path: str | os.PathLike) -> Volume:
     import SimpleITK as sitk
 
     path = Path(path)
+    _check_itk_header_spacing(path)
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as err:
@@ -363,6 +364,47 @@ def read_itk(path: str | os.PathLike) -> Volume:
         raise ShapeError(f"{path}: the header's direction or origin is not finite")
     array = np.ascontiguousarray(sitk.GetArrayFromImage(img).astype(np.float32, copy=False).transpose(2, 1, 0))
     return Volume(array=array, affine=affine, source=path, info={"format": "itk"})
+
+
+def _check_itk_header_spacing(path: Path) -> None:
+    """Refuse a NRRD/MetaImage header whose voxel sizes are zero, negative or not finite, as written.
+
+    ITK takes the absolute value of a negative MetaImage ElementSpacing and reads "nan" as 0, so the header text is
+    checked before it: MetaImage ``ElementSpacing`` / ``ElementSize``, NRRD ``spacings`` and ``space directions``
+    (the length of each direction vector).
+    """
+    import re
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(65536)
+    except OSError:
+        return  # ITK's read will name the problem
+    # A NRRD header ends at a blank line, a MetaImage header at its ElementDataFile line.
+    text = head.split(b"\n\n", 1)[0].split(b"ElementDataFile", 1)[0].decode("latin-1", errors="replace")
+    for line in text.splitlines():
+        key, sep, value = line.partition("=") if "=" in line.split(":", 1)[0] else line.partition(":")
+        name, key = key.strip(), key.strip().lower()
+        if not sep or key not in ("elementspacing", "elementsize", "spacings", "space directions"):
+            continue
+        if key == "space directions":
+            vectors = re.findall(r"\(([^)]*)\)", value)
+            sizes = [float(np.linalg.norm([_float(v) for v in vec.split(",")])) for vec in vectors]
+        else:
+            sizes = [_float(v) for v in value.split()]
+        for axis, size in zip("ijk", sizes):
+            if not (np.isfinite(size) and size > 0):
+                raise ShapeError(
+                    f"{path}: voxel size {size:g} mm along {axis} in the header ({name}); "
+                    "expected a positive, finite size in mm"
+                )
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
 
 
 def _itk_affine(img: Any) -> np.ndarray:

@@ -183,7 +183,23 @@ def _nrrd(nifti_ct: Path, out: Path, directions: str | None) -> Path:
 
 def test_nrrd_zero_spacing_is_refused(nifti_ct, tmp_path):
     path = _nrrd(nifti_ct, tmp_path / "zero.nrrd", "(-3,0,0) (0,-3,0) (0,0,0)")
-    with pytest.raises(ShapeError, match=re.escape(f"{path}: voxel size 0 mm in the header")):
+    problem = f"{path}: voxel size 0 mm along k in the header (space directions)"
+    with pytest.raises(ShapeError, match=re.escape(problem)):
+        read_volume(path)
+
+
+@pytest.mark.parametrize("value, shown", [("3 3 -3", "-3"), ("3 3 nan", "nan"), ("3 0 3", "0")])
+def test_metaimage_bad_spacing_is_refused(nifti_ct, tmp_path, value, shown):
+    """ITK would read a negative ElementSpacing as positive and "nan" as 0: the header text is checked first."""
+    import SimpleITK as sitk
+
+    path = tmp_path / "ct.mha"
+    sitk.WriteImage(sitk.ReadImage(str(nifti_ct)), str(path), useCompression=False)
+    raw = path.read_bytes()
+    path.write_bytes(re.sub(rb"ElementSpacing = [^\n]*", b"ElementSpacing = " + value.encode(), raw, count=1))
+    axis = "j" if value == "3 0 3" else "k"
+    with pytest.raises(ShapeError, match=re.escape(f"{path}: voxel size {shown} mm along {axis} in the header "
+                                                   "(ElementSpacing)")):
         read_volume(path)
 
 
