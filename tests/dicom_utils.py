@@ -22,6 +22,7 @@ from pydicom.valuerep import format_number_as_ds
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2.1"
+LEGACY_CONVERTED_ENHANCED_CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2.2"
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 DOSE_SR = "1.2.840.10008.5.1.4.1.1.88.67"  # X-Ray Radiation Dose SR
 
@@ -107,9 +108,11 @@ def reslice_series(src: Path, dst: Path, plane: str) -> Path:
     return dst
 
 
-def enhanced_ct(src: Path, dst: Path, name: str = "enhanced.dcm") -> Path:
-    """The real series as ONE Enhanced CT Image Storage file: all slices as frames (stored in reverse z order, so
-    a reader must sort by position), geometry and rescale in the functional groups, none at the top level."""
+def enhanced_ct(src: Path, dst: Path, name: str = "enhanced.dcm", sop_class: str = ENHANCED_CT_IMAGE,
+                compressed: bool = False) -> Path:
+    """The real series as ONE Enhanced CT Image Storage file (or ``sop_class``, e.g. Legacy Converted Enhanced CT):
+    all slices as frames (stored in reverse z order, so a reader must sort by position), geometry and rescale in the
+    functional groups, none at the top level. ``compressed`` keeps each slice's JPEG Lossless bytes as one frame."""
     stack = sorted((pydicom.dcmread(f) for f in sorted(src.glob("*.dcm"))),
                    key=lambda d: -float(d.ImagePositionPatient[2]))
     first = stack[0]
@@ -118,8 +121,8 @@ def enhanced_ct(src: Path, dst: Path, name: str = "enhanced.dcm") -> Path:
                 "RescaleIntercept", "RescaleType", "SliceThickness", "InstanceNumber", "WindowCenter", "WindowWidth"):
         if tag in ds:
             del ds[tag]
-    ds.SOPClassUID = ENHANCED_CT_IMAGE
-    ds.file_meta.MediaStorageSOPClassUID = ENHANCED_CT_IMAGE
+    ds.SOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
     ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
@@ -149,8 +152,14 @@ def enhanced_ct(src: Path, dst: Path, name: str = "enhanced.dcm") -> Path:
         item.FrameContentSequence = Sequence([content])
         per_frame.append(item)
     ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
-    frames = np.stack([d.pixel_array for d in stack])
-    ds.set_pixel_data(frames, "MONOCHROME2", int(first.BitsStored), generate_instance_uid=False)
+    if compressed:
+        from pydicom.encaps import encapsulate, generate_frames
+
+        ds.PixelData = encapsulate([next(generate_frames(d.PixelData, number_of_frames=1)) for d in stack])
+        ds.NumberOfFrames = len(stack)
+    else:
+        frames = np.stack([d.pixel_array for d in stack])
+        ds.set_pixel_data(frames, "MONOCHROME2", int(first.BitsStored), generate_instance_uid=False)
     dst.mkdir(parents=True, exist_ok=True)
     ds.save_as(dst / name, enforce_file_format=True)
     return dst / name

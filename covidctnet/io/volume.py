@@ -629,8 +629,11 @@ def _series_slices(folder: Path, series: DicomSeries) -> list[_Slice]:
                 continue
             for i in range(_n_frames(ds)):
                 position = _frame_item(ds, i, "PlanePositionSequence")
-                orientation = _frame_item(ds, i, "PlaneOrientationSequence")
-                measures = _frame_item(ds, i, "PixelMeasuresSequence")
+                # Some converters keep orientation and pixel spacing only at the top level, as in single-frame files.
+                orientation = _frame_item(ds, i, "PlaneOrientationSequence") or (
+                    ds if "ImageOrientationPatient" in ds else None
+                )
+                measures = _frame_item(ds, i, "PixelMeasuresSequence") or (ds if "PixelSpacing" in ds else None)
                 transform = _frame_item(ds, i, "PixelValueTransformationSequence")
                 if position is None or orientation is None or measures is None:
                     raise KeyError(f"frame {i + 1} has no PlanePosition/PlaneOrientation/PixelMeasures")

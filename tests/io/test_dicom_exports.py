@@ -18,6 +18,8 @@ import pydicom
 import pytest
 from click.testing import CliRunner
 from dicom_utils import (
+    ENHANCED_CT_IMAGE,
+    LEGACY_CONVERTED_ENHANCED_CT_IMAGE,
     dose_report,
     enhanced_ct,
     hu_of,
@@ -276,9 +278,12 @@ def test_pixel_storage_quirks_give_the_expected_hu(dicom_dirs, clean, tmp_path, 
     assert vol.info["air_filled_voxels"] == padded
 
 
-def test_enhanced_ct_multiframe_file(dicom_dirs, clean, tmp_path):
+@pytest.mark.parametrize("sop_class, compressed", [(ENHANCED_CT_IMAGE, False), (ENHANCED_CT_IMAGE, True),
+                                                   (LEGACY_CONVERTED_ENHANCED_CT_IMAGE, False)],
+                         ids=["enhanced", "enhanced-jpeg-lossless", "legacy-converted"])
+def test_enhanced_ct_multiframe_file(dicom_dirs, clean, tmp_path, sop_class, compressed):
     folder = tmp_path / "enhanced"
-    enhanced_ct(dicom_dirs["control"], folder)
+    enhanced_ct(dicom_dirs["control"], folder, sop_class=sop_class, compressed=compressed)
     assert len(list(folder.iterdir())) == 1
     vol = read_volume(folder)
     assert vol.info["multiframe"] is True
