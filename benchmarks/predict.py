@@ -7,7 +7,7 @@ initialised networks of the chosen size (official BCDU-Net width 32 at 240×240,
 
 Variants (``--variants``, all by default): ``torch:fp32`` (eager PyTorch), ``torch:bf16`` (``--precision bf16``:
 bfloat16 autocast, channels-last) and ``onnx:fp32`` (``--backend onnx``; the model directory is exported once with
-``covidctnet.inference.onnx.export_onnx``, which checks the export against PyTorch). Two model sizes by default: 240×240
+``covidctnet.inference.onnx_export.export_onnx``, which checks the export against PyTorch). Two model sizes by default: 240×240
 (the default preprocessing) and 128×128 (the official code's). For each size a side-by-side denoiser timing (ms per
 slice, same process, same random batch) comes first; then the real scans (first size only), a synthetic 300-slice
 scan (every size) and a synthetic 512×512×600 scan for peak memory (first size only).
@@ -92,7 +92,7 @@ def time_denoiser(model: Path, onnx_dir: Path | None, batch: int, repeats: int, 
         runners["torch:bf16"] = (net, x.to(memory_format=torch.channels_last),
                                  lambda: torch.autocast("cpu", dtype=torch.bfloat16))
     if onnx_dir is not None:
-        from covidctnet.inference.onnx import load_onnx_component, load_onnx_manifest
+        from covidctnet.inference.onnx_export import load_onnx_component, load_onnx_manifest
 
         runners["onnx:fp32"] = (load_onnx_component(*load_onnx_manifest(onnx_dir), "denoiser"), x,
                                 contextlib.nullcontext)
@@ -201,7 +201,7 @@ def main() -> None:
             label = str(args.model) if args.model else f"{size}×{size}, width {args.features}"
             models = {"torch": model}
             if any(v.startswith("onnx") for v in args.variants):
-                from covidctnet.inference.onnx import export_onnx
+                from covidctnet.inference.onnx_export import export_onnx
 
                 t = time.perf_counter()
                 models["onnx"] = export_onnx(model, tmp_path / f"onnx{size}").out_dir

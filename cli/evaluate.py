@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+
 from covidctnet.cli.options import config_file_option, config_option, out_option
 
 _CONFIG = "covidctnet.evaluation.evaluate:EvaluateConfig"

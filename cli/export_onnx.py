@@ -24,7 +24,7 @@ def export_onnx_cmd(model_dir, out_dir, opset, tolerance):
     (or `predict-slice --backend onnx --model OUT`).
     """
     # torch and onnx are imported inside the library call: `covidctnet --help` stays instant
-    from covidctnet.inference.onnx import export_onnx
+    from covidctnet.inference.onnx_export import export_onnx
 
     result = export_onnx(model_dir, out_dir, opset=opset, tolerance=tolerance)
     for name, entry in result.components.items():

@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 __all__ = ["ConfigOption", "config_option", "out_option", "config_file_option", "device_option", "dataclass_default",
-           "loader_workers_option", "resolve_ref"]
+           "loader_workers_option", "resolve_ref", "batch_options"]
 
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N (gpu = cuda)"
 
@@ -123,3 +123,21 @@ def loader_workers_option(config: str, key: str = "workers") -> Any:
     """
     return config_option(config, "--loader-workers", key, key=key, old_names=("--workers",), type=int,
                          help="DataLoader worker processes (0 = load in the training process).")
+
+
+def batch_options(workers_help: str, resume_help: str) -> Any:
+    """``--workers``, ``--scheduler`` and ``--resume/--no-resume`` of the batch commands (preprocess, residuals,
+    predict): how the studies are spread over processes or a Dask cluster, and whether finished ones are skipped."""
+    options = [
+        click.option("--workers", type=int, default=0, show_default=True, help=workers_help),
+        click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:8786): run the studies on "
+                                                       "that cluster instead of --workers."),
+        click.option("--resume/--no-resume", default=True, show_default=True, help=resume_help),
+    ]
+
+    def decorate(f: Any) -> Any:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate

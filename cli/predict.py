@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from covidctnet.cli._common import batch_exit, bundled_model_notice, echo_error_row
-from covidctnet.cli.options import config_file_option, config_option, device_option, out_option
+from covidctnet.cli.options import batch_options, config_file_option, config_option, device_option, out_option
 
 _CONFIG = "covidctnet.inference.predict:PredictConfig"
 
@@ -57,12 +57,8 @@ def _print_report(summary, out_dir: Path) -> None:
     type=click.Choice(["fp32", "bf16"]),
     help="Denoiser arithmetic (torch backend): fp32, or bf16, several times faster on CPUs with AMX.",
 )
-@click.option("--workers", type=int, default=0, show_default=True,
-              help="Worker processes, each with its own copy of the model; 0 predicts in this process.")
-@click.option("--resume/--no-resume", default=True, show_default=True,
-              help="Skip studies already predicted into OUT by the same model (OUT/manifest.csv).")
-@click.option("--scheduler", default=None,
-              help="Dask scheduler address (tcp://host:8786): run the studies on that cluster instead of --workers.")
+@batch_options("Worker processes, each with its own copy of the model; 0 predicts in this process.",
+               "Skip studies already predicted into OUT by the same model (OUT/manifest.csv).")
 def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, save_residuals, backend, precision,
                 workers, resume, scheduler):
     """Diagnose CT studies (DICOM folders, NIfTI/NRRD files, dataset roots): control / COVID-19 / CAP.

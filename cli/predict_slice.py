@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import click
+
 from covidctnet.cli.options import device_option
 
 

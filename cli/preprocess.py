@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from covidctnet.cli._common import batch_exit, echo_error_row
-from covidctnet.cli.options import config_file_option, config_option, out_option
+from covidctnet.cli.options import batch_options, config_file_option, config_option, out_option
 
 _CONFIG = "covidctnet.preprocessing.preprocess:PreprocessConfig"
 
@@ -25,25 +25,9 @@ _CONFIG = "covidctnet.preprocessing.preprocess:PreprocessConfig"
     "(cubic zoom, out-of-window HU set to -1000, 128x128) for its published weights.",
 )
 @config_option(_CONFIG, "--size", "size_xy", type=int, help="In-plane output size in voxels.")
-@click.option(
-    "--workers",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Worker processes; 0 runs in this process (best for debugging).",
-)
-@click.option(
-    "--scheduler",
-    default=None,
-    help="Dask scheduler address (tcp://host:8786): run the studies on that cluster instead of --workers.",
-)
 @click.option("--series-uid", default=None, help="SeriesInstanceUID to read when one DICOM folder holds several.")
-@click.option(
-    "--resume/--no-resume",
-    default=True,
-    show_default=True,
-    help="Skip studies already 'ok' in OUT/manifest.csv whose output is unchanged.",
-)
+@batch_options("Worker processes; 0 runs in this process (best for debugging).",
+               "Skip studies already 'ok' in OUT/manifest.csv whose output is unchanged.")
 def preprocess_cmd(inputs, out_dir, config_path, profile, size_xy, workers, scheduler, series_uid, resume):
     """Resample CT studies to 1 mm RAS, SIZE x SIZE in-plane, float32 in [0, 1].
 

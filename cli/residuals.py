@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from covidctnet.cli._common import batch_exit, echo_error_row
-from covidctnet.cli.options import config_file_option, config_option, device_option, out_option
+from covidctnet.cli.options import batch_options, config_file_option, config_option, device_option, out_option
 
 _CONFIG = "covidctnet.inference.residuals:ResidualGrid"
 
@@ -27,12 +27,8 @@ _CONFIG = "covidctnet.inference.residuals:ResidualGrid"
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="Denoiser arithmetic; bf16 is several times faster on CPUs with AMX (use the same for training "
                    "and predict).")
-@click.option("--workers", type=int, default=0, show_default=True,
-              help="Worker processes; 0 runs in this process (best for debugging).")
-@click.option("--scheduler", default=None,
-              help="Dask scheduler address (tcp://host:8786): run the studies on that cluster instead of --workers.")
-@click.option("--resume/--no-resume", default=True, show_default=True,
-              help="Skip studies already 'ok' in OUT/manifest.csv whose output is unchanged.")
+@batch_options("Worker processes; 0 runs in this process (best for debugging).",
+               "Skip studies already 'ok' in OUT/manifest.csv whose output is unchanged.")
 def residuals_cmd(preprocessed, out_dir, denoiser, config_path, depth, size_xy, batch_size, device, precision, workers,
                   scheduler, resume):
     """Residual maps (input - denoised, signed float32) of every study in PREPROCESSED, resampled to the

@@ -15,7 +15,7 @@ from torch import nn
 from covidctnet.core.device import resolve_device
 from covidctnet.core.errors import ConfigError
 from covidctnet.core.model_dir import ModelDir, load_model_dir
-from covidctnet.inference.onnx import load_onnx_component, load_onnx_denoiser, load_onnx_manifest
+from covidctnet.inference.onnx_export import load_onnx_component, load_onnx_denoiser, load_onnx_manifest
 from covidctnet.models.registry import Denoiser, load_classifier, load_denoiser, load_slice_model
 
 __all__ = ["BACKENDS", "OpenModel", "check_backend", "open_model"]

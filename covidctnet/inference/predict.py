@@ -85,7 +85,7 @@ class PredictConfig:
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
         save_residuals: also write each study's residual NIfTI and an overlay PNG.
         backend: ``torch`` (the model directory's safetensors) or ``onnx`` (onnxruntime on the CPU; the model
-            directory is an ``export-onnx`` output, see :mod:`covidctnet.inference.onnx`).
+            directory is an ``export-onnx`` output, see :mod:`covidctnet.inference.onnx_export`).
         precision: denoiser arithmetic of the torch backend: ``fp32`` (default) or ``bf16`` (several times faster on
             CPUs with AMX / AVX512-BF16 and on recent GPUs; probabilities move by about 1e-3, see
             ``docs/benchmarks.md``).

@@ -86,7 +86,7 @@ def predict_arrays(model: nn.Module, config: dict, arrays: Sequence[np.ndarray])
     """p(COVID) of grey-scale images ((H, W) float in [0, 1]) with a loaded slice model; returns (N,) float."""
     pre = config["preprocess"]
     transform = build_slice_transforms(False, pre["size"], pre["lung_mask"])
-    # an ONNX model (covidctnet.inference.onnx.OnnxModule) has no parameters and runs on the CPU
+    # an ONNX model (covidctnet.inference.onnx_export.OnnxModule) has no parameters and runs on the CPU
     device = next(model.parameters(), torch.empty(0)).device
     xs = []
     for arr in arrays:

@@ -9,10 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from covidctnet.cli import cli
 from model_factories import DEPTH, SIZE, tiny_predict_model
 
 from covidctnet import CLASS_NAMES
+from covidctnet.cli import cli
 from covidctnet.core.errors import ModelDirError
 from covidctnet.core.model_dir import save_model_dir
 from covidctnet.inference.predict import DEMO_SCAN, REPORT_COLUMNS, load_pipeline

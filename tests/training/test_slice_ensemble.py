@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from covidctnet.cli import cli
 
+from covidctnet.cli import cli
 from covidctnet.core.config import load_config
 from covidctnet.core.errors import ConfigError
-from covidctnet.inference.onnx import export_onnx
+from covidctnet.inference.onnx_export import export_onnx
 from covidctnet.models.registry import load_slice_model
 from covidctnet.training.slice import SliceTrainConfig, train_slice, youden_threshold
 from covidctnet.training.slice_ensemble import ensemble_slice_models

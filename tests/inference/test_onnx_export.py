@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from covidctnet.cli import cli
 from model_factories import DEPTH, SIZE, tiny_predict_model
 
 from covidctnet import CLASS_NAMES
+from covidctnet.cli import cli
 from covidctnet.core.errors import ConfigError, ModelDirError
 from covidctnet.core.model_dir import load_model_dir, save_model_dir
-from covidctnet.inference.onnx import ONNX_MANIFEST, export_onnx
+from covidctnet.inference.onnx_export import ONNX_MANIFEST, export_onnx
 from covidctnet.inference.predict import load_pipeline, predict_volume
 
 
