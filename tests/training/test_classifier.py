@@ -262,7 +262,6 @@ def _tiny_denoiser_dir(path: Path, size: int) -> Path:
 
 def test_cli_end_to_end(tmp_path):
     from covidctnet.cli import cli
-
     from covidctnet.models.registry import load_classifier, load_denoiser
 
     res, labels = make_synthetic_residuals(tmp_path / "res")

@@ -14,9 +14,9 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from covidctnet.cli import cli
 from data_paths import CONTROL, SIZE, preprocessed_control
 
+from covidctnet.cli import cli
 from covidctnet.core.checkpoint import load_checkpoint
 from covidctnet.core.config import load_config
 from covidctnet.core.errors import ConfigError
