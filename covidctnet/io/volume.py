@@ -465,10 +465,13 @@ def _skip_reason(ds: Any) -> str | None:
     """Why a DICOM file of a series folder is not a slice of the CT volume, or ``None`` if it is one."""
     from pydicom.uid import UID
 
-    sop = str(ds.get("SOPClassUID", ""))
+    file_meta = getattr(ds, "file_meta", None)
+    sop = str(ds.get("SOPClassUID", "") or (file_meta.get("MediaStorageSOPClassUID", "") if file_meta else "") or "")
     if sop and sop not in CT_SOP_CLASSES:
         # Dose reports (SR), secondary captures (dose screens, key images), presentation states, raw data, DICOMDIR.
         return f"not a CT image (SOP class {UID(sop).name})"
+    if "Rows" not in ds:
+        return "not an image (no pixel data)"
     raw = ds.get("ImageType") or []
     image_type = [v.strip().upper() for item in ([raw] if isinstance(raw, str) else raw) for v in str(item).split("\\")]
     if "LOCALIZER" in image_type:

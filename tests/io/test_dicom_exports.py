@@ -214,6 +214,20 @@ def test_dose_screen_stored_as_a_ct_image_is_skipped(dicom_dirs, clean, tmp_path
     assert "1 screen capture (ImageType SCREEN SAVE)" in _skip_lines(caplog)[0]
 
 
+def test_dicomdir_is_skipped(dicom_dirs, clean, tmp_path, caplog):
+    from pydicom.fileset import FileSet
+
+    folder = tmp_path / "export"
+    shutil.copytree(dicom_dirs["control"], folder)
+    fs = FileSet()
+    fs.add(_files(folder)[0])
+    fs.write(tmp_path / "fileset")  # writes DICOMDIR beside a copy of the slice
+    shutil.copyfile(tmp_path / "fileset" / "DICOMDIR", folder / "DICOMDIR")
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    np.testing.assert_array_equal(read_volume(folder).array, clean.array)
+    assert "1 not a CT image (SOP class Media Storage Directory Storage)" in _skip_lines(caplog)[0]
+
+
 def test_only_a_dose_report_is_not_a_series(dicom_dirs, tmp_path):
     from covidctnet.core.errors import SeriesSelectionError
 
