@@ -371,7 +371,7 @@ def _check_itk_header_spacing(path: Path) -> None:
 
     ITK takes the absolute value of a negative MetaImage ElementSpacing and reads "nan" as 0, so the header text is
     checked before it: MetaImage ``ElementSpacing`` / ``ElementSize``, NRRD ``spacings`` and ``space directions``
-    (the length of each direction vector).
+    (the length of each direction vector). A header with none of them is refused too (ITK would assume 1 mm).
     """
     import re
 
@@ -382,11 +382,13 @@ def _check_itk_header_spacing(path: Path) -> None:
         return  # ITK's read will name the problem
     # A NRRD header ends at a blank line, a MetaImage header at its ElementDataFile line.
     text = head.split(b"\n\n", 1)[0].split(b"ElementDataFile", 1)[0].decode("latin-1", errors="replace")
+    found = False
     for line in text.splitlines():
         key, sep, value = line.partition("=") if "=" in line.split(":", 1)[0] else line.partition(":")
         name, key = key.strip(), key.strip().lower()
         if not sep or key not in ("elementspacing", "elementsize", "spacings", "space directions"):
             continue
+        found = True
         if key == "space directions":
             vectors = re.findall(r"\(([^)]*)\)", value)
             sizes = [float(np.linalg.norm([_float(v) for v in vec.split(",")])) for vec in vectors]
@@ -398,6 +400,12 @@ def _check_itk_header_spacing(path: Path) -> None:
                     f"{path}: voxel size {size:g} mm along {axis} in the header ({name}); "
                     "expected a positive, finite size in mm"
                 )
+    if not found and (text.startswith("NRRD") or "NDims" in text):
+        # ITK would assume 1 mm voxels: a silent default we do not take.
+        raise ShapeError(
+            f"{path}: no voxel size in the header (NRRD 'space directions'/'spacings', MetaImage 'ElementSpacing'); "
+            "refusing to assume 1 mm"
+        )
 
 
 def _float(text: str) -> float:

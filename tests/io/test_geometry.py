@@ -203,6 +203,15 @@ def test_metaimage_bad_spacing_is_refused(nifti_ct, tmp_path, value, shown):
         read_volume(path)
 
 
+def test_nrrd_without_voxel_size_is_refused(nifti_ct, tmp_path):
+    path = _nrrd(nifti_ct, tmp_path / "nospacing.nrrd", None)
+    head, sep, body = path.read_bytes().partition(b"\n\n")
+    head = re.sub(rb"\n(space directions|space origin|space): [^\n]*", b"", head)
+    path.write_bytes(head + sep + body)
+    with pytest.raises(ShapeError, match=re.escape(f"{path}: no voxel size in the header")):
+        read_volume(path)
+
+
 def test_nrrd_sheared_is_refused(nifti_ct, tmp_path):
     path = _nrrd(nifti_ct, tmp_path / "shear.nrrd", "(-3,0,0) (0,-3,0) (0,0.75,3)")
     with pytest.raises(ShapeError, match=re.escape(f"{path}: sheared affine")):
