@@ -37,7 +37,7 @@ from covidctnet.core.labels import CLASS_NAMES
 from covidctnet.core.model_dir import dir_stamp
 from covidctnet.data.residual_volumes import residual_to_network_input
 from covidctnet.evaluation.plots import plot_residual_overlay
-from covidctnet.inference.backends import BACKENDS, open_model
+from covidctnet.inference.backends import check_backend, open_model
 from covidctnet.inference.residuals import PRECISIONS, compute_residual, residual_affine
 from covidctnet.io.batch import MANIFEST_NAME, BatchSummary, Study, discover_studies, read_manifest, run_batch
 from covidctnet.io.checks import check_volume
@@ -99,9 +99,7 @@ class PredictConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"'batch_size' must be at least 1, not {self.batch_size}")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"'backend' must be one of {list(BACKENDS)}, not {self.backend!r}")
-
+        check_backend(self.backend)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"'precision' must be one of {list(PRECISIONS)}, not {self.precision!r}")
         if self.precision != "fp32" and self.backend == "onnx":

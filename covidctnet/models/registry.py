@@ -74,10 +74,7 @@ def load_slice_model(model_dir: str | os.PathLike | None = None, device: str = "
             model = SliceEnsemble([build_slice_model(comp["arch"], **comp.get("kwargs", {})) for _ in range(n_members)])
     except (ConfigError, TypeError) as err:
         raise ModelDirError(f"{path}: cannot build {comp.get('arch')!r} from config.yaml: {err}") from err
-    try:
-        model.load_state_dict(md.state_dict("model"))
-    except RuntimeError as err:
-        raise ModelDirError(f"{path}: weights do not fit {comp['arch']}: {str(err).splitlines()[0]}") from err
+    _load_weights(model, md, "model", f"arch {comp['arch']!r} {comp.get('kwargs', {})}")
     model.eval().to(resolve_device(device))
     config = dict(md.config)
     config["weights_sha256"] = md.weights_sha256("model")
@@ -111,6 +108,24 @@ def state_dict_mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor], l
     return "; ".join(parts) or None
 
 
+def _load_weights(model: nn.Module, md: ModelDir, component: str, arch: str) -> None:
+    """Load ``component``'s hash-checked weights into ``model`` (strict), or raise one line naming what does not fit.
+
+    Raises:
+        ModelDirError: missing or unexpected keys or other shapes (the first ones named: torch's own message starts
+            with a bare "Error(s) in loading state_dict"), or another problem torch finds (e.g. dtypes).
+    """
+    state = md.state_dict(component)
+    problem = state_dict_mismatch(model, state)
+    if problem:
+        raise ModelDirError(f"{md.path}: {component} weights do not fit {arch}: {problem}")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ModelDirError(f"{md.path}: {component} weights do not fit {arch}: "
+                            f"{' '.join(str(err).split())[:300]}") from err
+
+
 def load_classifier(
     model_dir: str | os.PathLike | ModelDir,
     component: str = "classifier",
@@ -140,14 +155,7 @@ def load_classifier(
         model = build_classifier(arch, **kwargs)
     except ConfigError as err:
         raise ModelDirError(f"{md.path}: components.{component}: {err}") from err
-    state = md.state_dict(component)
-    problem = state_dict_mismatch(model, state)
-    if problem:
-        raise ModelDirError(f"{md.path}: {component} weights do not fit arch {arch!r} {kwargs}: {problem}")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as err:  # e.g. dtype trouble the key/shape check cannot see
-        raise ModelDirError(f"{md.path}: cannot load {component} weights: {str(err).splitlines()[0]}") from err
+    _load_weights(model, md, component, f"arch {arch!r} {kwargs}")
     if device is not None:
         model = model.to(resolve_device(device) if isinstance(device, str) else device)
     logger.info("loaded %s classifier %s from %s", arch, md.weights_sha256(component)[:12], md.path)
@@ -209,17 +217,7 @@ def load_denoiser(path: str | os.PathLike, device: str | Any = "auto") -> Denois
         model = build_denoiser(comp.get("kwargs") or {})
     except ConfigError as err:
         raise ModelDirError(f"{mdir.path / 'config.yaml'}: {err}") from err
-    state = mdir.state_dict(DENOISER_COMPONENT)
-    # torch's own message starts with a bare "Error(s) in loading state_dict": name the keys and shapes instead
-    problem = state_dict_mismatch(model, state)
-    if problem:
-        raise ModelDirError(f"{mdir.path}: denoiser weights do not fit the architecture in config.yaml "
-                            f"({comp.get('kwargs')}): {problem}")
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        raise ModelDirError(f"{mdir.path}: denoiser weights do not fit the architecture in config.yaml: "
-                            f"{' '.join(str(err).split())[:300]}") from err
+    _load_weights(model, mdir, DENOISER_COMPONENT, f"the architecture in config.yaml ({comp.get('kwargs')})")
     preprocess = dict(mdir.config.get("preprocess") or {})
     size = (mdir.config.get("input") or {}).get("size_xy", preprocess.get("size_xy"))
     if isinstance(size, bool) or not isinstance(size, int):
