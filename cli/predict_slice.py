@@ -7,13 +7,14 @@ from pathlib import Path
 
 import click
 
+from covidctnet.cli._common import bundled_model_notice
 from covidctnet.cli.options import device_option
 
 
 @click.command("predict-slice")
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", "model_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Slice model directory  [default: the model bundled with covidctnet].")
+              help="Slice model directory  [default: the bundled demonstration slice model].")
 # Not options.out_option: its click.Path(file_okay=False) turns an existing file into a multi-line usage error; the
 # library says it in one line instead (exit 2).
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(path_type=Path), metavar="DIRECTORY",
@@ -37,6 +38,8 @@ def predict_slice_cmd(inputs, model_dir, out_dir, cam_dir, threshold, batch_size
     """
     from covidctnet.inference.predict_slice import predict_slices
 
+    if model_dir is None and backend == "torch":
+        bundled_model_notice("slice model (covidctnet/assets/slice_model)")
     summary = predict_slices(inputs, out_dir, model_dir=model_dir, cam_dir=cam_dir, device=device,
                              batch_size=batch_size, threshold=threshold, backend=backend,
                              on_error=lambda message: click.echo(f"Error: {message}", err=True))

@@ -64,6 +64,8 @@ def test_predict_slice_format_with_bundled_model(val_images, tmp_path):
     result = CliRunner().invoke(cli, ["predict-slice", *map(str, val_images), str(bad), "-o", str(out)])
     assert result.exit_code == 1, result.output  # one image failed, the others were scored
     assert [p.name for p in out.iterdir()] == ["preds.csv"]
+    notes = [line for line in result.output.splitlines() if "demonstration" in line]
+    assert len(notes) == 1 and "not diagnostic" in notes[0]  # the bundled model says what it is
     rows = _rows(out / "preds.csv")
     threshold = yaml.safe_load((DEFAULT_SLICE_MODEL / "config.yaml").read_text())["threshold"]
     sums = hashlib.sha256((DEFAULT_SLICE_MODEL / "SHA256SUMS").read_bytes()).hexdigest()
