@@ -9,9 +9,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from covidctnet.cli import cli
 from model_factories import SIZE, tiny_denoiser_dir, tiny_predict_model
 
+from covidctnet.cli import cli
 from covidctnet.io.batch import read_manifest
 
 distributed = pytest.importorskip("dask.distributed")
