@@ -12,9 +12,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from covidctnet.cli import cli
 from dicom_utils import copy_series
 
+from covidctnet.cli import cli
 from covidctnet.io.batch import read_manifest
 
 REPO = Path(__file__).resolve().parents[2]

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+
 from covidctnet.cli import cli
 
 REPO = Path(__file__).resolve().parents[2]

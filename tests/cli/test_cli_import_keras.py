@@ -10,9 +10,9 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from covidctnet.cli import cli
 
 from covidctnet import CLASS_NAMES
+from covidctnet.cli import cli
 from covidctnet.core.files import sha256_file
 from covidctnet.core.model_dir import load_model_dir, save_model_dir
 from covidctnet.models.cnn3d import CovidCTNet3D

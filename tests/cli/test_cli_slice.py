@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from covidctnet.cli import cli
 from PIL import Image
 
+from covidctnet.cli import cli
 from covidctnet.data.ucsd import read_split_list, ucsd_records
 from covidctnet.models.registry import DEFAULT_SLICE_MODEL
 from covidctnet.training.slice import slice_metrics

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from covidctnet.cli import cli
 from scipy.stats import binomtest, norm
 from sklearn.metrics import roc_auc_score
 from statsmodels.stats.proportion import proportion_confint
 
+from covidctnet.cli import cli
 from covidctnet.core.config import load_config
 from covidctnet.core.errors import InputError, LabelError
 from covidctnet.evaluation.reader_study import ReaderStudyConfig, majority_vote, read_reader_csv, run_reader_study

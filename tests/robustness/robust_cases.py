@@ -22,9 +22,10 @@ import numpy as np
 import pydicom
 import pytest
 from click.testing import CliRunner, Result
-from covidctnet.cli import cli
 from dicom_utils import copy_series
 from model_factories import DEPTH, SIZE, tiny_denoiser_dir, tiny_predict_model
+
+from covidctnet.cli import cli
 
 __all__ = [
     "Sources",

@@ -86,6 +86,7 @@ BAD_CONFIGS: dict[tuple[str, str], tuple[str, str]] = {
 def test_every_config_command_is_covered():
     """Every command that takes --config is here, with the three kinds of mistake (a new command cannot slip by)."""
     import click
+
     from covidctnet.cli import COMMANDS, cli
 
     ctx = click.Context(cli)
