@@ -70,9 +70,8 @@ def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, sav
     from covidctnet.inference.predict import PredictConfig, predict_studies
     from covidctnet.models.registry import DEMO_MODEL
 
-    if model_dir is None:
-        bundled_model_notice("3D model (covidctnet/assets/demo_model)")
-        model_dir = DEMO_MODEL
+    bundled = model_dir is None
+    model_dir = DEMO_MODEL if bundled else model_dir
 
     cfg = load_config(
         PredictConfig,
@@ -83,6 +82,8 @@ def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, sav
     summary = predict_studies(inputs, model_dir, out_dir, cfg, on_result=echo_error_row, resume=resume,
                               workers=workers, scheduler=scheduler)
     _print_report(summary, out_dir)
+    if bundled and summary.n_ok + summary.n_skipped:  # after the run: a bad input stays one line
+        bundled_model_notice("3D model (covidctnet/assets/demo_model)")
     sys.exit(batch_exit(summary))
 
 

@@ -38,13 +38,13 @@ def predict_slice_cmd(inputs, model_dir, out_dir, cam_dir, threshold, batch_size
     """
     from covidctnet.inference.predict_slice import predict_slices
 
-    if model_dir is None and backend == "torch":
-        bundled_model_notice("slice model (covidctnet/assets/slice_model)")
     summary = predict_slices(inputs, out_dir, model_dir=model_dir, cam_dir=cam_dir, device=device,
                              batch_size=batch_size, threshold=threshold, backend=backend,
                              on_error=lambda message: click.echo(f"Error: {message}", err=True))
     click.echo(f"predict-slice: {summary.n_ok} scored, {summary.n_failed} failed"
                + (f"; {summary.out_csv} (threshold {summary.threshold:.4g})" if summary.n_ok else "; nothing written")
                + (f"; {len(summary.cams)} Grad-CAM PNGs in {cam_dir}" if cam_dir else ""), err=True)
+    if model_dir is None and summary.n_ok:  # after the run: a bad input stays one line
+        bundled_model_notice("slice model (covidctnet/assets/slice_model)")
     if summary.n_failed:
         sys.exit(2 if summary.n_ok == 0 else 1)
