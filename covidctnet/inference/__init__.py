@@ -1,0 +1,1 @@
+"""Inference stage: new modules (slice scores); residuals and predict move here later."""
