@@ -74,6 +74,8 @@ class PredictConfig:
         precision: denoiser arithmetic of the torch backend: ``fp32`` (default) or ``bf16`` (several times faster on
             CPUs with AMX / AVX512-BF16 and on recent GPUs; probabilities move by about 1e-3, see
             ``docs/benchmarks.md``).
+        min_lung_ml: chest-coverage check: a scan whose 3D lung mask holds less (ml) is refused ("no lungs found:
+            not a chest CT?"), before the networks run.
     """
 
     batch_size: int = 8
@@ -81,9 +83,13 @@ class PredictConfig:
     save_residuals: bool = False
     backend: str = "torch"
     precision: str = "fp32"
+    min_lung_ml: float = 500.0
 
     def __post_init__(self) -> None:
         from covidctnet.errors import ConfigError
+
+        if self.min_lung_ml < 0:
+            raise ConfigError(f"'min_lung_ml' must be >= 0, not {self.min_lung_ml}")
 
         if self.batch_size < 1:
             raise ConfigError(f"'batch_size' must be at least 1, not {self.batch_size}")
@@ -244,6 +250,10 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
     volume = read_volume(study.path)
     passed = check_volume(volume, pipeline.preprocess.limits)
     read_s = time.perf_counter() - t
+    from covidctnet.inference.slice_scores import ras_lung_mask
+
+    _, _, lungs = ras_lung_mask(volume, cfg.min_lung_ml)  # NoLungsError: not a chest CT, nothing is written
+    passed = [*passed, "chest_coverage"]
     result = predict_volume(pipeline, volume, cfg.batch_size, cfg.precision)
     probs = result["probabilities"]
     row: dict[str, Any] = {
@@ -256,18 +266,26 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
         "seconds": {"read": round(read_s, 3), **{k: round(v, 3) for k, v in result["seconds"].items()}},
     }
     if cfg.save_residuals:  # written before the study's JSON, whose presence marks the study done
-        from scipy import ndimage
-
+        from covidctnet.inference.slice_scores import mask_to_grid
         from covidctnet.plots import plot_residual_overlay
+        from covidctnet.residuals import resample_stack
 
         residual, res_affine = result["residual"]
         write_nifti(residual, res_affine, out_dir / f"{study.study_id}_residual.nii.gz")
         ct = result["preprocessed"][0]
-        ct_small = ndimage.zoom(ct, np.array(residual.shape) / np.array(ct.shape), order=1)
+        # resample_stack maps voxel edges onto edges, as the residual's grid (ndimage.zoom left the last slice black)
+        ct_small = resample_stack(ct, residual.shape)
+        lung = mask_to_grid(lungs.mask > 0, residual.shape)
+        # the axial slice shown is the one whose lungs hold the most residual the denoiser removed (mean of the
+        # positive part inside the lungs: the residual_score of slice-scores), not the middle one
+        area = lung.sum(axis=(0, 1))
+        score = np.where(area >= 0.25 * area.max(), (np.maximum(residual, 0) * lung).sum(axis=(0, 1))
+                         / np.maximum(area, 1), -np.inf)
         title = f"{study.study_id}: {result['predicted']} " + " ".join(
             f"{c}={p:.2f}" for c, p in zip(CLASS_NAMES, probs)
         )
-        plot_residual_overlay(out_dir / f"{study.study_id}_overlay.png", ct_small, residual, title=title)
+        plot_residual_overlay(out_dir / f"{study.study_id}_overlay.png", ct_small, residual, title=title,
+                              lung_mask=lung, axial_index=int(np.argmax(score)) if area.max() else None)
         row["residual"] = f"{study.study_id}_residual.nii.gz"
         row["overlay"] = f"{study.study_id}_overlay.png"
     row["output"] = f"{PREDICTIONS_DIR}/{study.study_id}.json"
