@@ -182,7 +182,7 @@ def _slice_centres_z(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 
 
 def score_volume(volume: Volume, denoiser: Any, preprocess: Any, cfg: SliceScoresConfig = SliceScoresConfig(),
-                 study_id: str = "") -> list[dict[str, Any]]:
+                 study_id: str = "", lungs: LungMask | None = None) -> list[dict[str, Any]]:
     """Slice scores of one CT.
 
     Args:
@@ -191,6 +191,8 @@ def score_volume(volume: Volume, denoiser: Any, preprocess: Any, cfg: SliceScore
         preprocess: the :class:`covidctnet.preprocess.PreprocessConfig` the denoiser was trained with.
         cfg: statistic, HU range, chest-coverage minimum.
         study_id: written in each row.
+        lungs: a lung mask on the volume's RAS grid to use instead of computing one (e.g. the mask of the clean scan
+            when lesions were inserted into it); the chest-coverage check is then not run.
 
     Returns:
         One dict per original slice (ascending z) with the :data:`SLICE_COLUMNS` and ``residual_<statistic>`` keys.
@@ -201,7 +203,14 @@ def score_volume(volume: Volume, denoiser: Any, preprocess: Any, cfg: SliceScore
     from covidctnet.preprocess import preprocess_volume
     from covidctnet.residuals import compute_residual
 
-    hu, affine, lungs = ras_lung_mask(volume, cfg.min_lung_ml)
+    if lungs is None:
+        hu, affine, lungs = ras_lung_mask(volume, cfg.min_lung_ml)
+    else:
+        from covidctnet.preprocess import _to_ras
+
+        hu, affine = _to_ras(volume)
+        if lungs.mask.shape != hu.shape:
+            raise ValueError(f"lung mask shape {lungs.mask.shape} differs from the volume's {hu.shape}")
     z_orig = _slice_centres_z(affine, hu.shape)
     dz = float(np.linalg.norm(affine[:3, 2]))
     lung = lungs.mask > 0
