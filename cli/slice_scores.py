@@ -21,7 +21,7 @@ from covidctnet.cli._common import batch_exit, echo_error_row
 @click.option("--config", "config_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="YAML overriding configs/slice_scores.yaml.")
 @click.option("--statistic", type=click.Choice(["mean_pos", "mean_abs", "p95", "frac_pos"]), default=None,
-              help="Residual statistic written as residual_score (default mean_pos).")
+              help="Residual statistic written as residual_score (default p95: 95th percentile inside the lungs).")
 @click.option("--min-lung-ml", type=float, default=None, help="Chest-coverage minimum lung volume (default 500 ml).")
 @click.option("--device", default=None, help="auto | cpu | cuda | cuda:N  [default: auto]")
 @click.option("--workers", type=int, default=0, show_default=True,

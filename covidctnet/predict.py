@@ -276,11 +276,13 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
         # resample_stack maps voxel edges onto edges, as the residual's grid (ndimage.zoom left the last slice black)
         ct_small = resample_stack(ct, residual.shape)
         lung = mask_to_grid(lungs.mask > 0, residual.shape)
-        # the axial slice shown is the one whose lungs hold the most residual the denoiser removed (mean of the
-        # positive part inside the lungs: the residual_score of slice-scores), not the middle one
+        # the axial slice shown is the one with the highest residual score (slice-scores' default statistic, the
+        # 95th percentile of the residual inside the lungs) among slices with at least a quarter of the largest
+        # lung cross-section (apex and base slices hold a few partial-volume voxels), not the middle one
         area = lung.sum(axis=(0, 1))
-        score = np.where(area >= 0.25 * area.max(), (np.maximum(residual, 0) * lung).sum(axis=(0, 1))
-                         / np.maximum(area, 1), -np.inf)
+        score = np.full(residual.shape[2], -np.inf)
+        for k in np.flatnonzero(area >= 0.25 * area.max()) if area.max() else []:
+            score[k] = float(np.percentile(residual[:, :, k][lung[:, :, k]], 95))
         title = f"{study.study_id}: {result['predicted']} " + " ".join(
             f"{c}={p:.2f}" for c, p in zip(CLASS_NAMES, probs)
         )

@@ -74,8 +74,9 @@ class SliceScoresConfig:
     """Settings of ``covidctnet slice-scores`` (defaults = ``configs/slice_scores.yaml``).
 
     Attributes:
-        statistic: which candidate is ``residual_score`` (see :data:`STATISTICS`; chosen on the shared P001, cap001
-            and normal001 series by the rule in docs/validation.md).
+        statistic: which candidate is ``residual_score`` (see :data:`STATISTICS`). ``p95``, the 95th percentile
+            of the residual inside the slice's lungs, was chosen for the bundled denoiser on the shared P001, cap001
+            and normal001 series by the rule written before any AUC was seen (docs/validation.md).
         frac_threshold: residual above which a voxel counts for ``frac_pos`` (intensity units of [0, 1]).
         hu_low, hu_high: HU range counted by ``hu_score`` (ground glass and denser lung).
         min_lung_ml: chest-coverage check: scans with less lung (ml) are refused.
@@ -84,7 +85,7 @@ class SliceScoresConfig:
         precision: denoiser arithmetic, ``fp32`` or ``bf16``.
     """
 
-    statistic: Literal["mean_pos", "mean_abs", "p95", "frac_pos"] = "mean_pos"
+    statistic: Literal["mean_pos", "mean_abs", "p95", "frac_pos"] = "p95"
     frac_threshold: float = 0.05
     hu_low: float = -750.0
     hu_high: float = -300.0
