@@ -239,8 +239,8 @@ def plot_residual_overlay(
         residual: (X, Y, Z) signed residual on the same grid (input − denoised); drawn in a diverging colour map
             where its magnitude exceeds the 95th percentile, so structure the denoiser could not reproduce stands out.
         title: figure title (e.g. the study id and predicted class).
-        lung_mask: optional (X, Y, Z) bool lung mask on the same grid: the lungs are outlined and the residual is
-            shown inside them only (percentiles taken over the lungs).
+        lung_mask: optional (X, Y, Z) bool lung mask on the same grid: the lungs are outlined, the residual is
+            shown inside them only, minus its median over the lungs (percentiles taken over the lungs).
         axial_index: the axial slice to show (default: the middle one); the coronal and sagittal slices pass through
             the largest residual inside the lungs of that slice (the volume's centre without a mask).
 
@@ -254,6 +254,12 @@ def plot_residual_overlay(
     if lung_mask is not None and lung_mask.shape != ct.shape:
         raise ValueError(f"lung_mask must have the CT's shape {ct.shape}, not {lung_mask.shape}")
     inside = np.ones(ct.shape, dtype=bool) if lung_mask is None or not lung_mask.any() else lung_mask.astype(bool)
+    offset = 0.0
+    if lung_mask is not None and lung_mask.any():
+        # a denoiser can be biased over the whole lung (e.g. denoised lung uniformly brighter): its median over the
+        # lungs is subtracted so the colours show where the residual departs from the lung's typical value
+        offset = float(np.median(residual[inside]))
+        residual = residual - offset
     magnitude = np.abs(residual[inside])
     limit = float(np.percentile(magnitude, 99.5)) or 1.0
     shown = np.ma.masked_where(~inside | (np.abs(residual) < np.percentile(magnitude, 95)), residual)
@@ -282,7 +288,8 @@ def plot_residual_overlay(
         where = {"axial": f"slice {z}", "coronal": f"y={y}", "sagittal": f"x={x}"}[name]
         ax.set_title(f"{name} ({where})")
         ax.set_axis_off()
-    label = "residual (input − denoised)" + (", inside the lungs (yellow)" if lung_mask is not None else "")
+    label = ("residual (input − denoised)" if lung_mask is None else
+             f"residual − lung median ({offset:+.3f}), lungs in yellow")
     fig.colorbar(im, ax=list(axes), shrink=0.8, label=label)
     if title:
         fig.suptitle(title)
