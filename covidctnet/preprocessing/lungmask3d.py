@@ -4,16 +4,19 @@ Used to score residuals inside the lungs (``covidctnet slice-scores``), to outli
 (``predict --save-residuals``) and for the chest-coverage check (a scan with too little lung is refused).
 
 Steps, on the volume reoriented to RAS and averaged in-plane to about ``work_pixel_mm`` (2.5 mm by default: the mask
-only has to be right to a few mm, and a 512×512 scan then costs a fraction of a second):
+only has to be right to a few mm; a 512×512×150 scan then takes about 2–6 s on one core):
 
-1. air candidates: ``HU < air_hu_max`` (−320 HU, the classical lung threshold; ground glass at about −600 HU is inside);
+1. air candidates: ``HU < air_hu_max`` (−320 HU, the classical lung threshold; ground glass, about −600 HU, is in);
 2. airway and gas bubbles: per axial slice, small components (< ``airway_max_area_cm2``) whose mean HU is below
    ``airway_hu_max`` (−900) are removed. The trachea and main bronchi are pure air (about −1000 HU) in the
    mediastinum, while even the smallest cross-sections of lung (apex, bases) hold parenchyma and vessels and average
    about −850 HU, so density separates them where size alone would not;
-3. outside air and bowel gas: 3D components whose median HU is below ``gas_median_hu`` (−950) are not lung
-   (parenchyma's median is about −850; air outside the body, in the stomach or the bowel is about −1000). This also
-   works on tight crops whose lungs touch the image border, where "drop border-connected air" would drop the lungs;
+3. outside air, bowel gas and the table: 3D components whose median HU is below ``gas_median_hu`` (−950) are not
+   lung (parenchyma's median is about −850; air outside the body, in the stomach or the bowel is about −1000). This
+   also works on tight crops whose lungs touch the image border, where "drop border-connected air" would drop the
+   lungs. Components less than ``min_depth_mm`` deep (antero-posterior), or lying along most of the posterior image
+   edge from its left to its right edge with a median below ``table_median_hu`` (the table's foam and the air
+   under it), are dropped too;
 4. two lungs: the two largest remaining 3D components (each at least ``min_component_ml``); when the lungs touch
    (anterior junction) and form one component, it is split by eroding until two cores appear and growing them back;
 5. holes and vessels: each lung is closed in 3D (ball of ``closing_mm``) and its holes are filled slice by slice, so
