@@ -34,6 +34,8 @@ COMMANDS: dict[str, str] = {
     "reader-study": "covidctnet.cli.reader_study:reader_study_cmd",
     "export-onnx": "covidctnet.cli.export_onnx:export_onnx_cmd",
     "defaults": "covidctnet.cli.defaults:defaults_cmd",
+    "slice-scores": "covidctnet.cli.slice_scores:slice_scores_cmd",
+    "validate-residuals": "covidctnet.cli.validate_residuals:validate_residuals_cmd",
 }
 
 

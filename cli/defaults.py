@@ -16,6 +16,8 @@ CONFIG_FILES: dict[str, tuple[str, str | None]] = {
     "residuals.yaml": ("covidctnet.inference.residuals:ResidualGrid", None),
     "classifier.yaml": ("covidctnet.training.classifier:ClassifierConfig", None),
     "predict.yaml": ("covidctnet.inference.predict:PredictConfig", None),
+    "slice_scores.yaml": ("covidctnet.inference.slice_scores:SliceScoresConfig", None),
+    "validate_residuals.yaml": ("covidctnet.evaluation.residual_validation:ValidateResidualsConfig", None),
     "slice.yaml": ("covidctnet.training.slice:SliceTrainConfig", None),
     "pretrain_slice.yaml": ("covidctnet.training.simclr:PretrainSliceConfig", None),
     "evaluate.yaml": ("covidctnet.evaluation.evaluate:EvaluateConfig", None),

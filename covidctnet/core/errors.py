@@ -15,6 +15,7 @@ __all__ = [
     "ShapeError",
     "LabelError",
     "SplitError",
+    "NoLungsError",
     "ConfigError",
     "ModelDirError",
     "CheckpointError",
@@ -71,6 +72,10 @@ class LabelError(InputError):
 
 class SplitError(InputError):
     """A data split is inconsistent (a patient in two sets, a listed file missing)."""
+
+
+class NoLungsError(InputError):
+    """The scan holds too little lung to be a chest CT (the chest-coverage check of the 3D lung mask)."""
 
 
 class ConfigError(CovidCTNetError):

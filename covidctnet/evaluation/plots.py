@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from scipy import ndimage
 
 from covidctnet.core.files import atomic_path
 
@@ -227,8 +228,10 @@ def plot_residual_overlay(
     *,
     title: str = "",
     dpi: int = _DEFAULT_DPI,
+    lung_mask: np.ndarray | None = None,
+    axial_index: int | None = None,
 ) -> Path:
-    """Residual over the CT on the axial, coronal and sagittal mid slices.
+    """Residual over the CT on an axial slice and the coronal and sagittal slices through it.
 
     Args:
         path: output PNG.
@@ -236,6 +239,10 @@ def plot_residual_overlay(
         residual: (X, Y, Z) signed residual on the same grid (input − denoised); drawn in a diverging colour map
             where its magnitude exceeds the 95th percentile, so structure the denoiser could not reproduce stands out.
         title: figure title (e.g. the study id and predicted class).
+        lung_mask: optional (X, Y, Z) bool lung mask on the same grid: the lungs are outlined, the residual is
+            shown inside them only, minus its median over the lungs (percentiles taken over the lungs).
+        axial_index: the axial slice to show (default: the middle one); the coronal and sagittal slices pass through
+            the largest residual inside the lungs of that slice (the volume's centre without a mask).
 
     Returns:
         The written path.
@@ -244,23 +251,45 @@ def plot_residual_overlay(
     residual = np.asarray(residual, dtype=np.float32)
     if ct.shape != residual.shape:
         raise ValueError(f"ct and residual must have the same shape, not {ct.shape} and {residual.shape}")
-    limit = float(np.percentile(np.abs(residual), 99.5)) or 1.0
-    shown = np.ma.masked_where(np.abs(residual) < np.percentile(np.abs(residual), 95), residual)
+    if lung_mask is not None and lung_mask.shape != ct.shape:
+        raise ValueError(f"lung_mask must have the CT's shape {ct.shape}, not {lung_mask.shape}")
+    inside = np.ones(ct.shape, dtype=bool) if lung_mask is None or not lung_mask.any() else lung_mask.astype(bool)
+    offset = 0.0
+    if lung_mask is not None and lung_mask.any():
+        # a denoiser can be biased over the whole lung (e.g. denoised lung uniformly brighter): its median over the
+        # lungs is subtracted so the colours show where the residual departs from the lung's typical value
+        offset = float(np.median(residual[inside]))
+        residual = residual - offset
+    magnitude = np.abs(residual[inside])
+    limit = float(np.percentile(magnitude, 99.5)) or 1.0
+    shown = np.ma.masked_where(~inside | (np.abs(residual) < np.percentile(magnitude, 95)), residual)
     x, y, z = (s // 2 for s in ct.shape)
+    if axial_index is not None:
+        z = int(np.clip(axial_index, 0, ct.shape[2] - 1))
+        if lung_mask is not None and inside[:, :, z].any():
+            # coronal and sagittal through the strongest smoothed residual of that axial slice, inside the lungs
+
+            smooth = ndimage.uniform_filter(np.maximum(residual[:, :, z], 0), size=5)
+            x, y = np.unravel_index(np.argmax(np.where(inside[:, :, z], smooth, -np.inf)), smooth.shape)
     # Radiological display: rot90 puts anterior (or superior) up with the patient's right on the image's left.
     views = [
-        ("axial", np.rot90(ct[:, :, z]), np.rot90(shown[:, :, z])),
-        ("coronal", np.rot90(ct[:, y, :]), np.rot90(shown[:, y, :])),
-        ("sagittal", np.rot90(ct[x, :, :]), np.rot90(shown[x, :, :])),
+        ("axial", (slice(None), slice(None), z)),
+        ("coronal", (slice(None), y, slice(None))),
+        ("sagittal", (x, slice(None), slice(None))),
     ]
     fig = new_figure((12.0, 4.4))
     axes = fig.subplots(1, 3)
-    for ax, (name, base, over) in zip(axes, views):
-        ax.imshow(base, cmap="gray", vmin=0, vmax=1, aspect="auto")
-        im = ax.imshow(over, cmap="coolwarm", vmin=-limit, vmax=limit, alpha=0.8, aspect="auto")
-        ax.set_title(name)
+    for ax, (name, index) in zip(axes, views):
+        ax.imshow(np.rot90(ct[index]), cmap="gray", vmin=0, vmax=1, aspect="auto")
+        im = ax.imshow(np.rot90(shown[index]), cmap="coolwarm", vmin=-limit, vmax=limit, alpha=0.8, aspect="auto")
+        if lung_mask is not None:
+            ax.contour(np.rot90(lung_mask[index].astype(np.float32)), levels=[0.5], colors="yellow", linewidths=0.6)
+        where = {"axial": f"slice {z}", "coronal": f"y={y}", "sagittal": f"x={x}"}[name]
+        ax.set_title(f"{name} ({where})")
         ax.set_axis_off()
-    fig.colorbar(im, ax=list(axes), shrink=0.8, label="residual (input − denoised)")
+    label = ("residual (input − denoised)" if lung_mask is None else
+             f"residual − lung median ({offset:+.3f}), lungs in yellow")
+    fig.colorbar(im, ax=list(axes), shrink=0.8, label=label)
     if title:
         fig.suptitle(title)
     return save_figure(fig, path, dpi=dpi)

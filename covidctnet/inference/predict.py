@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from covidctnet.core.config import validate_config
 from covidctnet.core.errors import ConfigError, ModelDirError
@@ -38,7 +37,8 @@ from covidctnet.core.model_dir import dir_stamp
 from covidctnet.data.residual_volumes import residual_to_network_input
 from covidctnet.evaluation.plots import plot_residual_overlay
 from covidctnet.inference.backends import check_backend, open_model
-from covidctnet.inference.residuals import PRECISIONS, compute_residual, residual_affine
+from covidctnet.inference.residuals import PRECISIONS, compute_residual, resample_stack, residual_affine
+from covidctnet.inference.slice_scores import mask_to_grid, ras_lung_mask
 from covidctnet.io.batch import MANIFEST_NAME, BatchSummary, Study, discover_studies, read_manifest, run_batch
 from covidctnet.io.checks import check_volume
 from covidctnet.io.volume import read_volume, write_nifti
@@ -89,14 +89,19 @@ class PredictConfig:
         precision: denoiser arithmetic of the torch backend: ``fp32`` (default) or ``bf16`` (several times faster on
             CPUs with AMX / AVX512-BF16 and on recent GPUs; probabilities move by about 1e-3, see
             ``docs/benchmarks.md``).
+        min_lung_ml: chest-coverage check: a scan whose 3D lung mask holds less (ml) is refused ("no lungs found:
+            not a chest CT?"), before the networks run.
     """
     batch_size: int = 8
     device: str = "auto"
     save_residuals: bool = False
     backend: str = "torch"
     precision: str = "fp32"
+    min_lung_ml: float = 500.0
 
     def __post_init__(self) -> None:
+        if self.min_lung_ml < 0:
+            raise ConfigError(f"'min_lung_ml' must be >= 0, not {self.min_lung_ml}")
         if self.batch_size < 1:
             raise ConfigError(f"'batch_size' must be at least 1, not {self.batch_size}")
         check_backend(self.backend)
@@ -219,6 +224,9 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
     volume = read_volume(study.path)
     passed = check_volume(volume, pipeline.preprocess.limits)
     read_s = time.perf_counter() - t
+
+    _, _, lungs = ras_lung_mask(volume, cfg.min_lung_ml)  # NoLungsError: not a chest CT, nothing is written
+    passed = [*passed, "chest_coverage"]
     result = predict_volume(pipeline, volume, cfg.batch_size, cfg.precision)
     probs = result["probabilities"]
     row: dict[str, Any] = {
@@ -234,11 +242,21 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
         residual, res_affine = result["residual"]
         write_nifti(residual, res_affine, out_dir / f"{study.study_id}_residual.nii.gz")
         ct = result["preprocessed"][0]
-        ct_small = ndimage.zoom(ct, np.array(residual.shape) / np.array(ct.shape), order=1)
+        # resample_stack maps voxel edges onto edges, as the residual's grid (ndimage.zoom left the last slice black)
+        ct_small = resample_stack(ct, residual.shape)
+        lung = mask_to_grid(lungs.mask > 0, residual.shape)
+        # the axial slice shown is the one with the highest residual score (slice-scores' default statistic, the
+        # 95th percentile of the residual inside the lungs) among slices with at least a quarter of the largest
+        # lung cross-section (apex and base slices hold a few partial-volume voxels), not the middle one
+        area = lung.sum(axis=(0, 1))
+        score = np.full(residual.shape[2], -np.inf)
+        for k in np.flatnonzero(area >= 0.25 * area.max()) if area.max() else []:
+            score[k] = float(np.percentile(residual[:, :, k][lung[:, :, k]], 95))
         title = f"{study.study_id}: {result['predicted']} " + " ".join(
             f"{c}={p:.2f}" for c, p in zip(CLASS_NAMES, probs)
         )
-        plot_residual_overlay(out_dir / f"{study.study_id}_overlay.png", ct_small, residual, title=title)
+        plot_residual_overlay(out_dir / f"{study.study_id}_overlay.png", ct_small, residual, title=title,
+                              lung_mask=lung, axial_index=int(np.argmax(score)) if area.max() else None)
         row["residual"] = f"{study.study_id}_residual.nii.gz"
         row["overlay"] = f"{study.study_id}_overlay.png"
     row["output"] = f"{PREDICTIONS_DIR}/{study.study_id}.json"

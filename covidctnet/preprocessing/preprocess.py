@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from covidctnet.io.batch import BatchSummary
 
 __all__ = [
+    "to_ras",
     "PreprocessConfig",
     "build_transforms",
     "preprocess_volume",
@@ -225,7 +226,7 @@ def preprocess_volume(volume: Volume, cfg: PreprocessConfig = PreprocessConfig()
     return np.clip(array, 0.0, 1.0), affine
 
 
-def _to_ras(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+def to_ras(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
     """Reorient an array to RAS by flips and axis swaps only (exact), returning the array and its new affine."""
     import nibabel as nib
 
@@ -257,7 +258,7 @@ def preprocess_official(volume: Volume, cfg: PreprocessConfig) -> tuple[np.ndarr
     from scipy import ndimage
     from skimage.transform import resize
 
-    ras, affine = _to_ras(volume)
+    ras, affine = to_ras(volume)
     stack = ras_to_official_layout(ras)  # (Z, rows, cols) as in the official code
     sx, sy, sz = (float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
     spacing = np.array([sz, sy, sx])  # (slice, row, column)

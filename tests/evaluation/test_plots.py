@@ -68,3 +68,18 @@ def test_save_figure_is_atomic(tmp_path, monkeypatch):
         save_figure(fig, target)
     assert target.read_bytes() == b"old"  # the old file survives a failed write
     assert [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+
+
+def test_residual_overlay_with_lung_mask(tmp_path):
+    from covidctnet.evaluation.plots import plot_residual_overlay
+
+    rng = np.random.default_rng(0)
+    ct = rng.uniform(0, 1, (32, 32, 20)).astype(np.float32)
+    residual = rng.normal(0, 0.1, ct.shape).astype(np.float32)
+    lung = np.zeros(ct.shape, bool)
+    lung[4:14, 6:26, 2:18] = True
+    lung[18:28, 6:26, 2:18] = True
+    path = plot_residual_overlay(tmp_path / "o.png", ct, residual, lung_mask=lung, axial_index=7, title="t")
+    assert path.stat().st_size > 5_000
+    with pytest.raises(ValueError, match="lung_mask must have the CT's shape"):
+        plot_residual_overlay(tmp_path / "x.png", ct, residual, lung_mask=lung[:, :, :5])

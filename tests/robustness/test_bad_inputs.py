@@ -101,19 +101,31 @@ def test_preprocess_batch_records_every_bad_scan(sources, tmp_path):
 
 def test_predict_batch_records_every_bad_scan(sources, ws, tmp_path):
     """The same corpus through `covidctnet predict --save-residuals`: only the good scan gets a residual and an
-    overlay; the report has an error row (with the one-line message) for each bad scan."""
+    overlay; the report has an error row (with the one-line message) for each bad scan. The good scan is a chest CT
+    (the abdomen NIfTI that `preprocess` accepts is refused by predict's chest-coverage check, tested below)."""
     bad = _bad_batch(sources, tmp_path)
     out = tmp_path / "out"
-    result = invoke("predict", sources.nifti, *bad.values(), "--model", ws.model, "-o", out, "--save-residuals",
-                    "--device", "cpu")
+    result = invoke("predict", sources.dicom["control"], *bad.values(), "--model", ws.model, "-o", out,
+                    "--save-residuals", "--device", "cpu")
     _assert_each_bad_study_named_once(result, bad)
     report = {r["study_id"]: r for r in json.loads((out / "report.json").read_text())["studies"]}
-    good = report.pop("totalseg_example_ct_sm")
+    good = report.pop("control-normal001")
     assert good["status"] == "ok" and good["predicted"] in ("control", "covid", "cap")
     assert all(r["status"] == "error" and r["error"] and r["p_covid"] == "" for r in report.values())
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
-        "manifest.csv", "predictions/totalseg_example_ct_sm.json", "report.csv", "report.json",
-        "totalseg_example_ct_sm_overlay.png", "totalseg_example_ct_sm_residual.nii.gz"]
+        "control-normal001_overlay.png", "control-normal001_residual.nii.gz", "manifest.csv",
+        "predictions/control-normal001.json", "report.csv", "report.json"]
+
+
+def test_predict_refuses_a_non_chest_scan(sources, ws, tmp_path):
+    """The abdomen CT (TotalSegmentator example_ct_sm, 123 ml of lung bases) gets one line, exit 2, no output."""
+    out = tmp_path / "out"
+    result = invoke("predict", sources.nifti, "--model", ws.model, "-o", out, "--save-residuals", "--device", "cpu")
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1 and f"{sources.nifti}: no lungs found: not a chest CT? (lung volume" in lines[0]
+    assert "Traceback" not in result.output
+    assert not out.exists()
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -48,6 +48,8 @@ CONFIG_COMMANDS: dict[str, Callable[[Workspace, Sources, Path, Path], list[Any]]
     "evaluate": lambda ws, s, tmp, out: ["evaluate", ws.report, "--labels", ws.labels, "-o", out],
     "reader-study": _reader_args,
     "train-slice": lambda ws, s, tmp, out: ["train-slice", s.ucsd, "-o", out, "--device", "cpu"],
+    "slice-scores": lambda ws, s, tmp, out: ["slice-scores", s.dicom["cap"], "-o", out, "--denoiser", ws.denoiser],
+    "validate-residuals": lambda ws, s, tmp, out: ["validate-residuals", tmp, "--labels", ws.labels, "-o", out],
     "pretrain-slice": lambda ws, s, tmp, out: ["pretrain-slice", s.ucsd, "-o", out, "--device", "cpu"],
 }
 
@@ -65,6 +67,12 @@ BAD_CONFIGS: dict[tuple[str, str], tuple[str, str]] = {
     ("train-classifier", "unknown-key"): ("epoch: 3\n", r"unknown key\(s\) \['epoch'\]"),
     ("train-classifier", "wrong-type"): ("lr: fast\n", r"'lr' must be a number, not 'fast'"),
     ("train-classifier", "out-of-range"): ("val_fraction: 1.5\n", r"'val_fraction' and 'test_fraction' must be"),
+    ("slice-scores", "unknown-key"): ("statistc: p95\n", r"unknown key\(s\) \['statistc'\]"),
+    ("slice-scores", "wrong-type"): ("min_lung_ml: lots\n", r"'min_lung_ml' must be a number, not 'lots'"),
+    ("slice-scores", "out-of-range"): ("min_lung_ml: -1\n", r"'min_lung_ml' must be >= 0, not -1"),
+    ("validate-residuals", "unknown-key"): ("lung_frac: 0.3\n", r"unknown key\(s\) \['lung_frac'\]"),
+    ("validate-residuals", "wrong-type"): ("level: high\n", r"'level' must be a number, not 'high'"),
+    ("validate-residuals", "out-of-range"): ("lung_fraction: 1.5\n", r"'lung_fraction' must be in \[0, 1\), not 1\.5"),
     ("predict", "unknown-key"): ("batchsize: 4\n", r"unknown key\(s\) \['batchsize'\]"),
     ("predict", "wrong-type"): ("save_residuals: maybe\n", r"'save_residuals' must be true or false, not 'maybe'"),
     ("predict", "out-of-range"): ("batch_size: 0\n", r"'batch_size' must be at least 1, not 0"),

@@ -1,0 +1,331 @@
+"""``covidctnet slice-scores``: per original slice, how much of the lung the denoiser could not reproduce.
+
+For each scan (DICOM folder, NIfTI/NRRD file), ``OUT/<study_id>_slices.csv`` holds one row per **original input
+slice**, in ascending z:
+
+* ``study_id``, ``slice`` (0-based, ascending z), ``z_mm``: the slice centre's world z (mm, patient superior; for an
+  axial DICOM series this is ImagePositionPatient z, since LPS and RAS share the z axis);
+* ``lung_ml``: lung volume in that slice (3D lung mask of :mod:`covidctnet.preprocessing.lungmask3d`, on the original
+  grid): the lung cross-section times the slice spacing;
+* ``residual_score``: a statistic (``SliceScoresConfig.statistic``) of the residual ``input - denoised`` inside the
+  lungs. The residual is computed as in ``covidctnet residuals`` (preprocessed 1 mm grid, the denoiser's in-plane
+  size) but **not** resampled to the classifier's 50 slices; the lung mask is resampled onto that grid, and the
+  residual voxels of the grid slices whose centres lie inside the original slice (within half its spacing; the nearest
+  one when none does) are pooled;
+* ``hu_score``: a transparent density baseline: the fraction of the slice's lung voxels with
+  ``hu_low <= HU <= hu_high`` (ground glass and denser), on the original grid;
+* ``residual_mean_pos``, ``residual_mean_abs``, ``residual_p95``, ``residual_frac_pos``: every candidate statistic,
+  so that the choice of ``residual_score`` can be checked (docs/validation.md says how it was made).
+
+Slices without lung have an empty ``residual_score`` and ``hu_score``. A scan with less lung than
+``min_lung_ml`` fails the chest-coverage check (:class:`~covidctnet.core.errors.NoLungsError`, "no lungs found: not a chest
+CT?") and gets no CSV. ``OUT/manifest.csv`` as the other batch commands (resume, bad study recorded, exit 1 when some
+failed, 2 when all did).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io as _io
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+
+from covidctnet.core.config import validate_config
+from covidctnet.core.errors import ConfigError, ModelDirError
+from covidctnet.core.files import atomic_write_text
+from covidctnet.evaluation.residual_validation import SLICE_COLUMNS, SLICES_SUFFIX
+from covidctnet.inference.residuals import compute_residual
+from covidctnet.io.batch import discover_studies, run_batch
+from covidctnet.io.checks import check_volume
+from covidctnet.io.volume import read_volume
+from covidctnet.models.registry import load_denoiser, resolve_denoiser_dir
+from covidctnet.preprocessing.lungmask3d import LungMaskConfig, check_chest_coverage, lung_mask_3d
+from covidctnet.preprocessing.preprocess import PreprocessConfig, preprocess_volume, to_ras
+
+if TYPE_CHECKING:
+    from covidctnet.io.batch import BatchSummary, Study
+    from covidctnet.io.volume import Volume
+    from covidctnet.preprocessing.lungmask3d import LungMask
+
+__all__ = [
+    "SliceScoresConfig",
+    "STATISTICS",
+    "ras_lung_mask",
+    "mask_to_grid",
+    "residual_statistics",
+    "score_volume",
+    "slice_scores",
+    "write_slices_csv",
+]
+
+logger = logging.getLogger(__name__)
+
+STATISTICS = ("mean_pos", "mean_abs", "p95", "frac_pos")
+"""Candidate residual statistics inside the lungs: mean of max(r, 0); mean |r|; 95th percentile of r; fraction of
+voxels with r > ``frac_threshold``."""
+MANIFEST_COLUMNS = ("n_slices", "lung_ml_total", "statistic", "denoiser", "denoiser_sha256")
+
+
+@dataclass(frozen=True)
+class SliceScoresConfig:
+    """Settings of ``covidctnet slice-scores`` (defaults = ``configs/slice_scores.yaml``).
+
+    Attributes:
+        statistic: which candidate is ``residual_score`` (see :data:`STATISTICS`). ``p95``, the 95th percentile
+            of the residual inside the slice's lungs, was chosen for the bundled denoiser on the shared P001, cap001
+            and normal001 series by the rule written before any AUC was seen (docs/validation.md).
+        frac_threshold: residual above which a voxel counts for ``frac_pos`` (intensity units of [0, 1]).
+        hu_low, hu_high: HU range counted by ``hu_score`` (ground glass and denser lung).
+        min_lung_ml: chest-coverage check: scans with less lung (ml) are refused.
+        batch_size: slices per denoiser forward pass.
+        device: ``auto`` / ``cpu`` / ``cuda[:N]``.
+        precision: denoiser arithmetic, ``fp32`` or ``bf16``.
+    """
+
+    statistic: Literal["mean_pos", "mean_abs", "p95", "frac_pos"] = "p95"
+    frac_threshold: float = 0.05
+    hu_low: float = -750.0
+    hu_high: float = -300.0
+    min_lung_ml: float = 500.0
+    batch_size: int = 8
+    device: str = "auto"
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.hu_high <= self.hu_low:
+            raise ConfigError(f"'hu_high' must be greater than 'hu_low', not {self.hu_high} <= {self.hu_low}")
+        if not 0.0 < self.frac_threshold < 1.0:
+            raise ConfigError(f"'frac_threshold' must be in (0, 1), not {self.frac_threshold}")
+        if self.min_lung_ml < 0:
+            raise ConfigError(f"'min_lung_ml' must be >= 0, not {self.min_lung_ml}")
+        if self.batch_size < 1:
+            raise ConfigError(f"'batch_size' must be >= 1, not {self.batch_size}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ConfigError(f"'precision' must be one of ['fp32', 'bf16'], not {self.precision!r}")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# pieces shared with predict (overlay, chest-coverage check)
+
+
+def ras_lung_mask(volume: Volume, min_lung_ml: float | None = None) -> tuple[np.ndarray, np.ndarray, LungMask]:
+    """The volume reoriented to RAS (exact flips and axis swaps) and its 3D lung mask.
+
+    Args:
+        volume: a CT in HU (:func:`covidctnet.io.volume.read_volume`).
+        min_lung_ml: when given, run the chest-coverage check with this minimum.
+
+    Returns:
+        ``(hu, affine, lungs)``: (X, Y, Z) HU in RAS (axis 2 = slices, inferior to superior), its (4, 4) affine, and
+        the lung mask on that grid.
+
+    Raises:
+        NoLungsError: less lung than ``min_lung_ml``.
+    """
+
+
+    hu, affine = to_ras(volume)
+    spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+    cfg = LungMaskConfig() if min_lung_ml is None else replace(LungMaskConfig(), min_lung_ml=min_lung_ml)
+    lungs = lung_mask_3d(hu, spacing, cfg)  # type: ignore[arg-type]
+    if min_lung_ml is not None:
+        check_chest_coverage(lungs, str(volume.source), cfg)
+    return hu, affine, lungs
+
+
+def mask_to_grid(mask: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Resample a (X, Y, Z) bool mask to ``shape`` over the same field of view (trilinear, edges on edges, as the
+    preprocessing's resize), keeping voxels whose interpolated value is at least 0.5.
+
+    Returns:
+        ``shape`` bool.
+    """
+
+    if tuple(mask.shape) == tuple(shape):
+        return np.asarray(mask, dtype=bool)
+    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    out = torch.nn.functional.interpolate(t, size=tuple(int(s) for s in shape), mode="trilinear",
+                                          align_corners=False)
+    return out[0, 0].numpy() >= 0.5
+
+
+def residual_statistics(values: np.ndarray, frac_threshold: float = 0.05) -> dict[str, float]:
+    """Every candidate statistic of residual values inside the lungs.
+
+    Args:
+        values: (N,) residuals (input − denoised, [0, 1] intensity units) of the lung voxels.
+
+    Returns:
+        ``{name: value}`` for each name in :data:`STATISTICS` (NaN when ``values`` is empty).
+    """
+    if values.size == 0:
+        return {k: float("nan") for k in STATISTICS}
+    return {
+        "mean_pos": float(np.mean(np.maximum(values, 0.0))),
+        "mean_abs": float(np.mean(np.abs(values))),
+        "p95": float(np.percentile(values, 95)),
+        "frac_pos": float(np.mean(values > frac_threshold)),
+    }
+
+
+def _slice_centres_z(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """World z (mm) of the centre of each slice along axis 2."""
+    k = np.arange(shape[2], dtype=np.float64)
+    ijk = np.stack([np.full_like(k, (shape[0] - 1) / 2), np.full_like(k, (shape[1] - 1) / 2), k, np.ones_like(k)])
+    return (affine @ ijk)[2]
+
+
+def score_volume(volume: Volume, denoiser: Any, preprocess: Any, cfg: SliceScoresConfig = SliceScoresConfig(),
+                 study_id: str = "", lungs: LungMask | None = None) -> list[dict[str, Any]]:
+    """Slice scores of one CT.
+
+    Args:
+        volume: the CT in HU (checked beforehand with :func:`covidctnet.io.checks.check_volume`).
+        denoiser: a :class:`covidctnet.inference.residuals.Denoiser`.
+        preprocess: the :class:`covidctnet.preprocessing.preprocess.PreprocessConfig` the denoiser was trained with.
+        cfg: statistic, HU range, chest-coverage minimum.
+        study_id: written in each row.
+        lungs: a lung mask on the volume's RAS grid to use instead of computing one (e.g. the mask of the clean scan
+            when lesions were inserted into it); the chest-coverage check is then not run.
+
+    Returns:
+        One dict per original slice (ascending z) with the :data:`SLICE_COLUMNS` and ``residual_<statistic>`` keys.
+
+    Raises:
+        NoLungsError: the chest-coverage check failed.
+    """
+
+    if lungs is None:
+        hu, affine, lungs = ras_lung_mask(volume, cfg.min_lung_ml)
+    else:
+
+        hu, affine = to_ras(volume)
+        if lungs.mask.shape != hu.shape:
+            raise ValueError(f"lung mask shape {lungs.mask.shape} differs from the volume's {hu.shape}")
+    z_orig = _slice_centres_z(affine, hu.shape)
+    dz = float(np.linalg.norm(affine[:3, 2]))
+    lung = lungs.mask > 0
+    slice_ml = lungs.slice_ml()
+    in_range = (hu >= cfg.hu_low) & (hu <= cfg.hu_high)
+    n_lung = np.count_nonzero(lung, axis=(0, 1))
+    hu_frac = np.count_nonzero(in_range & lung, axis=(0, 1)) / np.maximum(n_lung, 1)
+
+    array, pre_affine = preprocess_volume(volume, preprocess)
+    residual = compute_residual(array, denoiser, depth=array.shape[2], size=array.shape[0],
+                                batch_size=cfg.batch_size, source=str(volume.source), precision=cfg.precision)
+    grid_lung = mask_to_grid(lung, array.shape)
+    z_grid = _slice_centres_z(pre_affine, array.shape)
+
+    rows: list[dict[str, Any]] = []
+    for k in range(hu.shape[2]):
+        near = np.flatnonzero(np.abs(z_grid - z_orig[k]) <= dz / 2 + 1e-6)
+        if near.size == 0:
+            near = np.array([int(np.argmin(np.abs(z_grid - z_orig[k])))])
+        values = residual[:, :, near][grid_lung[:, :, near]]
+        stats = residual_statistics(values, cfg.frac_threshold) if n_lung[k] else residual_statistics(values[:0])
+        rows.append({
+            "study_id": study_id,
+            "slice": k,
+            "z_mm": float(z_orig[k]),
+            "lung_ml": float(slice_ml[k]),
+            "residual_score": stats[cfg.statistic],
+            "hu_score": float(hu_frac[k]) if n_lung[k] else float("nan"),
+            **{f"residual_{name}": value for name, value in stats.items()},
+        })
+    return rows  # ascending z: the RAS array runs from inferior to superior along axis 2
+
+
+def _fmt(value: float) -> str:
+    return "" if not np.isfinite(value) else f"{value:.6g}"
+
+
+def write_slices_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
+    """Write ``<id>_slices.csv`` atomically (contract columns, then the candidate statistics)."""
+
+    columns = list(SLICE_COLUMNS) + [f"residual_{s}" for s in STATISTICS]
+    buf = _io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([row[c] if c in ("study_id", "slice") else
+                         (f"{row[c]:.3f}" if c == "z_mm" else _fmt(row[c])) for c in columns])
+    atomic_write_text(Path(path), buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# batch
+
+
+@functools.lru_cache(maxsize=2)
+def _load(path: str, device: str) -> tuple[Any, Any]:
+
+    den = load_denoiser(path, device)
+    raw = dict(den.preprocess) or {"size_xy": den.size_xy}
+    try:
+        pre = validate_config(PreprocessConfig, raw, f"{den.path}/config.yaml: preprocess")
+    except ConfigError as err:
+        raise ModelDirError(str(err)) from err
+    if pre.size_xy != den.size_xy:
+        raise ModelDirError(f"{den.path}: preprocess size_xy {pre.size_xy} differs from the denoiser's input "
+                            f"{den.size_xy}")
+    return den, pre
+
+
+def _score_study(study: Study, out_dir: Path, denoiser: str, cfg: SliceScoresConfig) -> dict[str, Any]:
+
+    den, pre = _load(denoiser, cfg.device)
+    volume = read_volume(study.path)
+    check_volume(volume, pre.limits)
+    rows = score_volume(volume, den, pre, cfg, study.study_id)
+    name = f"{study.study_id}{SLICES_SUFFIX}"
+    write_slices_csv(rows, out_dir / name)
+    return {
+        "output": name,
+        "n_slices": len(rows),
+        "lung_ml_total": f"{sum(r['lung_ml'] for r in rows):.0f}",
+        "statistic": cfg.statistic,
+        "denoiser": str(den.path),
+        "denoiser_sha256": den.weights_sha256,
+    }
+
+
+def slice_scores(
+    inputs: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    denoiser: str | os.PathLike,
+    cfg: SliceScoresConfig = SliceScoresConfig(),
+    *,
+    resume: bool = True,
+    workers: int = 0,
+    scheduler: str | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
+) -> BatchSummary:
+    """``covidctnet slice-scores``: score every study found in ``inputs``.
+
+    Args:
+        inputs: DICOM folders, NIfTI/NRRD files or dataset roots.
+        out_dir: ``<study_id>_slices.csv`` and ``manifest.csv``.
+        denoiser: a model directory with a ``denoiser`` component (the bundled model, a ``train-denoiser`` model
+            directory or its run folder); its ``preprocess`` settings are used.
+        cfg: the settings.
+        resume, workers, scheduler: as for :func:`covidctnet.io.batch.run_batch` (skip finished studies; worker
+            processes; a Dask scheduler address).
+        on_result: called with each study's manifest row as it finishes.
+
+    Raises:
+        ModelDirError: the denoiser cannot be loaded (before any study is touched).
+    """
+    path = str(resolve_denoiser_dir(denoiser).resolve())
+    _load(path, cfg.device)  # a bad model directory fails once, here, not once per study
+    studies = discover_studies(inputs)
+    fn = functools.partial(_score_study, denoiser=path, cfg=cfg)
+    return run_batch(studies, out_dir, fn, MANIFEST_COLUMNS, resume=resume, workers=workers, scheduler=scheduler,
+                     desc="slice-scores", on_result=on_result)
