@@ -784,5 +784,9 @@ class Trainer:
     def close(self) -> None:
         """Tear down the process group if this trainer created it."""
         if self._owns_process_group and dist.is_initialized():
+            # wait until every rank is done with its last collective: a rank that tears the group down while
+            # another still receives a broadcast aborts the other (gloo: "terminate called without an active
+            # exception")
+            dist.barrier()
             dist.destroy_process_group()
             self._owns_process_group = False
