@@ -38,7 +38,7 @@ from covidctnet.data.residual_volumes import residual_to_network_input
 from covidctnet.evaluation.plots import plot_residual_overlay
 from covidctnet.inference.backends import check_backend, open_model
 from covidctnet.inference.residuals import PRECISIONS, compute_residual, resample_stack, residual_affine
-from covidctnet.inference.slice_scores import mask_to_grid, ras_lung_mask
+from covidctnet.inference.slice_scores import SliceScoresConfig, mask_to_grid, ras_lung_mask, residual_statistics
 from covidctnet.io.batch import MANIFEST_NAME, BatchSummary, Study, discover_studies, read_manifest, run_batch
 from covidctnet.io.checks import check_volume
 from covidctnet.io.volume import read_volume, write_nifti
@@ -245,13 +245,13 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
         # resample_stack maps voxel edges onto edges, as the residual's grid (ndimage.zoom left the last slice black)
         ct_small = resample_stack(ct, residual.shape)
         lung = mask_to_grid(lungs.mask > 0, residual.shape)
-        # the axial slice shown is the one with the highest residual score (slice-scores' default statistic, the
-        # 95th percentile of the residual inside the lungs) among slices with at least a quarter of the largest
-        # lung cross-section (apex and base slices hold a few partial-volume voxels), not the middle one
+        # the axial slice shown is the one with the highest residual score (slice-scores' default statistic of the
+        # residual inside the lungs) among slices with at least a quarter of the largest lung cross-section (apex
+        # and base slices hold a few partial-volume voxels), not the middle one
         area = lung.sum(axis=(0, 1))
         score = np.full(residual.shape[2], -np.inf)
         for k in np.flatnonzero(area >= 0.25 * area.max()) if area.max() else []:
-            score[k] = float(np.percentile(residual[:, :, k][lung[:, :, k]], 95))
+            score[k] = residual_statistics(residual[:, :, k][lung[:, :, k]])[SliceScoresConfig.statistic]
         title = f"{study.study_id}: {result['predicted']} " + " ".join(
             f"{c}={p:.2f}" for c, p in zip(CLASS_NAMES, probs)
         )

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from covidctnet.io.batch import BatchSummary, Study
 
 __all__ = [
+    "cached_denoiser",
     "ResidualGrid",
     "read_residual_grid",
     "compute_residual",
@@ -126,7 +127,7 @@ def _load_cached(path: str, device: str, stamp: tuple[int, int]) -> Denoiser:
     return load_denoiser(path, device)
 
 
-def _cached_denoiser(path: str, device: str) -> Denoiser:
+def cached_denoiser(path: str, device: str) -> Denoiser:
     """One load per process and model directory (worker processes each get their own); a rewritten directory
     (new ``SHA256SUMS``) is loaded again."""
     return _load_cached(path, device, dir_stamp(path))
@@ -292,7 +293,7 @@ def residual_study(study: Study, out_dir: Path, denoiser: str, depth: int, size:
     Returns:
         The manifest columns (:data:`RESIDUAL_COLUMNS` and ``output``).
     """
-    den = _cached_denoiser(denoiser, device)
+    den = cached_denoiser(denoiser, device)
     vol = read_nifti(study.path)
     residual = compute_residual(vol.array, den, depth, size, batch_size, source=str(study.path), precision=precision)
     name = f"{study.study_id}{RESIDUAL_SUFFIX}"
@@ -392,7 +393,7 @@ def compute_residuals(
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be >= 1, not {batch_size}")
     model_dir = resolve_denoiser_dir(denoiser)
-    den = _cached_denoiser(str(model_dir), device)
+    den = cached_denoiser(str(model_dir), device)
     _check_precision(precision, den.device)  # refused once here, not once per study
     settings = _check_preprocess_match(preprocessed, den)
     studies = _preprocessed_studies(preprocessed)

@@ -17,9 +17,9 @@ slice**, in ascending z:
 * ``residual_mean_pos``, ``residual_mean_abs``, ``residual_p95``, ``residual_frac_pos``: every candidate statistic,
   so that the choice of ``residual_score`` can be checked (docs/validation.md says how it was made).
 
-Slices without lung have an empty ``residual_score`` and ``hu_score``. A scan with less lung than
-``min_lung_ml`` fails the chest-coverage check (:class:`~covidctnet.core.errors.NoLungsError`, "no lungs found: not a chest
-CT?") and gets no CSV. ``OUT/manifest.csv`` as the other batch commands (resume, bad study recorded, exit 1 when some
+Slices without lung have an empty ``residual_score`` and ``hu_score``. A scan with less lung than ``min_lung_ml``
+fails the chest-coverage check (:class:`~covidctnet.core.errors.NoLungsError`, "no lungs found: not a chest CT?") and
+gets no CSV. ``OUT/manifest.csv`` as the other batch commands (resume, bad study recorded, exit 1 when some
 failed, 2 when all did).
 """
 
@@ -42,11 +42,11 @@ from covidctnet.core.config import validate_config
 from covidctnet.core.errors import ConfigError, ModelDirError
 from covidctnet.core.files import atomic_write_text
 from covidctnet.evaluation.residual_validation import SLICE_COLUMNS, SLICES_SUFFIX
-from covidctnet.inference.residuals import compute_residual
+from covidctnet.inference.residuals import cached_denoiser, compute_residual
 from covidctnet.io.batch import discover_studies, run_batch
 from covidctnet.io.checks import check_volume
 from covidctnet.io.volume import read_volume
-from covidctnet.models.registry import load_denoiser, resolve_denoiser_dir
+from covidctnet.models.registry import resolve_denoiser_dir
 from covidctnet.preprocessing.lungmask3d import LungMaskConfig, check_chest_coverage, lung_mask_3d
 from covidctnet.preprocessing.preprocess import PreprocessConfig, preprocess_volume, to_ras
 
@@ -264,10 +264,13 @@ def write_slices_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) ->
 # batch
 
 
-@functools.lru_cache(maxsize=2)
 def _load(path: str, device: str) -> tuple[Any, Any]:
+    """The denoiser (one load per process, reloaded when the directory is rewritten) and the preprocessing it expects.
 
-    den = load_denoiser(path, device)
+    Raises:
+        ModelDirError: an unusable directory or preprocessing that does not fit the denoiser's input.
+    """
+    den = cached_denoiser(path, device)
     raw = dict(den.preprocess) or {"size_xy": den.size_xy}
     try:
         pre = validate_config(PreprocessConfig, raw, f"{den.path}/config.yaml: preprocess")
@@ -280,7 +283,6 @@ def _load(path: str, device: str) -> tuple[Any, Any]:
 
 
 def _score_study(study: Study, out_dir: Path, denoiser: str, cfg: SliceScoresConfig) -> dict[str, Any]:
-
     den, pre = _load(denoiser, cfg.device)
     volume = read_volume(study.path)
     check_volume(volume, pre.limits)
