@@ -221,7 +221,8 @@ def config_yaml(cls: type, preset: Mapping[str, Any] | None = None, title: str |
     # the file is the defaults: "(defaults = configs/x.yaml)" in the class summary says nothing inside it
     header = re.sub(r"\s*\(defaults = configs/[\w.]+\)", "", _plain_text(title or summary))
     lines = [f"# {line}" for line in textwrap.wrap(header, 118, break_on_hyphens=False, break_long_words=False)]
-    lines += ["# Generated from the config dataclass (covidctnet defaults); a YAML passed with --config overrides keys.",
+    lines += ["# Generated from the config dataclass (covidctnet defaults); a YAML passed with --config overrides "
+              "keys.",
               ""]
     done: set[str] = set()
     for f in dataclasses.fields(cls):

@@ -86,8 +86,8 @@ class ComponentEntry:
         if entry.members is not None and (isinstance(entry.members, bool) or not isinstance(entry.members, int)
                                           or entry.members < 2):
             raise ModelDirError(f"{where}: 'members' must be an integer >= 2, not {entry.members!r}")
-        if entry.weights is not None and (not isinstance(entry.weights, str) or Path(entry.weights).name != entry.weights
-                                          or entry.weights in ("", ".", "..")):
+        bare = isinstance(entry.weights, str) and Path(entry.weights).name == entry.weights
+        if entry.weights is not None and (not bare or entry.weights in ("", ".", "..")):
             raise ModelDirError(f"{where}: 'weights' must be a file name in the model directory, not {entry.weights!r}")
         if entry.source is not None and not isinstance(entry.source, Mapping):
             raise ModelDirError(f"{where}: 'source' must be a mapping, not {entry.source!r}")

@@ -4,7 +4,8 @@ The residual NIfTI written by ``covidctnet residuals`` is ``(X, Y, Z)`` in RAS+ 
 float32, signed: input − denoised). The network takes ``(C, D, H, W)``. The one conversion between the two is
 :func:`residual_to_network_input`, shared by training and prediction; it uses the official CovidCTNet layout
 (:func:`covidctnet.preprocessing.preprocess.ras_to_official_layout`): ``D`` = slices inferior → superior, ``H`` =
-image rows anterior → posterior, ``W`` = image columns patient-right → patient-left (an axial slice as a radiologist views it,
+image rows anterior → posterior, ``W`` = image columns patient-right → patient-left (an axial slice as a radiologist
+views it,
 and as the official code stacked its pydicom slices). Keeping the official layout matters for imported official
 weights: the Dense layer after Flatten is position dependent, so a transposed or flipped volume is a different input.
 

@@ -172,7 +172,8 @@ def lung_mask_3d(hu: np.ndarray, spacing: tuple[float, float, float],
     """Lung mask of a CT volume in HU.
 
     Args:
-        hu: (X, Y, Z) HU, axis 2 = axial slices (e.g. the RAS array of :func:`covidctnet.preprocessing.preprocess.to_ras`; any
+        hu: (X, Y, Z) HU, axis 2 = axial slices (e.g. the RAS array of
+            :func:`covidctnet.preprocessing.preprocess.to_ras`; any
             axial orientation works, the mask is on the same grid).
         spacing: (3,) voxel size in mm along X, Y, Z.
         cfg: thresholds and sizes.

@@ -69,7 +69,8 @@ class PreprocessConfig:
         interpolation: resampling to ``spacing_mm``: ``linear`` or ``cubic`` (official: cubic spline).
         resampler: ``interpolate`` (one separable pass, fast) or ``spacing`` (MONAI Spacing + Resize); see
             :func:`build_transforms`. Only ``spacing`` uses the in-plane ``spacing_mm``, as an intermediate grid.
-        min_slices, max_gap_ratio, min_spacing_mm, max_spacing_mm, max_tilt_deg: input-check limits (see covidctnet.io.checks).
+        min_slices, max_gap_ratio, min_spacing_mm, max_spacing_mm, max_tilt_deg: input-check limits (see
+            covidctnet.io.checks).
     """
     profile: Literal["default", "official"] = "default"
     spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)

@@ -68,7 +68,8 @@ def test_no_default_is_typed_by_hand():
 ])
 def test_one_name_per_meaning_and_old_names_still_work(command, new, old, dest, tmp_path):
     cmd = cli.get_command(CONTEXT, command)
-    args = [str(tmp_path), "-o", str(tmp_path / "out")] + (["--denoiser", str(tmp_path)] if command == "residuals" else [])
+    args = [str(tmp_path), "-o", str(tmp_path / "out")]
+    args += ["--denoiser", str(tmp_path)] if command == "residuals" else []
     for flag in (new, old):
         ctx = cmd.make_context(command, [*args, flag, "3"])
         assert ctx.params[dest] == 3

@@ -64,7 +64,8 @@ def test_aucs_match_sklearn_on_lung_slices(tmp_path):
     rows_n, _, _, lung_n = n
     neg = np.array([r["residual_score"] for r in rows_n])[lung_n >= 0.25 * lung_n.max()]
     yy = np.r_[np.ones(sum(p.size for p in pos)), np.zeros(neg.size)]
-    assert m["pooled"]["auc"]["residual_score"]["value"] == pytest.approx(roc_auc_score(yy, np.concatenate([*pos, neg])))
+    expected = roc_auc_score(yy, np.concatenate([*pos, neg]))
+    assert m["pooled"]["auc"]["residual_score"]["value"] == pytest.approx(expected)
     assert m["candidates"]["residual_mean_abs"]["covid-A"] == pytest.approx(
         1 - m["per_study"]["covid-A"]["auc"]["residual_score"]["value"])
     out = tmp_path / "out"
