@@ -25,6 +25,7 @@ whether the run was resumed.
 
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -50,7 +51,7 @@ from monai.transforms import (
     Resized,
     ToTensord,
 )
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, UnidentifiedImageError
 from skimage.transform import resize
 
 from covidctnet.core.errors import LabelError, SplitError, UnreadableFileError
@@ -69,6 +70,7 @@ __all__ = [
     "resize_square",
     "prepare_slice",
     "build_slice_transforms",
+    "source_augment",
     "SliceDataset",
     "label_of_folder",
 ]
@@ -321,6 +323,71 @@ def build_slice_transforms(
     return Compose(steps)
 
 
+def source_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Mimic how a CT slice ends up as a paper figure: another display window, a border, a crop, JPEG and labels.
+
+    The UCSD images are figure panels from many papers, and images of one paper resemble each other more than new
+    ones (issue 16), so this changes what differs between sources rather than the anatomy. Each step fires with
+    probability 0.5, in this order:
+
+    * window / gamma: ``((x - lo) / (hi - lo)) ** gamma`` clipped to [0, 1], lo in [0, 0.2], hi in [0.8, 1],
+      gamma in [0.6, 1.6] (figures shown in lung or softer windows, scanned or gamma-corrected);
+    * border and aspect: the slice squeezed to 70-100 % of one or both sides and placed at random on a black (or,
+      one time in four, white) canvas of the original size (panels with margins, non-square crops);
+    * JPEG compression at quality 15-70 (figures saved and re-saved as JPEG);
+    * overlays: 1-3 arrows and 0-2 short text marks (letters, digits) in white or black (annotations, panel
+      letters).
+
+    Args:
+        image: (H, W) float32 in [0, 1].
+        rng: the per-item generator (seeded from ``(seed, epoch, index)`` by :class:`SliceDataset`).
+
+    Returns:
+        (H, W) float32 in [0, 1].
+    """
+    h, w = image.shape
+    out = np.clip(image.astype(np.float32), 0.0, 1.0)
+    if rng.random() < 0.5:
+        lo, hi, gamma = rng.uniform(0.0, 0.2), rng.uniform(0.8, 1.0), rng.uniform(0.6, 1.6)
+        out = np.clip((out - lo) / (hi - lo), 0.0, 1.0) ** gamma
+    if rng.random() < 0.5:
+        sh, sw = max(8, round(h * rng.uniform(0.7, 1.0))), max(8, round(w * rng.uniform(0.7, 1.0)))
+        canvas = np.full((h, w), 1.0 if rng.random() < 0.25 else 0.0, dtype=np.float32)
+        top, left = int(rng.integers(0, h - sh + 1)), int(rng.integers(0, w - sw + 1))
+        canvas[top:top + sh, left:left + sw] = _resize_to(out, (sh, sw))
+        out = canvas
+    pil = Image.fromarray(np.round(out * 255).astype(np.uint8), mode="L")
+    if rng.random() < 0.5:
+        buf = io.BytesIO()
+        pil.save(buf, format="JPEG", quality=int(rng.integers(15, 71)))
+        buf.seek(0)
+        pil = Image.open(buf).convert("L")
+    if rng.random() < 0.5:
+        draw = ImageDraw.Draw(pil)
+        side = min(h, w)
+        for _ in range(int(rng.integers(1, 4))):
+            colour = 255 if rng.random() < 0.7 else 0
+            x0, y0 = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
+            angle, length = rng.uniform(0, 2 * math.pi), rng.uniform(0.06, 0.15) * side
+            x1, y1 = x0 + length * math.cos(angle), y0 + length * math.sin(angle)
+            width = max(1, round(side / 100))
+            draw.line([(x1, y1), (x0, y0)], fill=colour, width=width)
+            head = length * 0.35  # the head points at (x0, y0), the tip of the arrow
+            for turn in (0.5, -0.5):
+                draw.line([(x0, y0), (x0 + head * math.cos(angle + turn), y0 + head * math.sin(angle + turn))],
+                          fill=colour, width=width)
+        for _ in range(int(rng.integers(0, 3))):
+            text = "".join(rng.choice(list("ABCDEFGHLRabcd0123456789"), size=int(rng.integers(1, 4))))
+            draw.text((rng.uniform(0, 0.85) * w, rng.uniform(0, 0.9) * h), text, fill=255 if rng.random() < 0.7
+                      else 0)
+    return np.asarray(pil, dtype=np.float32) / 255.0
+
+
+def _resize_to(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize (H, W) to ``shape`` (bilinear, anti-aliased when shrinking)."""
+    return resize(image, shape, order=1, anti_aliasing=True, preserve_range=True).astype(np.float32)
+
+
 class SliceDataset:
     """Slice images with labels, cached in memory at the model's input size, with seeded MONAI augmentation.
 
@@ -331,6 +398,8 @@ class SliceDataset:
         transform: the chain from :func:`build_slice_transforms` (``None``: z-score only).
         seed: augmentation seed; item ``i`` of epoch ``e`` draws from ``(seed, e, i)``.
         cache: prepared arrays to reuse (e.g. shared by a training and an evaluation view of the same records).
+        source_aug: apply :func:`source_augment` to the image channel before ``transform`` (training only; the
+            lung-mask channel, computed from the clean image, is left as it is).
 
     ``dataset[i]`` is ``{"image": (C, size, size) float32 tensor, "label": int64 tensor, "index": i}``.
     """
@@ -343,8 +412,10 @@ class SliceDataset:
         transform: Any = None,
         seed: int = 0,
         cache: list[np.ndarray] | None = None,
+        source_aug: bool = False,
     ) -> None:
         self.records = list(records)
+        self.source_aug = source_aug
         self.size = size
         self.lung_mask = lung_mask
         self.transform = transform or build_slice_transforms(False, size, lung_mask)
@@ -373,6 +444,9 @@ class SliceDataset:
     def __getitem__(self, index: int) -> dict[str, Any]:
         arr = self.cache[index]
         item = {"image": arr[:1]}
+        if self.source_aug:
+            rng = np.random.default_rng(derive_seed(self.seed, self.epoch, index, 1))
+            item["image"] = source_augment(arr[0], rng)[None]
         if self.lung_mask:
             item["mask"] = arr[1:2]
         self.transform.set_random_state(seed=derive_seed(self.seed, self.epoch, index) % 2**32)

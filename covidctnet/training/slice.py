@@ -101,6 +101,8 @@ class SliceTrainConfig:
         rotate_degrees: largest random rotation (degrees, either way).
         flip: random left-right flips.
         intensity: strength of the intensity jitter (scale and shift ±intensity, gamma 1-2i .. 1+2.5i).
+        source_aug: also change what differs between the papers the images come from (display window, borders and
+            aspect, JPEG artefacts, arrows and text: :func:`~covidctnet.data.ucsd.source_augment`).
         threshold: p(COVID) at or above which a slice is called COVID (also for validation accuracy and F1).
         seed: seed of weights, data order and augmentation.
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
@@ -127,6 +129,7 @@ class SliceTrainConfig:
     rotate_degrees: float = 10.0
     flip: bool = True
     intensity: float = 0.1
+    source_aug: bool = False
     threshold: float = 0.5
     seed: int = 0
     device: str = "auto"
@@ -173,7 +176,8 @@ def slice_datasets(data: str | os.PathLike, cfg: Any, train_aug: bool, with_val:
     if distributed_context().is_main:  # one log line per run, not per torchrun process
         logger.info("%s: reading %d training images at %d px%s", data, len(train_records), cfg.size,
                     " with lung masks" if cfg.lung_mask else "")
-    train = SliceDataset(train_records, cfg.size, cfg.lung_mask, aug, seed=cfg.seed)
+    train = SliceDataset(train_records, cfg.size, cfg.lung_mask, aug, seed=cfg.seed,
+                         source_aug=bool(getattr(cfg, "source_aug", False)))
     val = None
     if with_val:
         val_records = find_records(data, "val")
