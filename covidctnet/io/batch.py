@@ -31,7 +31,7 @@ from typing import Any
 from covidctnet.core.errors import CovidCTNetError, InputError, LabelError
 from covidctnet.core.files import remove_stale_temps, sha256_file, write_csv
 from covidctnet.core.labels import normalize_label
-from covidctnet.core.progress import progress
+from covidctnet.core.progress import progress, progress_task
 from covidctnet.io.volume import is_volume_file, study_id_from_path
 
 __all__ = [
@@ -190,6 +190,8 @@ def _run_one(fn: Callable[[Study, Path], dict[str, Any]], study: Study, out_dir:
 
 
 def _init_worker(threads: int) -> None:
+    # the main process shows the batch's progress; bars of several workers on one terminal would overwrite each other
+    os.environ["COVIDCTNET_NO_PROGRESS"] = "1"
     try:
         import torch
 
@@ -221,7 +223,7 @@ def run_batch(
         columns: the stage's own manifest columns, after :data:`BASE_COLUMNS`.
         resume: skip studies whose manifest row is ``ok`` and whose output still has the recorded sha256.
         workers: 0 runs inline in this process (best for debugging); N > 0 uses N spawned worker processes.
-        desc: progress-bar label.
+        desc: label of the progress bar (a terminal) or of the progress lines in the log (count, elapsed, ETA).
         on_result: called in the main process with each finished row (e.g. to print errors as they happen).
         scheduler: address of a Dask distributed scheduler (``tcp://host:8786``); the studies then run on its
             workers, which must see the same file system. Overrides ``workers``.
@@ -327,7 +329,7 @@ def _run_studies(
     if scheduler:
         _run_dask(todo, out_dir, fn, scheduler, record, desc)
     elif workers <= 0:
-        for study in progress(todo, total=len(todo), desc=desc):
+        for study in progress(todo, total=len(todo), desc=desc, unit="studies"):
             record(_run_one(fn, study, out_dir))
     else:
         _run_pool(todo, out_dir, fn, workers, record, desc)
@@ -344,10 +346,9 @@ def _run_pool(
     """Process studies in spawned worker processes, recording rows in the main process as they finish."""
     threads = max(1, (os.cpu_count() or 1) // workers)
     ctx = multiprocessing.get_context("spawn")  # fork after torch has started its thread pool can deadlock
-    bar = iter(progress(range(len(todo)), total=len(todo), desc=desc))
     with ProcessPoolExecutor(
         max_workers=workers, mp_context=ctx, initializer=_init_worker, initargs=(threads,)
-    ) as pool:
+    ) as pool, progress_task(len(todo), desc, "studies") as bar:
         futures: dict[Future, Study] = {pool.submit(_run_one, fn, s, out_dir): s for s in todo}
         not_done = set(futures)
         while not_done:
@@ -367,7 +368,7 @@ def _run_pool(
                         )
                     )
                 record(row)
-                next(bar, None)
+                bar.advance()
 
 
 def _run_dask(
@@ -392,15 +393,15 @@ def _run_dask(
             client.submit(_run_one, fn, s, out_dir, pure=False, key=f"covidctnet-{desc}-{s.study_id}") for s in todo
         ]
         by_key = {f.key: s for f, s in zip(futures, todo)}
-        bar = iter(progress(range(len(todo)), total=len(todo), desc=desc))
-        for fut in as_completed(futures, loop=client.loop):
-            study = by_key[fut.key]
-            try:
-                row = fut.result()
-            except Exception as err:  # noqa: BLE001 - a lost worker fails only its own study
-                row = {"study_id": study.study_id, "source": study.source, "label": study.label or ""}
-                row.update(_error_row(study, InputError(f"{study.path}: Dask worker failed: {err}")))
-            record(row)
-            next(bar, None)
+        with progress_task(len(todo), desc, "studies") as bar:
+            for fut in as_completed(futures, loop=client.loop):
+                study = by_key[fut.key]
+                try:
+                    row = fut.result()
+                except Exception as err:  # noqa: BLE001 - a lost worker fails only its own study
+                    row = {"study_id": study.study_id, "source": study.source, "label": study.label or ""}
+                    row.update(_error_row(study, InputError(f"{study.path}: Dask worker failed: {err}")))
+                record(row)
+                bar.advance()
     finally:
         client.close()
