@@ -1,9 +1,10 @@
 """The 2D slice classifier: a small factory over MONAI's 2D DenseNet and ResNet.
 
-The paper's baseline for the UCSD COVID-CT slices is an ImageNet-pretrained DenseNet-169; no ImageNet weights can be
-downloaded here, so every architecture starts from random weights, or from an encoder pretrained with
-``covidctnet pretrain-slice`` (contrastive, on the training images). The input has 1 channel (the grey-scale slice)
-or 2 (slice + classical lung mask); the output is 2 logits, index 1 = COVID-19.
+The paper's baseline for the UCSD COVID-CT slices is an ImageNet-pretrained DenseNet-169. A network starts from random
+weights, from an encoder pretrained with ``covidctnet pretrain-slice`` (contrastive, on the training images), or from
+torchvision's ImageNet weights or a torchvision/timm state dict (:mod:`covidctnet.models.pretrained`; ResNets then
+take torchvision's layout, ``layout="torchvision"``). The input has 1 channel (the grey-scale slice) or 2 (slice +
+classical lung mask); the output is 2 logits, index 1 = COVID-19.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from monai.networks import nets
 from torch import nn
 
 from covidctnet.core.errors import CheckpointError, ConfigError
+from covidctnet.models.pretrained import TORCHVISION_RESNET_KWARGS
 
 __all__ = [
     "SLICE_ARCHS",
+    "LAYOUTS",
     "build_slice_model",
     "head_name",
     "feature_dim",
@@ -32,6 +35,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SLICE_ARCHS: tuple[str, ...] = ("densenet121", "densenet169", "resnet18", "resnet50")
+LAYOUTS: tuple[str, ...] = ("monai", "torchvision")
 
 
 def build_slice_model(
@@ -41,6 +45,7 @@ def build_slice_model(
     width: float = 1.0,
     dropout: float = 0.0,
     pretrained: bool = False,
+    layout: str = "monai",
 ) -> nn.Module:
     """Build a MONAI 2D classifier.
 
@@ -51,8 +56,11 @@ def build_slice_model(
         width: channel multiplier of the ResNets (MONAI ``widen_factor``; 0.5 halves every layer, about 4× fewer
             FLOPs, for CPU training). DenseNets take only 1.0.
         dropout: dropout before the DenseNet classifier (``dropout_prob``); ResNets take only 0.0.
-        pretrained: refused: ImageNet weights cannot be downloaded here and MONAI has none for 2D nets without a
-            download; use ``pretrain-slice`` and ``train-slice --init``.
+        pretrained: refused: ImageNet weights are loaded by ``train-slice --init imagenet``
+            (:func:`covidctnet.models.pretrained.init_slice_model`), which checks every tensor.
+        layout: ``monai`` (MONAI's defaults: ResNets with a stride-1 stem and biased shortcut convs, as every model
+            trained before) or ``torchvision`` (ResNets with torchvision's stride-2 stem and bias-free shortcuts,
+            which torchvision/timm weights need; 4× fewer FLOPs after the stem). DenseNets are the same in both.
 
     Returns:
         the network; ``forward`` takes (B, in_channels, H, W) float and returns (B, num_classes) logits.
@@ -68,10 +76,10 @@ def build_slice_model(
     if arch not in SLICE_ARCHS:
         raise ConfigError(f"arch must be one of {list(SLICE_ARCHS)}, not {arch!r}")
     if pretrained:
-        raise ConfigError(
-            f"{arch}: pretrained ImageNet weights are not available offline; start from random weights or from a "
-            "'covidctnet pretrain-slice' encoder with 'train-slice --init PRETRAIN_DIR'"
-        )
+        raise ConfigError(f"{arch}: pretrained=True is not how ImageNet weights are loaded; use "
+                          "'train-slice --init imagenet'")
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout must be one of {list(LAYOUTS)}, not {layout!r}")
     if in_channels not in (1, 2):
         raise ConfigError(f"in_channels must be 1 (slice) or 2 (slice + lung mask), not {in_channels}")
     if num_classes < 1:
@@ -88,7 +96,8 @@ def build_slice_model(
     if not 0.125 <= width <= 2.0:
         raise ConfigError(f"{arch}: width must be in [0.125, 2], not {width}")
     factory = {"resnet18": nets.resnet18, "resnet50": nets.resnet50}[arch]
-    return factory(spatial_dims=2, n_input_channels=in_channels, num_classes=num_classes, widen_factor=width)
+    extra = TORCHVISION_RESNET_KWARGS if layout == "torchvision" else {}
+    return factory(spatial_dims=2, n_input_channels=in_channels, num_classes=num_classes, widen_factor=width, **extra)
 
 
 def head_name(model: nn.Module) -> str:

@@ -32,6 +32,7 @@ from covidctnet.data.ucsd import (
     find_records,
 )
 from covidctnet.evaluation.plots import RocCurve, plot_confusion, plot_roc
+from covidctnet.models.pretrained import IMAGENET, init_slice_model
 from covidctnet.models.slice import (
     build_slice_model,
     encoder_state_dict,
@@ -109,7 +110,10 @@ class SliceTrainConfig:
         workers: DataLoader worker processes (0 = in the main process).
         steps_per_epoch: cap on optimiser steps per epoch (null: one pass over the data).
         max_train_images: train on a stratified subset of this many images (quick runs; null: all).
-        init: model directory whose encoder initialises the network (from ``pretrain-slice`` or ``train-slice``).
+        init: what starts the network: ``imagenet`` (torchvision's ImageNet weights, from torchvision's cache or
+            downloaded there), a torchvision/timm state-dict file (both: :mod:`covidctnet.models.pretrained`; ResNets
+            then take torchvision's layout and need width 1.0), or a model directory whose encoder is loaded (from
+            ``pretrain-slice`` or ``train-slice``).
     """
 
     arch: Arch = "resnet18"
@@ -148,6 +152,14 @@ class SliceTrainConfig:
             raise ConfigError(f"min_lr must be in [0, lr], not {self.min_lr}")
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise ConfigError(f"ema must be in (0, 1) or null, not {self.ema}")
+        if torchvision_init(self.init) and self.arch.startswith("resnet") and self.width != 1.0:
+            raise ConfigError(f"init {self.init}: torchvision's {self.arch} is full width; set width 1.0 "
+                              f"(--width 1), not {self.width}")
+
+
+def torchvision_init(init: str | os.PathLike | None) -> bool:
+    """Whether ``init`` names torchvision-style weights (``imagenet`` or a file), not a model directory."""
+    return init is not None and (str(init) == IMAGENET or Path(init).is_file())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -238,6 +250,8 @@ def slice_model_kwargs(cfg: Any) -> dict[str, Any]:
     kwargs = {"in_channels": 2 if cfg.lung_mask else 1, "num_classes": 2, "width": float(cfg.width)}
     if hasattr(cfg, "dropout"):
         kwargs["dropout"] = float(cfg.dropout)
+    if torchvision_init(getattr(cfg, "init", None)):
+        kwargs["layout"] = "torchvision"  # the ResNet stem and shortcuts of torchvision's weights
     return kwargs
 
 
@@ -251,8 +265,11 @@ def slice_preprocessing(cfg: Any) -> dict[str, Any]:
     }
 
 
-def _init_from(model: nn.Module, init: str | os.PathLike, cfg: Any) -> None:
-    """Load the encoder of a ``pretrain-slice`` (component ``encoder``) or ``train-slice`` (``model``) directory."""
+def _init_from(model: nn.Module, init: str | os.PathLike, cfg: Any) -> dict[str, Any]:
+    """Load ImageNet or torchvision/timm weights, or the encoder of a ``pretrain-slice`` (component ``encoder``) or
+    ``train-slice`` (``model``) directory; return what to record in the model directory."""
+    if torchvision_init(init):
+        return init_slice_model(model, cfg.arch, init)
     md = load_model_dir(init)
     comps = md.config.get("components", {})
     name = "encoder" if "encoder" in comps else "model"
@@ -266,11 +283,18 @@ def _init_from(model: nn.Module, init: str | os.PathLike, cfg: Any) -> None:
     state = md.state_dict(name)  # a classifier's head keys are skipped by load_encoder_state_dict
     load_encoder_state_dict(model, state, str(init))
     logger.info("initialised the encoder from %s (%d tensors)", init, len(encoder_state_dict(model)))
+    return {"source": "model_dir", "file": str(init), "sha256": md.weights_sha256(name)}
 
 
 def _metrics_row(split: str, m: dict[str, float]) -> str:
     return (f"| {split} | {int(m['n'])} | {100 * m['accuracy']:.1f}% | {100 * m['f1']:.1f} | {100 * m['auc']:.1f} | "
             f"{100 * m['sensitivity']:.1f}% | {100 * m['specificity']:.1f}% |")
+
+
+def _init_text(init: str | None) -> str:
+    if init == IMAGENET:
+        return "from torchvision's ImageNet weights (RGB stem kernels summed into the grey channel)"
+    return f"from `{init}`" if init else "at random"
 
 
 def _card(cfg: SliceTrainConfig, data: str, command: str, metrics: dict[str, float], result: Any, n_train: int,
@@ -284,7 +308,7 @@ Research software, **not a medical device**; not for diagnosis.
 - `{data}`: the UCSD COVID-CT dataset (Zhao et al., arXiv:2003.13865; images cut from figures of papers, copyrights
   with the papers' authors/publishers), official patient-level split: **train** split ({n_train} images) for
   training, **val** split ({n_val} images) for model selection only. The official test split was not available.
-- Weights initialised {'from ' + str(cfg.init) if cfg.init else 'at random (no ImageNet weights could be downloaded)'}.
+- Weights initialised {_init_text(cfg.init)}.
 
 ## Command
 ```
@@ -382,8 +406,7 @@ def train_slice(
     seed_everything(cfg.seed)
     train, val = slice_datasets(data, cfg, train_aug=True)
     model = build_slice_model(cfg.arch, **slice_model_kwargs(cfg))
-    if cfg.init and not resume:
-        _init_from(model, cfg.init, cfg)
+    init_info = _init_from(model, cfg.init, cfg) if cfg.init and not resume else None
 
     def training_step(net: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         return nn.functional.cross_entropy(net(batch["image"]), batch["label"])
@@ -437,7 +460,8 @@ def train_slice(
                 "components": {"model": {"arch": cfg.arch, "kwargs": slice_model_kwargs(cfg)}},
                 "preprocess": slice_preprocessing(cfg),
                 "training": {"data": str(data), "command": command or "", "best_epoch": int(result.best_epoch),
-                             "epochs_run": int(result.epochs_run), "seed": int(cfg.seed)},
+                             "epochs_run": int(result.epochs_run), "seed": int(cfg.seed),
+                             "init": init_info or ({"source": str(cfg.init)} if cfg.init else None)},
                 "validation": {k: float(v) for k, v in metrics.items()},
             }
             card = _card(cfg, str(data), command or "(library call)", metrics, result, len(train), len(val))

@@ -51,7 +51,7 @@ def test_other_archs_build(kwargs, head, dim):
     "kwargs, match",
     [
         ({"arch": "vgg16"}, "arch must be one of"),
-        ({"arch": "densenet169", "pretrained": True}, "not available offline"),
+        ({"arch": "densenet169", "pretrained": True}, "--init imagenet"),
         ({"arch": "resnet18", "in_channels": 3}, "in_channels must be 1"),
         ({"arch": "densenet121", "width": 0.5}, "ResNets only"),
         ({"arch": "resnet18", "dropout": 0.3}, "DenseNets only"),
