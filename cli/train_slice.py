@@ -19,18 +19,21 @@ _CONFIG = "covidctnet.training.slice:SliceTrainConfig"
 @out_option("Run folder: checkpoints/, metrics.csv, loss_curve.png, roc.png, confusion.png, model/.", "run_dir")
 @config_file_option("slice.yaml")
 @config_option(_CONFIG, "--arch", type=click.Choice(_ARCHS), help="MONAI 2D network.")
+@config_option(_CONFIG, "--width", type=float, help="ResNet channel multiplier (1 for ImageNet weights).")
 @config_option(_CONFIG, "--image-size", "size", key="size", old_names=("--size",), type=int,
                help="Square input size of the slice images in pixels (paper: 480).")
 @config_option(_CONFIG, "--epochs", type=int, help="Training epochs (cosine period).")
 @config_option(_CONFIG, "--batch-size", type=int, help="Images per step and process.")
 @config_option(_CONFIG, "--lung-mask/--no-lung-mask", help="Add a classical lung mask as a 2nd input channel.")
-@click.option("--init", "init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Model directory from pretrain-slice (or train-slice) whose encoder starts the training.")
+@click.option("--init", "init", default=None, metavar="imagenet|FILE|MODEL_DIR",
+              help="Start from torchvision's ImageNet weights (its cache, $TORCH_HOME/hub/checkpoints, downloaded "
+                   "there if missing), a torchvision/timm state-dict file, or the encoder of a pretrain-slice (or "
+                   "train-slice) model directory.")
 @device_option(_CONFIG)
 @config_option(_CONFIG, "--seed", type=int, help="Seed of weights, data order and augmentation.")
 @loader_workers_option(_CONFIG)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
-def train_slice_cmd(data, run_dir, config_path, arch, size, epochs, batch_size, lung_mask, init, device, seed,
+def train_slice_cmd(data, run_dir, config_path, arch, width, size, epochs, batch_size, lung_mask, init, device, seed,
                     workers, resume):
     """Train the COVID-19 vs non-COVID slice classifier on DATA (UCSD COVID-CT layout or <split>/<class>/ folders).
 
@@ -41,8 +44,8 @@ def train_slice_cmd(data, run_dir, config_path, arch, size, epochs, batch_size, 
     from covidctnet.core.config import load_config
     from covidctnet.training.slice import SliceTrainConfig, train_slice
 
-    overrides = {"arch": arch, "size": size, "epochs": epochs, "batch_size": batch_size, "lung_mask": lung_mask,
-                 "init": str(init) if init else None, "device": device, "seed": seed, "workers": workers}
+    overrides = {"arch": arch, "width": width, "size": size, "epochs": epochs, "batch_size": batch_size,
+                 "lung_mask": lung_mask, "init": init, "device": device, "seed": seed, "workers": workers}
     cfg = load_config(SliceTrainConfig, config_path, overrides)
     command = "covidctnet " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None
     summary = train_slice(data, run_dir, cfg, resume=resume, command=command)

@@ -256,7 +256,7 @@ def medicalnet_resnet_kwargs(arch: str) -> dict[str, Any]:
         ConfigError: not a MedicalNet architecture.
     """
     if arch not in MEDICALNET_ARCHS:
-        raise ConfigError(f"MedicalNet weights are for {list(MEDICALNET_ARCHS)}, not {arch!r}; pass --arch resnet18 …")
+        raise ConfigError(f"MedicalNet weights are for the 3D ResNets {list(MEDICALNET_ARCHS)}, not {arch!r}")
     bias_downsample, shortcut_type = get_medicalnet_pretrained_resnet_args(int(arch.removeprefix("resnet")))
     return {"shortcut_type": shortcut_type, "bias_downsample": bias_downsample, "conv1_t_stride": 2}
 

@@ -247,7 +247,9 @@ def predict_slice_dataset(model: nn.Module, dataset: Any, device: torch.device, 
 
 
 def slice_model_kwargs(cfg: Any) -> dict[str, Any]:
-    kwargs = {"in_channels": 2 if cfg.lung_mask else 1, "num_classes": 2, "width": float(cfg.width)}
+    # DenseNets have no width: the ResNet default (0.5) must not make `--arch densenet169` fail
+    width = float(cfg.width) if cfg.arch.startswith("resnet") else 1.0
+    kwargs = {"in_channels": 2 if cfg.lung_mask else 1, "num_classes": 2, "width": width}
     if hasattr(cfg, "dropout"):
         kwargs["dropout"] = float(cfg.dropout)
     if torchvision_init(getattr(cfg, "init", None)):
@@ -274,7 +276,7 @@ def _init_from(model: nn.Module, init: str | os.PathLike, cfg: Any) -> dict[str,
     comps = md.config.get("components", {})
     name = "encoder" if "encoder" in comps else "model"
     comp = md.component(name)
-    want = {"arch": cfg.arch, "in_channels": 2 if cfg.lung_mask else 1, "width": float(cfg.width)}
+    want = {"arch": cfg.arch, "in_channels": 2 if cfg.lung_mask else 1, "width": slice_model_kwargs(cfg)["width"]}
     have = {"arch": comp.get("arch"), "in_channels": comp.get("kwargs", {}).get("in_channels"),
             "width": float(comp.get("kwargs", {}).get("width", 1.0))}
     if want != have:
@@ -404,9 +406,9 @@ def train_slice(
     """
     run_dir = Path(run_dir)
     seed_everything(cfg.seed)
-    train, val = slice_datasets(data, cfg, train_aug=True)
     model = build_slice_model(cfg.arch, **slice_model_kwargs(cfg))
-    init_info = _init_from(model, cfg.init, cfg) if cfg.init and not resume else None
+    init_info = _init_from(model, cfg.init, cfg) if cfg.init and not resume else None  # fails before the data load
+    train, val = slice_datasets(data, cfg, train_aug=True)
 
     def training_step(net: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         return nn.functional.cross_entropy(net(batch["image"]), batch["label"])
