@@ -6,11 +6,16 @@ Layout::
       config.yaml            # ModelDirConfig: name, task, class names, threshold, components (architecture + kwargs
                            # + weights file), input grid, the preprocessing expected; then what trained it
       <component>.safetensors  # one file per network, e.g. denoiser.safetensors, classifier.safetensors
-      MODEL_CARD.md          # what trained it, how it was evaluated, intended use; not a medical device
+      MODEL_CARD.md          # what trained it, how it was evaluated, intended use; not a medical device; with the
+                             # metadata header the Hugging Face hub reads (covidctnet.core.model_card)
       SHA256SUMS             # sha256 of every weights file and of config.yaml (``sha256sum -c`` format)
 
 Weights are safetensors only, so loading never unpickles (no code can run from a weights file). Loading verifies every
 hash and refuses a mismatch.
+
+No absolute path is written: a path recorded in ``config.yaml``, the card or a copied text file (commands, data
+folders, provenance of copied weights) is made relative to the working directory (:func:`portable_paths`), so a
+model directory can be shipped without the folder layout of the machine that trained it.
 
 Every model kind (denoiser, 3D classifier, slice model, slice encoder, ensembles) writes the one schema of
 :class:`ModelDirConfig`. Directories written before it (slice models with ``preprocessing`` and ``classes`` instead of
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,9 +37,10 @@ import yaml
 
 from covidctnet.core.errors import ModelDirError
 from covidctnet.core.files import atomic_dir, sha256_file
+from covidctnet.core.model_card import card_metadata, split_front_matter, with_front_matter
 
 __all__ = ["ComponentEntry", "ModelDirConfig", "ModelDir", "save_model_dir", "load_model_dir", "dir_stamp",
-           "CONFIG_NAME", "CARD_NAME", "SUMS_NAME", "TASKS"]
+           "CONFIG_NAME", "CARD_NAME", "SUMS_NAME", "TASKS", "portable_paths", "absolute_paths", "TEXT_SUFFIXES"]
 
 CONFIG_NAME = "config.yaml"
 CARD_NAME = "MODEL_CARD.md"
@@ -44,6 +51,13 @@ TASKS = ("covidctnet", "classifier", "denoise", "slice", "slice-encoder")
 """``covidctnet``: denoiser + 3D classifier (what ``predict`` runs); ``classifier``: the 3D classifier alone (or with a
 denoiser from the Keras import); ``denoise``: a BCDU-Net; ``slice``: a 2D slice model or ensemble; ``slice-encoder``: a
 SimCLR encoder for ``train-slice --init``."""
+
+TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".md", ".csv", ".txt")
+"""Copied files whose text is made portable (:func:`portable_paths`) as it is written into a model directory."""
+
+# An absolute POSIX path inside free text: a '/' that does not follow a word character, ':' or another '/' (so
+# "and/or", "16-bit / 65535" and URLs are left alone), then one or more path parts.
+_ABS_PATH = re.compile(r"(?<![\w.:/~\\-])/(?:[\w.@+=-]+/)*[\w.@+=-]+/?")
 
 _LEGACY_KEYS = {"preprocessing": "preprocess", "classes": "class_names"}  # slice model directories before the schema
 
@@ -234,6 +248,35 @@ class ModelDir:
             raise ModelDirError(f"{path}: cannot read safetensors weights: {err}") from err
 
 
+def absolute_paths(value: Any) -> list[str]:
+    """Every absolute POSIX path found in ``value`` (a string, or the strings nested in mappings and lists)."""
+    if isinstance(value, str):
+        return _ABS_PATH.findall(value)
+    if isinstance(value, Mapping):
+        return [p for k, v in value.items() for p in absolute_paths(k) + absolute_paths(v)]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in absolute_paths(v)]
+    return []
+
+
+def portable_paths(value: Any, base: str | os.PathLike | None = None) -> Any:
+    """``value`` with every absolute path made relative to ``base`` (default: the working directory).
+
+    A command line or data folder recorded relative to where the command ran stays meaningful (rerun from the same
+    place) without naming the machine's folders. Strings nested in mappings and lists are rewritten; other values are
+    returned as they are.
+    """
+    if isinstance(value, str):
+        root = os.fspath(base) if base is not None else os.getcwd()
+        return _ABS_PATH.sub(lambda m: Path(os.path.relpath(m.group(0), root)).as_posix()
+                             + ("/" if m.group(0).endswith("/") else ""), value)
+    if isinstance(value, Mapping):
+        return {portable_paths(k, base): portable_paths(v, base) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable_paths(v, base) for v in value]
+    return value
+
+
 def save_model_dir(
     out_dir: str | os.PathLike,
     config: ModelDirConfig | Mapping[str, Any],
@@ -248,14 +291,19 @@ def save_model_dir(
         config: ``config.yaml`` content (a mapping is validated as a :class:`ModelDirConfig`); each component
             saved gets ``weights: <name>.safetensors`` filled in.
         state_dicts: ``{component name: state_dict}``; tensors are made contiguous and saved as safetensors.
-        card: Markdown text of ``MODEL_CARD.md``.
-        extra_files: other files to copy in (name → source path), e.g. ``metrics.csv``.
+        card: Markdown text of ``MODEL_CARD.md``; a card without a metadata header gets the one
+            :func:`~covidctnet.core.model_card.card_metadata` derives from the config.
+        extra_files: other files to copy in (name → source path), e.g. ``metrics.csv``; the text of those named in
+            :data:`TEXT_SUFFIXES` is made portable like the config.
+
+    Absolute paths in the config, the card and the copied text files are written relative to the working directory
+    (:func:`portable_paths`).
     """
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    spec = config if isinstance(config, ModelDirConfig) else ModelDirConfig.from_dict(config,
-                                                                                      str(out_dir / CONFIG_NAME))
+    raw = config.to_dict() if isinstance(config, ModelDirConfig) else config
+    spec = ModelDirConfig.from_dict(portable_paths(raw), str(out_dir / CONFIG_NAME))
     missing = sorted(set(state_dicts) - set(spec.components))
     if missing:
         raise ModelDirError(f"{out_dir}: weights for {missing} but no such component in the config")
@@ -265,13 +313,19 @@ def save_model_dir(
     if without:
         raise ModelDirError(f"{out_dir}: no weights given for component(s) {without} of the config")
     spec = dataclasses.replace(spec, components=components)
+    card = portable_paths(card)
+    if not split_front_matter(card)[0]:
+        card = with_front_matter(card, card_metadata(spec.to_dict(), out_dir.name))
     with atomic_dir(out_dir) as tmp:
         for name, sd in state_dicts.items():
             save_file({k: v.detach().cpu().contiguous() for k, v in sd.items()}, str(tmp / components[name].weights))
         (tmp / CONFIG_NAME).write_text(yaml.safe_dump(spec.to_dict(), sort_keys=False))
         (tmp / CARD_NAME).write_text(card)
         for name, src in (extra_files or {}).items():
-            shutil.copyfile(src, tmp / name)
+            if Path(name).suffix.lower() in TEXT_SUFFIXES:
+                (tmp / name).write_text(portable_paths(Path(src).read_text()))
+            else:
+                shutil.copyfile(src, tmp / name)
         hashed = [CONFIG_NAME] + sorted(c.weights for c in components.values() if c.weights)
         (tmp / SUMS_NAME).write_text("".join(f"{sha256_file(tmp / f)}  {f}\n" for f in hashed))
     return load_model_dir(out_dir)
