@@ -57,10 +57,18 @@ def _print_report(summary, out_dir: Path) -> None:
     type=click.Choice(["fp32", "bf16"]),
     help="Denoiser arithmetic (torch backend): fp32, or bf16, several times faster on CPUs with AMX.",
 )
+@config_option(
+    _CONFIG,
+    "--dicom-out",
+    type=click.Path(file_okay=False),
+    help="Also write, per DICOM study, a DICOM SR (probabilities, call, model) and a Segmentation of the high residual "
+    "in the lungs into this folder, in the source study with its patient data, for the PACS it came from "
+    "(pip install 'covidctnet[dicom]').",
+)
 @batch_options("Worker processes, each with its own copy of the model; 0 predicts in this process.",
                "Skip studies already predicted into OUT by the same model (OUT/manifest.csv).")
 def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, save_residuals, backend, precision,
-                workers, resume, scheduler):
+                dicom_out, workers, resume, scheduler):
     """Diagnose CT studies (DICOM folders, NIfTI/NRRD files, dataset roots): control / COVID-19 / CAP.
 
     Runs preprocess -> BCDU-Net denoising -> residual -> 3D CNN and writes OUT/report.csv and report.json.
@@ -77,7 +85,7 @@ def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, sav
         PredictConfig,
         config_path,
         {"batch_size": batch_size, "device": device, "save_residuals": save_residuals, "backend": backend,
-         "precision": precision},
+         "precision": precision, "dicom_out": dicom_out},
     )
     summary = predict_studies(inputs, model_dir, out_dir, cfg, on_result=echo_error_row, resume=resume,
                               workers=workers, scheduler=scheduler)

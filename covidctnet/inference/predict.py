@@ -6,8 +6,10 @@ classifier takes (the classifier's ``input_size``). ``predict`` applies exactly 
 on 128×128 official-profile volumes is never fed 240×240 default-profile ones.
 
 Outputs (``OUT/``): ``report.csv`` (``study_id, p_control, p_covid, p_cap, predicted, status, error, model,
-weights_sha256``), ``report.json`` (the same plus the input checks passed and the seconds per step), and with
-``save_residuals`` ``<study_id>_residual.nii.gz`` and ``<study_id>_overlay.png`` per study. As the other batch stages,
+weights_sha256``), ``report.json`` (the same plus the input checks passed and the seconds per step), ``report.html``
+(one self-contained page with a row per study: call, probability bars, overlay, checks, seconds or error), and with
+``save_residuals`` ``<study_id>_residual.nii.gz`` and ``<study_id>_overlay.png`` per study. With ``dicom_out``, a DICOM
+SR and Segmentation per DICOM study go to that folder (:mod:`covidctnet.inference.dicom_export`). As the other batch stages,
 ``predict`` keeps ``manifest.csv`` and one ``predictions/<study_id>.json`` per study as it goes, so a rerun (or a run
 killed half-way) skips the studies already predicted (the manifest records each study's model hash and precision, and
 a folder of another model is refused).
@@ -35,8 +37,10 @@ from covidctnet.core.files import atomic_write_text, write_csv
 from covidctnet.core.labels import CLASS_NAMES
 from covidctnet.core.model_dir import dir_stamp
 from covidctnet.data.residual_volumes import residual_to_network_input
+from covidctnet.evaluation.html_report import write_predict_html
 from covidctnet.evaluation.plots import plot_residual_overlay
 from covidctnet.inference.backends import check_backend, open_model
+from covidctnet.inference.dicom_export import check_dicom_export, export_study
 from covidctnet.inference.residuals import PRECISIONS, compute_residual, resample_stack, residual_affine
 from covidctnet.inference.slice_scores import SliceScoresConfig, mask_to_grid, ras_lung_mask, residual_statistics
 from covidctnet.io.batch import MANIFEST_NAME, BatchSummary, Study, discover_studies, read_manifest, run_batch
@@ -91,6 +95,8 @@ class PredictConfig:
             ``docs/benchmarks.md``).
         min_lung_ml: chest-coverage check: a scan whose 3D lung mask holds less (ml) is refused ("no lungs found:
             not a chest CT?"), before the networks run.
+        dicom_out: folder for the opt-in DICOM output (a Comprehensive 3D SR and a Segmentation per DICOM study, in
+            the source study, with its patient module; see :mod:`covidctnet.inference.dicom_export`); None: none.
     """
     batch_size: int = 8
     device: str = "auto"
@@ -98,6 +104,7 @@ class PredictConfig:
     backend: str = "torch"
     precision: str = "fp32"
     min_lung_ml: float = 500.0
+    dicom_out: str | None = None
 
     def __post_init__(self) -> None:
         if self.min_lung_ml < 0:
@@ -225,7 +232,8 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
     passed = check_volume(volume, pipeline.preprocess.limits)
     read_s = time.perf_counter() - t
 
-    _, _, lungs = ras_lung_mask(volume, cfg.min_lung_ml)  # NoLungsError: not a chest CT, nothing is written
+    # NoLungsError: not a chest CT, nothing is written
+    _, lungs_affine, lungs = ras_lung_mask(volume, cfg.min_lung_ml)
     passed = [*passed, "chest_coverage"]
     result = predict_volume(pipeline, volume, cfg.batch_size, cfg.precision)
     probs = result["probabilities"]
@@ -259,6 +267,10 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
                               lung_mask=lung, axial_index=int(np.argmax(score)) if area.max() else None)
         row["residual"] = f"{study.study_id}_residual.nii.gz"
         row["overlay"] = f"{study.study_id}_overlay.png"
+    if cfg.dicom_out:
+        reported = {c: float(row[f"p_{c}"]) for c in CLASS_NAMES}  # the SR holds the report's numbers exactly
+        row["dicom"] = export_study(cfg.dicom_out, study.study_id, volume, reported, result["predicted"], pipeline.name,
+                                    pipeline.weights_sha256, *result["residual"], lungs.mask, lungs_affine)
     row["output"] = f"{PREDICTIONS_DIR}/{study.study_id}.json"
     (out_dir / PREDICTIONS_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / row["output"], json.dumps(_json_row({"study_id": study.study_id, **row}), indent=2))
@@ -285,8 +297,9 @@ def predict_studies(
     """``covidctnet predict``: predict every study found in ``inputs`` and write the report.
 
     A bad study gets ``status=error`` with its one-line message and the others are still predicted. Each study's
-    result is kept as it finishes (``manifest.csv``, ``predictions/<study_id>.json``); ``report.csv`` and
-    ``report.json`` are written atomically once every study has been seen. Nothing is written if every study failed.
+    result is kept as it finishes (``manifest.csv``, ``predictions/<study_id>.json``); ``report.csv``,
+    ``report.json`` and ``report.html`` are written atomically once every study has been seen. Nothing is written if
+    every study failed.
 
     Args:
         resume: skip studies whose prediction in ``out_dir`` is intact and was made by the same model and precision
@@ -300,6 +313,8 @@ def predict_studies(
         ConfigError: with ``resume``, ``out_dir``'s manifest holds predictions of another model or precision.
     """
     model_dir = str(Path(model_dir).resolve())
+    if cfg.dicom_out:
+        check_dicom_export()
     # loaded here even with workers: a bad model directory fails once, before any study, with its one-line error
     pipeline = _cached_pipeline(model_dir, cfg.device, cfg.backend)
     studies = discover_studies(inputs)
@@ -333,10 +348,11 @@ def predict_studies(
         "preprocess_profile": pipeline.preprocess.profile,
         "backend": cfg.backend,
         "precision": cfg.precision,
-        "studies": [_json_row({c: r.get(c, "") for c in REPORT_COLUMNS} | {
-            k: r[k] for k in ("checks", "seconds", "residual", "overlay", "label", "source") if k in r}) for r in rows],
+        "studies": [_json_row({c: r.get(c, "") for c in REPORT_COLUMNS} | {k: r[k] for k in (
+            "checks", "seconds", "residual", "overlay", "dicom", "label", "source") if k in r}) for r in rows],
     }
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
+    write_predict_html(out_dir / "report.html", report, out_dir)
     return summary
 
 

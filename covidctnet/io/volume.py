@@ -79,6 +79,10 @@ class Volume:
         modality: DICOM Modality when known (``None`` for NIfTI/NRRD, which do not record it).
         slice_positions: for DICOM, the position (mm) of each slice along the slice normal, in array order.
         info: non-identifying facts for logs and manifests (number of series found, transfer syntax …).
+        dicom_slices: for DICOM, ``(header, frame)`` of each slice in array (k) order: the file's pydicom header
+            (pixels not read) and the frame index in a multi-frame file (``None`` for single-frame files). Only the
+            opt-in DICOM output (:mod:`covidctnet.inference.dicom_export`) reads it: the headers hold patient
+            identifiers, so they are left out of ``repr`` and must never reach a log, CSV or JSON.
     """
 
     array: np.ndarray
@@ -87,6 +91,7 @@ class Volume:
     modality: str | None = None
     slice_positions: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    dicom_slices: list[tuple[Any, int | None]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def spacing(self) -> tuple[float, float, float]:
@@ -794,6 +799,7 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None, 
         modality=series.modality,
         slice_positions=positions,
         info=info,
+        dicom_slices=[(s.header, s.frame) for s in slices],
     )
 
 
