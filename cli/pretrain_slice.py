@@ -24,12 +24,17 @@ _CONFIG = "covidctnet.training.simclr:PretrainSliceConfig"
 @config_option(_CONFIG, "--epochs", type=int, help="Pretraining epochs.")
 @config_option(_CONFIG, "--batch-size", type=int, help="Images per step (2 views each).")
 @config_option(_CONFIG, "--lung-mask/--no-lung-mask", help="Add the classical lung mask as a 2nd channel.")
+@config_option(_CONFIG, "--extra-ct", type=click.Path(exists=True, file_okay=False),
+               help="Folder of CT volumes (NIfTI/NRRD/MHA, DICOM series folders) whose lung slices, rendered as "
+                    "paper figures, are added to the unlabelled images.")
+@config_option(_CONFIG, "--data-images/--no-data-images",
+               help="Use DATA's training images too (--no-data-images: only the --extra-ct renderings).")
 @device_option(_CONFIG)
 @config_option(_CONFIG, "--seed", type=int, help="Seed.")
 @loader_workers_option(_CONFIG)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
-def pretrain_slice_cmd(data, run_dir, config_path, arch, size, epochs, batch_size, lung_mask, device, seed, workers,
-                       resume):
+def pretrain_slice_cmd(data, run_dir, config_path, arch, size, epochs, batch_size, lung_mask, extra_ct, data_images,
+                       device, seed, workers, resume):
     """Contrastive (SimCLR) pretraining of the slice encoder on DATA's training images, without labels.
 
     The encoder in OUT/encoder starts `covidctnet train-slice --init OUT/encoder` (same arch, size, lung mask).
@@ -38,7 +43,7 @@ def pretrain_slice_cmd(data, run_dir, config_path, arch, size, epochs, batch_siz
     from covidctnet.training.simclr import PretrainSliceConfig, pretrain_slice
 
     overrides = {"arch": arch, "size": size, "epochs": epochs, "batch_size": batch_size, "lung_mask": lung_mask,
-                 "device": device, "seed": seed, "workers": workers}
+                 "extra_ct": extra_ct, "data_images": data_images, "device": device, "seed": seed, "workers": workers}
     cfg = load_config(PretrainSliceConfig, config_path, overrides)
     command = "covidctnet " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None
     summary = pretrain_slice(data, run_dir, cfg, resume=resume, command=command)

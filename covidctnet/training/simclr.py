@@ -16,6 +16,8 @@ from torch import nn
 from covidctnet.core.checkpoint import load_checkpoint
 from covidctnet.core.errors import ConfigError
 from covidctnet.core.seeding import derive_seed, seed_everything
+from covidctnet.data.ct_render import render_ct_folder
+from covidctnet.data.ucsd import SliceDataset, prepare_slice
 from covidctnet.models.slice import (
     build_slice_model,
     feature_dim,
@@ -48,6 +50,13 @@ class PretrainSliceConfig:
         crop_scale, rotate_degrees, intensity, flip: augmentation of each view (stronger than for supervised
             training: contrastive learning needs views that differ).
         seed, device, workers, steps_per_epoch, max_train_images: as in ``train-slice``.
+        extra_ct: a folder of CT volumes (NIfTI/NRRD/MetaImage files, DICOM series folders; links followed) whose
+            lung slices are rendered as paper figures (:func:`~covidctnet.data.ct_render.render_ct_slices`) and added
+            to the unlabelled images (null: none).
+        extra_ct_slices: at most this many lung slices per volume (evenly spread).
+        extra_ct_renders: renderings per slice (each with its own window, crop and JPEG quality).
+        data_images: also use DATA's training images; false pretrains on the ``extra_ct`` renderings alone (e.g.
+            before a cross-validation of DATA, so that no held-out image is seen, even unlabelled).
     """
     arch: Arch = "resnet18"
     width: float = 0.5
@@ -68,9 +77,18 @@ class PretrainSliceConfig:
     workers: int = 0
     steps_per_epoch: int | None = None
     max_train_images: int | None = None
+    extra_ct: str | None = None
+    extra_ct_slices: int = 60
+    extra_ct_renders: int = 2
+    data_images: bool = True
 
     def __post_init__(self) -> None:
         check_common_settings(self)
+        if self.extra_ct_slices < 1 or self.extra_ct_renders < 1:
+            raise ConfigError(f"extra_ct_slices and extra_ct_renders must be >= 1, not {self.extra_ct_slices} and "
+                              f"{self.extra_ct_renders}")
+        if not self.data_images and not self.extra_ct:
+            raise ConfigError("data_images is false and no extra_ct folder is given: nothing to pretrain on")
         if not 0.01 <= self.temperature <= 10:
             raise ConfigError(f"temperature must be in [0.01, 10], not {self.temperature}")
         if self.proj_dim < 2:
@@ -131,6 +149,16 @@ class _TwoViews(torch.utils.data.Dataset):
         return {"view1": views[0], "view2": views[1]}
 
 
+def _with_extra_ct(train: SliceDataset, cfg: PretrainSliceConfig) -> SliceDataset:
+    """``train`` plus (or, without ``data_images``, replaced by) the rendered slices of ``cfg.extra_ct``."""
+    records, images = render_ct_folder(cfg.extra_ct, cfg.size, cfg.extra_ct_slices, cfg.extra_ct_renders, cfg.seed)
+    cache = [prepare_slice(img, cfg.size, cfg.lung_mask) for img in images]
+    if cfg.data_images:
+        records, cache = train.records + records, train.cache + cache
+    logger.info("pretraining on %d images (%d rendered from %s)", len(records), len(images), cfg.extra_ct)
+    return SliceDataset(records, cfg.size, cfg.lung_mask, train.transform, seed=cfg.seed, cache=cache)
+
+
 def pretrain_slice(
     data: str | os.PathLike,
     run_dir: str | os.PathLike,
@@ -151,6 +179,8 @@ def pretrain_slice(
     run_dir = Path(run_dir)
     seed_everything(cfg.seed)
     train, _ = slice_datasets(data, cfg, train_aug=True, with_val=False)
+    if cfg.extra_ct:
+        train = _with_extra_ct(train, cfg)
     model = _SimCLR(cfg)
 
     def training_step(net: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -188,11 +218,16 @@ def pretrain_slice(
                 "task": "slice-encoder",
                 "components": {"encoder": {"arch": cfg.arch, "kwargs": slice_model_kwargs(cfg)}},
                 "preprocess": slice_preprocessing(cfg),
-                "training": {"data": str(data), "command": command or "", "method": "SimCLR (NT-Xent)",
+                "training": {"data": Path(data).name if cfg.data_images else None,
+                             "extra_ct": Path(cfg.extra_ct).name if cfg.extra_ct else None,
+                             "command": command or "", "method": "SimCLR (NT-Xent)",
                              "epochs_run": int(result.epochs_run), "final_loss": final_loss},
             }
-            card = (f"# SimCLR slice encoder ({cfg.arch}, {cfg.size} px)\n\nContrastive pretraining on the training "
-                    f"images of `{data}` without labels.\n\n```\n{command or '(library call)'}\n```\n\nUse with "
+            source = (f"the training images of `{Path(data).name}`" if cfg.data_images else "") + (
+                " and " if cfg.data_images and cfg.extra_ct else "") + (
+                f"CT slices rendered from the volumes in `{Path(cfg.extra_ct).name}`" if cfg.extra_ct else "")
+            card = (f"# SimCLR slice encoder ({cfg.arch}, {cfg.size} px)\n\nContrastive pretraining on {source} "
+                    "without labels.\n\n```\n{command or '(library call)'}\n```\n\nUse with "
                     "`covidctnet train-slice --init THIS_DIR` (same arch, width and lung_mask). Not a classifier.\n")
             extra = {"training_config.yaml": run_dir / "config.yaml", "metrics.csv": run_dir / "metrics.csv"}
             return ModelExport(config, card, extra, {"encoder": encoder})
