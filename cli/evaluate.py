@@ -37,9 +37,9 @@ def evaluate_cmd(predictions: Path, labels: Path, out_dir: Path, threshold: floa
                  config_path: Path | None) -> None:
     """Score PREDICTIONS (report.csv from predict, or OUT/preds.csv from predict-slice) against --labels.
 
-    Writes report.md, metrics.json, config.yaml and PNGs (ROC curves, confusion matrices) to --out: 2-class (COVID-19 vs
-    the rest) and 3-class accuracy, sensitivity, specificity, precision, F1 and AUC with 95% CIs (Wilson for
-    proportions, DeLong for AUC). Rows with status=error are excluded and counted. Bad input writes nothing.
+    Writes report.md (and report.html, the same page with its figures embedded), metrics.json, config.yaml and PNGs
+    (ROC curves, confusion matrices) to --out: 2-class (COVID-19 vs the rest) and 3-class accuracy, sensitivity,
+    specificity, precision, F1 and AUC with 95% CIs (Wilson for proportions, DeLong for AUC). Rows with status=error are excluded and counted. Bad input writes nothing.
     The 2-class threshold is --threshold, else the one preds.csv records (the one predict-slice applied), else
     the argmax.
     """
@@ -75,4 +75,4 @@ def evaluate_cmd(predictions: Path, labels: Path, out_dir: Path, threshold: floa
 
         value, ci, _ = format_estimate(Estimate(**result["three_class"]["accuracy"]))
         click.echo(f"3-class accuracy {value} ({ci})")
-    click.echo(f"report: {out_dir / 'report.md'}")
+    click.echo(f"report: {out_dir / 'report.md'}  {out_dir / 'report.html'}")

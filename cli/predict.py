@@ -22,7 +22,7 @@ def _print_report(summary, out_dir: Path) -> None:
                 click.echo(f"  overlay:  {out_dir / row['overlay']}")
                 click.echo(f"  residual: {out_dir / row['residual']}")
     if summary.n_ok + summary.n_skipped:
-        click.echo(f"report: {out_dir / 'report.csv'}  {out_dir / 'report.json'}")
+        click.echo(f"report: {out_dir / 'report.csv'}  {out_dir / 'report.json'}  {out_dir / 'report.html'}")
 
 
 @click.command("predict")
@@ -35,7 +35,7 @@ def _print_report(summary, out_dir: Path) -> None:
     help="Model directory with denoiser and classifier components (config.yaml, *.safetensors, SHA256SUMS)  "
     "[default: the bundled demonstration model].",
 )
-@out_option("Output folder: report.csv, report.json (and residuals/overlays with --save-residuals).")
+@out_option("Output folder: report.csv, report.json, report.html (and residuals/overlays with --save-residuals).")
 @config_file_option("predict.yaml")
 @config_option(_CONFIG, "--batch-size", type=int, help="Slices per denoiser forward pass.")
 @device_option(_CONFIG)
@@ -71,7 +71,8 @@ def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, sav
                 dicom_out, workers, resume, scheduler):
     """Diagnose CT studies (DICOM folders, NIfTI/NRRD files, dataset roots): control / COVID-19 / CAP.
 
-    Runs preprocess -> BCDU-Net denoising -> residual -> 3D CNN and writes OUT/report.csv and report.json.
+    Runs preprocess -> BCDU-Net denoising -> residual -> 3D CNN and writes OUT/report.csv, report.json and
+    report.html (one page: a row per study with the call, probability bars, overlay, checks and timings).
     A bad study is reported and the others are still predicted (exit code 1); 2 if every study failed.
     """
     from covidctnet.core.config import load_config

@@ -13,8 +13,9 @@ Inputs are the files other stages write (see ``docs/evaluation.md``):
   ``file`` column of ``preds.csv`` by path relative to a common folder, then by file name with or without its
   extension (see :func:`match_case_ids`).
 
-Outputs (``report.md``, ``metrics.json``, ``config.yaml`` and PNGs) are written only after every input check passed,
-each file atomically: bad input leaves no report at all.
+Outputs (``report.md``, the same as one self-contained page ``report.html`` with its figures embedded,
+``metrics.json``, ``config.yaml`` and PNGs) are written only after every input check passed, each file atomically: bad
+input leaves no report at all.
 
 Two views are computed. **2-class**: COVID-19 (positive) against everything else, with accuracy, sensitivity,
 specificity, precision, NPV, F1 and the AUC of ``p_covid``. **3-class** (when both predictions and labels are
@@ -50,6 +51,7 @@ from covidctnet.core.labels import (
     normalize_label,
     read_labels_csv,
 )
+from covidctnet.evaluation.html_report import write_markdown_html
 from covidctnet.evaluation.plots import OperatingPoint, RocCurve, plot_confusion, plot_roc
 from covidctnet.evaluation.stats import (
     Estimate,
@@ -976,7 +978,8 @@ def evaluate(
     Args:
         predictions_csv: ``report.csv`` (predict) or ``preds.csv`` (predict-slice).
         labels_csv: ``study_id,label`` (or ``case_id,label``); 3-class or 2-class labels.
-        out_dir: report folder; gets ``report.md``, ``metrics.json``, ``config.yaml``, ``roc_2class.png``,
+        out_dir: report folder; gets ``report.md``, ``report.html`` (the report as one page, figures embedded),
+            ``metrics.json``, ``config.yaml``, ``roc_2class.png``,
             ``confusion_2class.png`` and, for 3-class inputs, ``roc_3class.png`` and ``confusion_3class.png``.
         config: options; defaults from :class:`EvaluateConfig`.
 
@@ -1021,10 +1024,12 @@ def evaluate(
         "inputs": inputs,
         "config": config_to_dict(cfg),
         **to_jsonable(result),
-        "files": sorted(["report.md", "metrics.json", "config.yaml", *images.values()]),
+        "files": sorted(["report.md", "report.html", "metrics.json", "config.yaml", *images.values()]),
     }
     atomic_write_text(out_dir / "metrics.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    atomic_write_text(out_dir / "report.md", _render_report(result, inputs, cfg, images))
+    report_md = _render_report(result, inputs, cfg, images)
+    atomic_write_text(out_dir / "report.md", report_md)
+    write_markdown_html(out_dir / "report.html", report_md, out_dir, "covidctnet evaluation report")
     two = result["two_class"]["metrics"]
     logger.info(
         "evaluated %d cases: 2-class accuracy %s, AUC %s; report in %s",

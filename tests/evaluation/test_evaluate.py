@@ -181,7 +181,7 @@ def test_slice_predictions_matched_by_file_name(tmp_path):
     assert result["two_class"]["confusion_matrix"]["matrix"] == [[1, 1], [1, 1]]
     assert result["two_class"]["metrics"]["auc"]["value"] == pytest.approx(0.5)  # p1 beats both, p2 neither
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "config.yaml", "confusion_2class.png", "metrics.json", "report.md", "roc_2class.png",
+        "config.yaml", "confusion_2class.png", "metrics.json", "report.html", "report.md", "roc_2class.png",
     ]  # fmt: skip
 
 
@@ -263,7 +263,7 @@ def test_evaluate_writes_the_report_folder(hand_case, tmp_path):
     result = evaluate(*hand_case, out, FAST)
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(result["files"]) == [
-        "config.yaml", "confusion_2class.png", "confusion_3class.png", "metrics.json", "report.md",
+        "config.yaml", "confusion_2class.png", "confusion_3class.png", "metrics.json", "report.html", "report.md",
         "roc_2class.png", "roc_3class.png",
     ]  # fmt: skip
     assert json.loads((out / "metrics.json").read_text()) == result
