@@ -364,8 +364,13 @@ def cv_slice(
     fold = assign_folds(labels, groups, folds, fold_seed)
     root = Path(data)
     names = [str(r.path.relative_to(root)) if r.path.is_relative_to(root) else r.path.name for r in records]
-    write_csv(out_dir / "folds.csv", ["file", "label", "group", "fold"],
-              ([n, BINARY_CLASS_NAMES[y], g, k] for n, y, g, k in zip(names, labels, groups, fold)))
+    rows = [[n, BINARY_CLASS_NAMES[y], g, str(k)] for n, y, g, k in zip(names, labels, groups, fold)]
+    if (out_dir / "folds.csv").is_file():  # a run is continued only with the very same folds
+        with open(out_dir / "folds.csv", newline="") as fh:
+            if list(csv.reader(fh))[1:] != rows:
+                raise ConfigError(f"{out_dir}: made with other images, groups or folds (--folds, --fold-seed); use "
+                                  "a new output folder")
+    write_csv(out_dir / "folds.csv", ["file", "label", "group", "fold"], rows)
     logger.info("%s: %d images (%d COVID) in %d source groups, %d folds of %s images", data, len(records),
                 int(labels.sum()), len(set(groups)), folds, [int((fold == k).sum()) for k in range(folds)])
     todo = range(folds) if only_folds is None else sorted(set(only_folds))
