@@ -8,6 +8,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 import pytest
+from browser import render, study_rows
 from click.testing import CliRunner
 from model_factories import DEPTH, SIZE, tiny_predict_model
 
@@ -50,6 +51,12 @@ def test_predict_batch_with_a_bad_study(tiny_model, dicom_dirs, nifti_ct, tmp_pa
         assert img.get_fdata().min() < 0 < img.get_fdata().max()  # signed residual
         assert (out / f"{sid}_overlay.png").stat().st_size > 10_000
     assert not (out / "corrupt_residual.nii.gz").exists()
+    # report.html: the same studies as a browser shows them, with the overlays written above embedded
+    page = (out / "report.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 2 and "truncated" in page
+    dom, shot = render(out / "report.html", tmp_path)
+    assert study_rows(dom) == {"ok": 2, "error": 1}
+    assert shot.std() > 20
 
 
 def test_same_input_same_probabilities(tiny_model, dicom_dirs, tmp_path):
