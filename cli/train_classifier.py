@@ -24,6 +24,8 @@ _CONFIG = "covidctnet.training.classifier:ClassifierConfig"
 @click.option("--split-file", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="CSV study_id,split (train/val/test) instead of a seeded patient-level split.")
 @config_option(_CONFIG, "--arch", help="covidctnet3d (official CNN) or a MONAI 3D net: densenet121, resnet18, ….")
+@click.option("--init", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="MedicalNet-style 3D ResNet weights (e.g. resnet_18_23dataset.pth) that start a resnet10/18/34/50.")
 @config_option(_CONFIG, "--epochs", type=int, help="Maximum training epochs.")
 @config_option(_CONFIG, "--batch-size", type=int, help="Volumes per step and process.")
 @config_option(_CONFIG, "--seed", type=int, help="Seed of split, weights, data order, augmentation.")
@@ -31,7 +33,7 @@ _CONFIG = "covidctnet.training.classifier:ClassifierConfig"
 @loader_workers_option(_CONFIG)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt (with OUT/split.csv).")
 def train_classifier_cmd(residuals, labels, run_dir, config_path, split_file, arch, epochs, batch_size, seed, device,
-                         workers, resume):
+                         workers, init, resume):
     """Train the 3D CNN (control / COVID-19 / CAP) on the residual volumes in RESIDUALS.
 
     Splits the studies by patient, trains with a class-weighted cross-entropy and MONAI 3D augmentation, selects the
@@ -44,6 +46,7 @@ def train_classifier_cmd(residuals, labels, run_dir, config_path, split_file, ar
 
     overrides = {"arch": arch, "epochs": epochs, "batch_size": batch_size, "seed": seed, "device": device,
                  "workers": workers}
+    overrides["init"] = str(init) if init else None
     cfg = load_config(ClassifierConfig, config_path, overrides)
     command = "covidctnet " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None
     summary = train_classifier(residuals, run_dir, cfg, labels=labels, split_file=split_file, resume=resume,

@@ -53,6 +53,7 @@ from covidctnet.data.residual_volumes import (
 )
 from covidctnet.evaluation.plots import RocCurve, plot_confusion, plot_roc
 from covidctnet.models.cnn3d import build_classifier
+from covidctnet.models.pretrained import MEDICALNET_ARCHS, load_medicalnet_weights, medicalnet_resnet_kwargs
 from covidctnet.models.registry import resolve_denoiser_dir
 from covidctnet.training.trainer import ModelExport, RunResult, Trainer, distributed_context
 
@@ -78,6 +79,10 @@ class ClassifierConfig:
         depth: slices of the residual grid (network input D); the residual volumes must have it.
         size_xy: in-plane size of the residual grid (network input H = W).
         arch: ``covidctnet3d`` (official CNN) or a MONAI 3D net (``densenet121``, ``resnet18`` …).
+        init: a MedicalNet-style 3D ResNet checkpoint (Tencent MedicalNet's ``resnet_18_23dataset.pth`` …) that starts
+            the network (null: random weights); ``arch`` must be ``resnet10``/``18``/``34``/``50``, built in
+            MedicalNet's layout (:func:`~covidctnet.models.pretrained.medicalnet_resnet_kwargs`, recorded in the model
+            directory). Its segmentation head is left out; the classification head starts at random.
         epochs: maximum training epochs.
         batch_size: volumes per optimiser step (per process under DDP).
         lr: Adam learning rate (official CovidCTNet: 1e-4).
@@ -102,6 +107,7 @@ class ClassifierConfig:
     depth: int = 50
     size_xy: int = 240
     arch: str = "covidctnet3d"
+    init: str | None = None
     epochs: int = 50
     batch_size: int = 4
     lr: float = 1e-4
@@ -125,6 +131,9 @@ class ClassifierConfig:
     def __post_init__(self) -> None:
         if self.depth < 1 or self.size_xy < 1:
             raise ConfigError(f"'depth' and 'size_xy' must be >= 1, not {self.depth} and {self.size_xy}")
+        if self.init is not None and self.arch not in MEDICALNET_ARCHS:
+            raise ConfigError(f"init {self.init}: MedicalNet weights are for the 3D ResNets {list(MEDICALNET_ARCHS)}, "
+                              f"not arch {self.arch!r}")
         if self.epochs < 1 or self.batch_size < 1:
             raise ConfigError(f"'epochs' and 'batch_size' must be >= 1, not {self.epochs} and {self.batch_size}")
         if self.lr <= 0 or self.weight_decay < 0:
@@ -512,11 +521,13 @@ def train_classifier(
 
     seed_everything(cfg.seed)
     try:
-        model = build_classifier(cfg.arch, in_channels=1, num_classes=len(CLASS_NAMES), input_size=cfg.input_size)
+        model = build_classifier(cfg.arch, in_channels=1, num_classes=len(CLASS_NAMES), input_size=cfg.input_size,
+                                 **_arch_kwargs(cfg))
     except ConfigError as err:
         # the grid is the residual volumes' (the config must match them): name the folder, the keys and the arch
         raise ConfigError(f"{residuals_dir}: arch {cfg.arch!r} on residual volumes of depth {cfg.depth}, size_xy "
                           f"{cfg.size_xy}: {err}") from err
+    init_info = load_medicalnet_weights(model, cfg.init) if cfg.init and not resume else None
     aug = None
     if cfg.augment:
         aug = build_augmentation(cfg.flip_prob, cfg.affine_prob, cfg.rotate_deg, cfg.scale, cfg.translate_frac,
@@ -562,7 +573,8 @@ def train_classifier(
         finished: list[RunResult] = []  # filled on rank 0 by describe()
 
         def describe() -> ModelExport:
-            export, result = _finish(trainer, fit, cfg, data, val_ds, monitor, residuals_dir, info, command)
+            export, result = _finish(trainer, fit, cfg, data, val_ds, monitor, residuals_dir, info, command,
+                                     init_info)
             finished.append(result)
             return export
 
@@ -572,13 +584,19 @@ def train_classifier(
         trainer.close()
 
 
+def _arch_kwargs(cfg: ClassifierConfig) -> dict[str, Any]:
+    """Constructor arguments beyond the arch name: MedicalNet's ResNet layout when its weights start the run."""
+    return medicalnet_resnet_kwargs(cfg.arch) if cfg.init else {}
+
+
 def _finish(trainer: Any, result: Any, cfg: ClassifierConfig, data: PreparedData, val_ds: Any, monitor: str,
             residuals_dir: str | os.PathLike, info: dict[str, Any] | None,
-            command: str | None) -> tuple[ModelExport, RunResult]:
+            command: str | None, init_info: dict[str, Any] | None = None) -> tuple[ModelExport, RunResult]:
     """Rank 0 after training: validation outputs of the best epoch, and what to write as the model directory."""
     run_dir = trainer.run_dir
     best_state = trainer.best_state_dict()
-    best = build_classifier(cfg.arch, in_channels=1, num_classes=len(CLASS_NAMES), input_size=cfg.input_size)
+    best = build_classifier(cfg.arch, in_channels=1, num_classes=len(CLASS_NAMES), input_size=cfg.input_size,
+                            **_arch_kwargs(cfg))
     best.load_state_dict(best_state)
     best.to(trainer.device)
     if data.val:
@@ -628,6 +646,7 @@ def _finish(trainer: Any, result: Any, cfg: ClassifierConfig, data: PreparedData
         "best_epoch": int(result.best_epoch),
         "epochs_run": int(result.epochs_run),
         "seed": int(cfg.seed),
+        "init": init_info or ({"source": "medicalnet", "file": str(cfg.init)} if cfg.init else None),
     }
     config["validation"] = to_jsonable({k: metrics[k] for k in ("n", "auc", "auc_per_class", "accuracy", "loss",
                                                                "classes_present")})

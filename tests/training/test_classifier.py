@@ -385,3 +385,31 @@ def test_no_validation_when_val_fraction_is_zero(tmp_path, caplog):
     split.write_text("study_id,split\n" + "".join(f"study_{k:02d},train\n" for k in range(3)))
     with pytest.raises(SplitError, match="val set is empty"):
         train_classifier(res, tmp_path / "run2", cfg, labels=labels, split_file=split)
+
+
+def test_medicalnet_init_builds_its_layout_and_records_it(tmp_path):
+    """train-classifier --init: a MedicalNet-style checkpoint starts a 3D ResNet built in MedicalNet's layout, which the
+    model directory records so that load_classifier rebuilds the same network."""
+    from monai.networks import nets
+
+    from covidctnet.models.pretrained import medicalnet_resnet_kwargs
+    from covidctnet.models.registry import load_classifier
+
+    net = nets.resnet10(spatial_dims=3, n_input_channels=1, feed_forward=False, **medicalnet_resnet_kwargs("resnet10"))
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in net.state_dict().items()}
+    state = {k: v.abs() + 0.5 if k.endswith("running_var") else v for k, v in state.items()}
+    weights = tmp_path / "resnet_10_23dataset.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}}, weights)  # as MedicalNet ships them
+    with pytest.raises(ConfigError, match="MedicalNet weights are for the 3D ResNets"):
+        ClassifierConfig(**{**TINY, "init": str(weights)})  # the official CNN has none
+    res, labels = make_synthetic_residuals(tmp_path / "res", n_per_class=2)
+    cfg = ClassifierConfig(**{**TINY, "arch": "resnet10", "init": str(weights), "epochs": 1, "lr": 1e-12,
+                              "augment": False})
+    train_classifier(res, tmp_path / "run", cfg, labels=labels)
+    md = load_model_dir(tmp_path / "run" / "model")
+    spec = md.config["components"]["classifier"]
+    assert spec["kwargs"]["shortcut_type"] == "B" and spec["kwargs"]["conv1_t_stride"] == 2
+    assert md.config["training"]["init"]["file"] == weights.name
+    model = load_classifier(tmp_path / "run" / "model")
+    assert torch.allclose(model.state_dict()["layer3.0.conv1.weight"], state["layer3.0.conv1.weight"], atol=1e-6)
