@@ -44,14 +44,15 @@ tr.study.failed td { background: #fff3f3; }
   background: #37474f; }
 .badge.error { background: #b71c1c; }
 .label { color: #555; font-size: 0.9em; }
-.probs { width: 16em; }
+.probs { min-width: 15em; }
 .prob { display: flex; align-items: center; margin: 0.15em 0; font-size: 0.9em; }
 .prob .name { width: 4.5em; }
-.prob .track { flex: 1; height: 0.9em; background: #eee; margin: 0 0.4em; }
+.prob .track { flex: none; width: 7em; height: 0.9em; background: #eee; margin: 0 0.4em; }
 .prob .fill { height: 100%; }
 .prob .value { width: 3.2em; text-align: right; font-variant-numeric: tabular-nums; }
 .prob.top .name, .prob.top .value { font-weight: bold; }
-img { max-width: 40em; display: block; }
+img { max-width: 36em; display: block; }
+img.overlay { width: 30em; height: auto; }
 .checks span { display: inline-block; background: #e8f0fe; border-radius: 3px; padding: 0 0.3em; margin: 0.1em;
   font-size: 0.85em; }
 .seconds { font-variant-numeric: tabular-nums; font-size: 0.9em; white-space: nowrap; }
