@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 __all__ = ["ConfigOption", "config_option", "out_option", "config_file_option", "device_option", "dataclass_default",
-           "loader_workers_option", "resolve_ref", "batch_options"]
+           "loader_workers_option", "resolve_ref", "batch_options", "step_options"]
 
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N (gpu = cuda)"
 
@@ -123,6 +123,15 @@ def loader_workers_option(config: str, key: str = "workers") -> Any:
     """
     return config_option(config, "--loader-workers", key, key=key, old_names=("--workers",), type=int,
                          help="DataLoader worker processes (0 = load in the training process).")
+
+
+def step_options(config: str) -> Any:
+    """``--max-steps`` and ``--checkpoint-every`` of the long training commands (one MosMed epoch is ~15,000 steps)."""
+    max_steps = config_option(config, "--max-steps", type=int,
+                              help="Stop after this many optimiser steps in all (the last epoch may be partial).")
+    every = config_option(config, "--checkpoint-every", type=int,
+                          help="Also checkpoint every N optimiser steps; --resume then continues inside the epoch.")
+    return lambda f: max_steps(every(f))
 
 
 def batch_options(workers_help: str, resume_help: str) -> Any:

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import click
 
-from covidctnet.cli.options import config_file_option, config_option, device_option, loader_workers_option, out_option
+from covidctnet.cli.options import (
+    config_file_option,
+    config_option,
+    device_option,
+    loader_workers_option,
+    out_option,
+    step_options,
+)
 
 _CONFIG = "covidctnet.training.classifier:ClassifierConfig"
 
@@ -31,9 +38,10 @@ _CONFIG = "covidctnet.training.classifier:ClassifierConfig"
 @config_option(_CONFIG, "--seed", type=int, help="Seed of split, weights, data order, augmentation.")
 @device_option(_CONFIG)
 @loader_workers_option(_CONFIG)
+@step_options(_CONFIG)
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt (with OUT/split.csv).")
 def train_classifier_cmd(residuals, labels, run_dir, config_path, split_file, arch, epochs, batch_size, seed, device,
-                         workers, init, resume):
+                         workers, max_steps, checkpoint_every, init, resume):
     """Train the 3D CNN (control / COVID-19 / CAP) on the residual volumes in RESIDUALS.
 
     Splits the studies by patient, trains with a class-weighted cross-entropy and MONAI 3D augmentation, selects the
@@ -45,7 +53,7 @@ def train_classifier_cmd(residuals, labels, run_dir, config_path, split_file, ar
     from covidctnet.training.classifier import ClassifierConfig, train_classifier
 
     overrides = {"arch": arch, "epochs": epochs, "batch_size": batch_size, "seed": seed, "device": device,
-                 "workers": workers}
+                 "workers": workers, "max_steps": max_steps, "checkpoint_every": checkpoint_every}
     overrides["init"] = str(init) if init else None
     cfg = load_config(ClassifierConfig, config_path, overrides)
     command = "covidctnet " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None

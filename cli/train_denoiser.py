@@ -13,6 +13,7 @@ from covidctnet.cli.options import (
     device_option,
     loader_workers_option,
     out_option,
+    step_options,
 )
 
 _CONFIG = "covidctnet.training.denoiser:DenoiserConfig"
@@ -25,11 +26,13 @@ _CONFIG = "covidctnet.training.denoiser:DenoiserConfig"
 @device_option(_CONFIG)
 @config_option(_CONFIG, "--epochs", type=int, help="Total epochs (overrides the config).")
 @loader_workers_option(_CONFIG, key="num_workers")
+@step_options(_CONFIG)
 @click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="labels CSV (study_id,label): train on its 'control' studies.")
 @click.option("--studies", default=None, help="Comma-separated control study ids (overrides labels).")
 @click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR from checkpoints/last.pt.")
-def train_denoiser_cmd(data, run_dir, config_path, device, epochs, num_workers, labels_path, studies, resume):
+def train_denoiser_cmd(data, run_dir, config_path, device, epochs, num_workers, max_steps, checkpoint_every,
+                       labels_path, studies, resume):
     """Train the BCDU-Net denoiser on the control slices of DATA (a `covidctnet preprocess` folder).
 
     Half of each batch gets Perlin noise, the target is always the clean slice (the official CovidCTNet recipe).
@@ -43,7 +46,8 @@ def train_denoiser_cmd(data, run_dir, config_path, device, epochs, num_workers, 
     base = config_path
     if base is None and resume and (run_dir / "config.yaml").is_file():
         base = run_dir / "config.yaml"  # a resumed run keeps its own settings
-    cfg = load_config(DenoiserConfig, base, {"epochs": epochs, "device": device, "num_workers": num_workers})
+    cfg = load_config(DenoiserConfig, base, {"epochs": epochs, "device": device, "num_workers": num_workers,
+                                             "max_steps": max_steps, "checkpoint_every": checkpoint_every})
     ids = [s.strip() for s in studies.split(",") if s.strip()] if studies else None
     result = train_denoiser(data, run_dir, cfg, labels=labels_path, studies=ids, resume=resume,
                             command=" ".join(["covidctnet", *sys.argv[1:]]) if sys.argv else None)

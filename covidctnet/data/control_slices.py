@@ -12,7 +12,8 @@ Pieces:
   ``control`` — from the manifest, a labels CSV, or an explicit list of study ids (the shared DICOM folders carry no
   label in the manifest);
 * :func:`load_slices`: the preprocessed volumes (``<study_id>.nii.gz``, float32 in [0, 1], ``array[:, :, k]`` is
-  axial slice ``k``);
+  axial slice ``k``), opened as slice readers: decoded once into ``.npy`` caches and read a slice at a time, so
+  memory does not grow with the number of studies;
 * :func:`split_control_slices`: a held-out validation set. With two or more studies whole *studies* are held out
   (slices of one patient are strongly correlated, so holding out slices would leak). With a single study that is
   impossible, so a contiguous block of slices at the superior end is held out, separated from the training slices
@@ -21,7 +22,7 @@ Pieces:
 * :class:`ControlSliceDataset`: training slices plus a ``collate`` that noises part of each batch, the noise of
   slice ``i`` in epoch ``e`` drawn from ``derive_seed(seed, e, i)`` only, so batches do not depend on worker count,
   process count or on whether the run was resumed;
-* :func:`noised_validation_set`: every held-out slice with a fixed noise draw (same every epoch).
+* :class:`NoisedSlices`: every held-out slice with a fixed noise draw (same every epoch), read when needed.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ import torch
 from covidctnet.core.errors import ConfigError, InputError, LabelError, ShapeError, SplitError
 from covidctnet.core.labels import normalize_label, read_labels_csv
 from covidctnet.core.seeding import derive_seed
+from covidctnet.core.progress import progress
+from covidctnet.io.array_cache import NpyRows, cached_npy
 from covidctnet.io.batch import read_manifest
 from covidctnet.io.volume import read_nifti
 from covidctnet.preprocessing.perlin import RandPerlinNoise
@@ -51,6 +54,7 @@ __all__ = [
     "load_slices",
     "split_control_slices",
     "noised_validation_set",
+    "NoisedSlices",
     "VAL_NOISE_STREAM",
 ]
 
@@ -127,49 +131,58 @@ def select_control_studies(
     return sorted(chosen)
 
 
-def _read_preprocessed(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    volume = read_nifti(path)
-    array = volume.array
+def _read_preprocessed(path: Path) -> np.ndarray:
+    """A preprocessed volume as slice-first ``(Z, H, W)`` float32 (``[k] == array[:, :, k]``), range checked."""
+    array = read_nifti(path).array
     lo, hi = float(array.min()), float(array.max())
     if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
         raise InputError(
             f"{path}: intensities span {lo:.4g}..{hi:.4g}, expected a preprocessed volume in [0, 1]; "
             "run `covidctnet preprocess` first"
         )
-    return array, volume.affine
+    # slice-first and contiguous: one slice is then one contiguous (H, W) block of the cache file
+    return np.ascontiguousarray(np.moveaxis(array, 2, 0), dtype=np.float32)
 
 
 def load_slices(
-    data_dir: str | os.PathLike, study_ids: Sequence[str], size_xy: int | None = None
-) -> dict[str, np.ndarray]:
-    """Read preprocessed volumes as ``{study_id: (Z, H, W) float32}`` (slice-first, ``[k] == array[:, :, k]``).
+    data_dir: str | os.PathLike, study_ids: Sequence[str], size_xy: int | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> dict[str, NpyRows]:
+    """Open preprocessed volumes as slice readers ``{study_id: rows}``, ``rows[k] == array[:, :, k]`` ((H, W) float32).
+
+    Nothing is kept in memory: each ``.nii.gz`` is decoded once into a slice-first ``.npy`` in ``cache_dir`` (reused
+    while the volume is unchanged, see :mod:`covidctnet.io.array_cache`) and a slice is read from it when needed, so
+    memory does not grow with the number of studies. ``rows.shape`` is ``(Z, H, W)``.
 
     Args:
         data_dir: preprocessed folder.
         study_ids: studies to read (``<data_dir>/<output of the manifest row>``).
         size_xy: expected in-plane size; ``None`` takes the first volume's.
+        cache_dir: folder of the ``.npy`` files (default ``<data_dir>/cache``; 4 bytes per voxel, 69 MB for 300
+            slices at 240×240).
 
     Raises:
         InputError: unreadable file or values outside [0, 1].
         ShapeError: a volume is not ``size_xy`` × ``size_xy`` in-plane.
     """
     data_dir = Path(data_dir)
+    cache = Path(cache_dir) if cache_dir is not None else data_dir / "cache"
     rows = read_manifest(data_dir / "manifest.csv")
     outputs = {r["study_id"]: r.get("output") or f"{r['study_id']}.nii.gz" for r in rows}
-    stacks: dict[str, np.ndarray] = {}
-    for sid in study_ids:
+    stacks: dict[str, NpyRows] = {}
+    for sid in progress(study_ids, desc="control slices", unit="study"):
         path = data_dir / outputs.get(sid, f"{sid}.nii.gz")
-        array, _ = _read_preprocessed(path)
+        reader = NpyRows(cached_npy(path, cache, _read_preprocessed, name=sid))
+        depth, height, width = reader.shape
         if size_xy is None:
-            size_xy = int(array.shape[0])
-        if array.shape[:2] != (size_xy, size_xy):
+            size_xy = int(height)
+        if (height, width) != (size_xy, size_xy):
             raise ShapeError(
-                f"{path}: in-plane size {array.shape[0]}x{array.shape[1]}, expected {size_xy}x{size_xy} like the "
+                f"{path}: in-plane size {height}x{width}, expected {size_xy}x{size_xy} like the "
                 "other studies and the model; preprocess all studies with the same --size"
             )
-        # slice-first and contiguous: one slice is then a contiguous (H, W) block
-        stacks[sid] = np.ascontiguousarray(np.moveaxis(array, 2, 0), dtype=np.float32)
-        logger.info("%s: %d slices of %dx%d", sid, array.shape[2], size_xy, size_xy)
+        stacks[sid] = reader
+        logger.debug("%s: %d slices of %dx%d", sid, depth, size_xy, size_xy)
     return stacks
 
 
@@ -320,9 +333,9 @@ class ControlSliceDataset(torch.utils.data.Dataset):
     """Training slices; batches (made by :meth:`collate`) have part of their slices noised, targets always clean.
 
     Args:
-        stacks: ``{study_id: (Z, H, W) float32}`` from :func:`load_slices`.
-        slices: the ``(study_id, k)`` pairs to serve (e.g. ``ControlSplit.train``); copied into one array, so
-            ``stacks`` may be freed afterwards.
+        stacks: ``{study_id: slices}`` from :func:`load_slices` (or ``(Z, H, W)`` arrays); slices are read from it when
+            an item is asked for, so nothing is held in memory.
+        slices: the ``(study_id, k)`` pairs to serve (e.g. ``ControlSplit.train``).
         seed: run seed; the noise of item ``i`` in epoch ``e`` comes from ``derive_seed(seed, e, i)``.
         noise_fraction: share of each batch to noise, ``int(B * noise_fraction)`` slices (official 0.5).
         noise_kwargs: :class:`~covidctnet.preprocessing.perlin.RandPerlinNoise` arguments (see
@@ -339,7 +352,7 @@ class ControlSliceDataset(torch.utils.data.Dataset):
     """
     def __init__(
         self,
-        stacks: Mapping[str, np.ndarray],
+        stacks: Mapping[str, Any],
         slices: Sequence[tuple[str, int]],
         seed: int = 0,
         noise_fraction: float = 0.5,
@@ -350,7 +363,7 @@ class ControlSliceDataset(torch.utils.data.Dataset):
         if not 0.0 <= noise_fraction <= 1.0:
             raise ConfigError(f"'noise_fraction' must be in [0, 1], not {noise_fraction}")
         self.slices = tuple((str(s), int(k)) for s, k in slices)
-        self.images = np.stack([stacks[s][k] for s, k in self.slices])[:, None]  # (N, 1, H, W)
+        self.stacks = {s: stacks[s] for s in {s for s, _ in self.slices}}
         self.seed = int(seed)
         self.noise_fraction = float(noise_fraction)
         self.noise_kwargs = dict(noise_kwargs or {})
@@ -361,7 +374,7 @@ class ControlSliceDataset(torch.utils.data.Dataset):
         return len(self.slices)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor]:
-        return int(index), torch.from_numpy(self.images[index])
+        return int(index), _slice_tensor(self.stacks, *self.slices[index])
 
     def set_epoch(self, epoch: int) -> None:
         """Called by the Trainer before each epoch: the noise draws depend on it."""
@@ -390,20 +403,52 @@ class ControlSliceDataset(torch.utils.data.Dataset):
         return {"image": image, "target": clean, "noised": noised}
 
 
+class NoisedSlices(torch.utils.data.Dataset):
+    """Held-out slices, each with one fixed noise draw: item ``i`` is ``(noisy, clean)``, each ``(1, H, W)`` float32.
+
+    The noise of item ``i`` comes from ``derive_seed(seed, VAL_NOISE_STREAM, i)``, so it is the same every epoch and
+    never equals a training draw. Slices are read and noised when asked for (nothing held in memory); ``noisy`` is
+    not clipped (as in training).
+
+    Args:
+        stacks, slices, seed, noise_kwargs: as :class:`ControlSliceDataset`.
+    """
+
+    def __init__(self, stacks: Mapping[str, Any], slices: Sequence[tuple[str, int]], seed: int = 0,
+                 noise_kwargs: Mapping[str, Any] | None = None) -> None:
+        if not slices:
+            raise SplitError("no validation slice selected")
+        self.slices = tuple((str(s), int(k)) for s, k in slices)
+        self.stacks = {s: stacks[s] for s in {s for s, _ in self.slices}}
+        self.seed = int(seed)
+        self.noiser = RandPerlinNoise(prob=1.0, **dict(noise_kwargs or {}))
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        clean = _slice_tensor(self.stacks, *self.slices[index])
+        return _noised(clean, self.noiser, derive_seed(self.seed, VAL_NOISE_STREAM, index)), clean
+
+    def batch(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items ``start`` to ``stop - 1`` stacked: ``(noisy, clean)``, each ``(n, 1, H, W)``."""
+        noisy, clean = zip(*(self[i] for i in range(start, min(stop, len(self)))))
+        return torch.stack(noisy), torch.stack(clean)
+
+
 def noised_validation_set(
-    stacks: Mapping[str, np.ndarray],
+    stacks: Mapping[str, Any],
     slices: Sequence[tuple[str, int]],
     seed: int = 0,
     noise_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every held-out slice noised once, with draws from ``derive_seed(seed, VAL_NOISE_STREAM, i)`` (fixed per run).
+    """Every item of :class:`NoisedSlices` at once (for small sets and tests).
 
     Returns:
-        ``(noisy, clean)``, each ``(N, 1, H, W)`` float32; ``noisy`` is not clipped (as in training).
+        ``(noisy, clean)``, each ``(N, 1, H, W)`` float32.
     """
-    if not slices:
-        raise SplitError("no validation slice selected")
-    clean = torch.from_numpy(np.stack([stacks[s][k] for s, k in slices])[:, None].copy())
-    noiser = RandPerlinNoise(prob=1.0, **dict(noise_kwargs or {}))
-    noisy = torch.stack([_noised(clean[i], noiser, derive_seed(seed, VAL_NOISE_STREAM, i)) for i in range(len(clean))])
-    return noisy, clean
+    return NoisedSlices(stacks, slices, seed, noise_kwargs).batch(0, len(slices))
+
+
+def _slice_tensor(stacks: Mapping[str, Any], study_id: str, k: int) -> torch.Tensor:
+    return torch.from_numpy(np.array(stacks[study_id][k], dtype=np.float32)[None])  # (1, H, W), a fresh copy

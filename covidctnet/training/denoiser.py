@@ -44,7 +44,7 @@ from covidctnet.data.control_slices import (
     ControlSliceDataset,
     load_slices,
     noise_transform_kwargs,
-    noised_validation_set,
+    NoisedSlices,
     select_control_studies,
     split_control_slices,
 )
@@ -83,9 +83,15 @@ class DenoiserConfig:
         epochs: total epochs (a resumed run continues up to this number).
         patience: early stopping on ``val_psnr`` (``None``: never).
         steps_per_epoch: cap on steps per epoch (``None``: one pass over the training slices).
+        max_steps: stop after this many optimiser steps in all, even within an epoch (``None``: run ``epochs``); the
+            last, partial epoch is validated and exported like the others. One MosMed epoch is ~15,000 steps.
+        checkpoint_every: also write ``checkpoints/last.pt`` every this many optimiser steps (``None``: only after
+            each epoch); ``--resume`` continues inside the epoch, exactly as if never stopped (on CPU).
         grad_clip: max gradient norm (``None``: none).
         amp: mixed precision on CUDA.
-        num_workers: DataLoader workers.
+        num_workers: DataLoader worker processes reading and noising slices (0: in the training process).
+        cache_dir: folder of the slice caches (``None``: ``<data>/cache``): each preprocessed volume is decoded once
+            into an uncompressed ``.npy`` there and slices are read from it as needed (4 bytes per voxel on disk).
         seed: run seed (weights, data order, noise).
         device: ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N``.
         val_fraction: held-out share of studies (of slices with a single study), in (0, 0.9].
@@ -114,9 +120,12 @@ class DenoiserConfig:
     epochs: int = 20
     patience: int | None = None
     steps_per_epoch: int | None = None
+    max_steps: int | None = None
+    checkpoint_every: int | None = None
     grad_clip: float | None = None
     amp: bool = True
     num_workers: int = 0
+    cache_dir: str | None = None
     seed: int = 0
     device: str = "auto"
     val_fraction: float = 0.2
@@ -145,7 +154,7 @@ class DenoiserConfig:
         for key in ("batch_size", "epochs", "val_batch_size", "noise_octaves"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"'{key}' must be >= 1, not {getattr(self, key)}")
-        for key in ("patience", "steps_per_epoch", "slices_per_study"):
+        for key in ("patience", "steps_per_epoch", "slices_per_study", "max_steps", "checkpoint_every"):
             value = getattr(self, key)
             if value is not None and value < (0 if key == "patience" else 1):
                 raise ConfigError(f"'{key}' must be >= {0 if key == 'patience' else 1} or null, not {value}")
@@ -315,8 +324,7 @@ class _DenoiserData:
     """The control slices of one run: training set, fixed noisy/clean validation pairs and the split."""
 
     train: ControlSliceDataset
-    val_noisy: torch.Tensor  # (N, 1, S, S) in [0, 1]
-    val_clean: torch.Tensor  # (N, 1, S, S) in [0, 1]
+    val: NoisedSlices
     split: Any
     split_info: dict[str, Any]
     size: int
@@ -346,7 +354,7 @@ def _prepare_data(data_dir: Path, run_dir: Path, cfg: DenoiserConfig, labels: st
         if not studies and labels is None:
             studies = sorted(set(previous.get("train_ids", [])) | set(previous.get("val_ids", [])))
     ids = select_control_studies(data_dir, labels=labels, studies=studies)
-    stacks = load_slices(data_dir, ids, size)
+    stacks = load_slices(data_dir, ids, size, cfg.cache_dir)
     split = split_control_slices({s: a.shape[0] for s, a in stacks.items()}, cfg.val_fraction, cfg.seed,
                                  cfg.slices_per_study, cfg.val_gap_slices)
     split_info = {"data_dir": str(data_dir), **split.to_dict()}
@@ -359,29 +367,34 @@ def _prepare_data(data_dir: Path, run_dir: Path, cfg: DenoiserConfig, labels: st
     noise_kwargs = noise_transform_kwargs(size, cfg.noise_scale_range, cfg.noise_reference_size,
                                           cfg.noise_persistence_range, cfg.noise_octaves, cfg.noise_amplitude)
     train_ds = ControlSliceDataset(stacks, split.train, cfg.seed, cfg.noise_fraction, noise_kwargs)
-    val_noisy, val_clean = noised_validation_set(stacks, split.val, cfg.seed, noise_kwargs)
-    del stacks
+    val = NoisedSlices(stacks, split.val, cfg.seed, noise_kwargs)
     logger.info("denoiser data: %d training slices from %s, %d validation slices from %s (%s split), %dx%d, "
-                "noise %s", len(train_ds), list(split.train_ids), len(val_clean), list(split.val_ids), split.mode,
+                "noise %s", len(train_ds), list(split.train_ids), len(val), list(split.val_ids), split.mode,
                 size, size, noise_kwargs)
     if ctx.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(data_file, yaml.safe_dump(split_info, sort_keys=False))
-    return _DenoiserData(train_ds, val_noisy, val_clean, split, split_info, size, preprocess)
+    return _DenoiserData(train_ds, val, split, split_info, size, preprocess)
 
 
 def _validation(cfg: DenoiserConfig, data: _DenoiserData) -> Callable[[nn.Module, torch.device], dict[str, float]]:
-    """The per-epoch validation: loss, PSNR and SSIM of denoised vs clean, beside the noisy-input baseline."""
-    val_noisy, val_clean = data.val_noisy, data.val_clean
-    # baselines: noisy input vs clean target, the same every epoch
-    base_psnr, base_ssim = _metric_means(val_noisy, val_clean)
-    baseline = {"val_psnr_noisy": float(base_psnr.mean()), "val_ssim_noisy": float(base_ssim.mean())}
+    """The per-epoch validation: loss, PSNR and SSIM of denoised vs clean, beside the noisy-input baseline.
+
+    Batches are read and noised as they are needed (the same draws every epoch), so memory does not grow with the
+    number of held-out slices; the noisy-input baseline is computed in the first pass and kept.
+    """
+    val, step = data.val, cfg.val_batch_size
+    baseline: dict[str, float] = {}
 
     def validate(net: nn.Module, device: torch.device) -> dict[str, float]:
-        losses, psnrs, ssims, psnrs_clean = [], [], [], []
-        for i in range(0, len(val_clean), cfg.val_batch_size):
-            noisy = val_noisy[i : i + cfg.val_batch_size].to(device)
-            clean = val_clean[i : i + cfg.val_batch_size].to(device)
+        losses, psnrs, ssims, psnrs_clean, base_psnrs, base_ssims = [], [], [], [], [], []
+        for i in range(0, len(val), step):
+            noisy, clean = val.batch(i, i + step)
+            if not baseline:
+                p, s = _metric_means(noisy, clean)
+                base_psnrs.append(p)
+                base_ssims.append(s)
+            noisy, clean = noisy.to(device), clean.to(device)
             out = net(noisy)
             losses.append(float(denoiser_loss(cfg.loss, out, clean)) * len(clean))
             p, s = _metric_means(out, clean)
@@ -389,8 +402,11 @@ def _validation(cfg: DenoiserConfig, data: _DenoiserData) -> Callable[[nn.Module
             ssims.append(s.cpu())
             pc, _ = _metric_means(net(clean), clean)
             psnrs_clean.append(pc.cpu())
+        if not baseline:  # noisy input vs clean target: the same every epoch
+            baseline.update(val_psnr_noisy=float(torch.cat(base_psnrs).mean()),
+                            val_ssim_noisy=float(torch.cat(base_ssims).mean()))
         return {
-            "val_loss": sum(losses) / len(val_clean),
+            "val_loss": sum(losses) / len(val),
             "val_psnr": float(torch.cat(psnrs).mean()),
             "val_ssim": float(torch.cat(ssims).mean()),
             **baseline,
@@ -402,7 +418,7 @@ def _validation(cfg: DenoiserConfig, data: _DenoiserData) -> Callable[[nn.Module
 
 def _sample_writer(cfg: DenoiserConfig, data: _DenoiserData) -> Callable[[int, nn.Module, Path], None]:
     """The epoch callback writing ``samples/epoch_NNN.png``: one held-out slice, noisy and clean, through the net."""
-    sample_index = len(data.val_clean) // 2
+    sample_index = len(data.val) // 2
 
     def write_sample(epoch: int, net: nn.Module, out_dir: Path) -> None:
         if not cfg.sample_png:
@@ -411,10 +427,10 @@ def _sample_writer(cfg: DenoiserConfig, data: _DenoiserData) -> Callable[[int, n
         net.eval()
         try:
             with torch.no_grad():
-                x = torch.cat([data.val_noisy[sample_index : sample_index + 1],
-                               data.val_clean[sample_index : sample_index + 1]])
+                noisy, clean_t = data.val[sample_index]
+                x = torch.stack([noisy, clean_t])
                 den = net(x.to(next(net.parameters()).device)).float().cpu().numpy()[:, 0]
-            inp, clean = x.numpy()[:, 0], data.val_clean[sample_index, 0].numpy()
+            inp, clean = x.numpy()[:, 0], clean_t[0].numpy()
             sid, k = data.split.val[sample_index]
             _save_sample_png(out_dir / "samples" / f"epoch_{epoch:03d}.png",
                              [("noisy", inp[0], den[0], clean), ("clean", inp[1], den[1], clean)],
@@ -481,6 +497,8 @@ def train_denoiser(
         patience=cfg.patience,
         batch_size=cfg.batch_size,
         steps_per_epoch=cfg.steps_per_epoch,
+        max_steps=cfg.max_steps,
+        checkpoint_every=cfg.checkpoint_every,
         num_workers=cfg.num_workers,
         collate_fn=data.train.collate,
         device=cfg.device,

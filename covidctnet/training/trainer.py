@@ -32,7 +32,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import math
 import os
@@ -58,12 +57,13 @@ from covidctnet.core.device import resolve_device
 from covidctnet.core.errors import CheckpointError, ConfigError, CovidCTNetError
 from covidctnet.core.files import atomic_write_text, remove_stale_temps, write_csv
 from covidctnet.core.model_dir import ModelDir, ModelDirConfig, save_model_dir
-from covidctnet.core.progress import progress
+from covidctnet.core.progress import progress_task
 from covidctnet.core.seeding import derive_seed
 from covidctnet.evaluation.plots import new_figure, save_figure
 
 __all__ = [
     "Trainer",
+    "TIMING_COLUMNS",
     "FitResult",
     "ModelExport",
     "RunResult",
@@ -195,13 +195,16 @@ class EpochSampler(Sampler[int]):
         self.world_size = world_size
         self.rank = rank
         self.epoch = 0
+        self.skip = 0
         self.generator = torch.Generator()
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Draw the order of ``epoch``; ``skip`` leaves out this rank's first indices (resuming inside an epoch)."""
         self.epoch = epoch
+        self.skip = skip
 
     def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.world_size)
+        return math.ceil(self.num_samples / self.world_size) - self.skip
 
     def __iter__(self) -> Iterator[int]:
         self.generator.manual_seed(derive_seed(self.seed, self.epoch))
@@ -210,10 +213,10 @@ class EpochSampler(Sampler[int]):
                              for _ in range(math.ceil(self.num_samples / self.n))])[: self.num_samples]
         else:
             idx = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=self.generator)
-        total = len(self) * self.world_size
+        total = math.ceil(self.num_samples / self.world_size) * self.world_size
         if total > len(idx):  # pad by wrapping so every rank gets the same number of samples (DDP needs that)
             idx = torch.cat([idx, idx[: total - len(idx)]])
-        return iter(idx[self.rank : total : self.world_size].tolist())
+        return iter(idx[self.rank : total : self.world_size].tolist()[self.skip :])
 
 
 def move_to_device(batch: Any, device: torch.device) -> Any:
@@ -235,6 +238,10 @@ def move_to_device(batch: Any, device: torch.device) -> Any:
 
 # --------------------------------------------------------------------------------------------------------------------
 # metrics and plots
+
+
+TIMING_COLUMNS: tuple[str, ...] = ("seconds", "train_samples_per_s", "data_wait_frac")
+"""Columns of ``metrics.csv`` measured by the clock: they differ between two runs that are otherwise identical."""
 
 
 def _write_metrics_csv(path: Path, history: Sequence[Mapping[str, Any]]) -> None:
@@ -378,6 +385,11 @@ class Trainer:
         sample_weights: per-sample weights for class-balanced sampling with replacement (``None``: shuffle).
         samples_per_epoch: samples per epoch over all ranks (default: the dataset length).
         steps_per_epoch: cap on optimiser steps per epoch (quick runs, tests).
+        max_steps: stop after this many optimiser steps in all, even inside an epoch; that last, partial epoch is
+            validated and checkpointed as finished (``None``: run ``max_epochs``). A resumed run with a larger
+            ``max_steps`` goes on with the next epoch.
+        checkpoint_every: also write ``checkpoints/last.pt`` every this many optimiser steps inside an epoch (not
+            validated); resuming from it continues that epoch at the next batch, as if never stopped (exact on CPU).
         num_workers, collate_fn: passed to the ``DataLoader``.
         device: ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N``; under DDP on CUDA each rank uses ``cuda:LOCAL_RANK``.
         amp: mixed precision (float16 autocast + GradScaler), used only on CUDA.
@@ -410,6 +422,8 @@ class Trainer:
         sample_weights: Sequence[float] | None = None,
         samples_per_epoch: int | None = None,
         steps_per_epoch: int | None = None,
+        max_steps: int | None = None,
+        checkpoint_every: int | None = None,
         num_workers: int = 0,
         collate_fn: Callable[[list[Any]], Any] | None = None,
         device: str = "auto",
@@ -427,6 +441,9 @@ class Trainer:
             raise ConfigError(f"scheduler_interval must be 'epoch' or 'step', not {scheduler_interval!r}")
         if max_epochs < 1 or batch_size < 1:
             raise ConfigError(f"max_epochs and batch_size must be >= 1, not {max_epochs} and {batch_size}")
+        for name, value in (("max_steps", max_steps), ("checkpoint_every", checkpoint_every)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 or None, not {value}")
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in (0, 1) or None, not {ema_decay}")
         if validate is None and monitor != "train_loss":
@@ -458,6 +475,9 @@ class Trainer:
             rank=self.ctx.rank,
         )
         self.steps_per_epoch = steps_per_epoch
+        self.max_steps = max_steps
+        self.checkpoint_every = checkpoint_every
+        self.global_step = 0  # optimiser steps of the whole run, this process
         self.num_workers = num_workers
         self.collate_fn = collate_fn
         self.use_amp = bool(amp) and self.device.type == "cuda"
@@ -503,7 +523,8 @@ class Trainer:
 
     # -- checkpoint ----------------------------------------------------------------------------------------------------
     def _state(self, epoch: int, best_metric: float, best_epoch: int, bad_epochs: int,
-               history: list[dict[str, Any]]) -> dict[str, Any]:
+               history: list[dict[str, Any]], partial: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The checkpoint after epoch ``epoch``; ``partial`` = where the next epoch stands (a step checkpoint)."""
         rng = _get_rng_state()
         rng["data_generator"] = self.sampler.generator.get_state()
         rng_all = [rng]
@@ -527,6 +548,8 @@ class Trainer:
             "seed": self.seed,
             "world_size": self.ctx.world_size,
             "history": history,
+            "global_step": self.global_step,
+            "partial_epoch": partial,
             "rng": rng_all,
         }
 
@@ -583,8 +606,8 @@ class Trainer:
         _barrier(self.ctx)
 
     # -- loop ----------------------------------------------------------------------------------------------------------
-    def _loader(self, epoch: int) -> DataLoader:
-        self.sampler.set_epoch(epoch)
+    def _loader(self, epoch: int, skip_steps: int = 0) -> DataLoader:
+        self.sampler.set_epoch(epoch, skip_steps * self.batch_size)
         set_epoch = getattr(self.train_data, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(epoch)
@@ -600,40 +623,68 @@ class Trainer:
             generator=g,
         )
 
-    def _train_epoch(self, epoch: int) -> tuple[float, float]:
-        """One epoch of optimiser steps; returns the mean loss and the samples per second over all processes."""
+    def _train_epoch(self, epoch: int, partial: Mapping[str, Any] | None,
+                     save_partial: Callable[[dict[str, Any]], None]) -> dict[str, float]:
+        """One epoch of optimiser steps (from ``partial["step"]`` when resuming inside it).
+
+        Returns:
+            ``train_loss`` (mean over the epoch's steps), ``train_samples_per_s`` over all processes, and
+            ``data_wait_frac``, the share of this process's epoch time spent waiting for the next batch.
+        """
         start = time.perf_counter()
+        first = int(partial["step"]) if partial else 0
+        # (sum of losses, steps, samples, seconds, seconds waiting for data), carried over a step checkpoint
+        total = torch.tensor(partial["totals"] if partial else [0.0] * 5, dtype=torch.float64)
         self.ddp_model.train()
-        loader = self._loader(epoch)
-        n_steps = len(loader) if self.steps_per_epoch is None else min(len(loader), self.steps_per_epoch)
+        full = math.ceil(math.ceil(self.sampler.num_samples / self.sampler.world_size) / self.batch_size)
+        n_steps = full if self.steps_per_epoch is None else min(full, self.steps_per_epoch)
+        last = n_steps if self.max_steps is None else min(n_steps, first + self.max_steps - self.global_step)
         enabled = self.show_progress if self.ctx.is_main else False
-        total = torch.zeros(3, dtype=torch.float64)  # (sum of losses, number of steps, number of samples)
-        # islice, not break: a break would still fetch (and augment) one batch too many
-        batches = itertools.islice(loader, n_steps)
-        for step, batch in enumerate(progress(batches, total=n_steps, desc=f"epoch {epoch}", enabled=enabled)):
-            batch = move_to_device(batch, self.device)
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
-                loss = self.training_step(self.ddp_model, batch)
-            if not torch.isfinite(loss.detach()).all():
-                raise CovidCTNetError(
-                    f"{self.run_dir}: loss is {loss.item()} at epoch {epoch} step {step}; lower the learning rate "
-                    "or check the data (resume from checkpoints/last.pt once fixed)"
-                )
-            self.scaler.scale(loss).backward()
-            if self.grad_clip is not None:
-                self.scaler.unscale_(self.optimizer)
-                nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            if self.scheduler is not None and self.scheduler_interval == "step":
-                self.scheduler.step()
-            if self.ema is not None:
-                self.ema.update_parameters(self.model)
-            total += torch.tensor([float(loss.detach()), 1.0, _batch_len(batch)], dtype=torch.float64)
+        batches = iter(self._loader(epoch, first))
+        with progress_task(n_steps, f"epoch {epoch}", "steps", enabled) as bar:
+            bar.advance(first)
+            for step in range(first, last):
+                t0 = time.perf_counter()
+                batch = move_to_device(next(batches), self.device)
+                waited = time.perf_counter() - t0
+                loss = self._step(batch, epoch, step)
+                self.global_step += 1
+                elapsed = time.perf_counter() - start
+                total += torch.tensor([float(loss), 1.0, _batch_len(batch), 0.0, waited], dtype=torch.float64)
+                bar.advance()
+                if self.checkpoint_every and self.global_step % self.checkpoint_every == 0 and step + 1 < n_steps:
+                    save_partial({"step": step + 1, "totals": (total + torch.tensor([0, 0, 0, elapsed, 0],
+                                                                                     dtype=torch.float64)).tolist()})
+        del batches  # shut the workers down before validation
+        total[3] += time.perf_counter() - start
+        seconds, wait = float(total[3]), float(total[4])
         if self.ctx.enabled:
             dist.all_reduce(total)
-        return float(total[0] / max(total[1], 1.0)), float(total[2]) / max(time.perf_counter() - start, 1e-9)
+        return {"train_loss": float(total[0] / max(total[1], 1.0)),
+                "train_samples_per_s": float(total[2]) / max(seconds, 1e-9),
+                "data_wait_frac": wait / max(seconds, 1e-9)}
+
+    def _step(self, batch: Any, epoch: int, step: int) -> torch.Tensor:
+        """One optimiser step on ``batch`` (on the device); returns the detached loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            loss = self.training_step(self.ddp_model, batch)
+        if not torch.isfinite(loss.detach()).all():
+            raise CovidCTNetError(
+                f"{self.run_dir}: loss is {loss.item()} at epoch {epoch} step {step}; lower the learning rate "
+                "or check the data (resume from checkpoints/last.pt once fixed)"
+            )
+        self.scaler.scale(loss).backward()
+        if self.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.scheduler is not None and self.scheduler_interval == "step":
+            self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+        return loss.detach()
 
     @property
     def eval_model(self) -> nn.Module:
@@ -655,11 +706,12 @@ class Trainer:
         return metrics
 
     def fit(self, resume: bool = False) -> FitResult:
-        """Train up to ``max_epochs`` (or early stop), checkpointing every epoch.
+        """Train up to ``max_epochs`` or ``max_steps`` (or early stop), checkpointing every epoch (and every
+        ``checkpoint_every`` steps).
 
         Args:
-            resume: continue from ``run_dir/checkpoints/last.pt``. Without it an existing ``last.pt`` is an error, so
-                a finished run is never overwritten by accident.
+            resume: continue from ``run_dir/checkpoints/last.pt`` (inside its epoch if it is a step checkpoint).
+                Without it an existing ``last.pt`` is an error, so a finished run is never overwritten by accident.
 
         Returns:
             FitResult with the best metric and epoch and the per-epoch history.
@@ -670,15 +722,17 @@ class Trainer:
         last = self.checkpoint_dir / "last.pt"
         start_epoch, best_metric, best_epoch, bad_epochs = 0, (-math.inf if self.mode == "max" else math.inf), -1, 0
         history: list[dict[str, Any]] = []
+        partial: dict[str, Any] | None = None
         if resume:
             ckpt = load_checkpoint(last)
             self._restore(ckpt, last)
             start_epoch = int(ckpt["epoch"]) + 1
             best_metric, best_epoch = float(ckpt["best_metric"]), int(ckpt.get("best_epoch", -1))
             bad_epochs, history = int(ckpt.get("bad_epochs", 0)), list(ckpt["history"])
+            self.global_step, partial = int(ckpt.get("global_step", 0)), ckpt.get("partial_epoch")
             if self.ctx.is_main:
-                logger.info("resuming %s at epoch %d (best %s = %.4g at epoch %d)",
-                            self.run_dir, start_epoch, self.monitor, best_metric, best_epoch)
+                logger.info("resuming %s at epoch %d%s (best %s = %.4g at epoch %d)", self.run_dir, start_epoch,
+                            f" step {partial['step']}" if partial else "", self.monitor, best_metric, best_epoch)
         else:
             if last.exists():
                 raise CheckpointError(f"{last}: a run already exists here; pass --resume to continue it or use a new "
@@ -698,15 +752,20 @@ class Trainer:
         if self.patience is not None and bad_epochs > self.patience:
             stopped_early = True
         epoch = start_epoch
-        while epoch < self.max_epochs and not stopped_early:
+        while epoch < self.max_epochs and not stopped_early and not self._steps_done():
             t0 = time.perf_counter()
-            lr = float(self.optimizer.param_groups[0]["lr"])
-            train_loss, samples_per_s = self._train_epoch(epoch)
+            lr = float(self.optimizer.param_groups[0]["lr"]) if partial is None else float(partial["lr"])
+
+            def save_partial(position: dict[str, Any], e: int = epoch, lr: float = lr) -> None:
+                position.update(epoch=e, lr=lr)
+                self._write_outputs(self._state(e - 1, best_metric, best_epoch, bad_epochs, history, position), False)
+
+            train = self._train_epoch(epoch, partial, save_partial)
+            partial, train_loss = None, train["train_loss"]
             val = self._validate()
             if self.scheduler is not None and self.scheduler_interval == "epoch":
                 self.scheduler.step()
-            row: dict[str, Any] = {"epoch": epoch, "train_loss": train_loss, "train_samples_per_s": samples_per_s,
-                                   **val, "lr": lr}
+            row: dict[str, Any] = {"epoch": epoch, **train, **val, "lr": lr, "step": self.global_step}
             value = train_loss if self.monitor == "train_loss" else val.get(self.monitor)
             if value is None:
                 raise ConfigError(f"monitor {self.monitor!r} is not among the validation metrics {sorted(val)}")
@@ -731,6 +790,9 @@ class Trainer:
                                 bad_epochs)
             epoch += 1
         return FitResult(best_metric, best_epoch, len(history), stopped_early, history, self.run_dir)
+
+    def _steps_done(self) -> bool:
+        return self.max_steps is not None and self.global_step >= self.max_steps
 
     def _save_config(self) -> None:
         if self.config is None:

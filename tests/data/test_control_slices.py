@@ -68,7 +68,13 @@ def test_load_slices_are_the_axial_slices(data_dir, stacks):
     assert vol.shape[2] == 64  # 32 slices of 2 mm -> 64 at 1 mm
     for k in (0, 31, vol.shape[2] - 1):
         np.testing.assert_array_equal(stack[k], vol[:, :, k])
-    assert 0.0 <= stack.min() and stack.max() <= 1.0 and stack.std() > 0.1
+    whole = stack.read(0, len(stack))
+    assert 0.0 <= whole.min() and whole.max() <= 1.0 and whole.std() > 0.1
+    # decoded once into <data>/cache and reused: a second open reads the same file, not the NIfTI again
+    cached = data_dir / "cache" / f"{CONTROL}.npy"
+    assert stack.path == cached and cached.is_file()
+    mtime = cached.stat().st_mtime_ns
+    assert load_slices(data_dir, [CONTROL])[CONTROL].path == cached and cached.stat().st_mtime_ns == mtime
     with pytest.raises(ShapeError, match="in-plane size"):
         load_slices(data_dir, [CONTROL], size_xy=32)
 

@@ -25,6 +25,7 @@ from robust_cases import (
 )
 
 from covidctnet.core.checkpoint import load_checkpoint
+from covidctnet.training.trainer import TIMING_COLUMNS
 
 EPOCHS = 3
 # Small enough for seconds per epoch on a busy CPU, but the whole real recipe: BCE, Adam, half-noised batches,
@@ -38,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def _metrics(run: Path) -> list[dict[str, str]]:
     """metrics.csv without the wall-clock columns."""
     with open(run / "metrics.csv", newline="") as fh:
-        return [{k: v for k, v in row.items() if k not in ("seconds", "train_samples_per_s")}
+        return [{k: v for k, v in row.items() if k not in TIMING_COLUMNS}
                 for row in csv.DictReader(fh)]
 
 

@@ -29,6 +29,7 @@ from covidctnet.data.control_slices import (
 )
 from covidctnet.models.registry import build_denoiser, load_denoiser
 from covidctnet.training.denoiser import DenoiserConfig, denoiser_loss
+from covidctnet.training.trainer import TIMING_COLUMNS
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # A tiny but real configuration: the official recipe (BCE, Adam, half-noised batches) with a narrow network and few
@@ -131,7 +132,7 @@ def test_cli_train_resume_is_exact_and_writes_a_model_dir(data_dir, tiny_config,
     assert res.exit_code == 0, res.output
     a, b = _weights(full), _weights(cut)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    skip = {"seconds", "train_samples_per_s"}
+    skip = set(TIMING_COLUMNS)
     rows_a = [{k: v for k, v in r.items() if k not in skip} for r in _metrics(full)]
     rows_b = [{k: v for k, v in r.items() if k not in skip} for r in _metrics(cut)]
     assert rows_a == rows_b and len(rows_a) == 2

@@ -23,7 +23,7 @@ from covidctnet.core.checkpoint import load_checkpoint
 from covidctnet.core.errors import CheckpointError, ConfigError
 from covidctnet.core.model_dir import load_model_dir
 from covidctnet.core.seeding import derive_seed, seed_everything
-from covidctnet.training.trainer import EpochSampler, ModelExport, Trainer
+from covidctnet.training.trainer import TIMING_COLUMNS, EpochSampler, ModelExport, Trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -84,7 +84,9 @@ def test_loss_decreases_and_outputs(tmp_path):
     assert losses[-1] < 0.7 * losses[0], losses
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [0, 1, 2, 3]
-    assert list(rows[0]) == ["epoch", "train_loss", "train_samples_per_s", "val_acc", "val_loss", "lr", "seconds"]
+    assert list(rows[0]) == ["epoch", "train_loss", "data_wait_frac", "step", "train_samples_per_s", "val_acc",
+                             "val_loss", "lr", "seconds"]
+    assert [int(r["step"]) for r in rows] == [8, 16, 24, 32] and all(0 <= float(r["data_wait_frac"]) < 1 for r in rows)
     # throughput is measured by the Trainer: 64 samples per epoch over a positive time
     assert all(float(r["train_samples_per_s"]) > 0 for r in rows)
     assert float(rows[0]["train_samples_per_s"]) == pytest.approx(64 / float(rows[0]["seconds"]), rel=0.9)
@@ -100,13 +102,28 @@ def test_loss_decreases_and_outputs(tmp_path):
     assert all(torch.equal(exported[k], best["model"][k]) for k in best["model"])
 
 
-@pytest.mark.parametrize("how,ema", [("max_epochs", None), ("crash", None), ("crash", 0.9)])
+@pytest.mark.parametrize("how,ema", [("max_epochs", None), ("crash", None), ("crash", 0.9), ("step_checkpoint", None)])
 def test_resume_is_bit_identical(tmp_path, how, ema):
-    full = _make(tmp_path / "full", max_epochs=3, ema_decay=ema)
+    # step checkpoints every 3 steps (8 steps per epoch) in both runs: writing them must not change the training
+    every = 3 if how == "step_checkpoint" else None
+    full = _make(tmp_path / "full", max_epochs=3, ema_decay=ema, checkpoint_every=every)
     full.fit()
     run = tmp_path / "cut"
     if how == "max_epochs":
         _make(run, max_epochs=1, ema_decay=ema).fit()
+    elif how == "step_checkpoint":  # dies at the 3rd step of epoch 2: last.pt is the step checkpoint after step 18
+        calls = {"n": 0}
+
+        def dying_step(model, batch):
+            calls["n"] += 1
+            if calls["n"] == 8 * 2 + 3:
+                raise KeyboardInterrupt
+            return _step(model, batch)
+
+        with pytest.raises(KeyboardInterrupt):
+            _make(run, max_epochs=3, step=dying_step, checkpoint_every=every).fit()
+        ckpt = load_checkpoint(run / "checkpoints" / "last.pt")
+        assert (ckpt["epoch"], ckpt["global_step"], ckpt["partial_epoch"]["step"]) == (1, 18, 2)
     else:  # an exception in the middle of epoch 2 (the process "dies"); last.pt is from epoch 1
         calls = {"n": 0}
 
@@ -121,18 +138,31 @@ def test_resume_is_bit_identical(tmp_path, how, ema):
         assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 1
     with pytest.raises(CheckpointError, match="--resume"):
         _make(run, max_epochs=3, ema_decay=ema).fit(resume=False)  # never overwrite a run by accident
-    result = _make(run, max_epochs=3, ema_decay=ema).fit(resume=True)
+    result = _make(run, max_epochs=3, ema_decay=ema, checkpoint_every=every).fit(resume=True)
     assert [r["epoch"] for r in result.history] == [0, 1, 2]
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / "last.pt")
     b = load_checkpoint(run / "checkpoints" / "last.pt")
     for key in ("model",) + (("ema",) if ema else ()):
         assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
-    timing = ("seconds", "train_samples_per_s")  # wall-clock columns differ between runs, nothing else may
+    timing = TIMING_COLUMNS  # wall-clock columns differ between runs, nothing else may
 
     def rows(path: Path) -> list[dict[str, str]]:
         return [{k: v for k, v in r.items() if k not in timing} for r in csv.DictReader(path.open())]
 
     assert rows(tmp_path / "full" / "metrics.csv") == rows(run / "metrics.csv")
+
+
+def test_max_steps_ends_inside_an_epoch_and_a_resume_goes_on(tmp_path):
+    """8 steps per epoch: max_steps 10 ends in epoch 1 after 2 of its steps; that partial epoch is validated."""
+    result = _make(tmp_path / "run", max_epochs=5, max_steps=10).fit()
+    assert [(r["epoch"], r["step"]) for r in result.history] == [(0, 8), (1, 10)]
+    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["global_step"] == 10
+    again = _make(tmp_path / "run", max_epochs=5, max_steps=10).fit(resume=True)  # nothing left to do
+    assert len(again.history) == 2
+    more = _make(tmp_path / "run", max_epochs=5, max_steps=20).fit(resume=True)  # goes on with the next epoch
+    assert [(r["epoch"], r["step"]) for r in more.history] == [(0, 8), (1, 10), (2, 18), (3, 20)]
+    with pytest.raises(ConfigError, match="max_steps"):
+        _make(tmp_path / "bad", max_epochs=1, max_steps=0)
 
 
 def test_weight_average_is_validated_and_exported(tmp_path):
