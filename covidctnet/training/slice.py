@@ -41,6 +41,7 @@ from covidctnet.models.slice import (
 from covidctnet.training.trainer import ModelExport, RunResult, Trainer, distributed_context
 
 __all__ = [
+    "init_slice_weights",
     "SliceTrainConfig",
     "Arch",
     "check_common_settings",
@@ -267,7 +268,7 @@ def slice_preprocessing(cfg: Any) -> dict[str, Any]:
     }
 
 
-def _init_from(model: nn.Module, init: str | os.PathLike, cfg: Any) -> dict[str, Any]:
+def init_slice_weights(model: nn.Module, init: str | os.PathLike, cfg: Any) -> dict[str, Any]:
     """Load ImageNet or torchvision/timm weights, or the encoder of a ``pretrain-slice`` (component ``encoder``) or
     ``train-slice`` (``model``) directory; return what to record in the model directory."""
     if torchvision_init(init):
@@ -407,7 +408,8 @@ def train_slice(
     run_dir = Path(run_dir)
     seed_everything(cfg.seed)
     model = build_slice_model(cfg.arch, **slice_model_kwargs(cfg))
-    init_info = _init_from(model, cfg.init, cfg) if cfg.init and not resume else None  # fails before the data load
+    # before the data load, so that a bad --init fails at once
+    init_info = init_slice_weights(model, cfg.init, cfg) if cfg.init and not resume else None
     train, val = slice_datasets(data, cfg, train_aug=True)
 
     def training_step(net: nn.Module, batch: dict[str, Any]) -> torch.Tensor:

@@ -56,7 +56,7 @@ from covidctnet.models.registry import load_slice_model
 from covidctnet.models.slice import SliceEnsemble, build_slice_model
 from covidctnet.training.slice import (
     SliceTrainConfig,
-    _init_from,
+    init_slice_weights,
     predict_slice_dataset,
     slice_model_kwargs,
     slice_preprocessing,
@@ -285,7 +285,7 @@ def _train_fold(cache: list[np.ndarray], records: list[SliceRecord], train_idx: 
     seed_everything(cfg.seed)
     model = build_slice_model(cfg.arch, **slice_model_kwargs(cfg))
     if cfg.init:
-        _init_from(model, cfg.init, cfg)
+        init_slice_weights(model, cfg.init, cfg)
 
     def training_step(net: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         return nn.functional.cross_entropy(net(batch["image"]), batch["label"])

@@ -24,7 +24,7 @@ from covidctnet.models.pretrained import (
     medicalnet_resnet_kwargs,
 )
 from covidctnet.models.slice import build_slice_model
-from covidctnet.training.slice import SliceTrainConfig, _init_from, slice_model_kwargs
+from covidctnet.training.slice import SliceTrainConfig, init_slice_weights, slice_model_kwargs
 
 KEYS = json.loads(Path(__file__).with_name("torchvision_keys.json").read_text())
 
@@ -134,7 +134,7 @@ def test_timm_style_file_through_train_slice_init(tmp_path):
     kwargs = slice_model_kwargs(cfg)
     assert kwargs["layout"] == "torchvision"  # what the model directory records, so predict-slice rebuilds it
     model = build_slice_model("resnet18", **kwargs)
-    info = _init_from(model, cfg.init, cfg)
+    info = init_slice_weights(model, cfg.init, cfg)
     assert info["source"] == "file" and info["file"] == path.name and len(info["sha256"]) == 64
     assert torch.equal(model.state_dict()["layer3.1.conv2.weight"], state["layer3.1.conv2.weight"])
     with pytest.raises(ConfigError, match="full width"):

@@ -19,7 +19,7 @@ from covidctnet.data.ucsd import SliceDataset, ucsd_records
 from covidctnet.models.registry import load_slice_model
 from covidctnet.models.slice import build_slice_model
 from covidctnet.training.simclr import PretrainSliceConfig, nt_xent_loss, pretrain_slice
-from covidctnet.training.slice import SliceTrainConfig, _init_from, slice_metrics, train_slice, youden_threshold
+from covidctnet.training.slice import SliceTrainConfig, init_slice_weights, slice_metrics, train_slice, youden_threshold
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -158,7 +158,7 @@ def test_pretrain_then_init(mini_ucsd, tmp_path):
     assert not any(k.startswith("fc.") for k in enc)
     train_cfg = load_config(SliceTrainConfig, None, {**TINY, "init": str(enc_dir)})
     model = build_slice_model("resnet18", width=0.25)
-    _init_from(model, enc_dir, train_cfg)
+    init_slice_weights(model, enc_dir, train_cfg)
     assert torch.equal(model.state_dict()["conv1.weight"], enc["conv1.weight"])
     with pytest.raises(ConfigError, match="same arch, width and lung_mask"):
-        _init_from(build_slice_model("resnet18", width=0.5), enc_dir, dataclasses.replace(train_cfg, width=0.5))
+        init_slice_weights(build_slice_model("resnet18", width=0.5), enc_dir, dataclasses.replace(train_cfg, width=0.5))
