@@ -7,8 +7,9 @@ bar under the outer one and removes it when it ends, so a 300-slice study no lon
 When stderr is not a terminal (redirected to a file, a batch scheduler's log, a CI job), the same figures go to the
 ``covidctnet.progress`` logger at INFO, e.g. ``predict: 3/10 studies (30%), 1 min 12 s elapsed, ETA 2 min 48 s``.
 Lines are spaced so that a log file shows where a long run is without flooding: the outermost loop logs at each 10%
-step but at most every :data:`LOG_MIN_GAP_S` seconds, and any loop logs at least every :data:`LOG_MAX_GAP_S` seconds
-while it runs; a nested loop logs only on that timer. ``COVIDCTNET_NO_PROGRESS=1`` turns bars and lines off.
+step, but not within :data:`LOG_MIN_GAP_S` seconds of its previous line, and its last step once it logged anything;
+any loop logs a step that comes :data:`LOG_MAX_GAP_S` seconds or more after its previous line, the only rule for a
+nested loop (its 10% steps would flood the log). ``COVIDCTNET_NO_PROGRESS=1`` turns bars and lines off.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ LOG_MAX_GAP_S = 30.0
 _clock = time.monotonic
 _open: list[ProgressTask] = []  # the loops running now, outermost first
 _display: Progress | None = None  # the one live display on the terminal, shared by nested bars
+_swapped: list[tuple[logging.StreamHandler, Any]] = []  # log handlers writing through the display while it is on
 
 
 def _mode(enabled: bool | None) -> str | None:
@@ -105,7 +107,9 @@ class ProgressTask:
             if _display is None:
                 _display = Progress(TextColumn("{task.description}"), BarColumn(), _CountColumn(),
                                     TimeElapsedColumn(), _EtaColumn(), console=Console(stderr=True))
-                _display.start()
+                stderr = sys.stderr
+                _display.start()  # replaces sys.stderr by a proxy that prints above the bars
+                _route_logs(stderr, sys.stderr)
             self._task = _display.add_task(self.desc, total=self.total, unit=self.unit)
         if self.mode is not None:
             _open.append(self)
@@ -119,7 +123,9 @@ class ProgressTask:
         elif self.mode == "log":
             now = _clock()
             gap = now - self._last_log
-            if (not self.nested and self._step_crossed() and gap >= LOG_MIN_GAP_S) or gap >= LOG_MAX_GAP_S:
+            # the outermost loop's last line always comes once a line was logged: the log shows the end of the run
+            finished = not self.nested and self._last_logged_done > 0 and self.done == self.total
+            if (not self.nested and self._step_crossed() and gap >= LOG_MIN_GAP_S) or gap >= LOG_MAX_GAP_S or finished:
                 logger.info("%s", self.line(now))
                 self._last_log, self._last_logged_done = now, self.done
 
@@ -150,8 +156,22 @@ class ProgressTask:
             if _open:  # an inner bar goes when its loop ends; the outer one stays on screen
                 _display.remove_task(self._task)
             else:
+                _route_logs(None, None)
                 _display.stop()
                 _display = None
+
+
+def _route_logs(stderr: Any, proxy: Any) -> None:
+    """Point the root logger's stderr handlers at the display's ``proxy`` (a log line written past it would land
+    inside the bars), or back to their own stream when ``proxy`` is None."""
+    if proxy is None:
+        for handler, stream in _swapped:
+            handler.setStream(stream)
+        _swapped.clear()
+    elif proxy is not stderr:
+        for handler in logging.getLogger().handlers:
+            if type(handler) is logging.StreamHandler and handler.stream is stderr:
+                _swapped.append((handler, handler.setStream(proxy)))
 
 
 def progress_task(total: int | None, desc: str, unit: str = "items", enabled: bool | None = None) -> ProgressTask:

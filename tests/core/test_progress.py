@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 from covidctnet.core import progress as progress_mod
 from covidctnet.core.progress import format_duration, progress, progress_task
@@ -58,7 +60,8 @@ def test_outer_loop_logs_each_tenth_with_eta_but_not_faster_than_the_minimum_gap
     log_mode.clear()
     for _ in progress(range(100), desc="fast"):
         clock.now += 0.125  # a 10% step every 1.25 s: lines at least 5 s apart
-    assert [line.split(" (")[0] for line in _lines(log_mode)] == ["fast: 40/100 items", "fast: 80/100 items"]
+    # ... and the last line comes anyway, so that the log shows the end
+    assert [line.split(" (")[0] for line in _lines(log_mode)] == [f"fast: {k}/100 items" for k in (40, 80, 100)]
 
 
 def test_slow_steps_log_on_the_timer_and_a_nested_loop_only_on_the_timer(log_mode, clock):
@@ -87,15 +90,27 @@ def test_disabled_by_environment_or_argument(log_mode, monkeypatch):
 
 def test_a_terminal_gets_one_live_display_with_a_bar_per_running_loop(monkeypatch):
     monkeypatch.delenv("COVIDCTNET_NO_PROGRESS", raising=False)
-    monkeypatch.setattr(sys, "stderr", io.StringIO())
-    with progress_task(2, "batch", "studies", enabled=True) as outer:
-        display = progress_mod._display
-        with progress_task(8, "denoise s1", "slices", enabled=True) as inner:
-            inner.advance(8)
-            assert progress_mod._display is display and len(display.tasks) == 2
-        assert [t.description for t in display.tasks] == ["batch"]  # the inner bar is gone with its loop
-        outer.advance()
-    assert progress_mod._display is None and progress_mod._open == []
+    terminal = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    monkeypatch.setattr(progress_mod, "Console", functools.partial(Console, force_terminal=True, width=100))
+    handler = logging.StreamHandler(terminal)  # as the CLI's logging.basicConfig(stream=sys.stderr)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        with progress_task(2, "batch", "studies", enabled=True) as outer:
+            display = progress_mod._display
+            with progress_task(8, "denoise s1", "slices", enabled=True) as inner:
+                inner.advance(8)
+                assert progress_mod._display is display and len(display.tasks) == 2
+            assert [t.description for t in display.tasks] == ["batch"]  # the inner bar is gone with its loop
+            # a log line goes through the display (printed above the bars), not into the middle of them
+            assert handler.stream is not terminal
+            root.warning("s1 done")
+            outer.advance()
+    finally:
+        root.removeHandler(handler)
+    assert progress_mod._display is None and progress_mod._open == [] and handler.stream is terminal
+    assert "s1 done" in terminal.getvalue() and "1/2 studies" in terminal.getvalue()
 
 
 def _denoise_study(study: Study, out_dir: Path) -> dict[str, str]:
