@@ -4,7 +4,7 @@ For each study read from a DICOM series, two new instances in the *source study*
 and instance UIDs), built with highdicom:
 
 - ``DIR/<study_id>/SR.dcm``: a Comprehensive 3D SR, TID 1500 measurement report. One measurement group (TID 1501)
-  holds the three probabilities (numbers, unit "no units"), the call (``Finding``), and the algorithm (TID 4019: the
+  holds the three probabilities (numbers, unit "no units"), the call (``Predicted class``), and the algorithm (TID 4019: the
   model's name, and the sha256 of its ``SHA256SUMS`` as the version); a ``Qualitative Evaluations`` container holds
   the research-use statement. Its evidence lists every source instance (study, series and SOP instance UIDs) and the
   Segmentation below.
@@ -222,9 +222,9 @@ def _report(sources: list[Any], seg: Any, probabilities: Mapping[str, float], pr
     group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="covidctnet study result"),
         algorithm_id=algorithm,
-        measurements=[hd.sr.Measurement(name=codes_by_class[c][0], value=float(probabilities[c]), unit=no_units,
-                                        algorithm_id=algorithm) for c in CLASS_NAMES],
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=codes.DCM.Finding,
+        measurements=[hd.sr.Measurement(name=codes_by_class[c][0], value=float(probabilities[c]), unit=no_units)
+                      for c in CLASS_NAMES],
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=_code("predicted", "Predicted class"),
                                                              value=codes_by_class[predicted][1])],
     )
     observer = hd.sr.ObserverContext(
@@ -276,10 +276,16 @@ def export_study(out_dir: str | Path, study_id: str, volume: Volume, probabiliti
         return SKIPPED_NOT_DICOM
     sources = _with_type2_attributes([header for header, _ in volume.dicom_slices])
     frames = [frame for _, frame in volume.dicom_slices]
-    seg = _segmentation(sources, frames, residual_segment(volume, residual, residual_affine, lungs, lungs_affine),
-                        model, weights_sha256)
     instances = list({str(ds.SOPInstanceUID): ds for ds in sources}.values())  # a multi-frame file once
-    sr = _report(instances, seg, probabilities, predicted, model, weights_sha256)
+    mask = residual_segment(volume, residual, residual_affine, lungs, lungs_affine)
+    hd_logger = logging.getLogger("highdicom")
+    level = hd_logger.level
+    hd_logger.setLevel(logging.WARNING)  # its INFO lines name the source instances by UID: kept out of the logs
+    try:
+        seg = _segmentation(sources, frames, mask, model, weights_sha256)
+        sr = _report(instances, seg, probabilities, predicted, model, weights_sha256)
+    finally:
+        hd_logger.setLevel(level)
     folder = Path(out_dir) / study_id
     for name, ds in ((SEG_NAME, seg), (SR_NAME, sr)):
         with atomic_path(folder / name) as tmp:
