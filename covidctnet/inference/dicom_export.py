@@ -25,6 +25,7 @@ Codes: the probabilities and the control class have no standard concept, so they
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import importlib.util
 import logging
@@ -43,13 +44,13 @@ from covidctnet.inference.slice_scores import mask_to_grid
 from covidctnet.io.volume import Volume
 
 __all__ = [
+    "LOCAL_SCHEME",
     "RESEARCH_USE",
     "SEG_PERCENTILE",
-    "LOCAL_SCHEME",
     "check_dicom_export",
+    "export_study",
     "residual_segment",
     "to_source_grid",
-    "export_study",
 ]
 
 logger = logging.getLogger(__name__)
@@ -137,17 +138,18 @@ def _with_type2_attributes(headers: list[Any]) -> list[Any]:
     """Copies of the headers with the Type 2 patient/study attributes present (empty where absent).
 
     Type 2 means present but possibly empty; de-identified series (the public data sets) often drop them, and highdicom
-    then fails. Absent stays empty, nothing is made up. A multi-frame file's one header stays one object.
+    then fails. Absent stays empty, nothing is made up. Complete headers (a PACS export) are used as they are; a
+    multi-frame file's one header stays one object.
     """
     copies: dict[int, Any] = {}
     for ds in headers:
-        if id(ds) not in copies:
-            copy = ds.copy()  # shallow: the originals are not changed
-            for keyword in _TYPE2_PATIENT_STUDY:
-                if keyword not in copy:
-                    setattr(copy, keyword, "")
-            copies[id(ds)] = copy
-    return [copies[id(ds)] for ds in headers]
+        missing = [k for k in _TYPE2_PATIENT_STUDY if k not in ds]
+        if missing and id(ds) not in copies:
+            copied = copy.deepcopy(ds)  # Dataset.copy() is shallow: it would add them to the Volume's headers too
+            for keyword in missing:
+                setattr(copied, keyword, "")
+            copies[id(ds)] = copied
+    return [copies.get(id(ds), ds) for ds in headers]
 
 
 def _code(value: str, meaning: str, scheme: str = LOCAL_SCHEME) -> Any:
