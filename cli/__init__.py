@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "covidctnet.cli.evaluate:evaluate_cmd",
     "reader-study": "covidctnet.cli.reader_study:reader_study_cmd",
     "export-onnx": "covidctnet.cli.export_onnx:export_onnx_cmd",
+    "export-bundle": "covidctnet.cli.export_bundle:export_bundle_cmd",
     "defaults": "covidctnet.cli.defaults:defaults_cmd",
     "slice-scores": "covidctnet.cli.slice_scores:slice_scores_cmd",
     "validate-residuals": "covidctnet.cli.validate_residuals:validate_residuals_cmd",

@@ -55,9 +55,9 @@ SimCLR encoder for ``train-slice --init``."""
 TEXT_SUFFIXES = (".yaml", ".yml", ".json", ".md", ".csv", ".txt")
 """Copied files whose text is made portable (:func:`portable_paths`) as it is written into a model directory."""
 
-# An absolute POSIX path inside free text: a '/' that does not follow a word character, ':' or another '/' (so
-# "and/or", "16-bit / 65535" and URLs are left alone), then one or more path parts.
-_ABS_PATH = re.compile(r"(?<![\w.:/~\\-])/(?:[\w.@+=-]+/)*[\w.@+=-]+/?")
+# An absolute POSIX path inside free text: a '/' that does not follow a word character, ':', another '/' or a closing
+# bracket (so "and/or", "16-bit / 65535", URLs and "<data>/cache" are left alone), then one or more path parts.
+_ABS_PATH = re.compile(r"(?<![\w.:/~\\>)\]}-])/(?:[\w.@+=-]+/)*[\w.@+=-]+/?")
 
 _LEGACY_KEYS = {"preprocessing": "preprocess", "classes": "class_names"}  # slice model directories before the schema
 
