@@ -42,7 +42,6 @@ import numpy as np
 import torch
 from monai.bundle import ConfigParser, verify_metadata
 
-from covidctnet import __version__
 from covidctnet.core.errors import ConfigError, InputError, ModelDirError
 from covidctnet.core.files import atomic_dir, sha256_file
 from covidctnet.core.labels import BINARY_CLASS_NAMES, CLASS_NAMES
@@ -246,7 +245,7 @@ def _metadata(task: str, config: dict[str, Any], header: dict[str, Any], bundle_
     return {
         "schema": BUNDLE_SCHEMA_URL,
         "version": bundle_version,
-        "changelog": {bundle_version: f"exported by covidctnet {__version__} from model {config.get('name')} "
+        "changelog": {bundle_version: f"exported by covidctnet {_package_version('covidctnet')} from model {config.get('name')} "
                                       f"(SHA256SUMS sha256 {source_sums_sha[:12]}…)"},
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__,
