@@ -142,8 +142,8 @@ class ProgressTask:
         elapsed = (_clock() if now is None else now) - self._start
         if not self.total:
             return f"{self.desc}: {self.done} {self.unit}, {format_duration(elapsed)} elapsed"
-        text = f"{self.desc}: {self.done}/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%), " \
-               f"{format_duration(elapsed)} elapsed"
+        text = (f"{self.desc}: {self.done}/{self.total} {self.unit} ({100 * self.done / self.total:.0f}%), "
+                f"{format_duration(elapsed)} elapsed")
         eta = _eta(self.done, self.total, elapsed)
         return f"{text}, {eta}" if eta else text
 

@@ -120,6 +120,7 @@ def _denoise_study(study: Study, out_dir: Path) -> dict[str, str]:
     return {}
 
 
+@pytest.mark.usefixtures("one_torch_thread")
 def test_a_batch_of_denoised_studies_logs_study_and_slice_counts(log_mode, monkeypatch, tmp_path):
     """What a log file of `covidctnet predict ... 2> log` shows: per-slice lines inside each study, batch ETA."""
     monkeypatch.setattr(progress_mod, "LOG_MIN_GAP_S", 0.0)
