@@ -43,6 +43,7 @@ from covidctnet.core.errors import CheckpointError, ConfigError, InputError
 from covidctnet.core.files import sha256_file
 
 __all__ = [
+    "HEADS",
     "IMAGENET",
     "IMAGENET_URLS",
     "MEDICALNET_ARCHS",
@@ -51,6 +52,7 @@ __all__ = [
     "imagenet_state_dict",
     "init_slice_model",
     "load_medicalnet_weights",
+    "load_strict",
     "load_torchvision_weights",
     "medicalnet_resnet_kwargs",
     "read_state_dict",
@@ -77,7 +79,8 @@ TORCHVISION_RESNET_KWARGS: dict[str, Any] = {"conv1_t_stride": 2, "bias_downsamp
 MEDICALNET_ARCHS: tuple[str, ...] = ("resnet10", "resnet18", "resnet34", "resnet50")
 """3D ResNets with MedicalNet weights (Chen et al., "Med3D", arXiv:1904.00625; huggingface.co/TencentMedicalNet)."""
 
-_HEADS = ("fc.", "classifier.", "class_layers.out.", "conv_seg.", "head.")  # ImageNet / MedicalNet / timm heads
+HEADS: tuple[str, ...] = ("fc.", "classifier.", "class_layers.out.", "conv_seg.")
+"""Key prefixes of classification / segmentation heads (torchvision, timm, MONAI, MedicalNet): never loaded."""
 # torchvision's old DenseNet checkpoints name dense-layer modules 'norm.1', its newer code and timm 'norm1'
 _DENSE_LAYER = re.compile(r"^(.*denselayer\d+)\.(norm|relu|conv)\.?([12])\.(.+)$")
 
@@ -170,19 +173,25 @@ def _first_conv(model: nn.Module) -> str:
     raise ConfigError(f"{type(model).__name__}: no known stem convolution (conv1 or features.conv0)")
 
 
-def _is_head(key: str) -> bool:
-    return key.startswith(_HEADS)
-
-
-def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> int:
+def load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: str,
+                heads: tuple[str, ...] = HEADS) -> int:
     """Load every non-head tensor of ``model`` from ``state``, or raise one line naming what does not fit.
+
+    Args:
+        model: the network; its head keeps its weights.
+        state: the weights, under the model's key names; head keys in it are ignored.
+        source: the file, for messages.
+        heads: key prefixes of the heads (default :data:`HEADS`).
 
     BatchNorm's ``num_batches_tracked`` may be absent (torchvision's older checkpoints predate it); the model's own
     value stays. Returns the number of tensors loaded.
+
+    Raises:
+        CheckpointError: a missing or unexpected key or another shape, the first three of each named.
     """
-    own = {k: v for k, v in model.state_dict().items() if not _is_head(k)}
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(heads)}
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in own and not _is_head(k)]
+    unexpected = [k for k in state if k not in own and not k.startswith(heads)]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
               if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or shapes:
@@ -190,7 +199,7 @@ def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: st
                  for what, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes))
                  if items]
         raise CheckpointError(f"{source}: weights do not fit {type(model).__name__} "
-                              f"(another architecture or layout?): {'; '.join(parts)}")
+                              f"(another architecture, layout, width or input channels?): {'; '.join(parts)}")
     loaded = {k: state[k].to(own[k].dtype) for k in own if k in state}
     model.load_state_dict({**model.state_dict(), **loaded})
     return len(loaded)
@@ -217,12 +226,13 @@ def load_torchvision_weights(model: nn.Module, state: Mapping[str, torch.Tensor]
     state = torchvision_to_monai(state)
     stem = _first_conv(model)
     own = model.state_dict()[stem]
-    if stem in state and state[stem].ndim == own.ndim and state[stem].shape[1] != own.shape[1] \
-            and state[stem].shape[1] == 3 and state[stem].shape[0] == own.shape[0]:
+    rgb = state.get(stem)
+    same_kernels = rgb is not None and rgb.shape[:1] + rgb.shape[2:] == own.shape[:1] + own.shape[2:]
+    if same_kernels and rgb.shape[1] == 3 != own.shape[1]:  # otherwise load_strict names the mismatch
         grey = torch.zeros_like(own)
-        grey[:, :1] = state[stem].sum(dim=1, keepdim=True)  # = the RGB stem on grey repeated to 3 channels
+        grey[:, :1] = rgb.sum(dim=1, keepdim=True)  # = the RGB stem on grey repeated to 3 channels
         state = {**state, stem: grey}
-    return _load_strict(model, state, source)
+    return load_strict(model, state, source)
 
 
 def init_slice_model(model: nn.Module, arch: str, init: str | os.PathLike) -> dict[str, Any]:
@@ -273,6 +283,6 @@ def load_medicalnet_weights(model: nn.Module, path: str | os.PathLike) -> dict[s
         InputError, CheckpointError: missing or unreadable file, or weights of another depth or layout.
     """
     path = Path(path)
-    n = _load_strict(model, read_state_dict(path), str(path))
+    n = load_strict(model, read_state_dict(path), str(path))
     logger.info("initialised the 3D ResNet from %s (%d tensors)", path, n)
     return {"source": "medicalnet", "file": path.name, "sha256": sha256_file(path), "tensors": n}

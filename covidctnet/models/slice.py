@@ -17,19 +17,19 @@ import torch
 from monai.networks import nets
 from torch import nn
 
-from covidctnet.core.errors import CheckpointError, ConfigError
-from covidctnet.models.pretrained import TORCHVISION_RESNET_KWARGS
+from covidctnet.core.errors import ConfigError
+from covidctnet.models.pretrained import TORCHVISION_RESNET_KWARGS, load_strict
 
 __all__ = [
-    "SLICE_ARCHS",
     "LAYOUTS",
-    "build_slice_model",
-    "head_name",
-    "feature_dim",
-    "replace_head",
-    "encoder_state_dict",
-    "load_encoder_state_dict",
+    "SLICE_ARCHS",
     "SliceEnsemble",
+    "build_slice_model",
+    "encoder_state_dict",
+    "feature_dim",
+    "head_name",
+    "load_encoder_state_dict",
+    "replace_head",
 ]
 
 logger = logging.getLogger(__name__)
@@ -146,17 +146,7 @@ def load_encoder_state_dict(model: nn.Module, state: Mapping[str, Any], source: 
         CheckpointError: a missing or unexpected key or a shape mismatch (another architecture, width or channel
             count), naming the first few offenders.
     """
-    prefix = head_name(model) + "."
-    own = {k: v for k, v in model.state_dict().items() if not k.startswith(prefix)}
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(k for k in set(state) - set(own) if not k.startswith(prefix))
-    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        raise CheckpointError(
-            f"{source}: encoder does not fit this model (another arch, width or input channels?): "
-            f"missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatch {shapes[:3]}"
-        )
-    model.load_state_dict({**model.state_dict(), **{k: state[k] for k in own}})
+    load_strict(model, state, source, heads=(head_name(model) + ".",))
 
 
 class SliceEnsemble(nn.Module):

@@ -73,7 +73,7 @@ def test_encoder_transfer():
     load_encoder_state_dict(dst, enc)
     assert all(torch.equal(dst.state_dict()[k], v) for k, v in enc.items())
     assert torch.equal(dst.fc.weight, head_before)  # the head stays fresh
-    with pytest.raises(CheckpointError, match="does not fit"):
+    with pytest.raises(CheckpointError, match="do not fit"):
         load_encoder_state_dict(build_slice_model("resnet18", width=0.5), enc)
-    with pytest.raises(CheckpointError, match="does not fit"):
+    with pytest.raises(CheckpointError, match="do not fit"):
         load_encoder_state_dict(build_slice_model("resnet18", width=0.25, in_channels=2), enc)
