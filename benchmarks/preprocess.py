@@ -5,9 +5,16 @@ the official approach (pydicom stack sorted by ImagePositionPatient, HU int16, `
 default cubic spline, per-slice ``skimage.transform.resize``) but with our default output contract (HU clipped to
 [-1000, 400], 240×240), so the mean absolute difference compares implementations, not definitions.
 
+``--whole-process`` times what a user runs instead: ``covidctnet preprocess SERIES -o OUT`` as a fresh process per
+full series of ``ct-dicom-full`` (imports, DICOM decoding, writing the ``.nii.gz`` included), and one command over
+all of them (a batch), each side by side with the reference run the same way (a fresh Python process that imports
+pydicom, SciPy and scikit-image, reads the series, resamples and ``np.save``s the result), alternating, with the
+peak RSS of each process from ``wait4``.
+
 Usage::
 
     python benchmarks/preprocess.py [--data ../shared/data] [--repeats 3] [--write-docs docs/benchmarks.md]
+    python benchmarks/preprocess.py --whole-process [--repeats 3] [--write-docs docs/benchmarks.md]
 """
 
 from __future__ import annotations
@@ -122,14 +129,88 @@ def _child(case: str, impl: str, data: Path, out: Path) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+WHOLE_SECTION = "## Preprocessing, whole process"
+
+
+def reference_main(out_dir: Path, series: list[Path]) -> None:
+    """The reference as a program: each series read, resampled and saved as ``<name>.npy`` (official style)."""
+    for folder in series:
+        stack, spacing = _read_reference_dicom(folder)
+        np.save(out_dir / f"{folder.name}.npy", _reference(stack, spacing, 240).astype(np.float32))
+
+
+def _timed(cmd: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (MB) of one fresh process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    err = proc.stderr.read().decode() if proc.stderr else ""
+    if status:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{err[-2000:]}")
+    return seconds, usage.ru_maxrss / 1024
+
+
+def whole_process(data: Path, repeats: int) -> str:
+    """Time ``covidctnet preprocess`` and the reference as whole processes (see the module docstring)."""
+    series = sorted(p for p in (data / "ct-dicom-full").iterdir() if p.is_dir())
+    ours = lambda out, dirs: [sys.executable, "-m", "covidctnet", "preprocess", *map(str, dirs), "-o", str(out),  # noqa: E731
+                              "-q", "--no-resume"]
+    ref = lambda out, dirs: [sys.executable, str(Path(__file__)), "--reference", str(out), *map(str, dirs)]  # noqa: E731
+    load0 = os.getloadavg()[0]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = [(s.name, [s]) for s in series] + [(f"batch of {len(series)}", series)]
+        for name, dirs in cases:
+            times: dict[str, list[tuple[float, float]]] = {"reference": [], "ours": []}
+            for r in range(repeats):
+                for impl, make in (("reference", ref), ("ours", ours)):
+                    out = Path(tmp) / f"{impl}{r}"
+                    out.mkdir()
+                    times[impl].append(_timed(make(out, dirs)))
+            med = {k: float(np.median([t for t, _ in v])) for k, v in times.items()}
+            rss = {k: max(m for _, m in v) for k, v in times.items()}
+            rows.append((name, len(dirs), med, rss))
+            print(name, med, rss, flush=True)
+    load1 = os.getloadavg()[0]
+    lines = [
+        WHOLE_SECTION, "",
+        f"`python benchmarks/preprocess.py --whole-process --repeats {repeats}` on {time.strftime('%Y-%m-%d')}, "
+        f"{os.cpu_count()} CPUs, load average {load0:.1f} at the start and {load1:.1f} at the end. Each figure is "
+        "the median wall time of a fresh process, the two implementations alternating: `covidctnet preprocess "
+        "SERIES… -o OUT --no-resume` (240×240, 1 mm, `.nii.gz`) against the reference program (pydicom, cubic "
+        "`scipy.ndimage.zoom` to 1 mm, HU window, per-slice `skimage` resize to 240×240, `np.save`). Series: the "
+        "full shared series of `ct-dicom-full`; the batch row is one process for all of them.", "",
+        "| series | slices | reference s | ours s | speed-up | reference peak RSS MB | ours peak RSS MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, n, med, rss in rows:
+        slices = sum(len(list(d.glob("*.dcm"))) for d in (series if n > 1 else [data / "ct-dicom-full" / name]))
+        lines.append(f"| {name} | {slices} | {med['reference']:.2f} | {med['ours']:.2f} | "
+                     f"{med['reference'] / med['ours']:.1f}× | {rss['reference']:.0f} | {rss['ours']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
+    if len(sys.argv) > 2 and sys.argv[1] == "--reference":
+        reference_main(Path(sys.argv[2]), [Path(p) for p in sys.argv[3:]])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--whole-process", action="store_true", help="time whole commands (see the docstring)")
     parser.add_argument("--cases", nargs="*", default=["covid-P001", "cap-cap001", "control-normal001", "synthetic-300"])
     parser.add_argument("--memory-case", default="synthetic-600", help="case run with ours only, for peak RSS")
     parser.add_argument("--write-docs", type=Path, default=None)
     args = parser.parse_args()
+    if args.whole_process:
+        text = whole_process(args.data, args.repeats)
+        print(text)
+        if args.write_docs:
+            from _docs import replace_section
+
+            replace_section(args.write_docs, WHOLE_SECTION, text)
+        return
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

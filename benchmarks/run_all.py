@@ -41,6 +41,8 @@ STEPS: dict[str, tuple[str, list[str], list[str]]] = {
     "scaling": ("scaling.py", [], ["--studies", "2", "--slices", "40", "--size", "64", "--features", "4",
                                    "--workers", "0", "2"]),
     "slice_training": ("slice_training.py", [], ["--steps", "1"]),
+    # MosMed-size synthetic training sets: peak memory, data waiting, disk (the full run needs ~45 GB and ~1 h)
+    "scale": ("scale.py", [], ["--studies", "2", "4", "--residuals", "6", "--steps", "2"]),
 }
 
 

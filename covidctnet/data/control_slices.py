@@ -239,6 +239,7 @@ def split_control_slices(
     seed: int = 0,
     slices_per_study: int | None = None,
     val_gap_slices: int = 2,
+    val_max_slices: int | None = None,
 ) -> ControlSplit:
     """Hold out validation data: whole studies when there are several, else a block of slices.
 
@@ -248,6 +249,8 @@ def split_control_slices(
         seed: chooses the held-out studies (``numpy.random.default_rng(seed)``).
         slices_per_study: keep at most this many slices per study, evenly spread across z (``None``: all).
         val_gap_slices: with one study, slices dropped between the training and the validation block.
+        val_max_slices: keep at most this many validation slices, evenly spread over them (``None``: all); every
+            epoch is validated on them, so at MosMed scale (~15,000 held-out slices) this bounds validation time.
 
     Raises:
         ConfigError: ``val_fraction`` out of range.
@@ -259,6 +262,8 @@ def split_control_slices(
         raise ConfigError(f"'slices_per_study' must be >= 1 or null, not {slices_per_study}")
     if val_gap_slices < 0:
         raise ConfigError(f"'val_gap_slices' must be >= 0, not {val_gap_slices}")
+    if val_max_slices is not None and val_max_slices < 1:
+        raise ConfigError(f"'val_max_slices' must be >= 1 or null, not {val_max_slices}")
     ids = sorted(depths)
     if not ids:
         raise SplitError("no control study to train on")
@@ -269,7 +274,7 @@ def split_control_slices(
         train_ids = tuple(s for s in ids if s not in val_ids)
         train = tuple((s, k) for s in train_ids for k in _spread(range(depths[s]), slices_per_study))
         val = tuple((s, k) for s in val_ids for k in _spread(range(depths[s]), slices_per_study))
-        return ControlSplit("studies", train_ids, val_ids, train, val)
+        return ControlSplit("studies", train_ids, val_ids, train, tuple(_spread(val, val_max_slices)))
     (sid,) = ids
     z = int(depths[sid])
     n_val = max(1, round(val_fraction * z))
@@ -284,7 +289,7 @@ def split_control_slices(
         sid, n_val, val_gap_slices,
     )
     train = tuple((sid, k) for k in _spread(range(n_train), slices_per_study))
-    val = tuple((sid, k) for k in range(z - n_val, z))
+    val = tuple((sid, k) for k in _spread(range(z - n_val, z), val_max_slices))
     return ControlSplit("slices", (sid,), (sid,), train, val)
 
 

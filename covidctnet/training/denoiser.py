@@ -97,6 +97,8 @@ class DenoiserConfig:
         val_fraction: held-out share of studies (of slices with a single study), in (0, 0.9].
         val_gap_slices: single study: slices dropped between training and held-out block.
         slices_per_study: at most this many slices per study, evenly spread across z (``None``: all).
+        val_max_slices: at most this many validation slices, evenly spread over the held-out ones (``None``: all);
+            they are denoised after every epoch, so this bounds validation time on large sets.
         noise_fraction: share of each batch noised (official 0.5).
         noise_amplitude: factor on the Perlin noise (official 1).
         noise_scale_range: (low, high) Perlin scale in pixels at ``noise_reference_size`` (official 10..29 at 128).
@@ -131,6 +133,7 @@ class DenoiserConfig:
     val_fraction: float = 0.2
     val_gap_slices: int = 2
     slices_per_study: int | None = None
+    val_max_slices: int | None = 1000
     noise_fraction: float = 0.5
     noise_amplitude: float = 1.0
     noise_scale_range: tuple[int, int] = (10, 30)
@@ -154,7 +157,8 @@ class DenoiserConfig:
         for key in ("batch_size", "epochs", "val_batch_size", "noise_octaves"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"'{key}' must be >= 1, not {getattr(self, key)}")
-        for key in ("patience", "steps_per_epoch", "slices_per_study", "max_steps", "checkpoint_every"):
+        for key in ("patience", "steps_per_epoch", "slices_per_study", "val_max_slices", "max_steps",
+                    "checkpoint_every"):
             value = getattr(self, key)
             if value is not None and value < (0 if key == "patience" else 1):
                 raise ConfigError(f"'{key}' must be >= {0 if key == 'patience' else 1} or null, not {value}")
@@ -356,7 +360,7 @@ def _prepare_data(data_dir: Path, run_dir: Path, cfg: DenoiserConfig, labels: st
     ids = select_control_studies(data_dir, labels=labels, studies=studies)
     stacks = load_slices(data_dir, ids, size, cfg.cache_dir)
     split = split_control_slices({s: a.shape[0] for s, a in stacks.items()}, cfg.val_fraction, cfg.seed,
-                                 cfg.slices_per_study, cfg.val_gap_slices)
+                                 cfg.slices_per_study, cfg.val_gap_slices, cfg.val_max_slices)
     split_info = {"data_dir": str(data_dir), **split.to_dict()}
     if previous is not None:
         keys = ("mode", "train_ids", "val_ids", "train_slices", "val_slices")

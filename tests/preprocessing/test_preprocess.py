@@ -18,6 +18,7 @@ from covidctnet.io.volume import read_volume
 from covidctnet.preprocessing.preprocess import (
     OFFICIAL_PROFILE,
     PreprocessConfig,
+    linear_resize,
     official_layout_to_ras,
     preprocess_volume,
     ras_to_official_layout,
@@ -180,3 +181,42 @@ def test_config_errors_name_the_key(tmp_path, text, message):
     path.write_text(text)
     with pytest.raises(ConfigError, match=message):
         load_config(PreprocessConfig, path)
+
+
+@pytest.mark.parametrize("shape_in,shape_out", [((37, 29, 11), (16, 16, 23)), ((20, 24, 30), (40, 12, 30)),
+                                                ((5, 7, 9), (5, 7, 9))])
+def test_linear_resize_is_torch_trilinear(shape_in, shape_out):
+    """NumPy resampling = torch's trilinear interpolate (align_corners=False), which MONAI's Resize calls."""
+    import torch
+
+    array = np.random.default_rng(0).random(shape_in, dtype=np.float32)
+    expected = torch.nn.functional.interpolate(torch.from_numpy(array)[None, None], size=shape_out, mode="trilinear",
+                                               align_corners=False)[0, 0].numpy()
+    np.testing.assert_allclose(linear_resize(array, shape_out), expected, atol=2e-6)
+
+
+def test_default_profile_equals_the_monai_chain_and_imports_no_torch(dicom_dirs, covid_volume, covid_default,
+                                                                    tmp_path):
+    """The NumPy path gives MONAI's ``EnsureChannelFirst → Orientation → Resize → ScaleIntensityRange`` result, and
+    a whole ``covidctnet preprocess`` run imports neither torch nor MONAI (their import was half of its time)."""
+    import subprocess
+    import sys
+
+    import torch
+    from monai.data import MetaTensor
+    from monai.transforms import Compose, EnsureChannelFirst, Orientation, Resize, ScaleIntensityRange
+
+    array, affine = covid_default
+    chain = Compose([EnsureChannelFirst(channel_dim="no_channel"), Orientation(axcodes="RAS"),
+                     Resize(spatial_size=array.shape, mode="trilinear"),
+                     ScaleIntensityRange(a_min=-1000, a_max=400, b_min=0.0, b_max=1.0, clip=True)])
+    out = chain(MetaTensor(torch.from_numpy(covid_volume.array.astype(np.float32)),
+                           affine=torch.as_tensor(covid_volume.affine, dtype=torch.float64)))
+    np.testing.assert_allclose(array, out[0].numpy(), atol=5e-5)  # float32 positions in torch, float64 here
+    np.testing.assert_allclose(affine, np.asarray(out.affine), atol=1e-9)
+    code = ("import sys, runpy; sys.argv = ['covidctnet', 'preprocess', sys.argv[1], '-o', sys.argv[2], '-q'];\n"
+            "try:\n    runpy.run_module('covidctnet', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in ('torch', 'monai') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, str(dicom_dirs["covid"]), str(tmp_path / "out")],
+                          capture_output=True, text=True, check=True)
+    assert proc.stdout.strip().splitlines()[-1] == "[]" and (tmp_path / "out" / "manifest.csv").is_file()
