@@ -165,7 +165,7 @@ def whole_process(data: Path, repeats: int) -> str:
             times: dict[str, list[tuple[float, float]]] = {"reference": [], "ours": []}
             for r in range(repeats):
                 for impl, make in (("reference", ref), ("ours", ours)):
-                    out = Path(tmp) / f"{impl}{r}"
+                    out = Path(tmp) / f"{name}-{impl}{r}".replace(" ", "_")
                     out.mkdir()
                     times[impl].append(_timed(make(out, dirs)))
             med = {k: float(np.median([t for t, _ in v])) for k, v in times.items()}

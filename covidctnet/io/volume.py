@@ -767,8 +767,10 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None, 
     array, n_air = _decode_slices(slices, threads)  # (K, rows, cols) float32 HU
     if n_air:
         logger.info("%s: %d padding / out-of-field voxels set to air (%g HU)", folder, n_air, AIR_HU)
-    # Array (i, j, k) = (column, row, slice): i runs along the row cosine, j along the column cosine.
-    array = np.ascontiguousarray(array.transpose(2, 1, 0))
+    # Array (i, j, k) = (column, row, slice): i runs along the row cosine, j along the column cosine. A transposed
+    # view (Fortran order), not a copy: transposing 512×512×300 float32 costs a second or more, and the next step
+    # (reorientation and resampling) reads it along any axis anyway.
+    array = array.transpose(2, 1, 0)
     iop, ipp0 = slices[0].iop, slices[0].ipp
     if len(slices) > 1:
         step = (slices[-1].ipp - ipp0) / (len(slices) - 1)

@@ -222,7 +222,7 @@ def preprocess_volume(volume: Volume, cfg: PreprocessConfig = PreprocessConfig()
         return preprocess_official(volume, cfg)
     if cfg.resampler == "spacing":
         return _preprocess_monai(volume, cfg)
-    ras, affine = to_ras(volume)
+    ras, affine = to_ras(volume, contiguous=False)  # read only: linear_resize makes new arrays
     ras = ras.astype(np.float32, copy=False)
     if cfg.out_of_window == "air":  # official behaviour: out-of-window HU become air, before resampling as there
         ras = np.where((ras > cfg.hu_max) | (ras < cfg.hu_min), np.float32(cfg.hu_min), ras)
@@ -248,8 +248,14 @@ def _preprocess_monai(volume: Volume, cfg: PreprocessConfig) -> tuple[np.ndarray
     return np.clip(array, 0.0, 1.0), affine
 
 
-def to_ras(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
-    """Reorient an array to RAS by flips and axis swaps only (exact), returning the array and its new affine."""
+def to_ras(volume: Volume, contiguous: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Reorient an array to RAS by flips and axis swaps only (exact), returning the array and its new affine.
+
+    Args:
+        volume: the volume.
+        contiguous: return a C-contiguous copy; ``False`` may return a flipped / transposed view of ``volume.array``
+            (no copy: for callers that only read it, such as the resampling).
+    """
     import nibabel as nib
 
     ornt = nib.orientations.io_orientation(volume.affine)
@@ -257,7 +263,7 @@ def to_ras(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
     transform = nib.orientations.ornt_transform(ornt, ras)
     array = nib.orientations.apply_orientation(volume.array, transform)
     affine = volume.affine @ nib.orientations.inv_ornt_aff(transform, volume.array.shape)
-    return np.ascontiguousarray(array), affine
+    return (np.ascontiguousarray(array) if contiguous else array), affine
 
 
 def ras_to_official_layout(array: np.ndarray) -> np.ndarray:
