@@ -170,7 +170,13 @@ def load_slices(
     rows = read_manifest(data_dir / "manifest.csv")
     outputs = {r["study_id"]: r.get("output") or f"{r['study_id']}.nii.gz" for r in rows}
     stacks: dict[str, NpyRows] = {}
-    for sid in progress(study_ids, desc="control slices", unit="study"):
+    # Under torchrun every rank opens every study; starting each rank at its own share of the list means a cache one
+    # rank has just written is found ready by the others, so the first run decodes each volume about once, not once
+    # per rank (ranks that meet on a study still write the same bytes, atomically).
+    rank, world = int(os.environ.get("RANK", 0)), max(1, int(os.environ.get("WORLD_SIZE", 1)))
+    start = rank * len(study_ids) // world
+    order = [*study_ids[start:], *study_ids[:start]]
+    for sid in progress(order, desc="control slices", unit="study"):
         path = data_dir / outputs.get(sid, f"{sid}.nii.gz")
         reader = NpyRows(cached_npy(path, cache, _read_preprocessed, name=sid))
         depth, height, width = reader.shape
@@ -183,7 +189,7 @@ def load_slices(
             )
         stacks[sid] = reader
         logger.debug("%s: %d slices of %dx%d", sid, depth, size_xy, size_xy)
-    return stacks
+    return {sid: stacks[sid] for sid in study_ids}
 
 
 # --------------------------------------------------------------------------------------------------------------------
