@@ -48,14 +48,16 @@ def _print_report(summary, out_dir: Path) -> None:
 @config_option(
     _CONFIG,
     "--backend",
-    type=click.Choice(["torch", "onnx"]),
-    help="torch, or onnx: onnxruntime on the CPU; --model is then an `export-onnx` output folder.",
+    type=click.Choice(["torch", "onnx", "openvino"]),
+    help="torch; onnx: onnxruntime on the CPU; openvino: OpenVINO on the CPU (pip install 'covidctnet[openvino]'). "
+    "For onnx and openvino, --model is an `export-onnx` output folder.",
 )
 @config_option(
     _CONFIG,
     "--precision",
     type=click.Choice(["fp32", "bf16"]),
-    help="Denoiser arithmetic (torch backend): fp32, or bf16, several times faster on CPUs with AMX.",
+    help="Denoiser arithmetic (torch and openvino backends): fp32, or bf16, several times faster on CPUs with AMX or "
+    "AVX512-BF16.",
 )
 @config_option(
     _CONFIG,

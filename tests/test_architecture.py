@@ -120,7 +120,7 @@ def hidden_imports(root: Path) -> list[str]:
 
 # Third-party imports inside functions: only the optional extras anywhere, and anything in the stages that read and
 # preprocess scans (a preprocess worker then imports only what it uses; the rest of the library imports at the top).
-LAZY_ANYWHERE = {"onnx", "onnxruntime", "h5py", "dask", "distributed", "highdicom"}
+LAZY_ANYWHERE = {"onnx", "onnxruntime", "openvino", "h5py", "dask", "distributed", "highdicom"}
 LAZY_STAGES = {"core", "io", "preprocessing"}
 
 

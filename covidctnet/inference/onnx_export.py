@@ -52,6 +52,7 @@ __all__ = [
     "load_onnx_manifest",
     "load_onnx_component",
     "load_onnx_denoiser",
+    "onnx_component_path",
 ]
 
 logger = logging.getLogger(__name__)
@@ -274,8 +275,8 @@ class OnnxModule(nn.Module):
         return torch.from_numpy(self.run(x.detach().cpu().numpy()))
 
 
-def load_onnx_component(md: Any, manifest: dict[str, Any], name: str) -> OnnxModule:
-    """One component of an ONNX model directory as an :class:`OnnxModule` (its sha256 checked against onnx.json).
+def onnx_component_path(md: Any, manifest: dict[str, Any], name: str) -> Path:
+    """The ``.onnx`` file of one component of an ONNX model directory, its sha256 checked against ``onnx.json``.
 
     Raises:
         ModelDirError: the component is not in ``onnx.json``, its file is missing or its hash differs.
@@ -289,16 +290,32 @@ def load_onnx_component(md: Any, manifest: dict[str, Any], name: str) -> OnnxMod
         raise ModelDirError(f"{path}: ONNX file missing")
     if sha256_file(path) != entry.get("sha256"):
         raise ModelDirError(f"{path}: sha256 does not match {ONNX_MANIFEST}; the file was changed or corrupted")
+    return path
+
+
+def load_onnx_component(md: Any, manifest: dict[str, Any], name: str) -> OnnxModule:
+    """One component of an ONNX model directory as an :class:`OnnxModule` (its sha256 checked against onnx.json).
+
+    Raises:
+        ModelDirError: see :func:`onnx_component_path`.
+    """
+    path = onnx_component_path(md, manifest, name)
+    entry = manifest["components"][name]
     return OnnxModule(path, entry.get("input", "input"), entry.get("output"))
 
 
-def load_onnx_denoiser(md: Any, manifest: dict[str, Any]) -> Any:
+def load_onnx_denoiser(md: Any, manifest: dict[str, Any], module: nn.Module | None = None) -> Any:
     """The ``denoiser`` of an ONNX model directory as a :class:`covidctnet.models.registry.Denoiser` (CPU).
+
+    Args:
+        module: the network that runs ``denoiser.onnx`` (e.g. an OpenVINO one); ``None``: onnxruntime's
+            :class:`OnnxModule`.
 
     Raises:
         ModelDirError: see :func:`load_onnx_component`; no input size in ``config.yaml``.
     """
-    module = load_onnx_component(md, manifest, "denoiser")
+    if module is None:
+        module = load_onnx_component(md, manifest, "denoiser")
     preprocess = dict(md.config.get("preprocess") or {})
     size = (md.config.get("input") or {}).get("size_xy", preprocess.get("size_xy"))
     if isinstance(size, bool) or not isinstance(size, int):

@@ -88,10 +88,11 @@ class PredictConfig:
         batch_size: slices per denoiser forward pass (memory grows linearly with it).
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
         save_residuals: also write each study's residual NIfTI and an overlay PNG.
-        backend: ``torch`` (the model directory's safetensors) or ``onnx`` (onnxruntime on the CPU; the model
-            directory is an ``export-onnx`` output, see :mod:`covidctnet.inference.onnx_export`).
-        precision: denoiser arithmetic of the torch backend: ``fp32`` (default) or ``bf16`` (several times faster on
-            CPUs with AMX / AVX512-BF16 and on recent GPUs; probabilities move by about 1e-3, see
+        backend: ``torch`` (the model directory's safetensors), ``onnx`` (onnxruntime on the CPU) or ``openvino``
+            (OpenVINO on the CPU, ``pip install 'covidctnet[openvino]'``); for both of the last the model directory is
+            an ``export-onnx`` output, see :mod:`covidctnet.inference.onnx_export`.
+        precision: denoiser arithmetic of the torch and openvino backends: ``fp32`` (default) or ``bf16`` (several
+            times faster on CPUs with AMX / AVX512-BF16 and on recent GPUs; probabilities move by about 1e-3, see
             ``docs/benchmarks.md``).
         min_lung_ml: chest-coverage check: a scan whose 3D lung mask holds less (ml) is refused ("no lungs found:
             not a chest CT?"), before the networks run.
@@ -115,7 +116,8 @@ class PredictConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"'precision' must be one of {list(PRECISIONS)}, not {self.precision!r}")
         if self.precision != "fp32" and self.backend == "onnx":
-            raise ConfigError("'precision: bf16' is for the torch backend; the onnx backend runs in fp32")
+            raise ConfigError("'precision: bf16' is for the torch and openvino backends; the onnx backend runs in "
+                              "fp32")
 
 
 @dataclass
@@ -133,7 +135,8 @@ class Pipeline:
     backend: str = "torch"
 
 
-def load_pipeline(model_dir: str | os.PathLike, device: str = "auto", backend: str = "torch") -> Pipeline:
+def load_pipeline(model_dir: str | os.PathLike, device: str = "auto", backend: str = "torch",
+                  precision: str = "fp32") -> Pipeline:
     """Load a model directory with ``denoiser`` and ``classifier`` components (hashes checked).
 
     ``weights_sha256`` in the report is the sha256 of the directory's ``SHA256SUMS``, which covers the config and
@@ -142,12 +145,15 @@ def load_pipeline(model_dir: str | os.PathLike, device: str = "auto", backend: s
 
     Args:
         backend: ``torch``, or ``onnx``: ``model_dir`` is an ``export-onnx`` output and both networks run in
-            onnxruntime on the CPU (``device`` is then ignored).
+            onnxruntime on the CPU (``device`` is then ignored); or ``openvino``: the same folder, run by OpenVINO
+            on the CPU.
+        precision: the denoiser's arithmetic with ``openvino`` (compiled in); the torch backend takes it per call
+            (:func:`predict_volume`).
 
     Raises:
         ModelDirError: missing component, hash mismatch, wrong architecture, or inconsistent sizes.
     """
-    model = open_model(model_dir, backend, device)
+    model = open_model(model_dir, backend, device, precision)
     md, dev = model.md, model.device
     try:
         pre = validate_config(PreprocessConfig, md.config.get("preprocess") or {}, f"{md.path}/config.yaml: preprocess")
@@ -172,7 +178,8 @@ def load_pipeline(model_dir: str | os.PathLike, device: str = "auto", backend: s
 
 
 def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8, precision: str = "fp32") -> dict[str, Any]:
-    """Predict one checked HU volume (``precision``: the denoiser's, see :class:`PredictConfig`).
+    """Predict one checked HU volume (``precision``: the torch denoiser's, see :class:`PredictConfig`; an
+    ``openvino`` pipeline has its precision compiled in, see :func:`load_pipeline`).
 
     Returns:
         ``probabilities`` (3,) in ``CLASS_NAMES`` order, ``predicted``, ``preprocessed`` ((X, Y, Z) array, affine),
@@ -190,12 +197,12 @@ def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8, precisi
         size=pipeline.size_xy,
         batch_size=batch_size,
         source=str(volume.source),
-        precision=precision,
+        precision=precision if pipeline.backend == "torch" else "fp32",
     )
     seconds["denoise"] = time.perf_counter() - t
     t = time.perf_counter()
     x = torch.as_tensor(residual_to_network_input(residual))[None]
-    if pipeline.backend == "onnx":  # an OnnxModule has no parameters for predict_proba to find a device from
+    if pipeline.backend != "torch":  # ONNX and OpenVINO modules have no parameters for predict_proba to find a device
         probs = torch.softmax(pipeline.classifier(x).float(), dim=1)[0].numpy().astype(np.float64)
     else:
         probs = predict_proba(pipeline.classifier, x)[0].numpy().astype(np.float64)
@@ -210,14 +217,14 @@ def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8, precisi
 
 
 @functools.lru_cache(maxsize=2)
-def _load_cached(model_dir: str, device: str, backend: str, stamp: tuple[int, int]) -> Pipeline:
-    return load_pipeline(model_dir, device, backend)
+def _load_cached(model_dir: str, device: str, backend: str, precision: str, stamp: tuple[int, int]) -> Pipeline:
+    return load_pipeline(model_dir, device, backend, precision)
 
 
-def _cached_pipeline(model_dir: str, device: str, backend: str) -> Pipeline:
+def _cached_pipeline(model_dir: str, device: str, backend: str, precision: str = "fp32") -> Pipeline:
     """One load per process (each worker of ``--workers`` / ``--scheduler`` loads its own), reloaded when the model
     directory is rewritten."""
-    return _load_cached(model_dir, device, backend, dir_stamp(model_dir))
+    return _load_cached(model_dir, device, backend, precision, dir_stamp(model_dir))
 
 
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -226,7 +233,7 @@ def _json_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConfig) -> dict[str, Any]:
-    pipeline = _cached_pipeline(model_dir, cfg.device, cfg.backend)
+    pipeline = _cached_pipeline(model_dir, cfg.device, cfg.backend, cfg.precision)
     t = time.perf_counter()
     volume = read_volume(study.path)
     passed = check_volume(volume, pipeline.preprocess.limits)
@@ -316,7 +323,7 @@ def predict_studies(
     if cfg.dicom_out:
         check_dicom_export()
     # loaded here even with workers: a bad model directory fails once, before any study, with its one-line error
-    pipeline = _cached_pipeline(model_dir, cfg.device, cfg.backend)
+    pipeline = _cached_pipeline(model_dir, cfg.device, cfg.backend, cfg.precision)
     studies = discover_studies(inputs)
     out_dir = Path(out_dir)
     if resume:  # the manifest is rewritten after every study, so this also covers a run that was killed half-way

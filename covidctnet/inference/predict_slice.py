@@ -253,11 +253,12 @@ def _open_slice_model(
         ConfigError: unknown backend, Grad-CAM asked of the ONNX backend, or the ONNX backend without a model.
         ModelDirError: no bundled model in this installation, or the model directory is unusable.
     """
-    if check_backend(backend) == "onnx":
+    if check_backend(backend) != "torch":
         if cam_dir is not None:
-            raise ConfigError("--cam needs gradients, which the onnx backend has not; use --backend torch for Grad-CAM")
+            raise ConfigError(f"--cam needs gradients, which the {backend} backend has not; use --backend torch for "
+                              "Grad-CAM")
         if model_dir is None:
-            raise ConfigError("--backend onnx needs --model: an `export-onnx` output folder of a slice model")
+            raise ConfigError(f"--backend {backend} needs --model: an `export-onnx` output folder of a slice model")
     if model_dir is None and not DEFAULT_SLICE_MODEL.is_dir():
         raise ModelDirError(
             f"{DEFAULT_SLICE_MODEL}: no bundled slice model in this installation; pass --model MODEL_DIR"
