@@ -7,7 +7,7 @@ cut or padded to 300 slices, shifted in-plane by up to ±12 px, flipped left-rig
 the same volumes (volume − Gaussian blur, σ 2 px), a stand-in with the residuals' size and signed values.
 
 Each command runs as a user runs it (``python -m covidctnet …``, a fresh process) for a fixed number of optimiser steps
-with ``--loader-workers 2``; this script samples the memory of the process and its loader workers every 0.2 s
+with ``--loader-workers 2``; this script samples the memory of the process and its loader workers every second
 (RSS of the training process; PSS summed over the process tree, which counts pages shared by the forked workers once)
 and reads ``data_wait_frac`` (share of the epoch spent waiting for the next batch) from ``metrics.csv``. The first
 run on a folder also decodes the ``.npy`` caches; the second, timed separately, reads them.
@@ -118,7 +118,7 @@ def _disk_mb(paths: list[Path]) -> float:
 
 
 class _Memory:
-    """Peak RSS of a process and peak PSS summed over it and its children, sampled every 0.2 s."""
+    """Peak RSS of a process and peak PSS summed over it and its children, sampled every second."""
 
     def __init__(self, pid: int) -> None:
         import psutil
@@ -147,7 +147,7 @@ class _Memory:
                 self.n_procs = max(self.n_procs, len(procs))
             except psutil.NoSuchProcess:
                 break
-            time.sleep(0.2)
+            time.sleep(1.0)
 
     def stop(self) -> None:
         self._stop.set()
