@@ -21,15 +21,22 @@ from covidctnet.models.registry import DEFAULT_SLICE_MODEL, DEMO_MODEL
 SLICE = {"name": "s", "task": "slice", "threshold": 0.5, "components": {"model": {"arch": "resnet18", "kwargs": {}}}}
 
 
-def test_bundled_models_load_in_the_current_schema():
-    # the bundled slice model was written before the schema: `classes` and `preprocessing`
+def test_bundled_models_load_in_the_current_schema(tmp_path):
     raw = yaml.safe_load((DEFAULT_SLICE_MODEL / "config.yaml").read_text())
-    assert "classes" in raw and "preprocessing" in raw
     md = load_model_dir(DEFAULT_SLICE_MODEL)
-    assert md.config["class_names"] == raw["classes"] and md.config["preprocess"] == raw["preprocessing"]
-    assert "classes" not in md.config and "preprocessing" not in md.config
-    assert md.spec.components["model"].members == 2 and md.spec.threshold == raw["threshold"]
+    assert md.spec.components["model"].members == 5 and md.spec.threshold == raw["threshold"]
     assert md.spec.extra["positive_class"] == "covid"  # kind-specific keys are kept as written
+    # a directory written before the schema (`classes`, `preprocessing`) still loads, read in the current names
+    shutil.copytree(DEFAULT_SLICE_MODEL, tmp_path / "old")
+    cfg, sums = tmp_path / "old" / "config.yaml", tmp_path / "old" / "SHA256SUMS"
+    legacy = {("classes" if k == "class_names" else "preprocessing" if k == "preprocess" else k): v
+              for k, v in raw.items()}
+    cfg.write_text(yaml.safe_dump(legacy, sort_keys=False))
+    sums.write_text("".join(f"{sha256_file(cfg)}  config.yaml\n" if line.endswith("config.yaml") else line + "\n"
+                            for line in sums.read_text().splitlines()))
+    old = load_model_dir(tmp_path / "old")
+    assert old.config["class_names"] == raw["class_names"] and old.config["preprocess"] == raw["preprocess"]
+    assert "classes" not in old.config and "preprocessing" not in old.config
     demo = load_model_dir(DEMO_MODEL).spec
     assert demo.task == "covidctnet" and set(demo.components) == {"classifier", "denoiser"}
     assert demo.components["denoiser"].source["weights_sha256"]
