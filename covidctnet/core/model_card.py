@@ -104,19 +104,28 @@ def card_metadata(config: Mapping[str, Any], name: str | None = None) -> dict[st
     datasets = _datasets(config)
     if datasets:
         header["datasets"] = datasets
-    validation = config.get("validation") or {}
-    ci95 = validation.get("ci95") or {}
+    # a cross-validated model's expected performance is its out-of-fold estimate; otherwise the validation split's
+    cv = config.get("cross_validation") or {}
+    if cv.get("expected_performance"):
+        validation = cv["expected_performance"]
+        ci95 = {k: {"low": validation[f"{k}_cluster_ci"][0], "high": validation[f"{k}_cluster_ci"][1],
+                    "method": "bootstrap over source groups"} for k in METRIC_IDS if f"{k}_cluster_ci" in validation}
+        split, what = "out-of-fold", f"out-of-fold, grouped {cv.get('folds', 'K')}-fold cross-validation"
+    else:
+        validation = config.get("validation") or {}
+        ci95 = validation.get("ci95") or {}
+        split, what = "validation", "validation split"
     figures = [(k, float(v)) for k, v in validation.items()
                if k in METRIC_IDS and isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v)]
     if figures:
         header["metrics"] = list(dict.fromkeys(METRIC_IDS[k] for k, _ in figures))
         n = validation.get("n")
         dataset = datasets[0] if datasets else "unrecorded"
+        caveat = "used for model selection: optimistic" if split == "validation" else "an estimate for new sources"
         header["model-index"] = [{"name": model_name, "results": [{
             "task": {"type": hf_task, "name": task_name},
-            "dataset": {"type": dataset, "split": "validation",
-                        "name": f"{dataset} validation split" + (f" (n={int(n)}" if n else " (")
-                        + ("; " if n else "") + "used for model selection: optimistic)"},
+            "dataset": {"type": dataset, "split": split,
+                        "name": f"{dataset} {what}" + (f" (n={int(n)}; " if n else " (") + caveat + ")"},
             "metrics": [{"type": METRIC_IDS[k], "value": v, "name": metric_label(k, ci95.get(k))}
                         for k, v in figures],
         }]}]
