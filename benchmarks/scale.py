@@ -110,6 +110,10 @@ def make_residuals(work: Path, n: int, bases: list[np.ndarray]) -> Path:
         w = csv.writer(fh)
         w.writerow(["study_id", "label"])
         w.writerows(rows)
+    with open(folder / "manifest.csv", "w", newline="") as fh:  # as `covidctnet residuals` writes it
+        w = csv.writer(fh)
+        w.writerow(["study_id", "source", "label", "status", "error", "output", "sha256"])
+        w.writerows([sid, sid, label, "ok", "", f"{sid}_residual.nii.gz", ""] for sid, label in rows)
     return folder
 
 
@@ -174,21 +178,29 @@ def _metrics(run_dir: Path, batch_size: int) -> dict:
             "s_per_step": batch_size / float(last["train_samples_per_s"])}
 
 
+def _first_and_cached(run_base: Path, command: list[str], batch_size: int) -> dict:
+    """``command`` (a ``covidctnet`` training command without ``-o``) run twice: decoding the caches, then reading."""
+    out = {}
+    for phase in ("first", "cached"):
+        run_dir = run_base.with_name(f"{run_base.name}_{phase}")
+        shutil.rmtree(run_dir, ignore_errors=True)
+        out[phase] = {**run([sys.executable, "-m", "covidctnet", *command, "-o", str(run_dir)]),
+                      **_metrics(run_dir, batch_size)}
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return out
+
+
+def _common(steps: int, workers: int) -> list[str]:
+    return ["--max-steps", str(steps), "--loader-workers", str(workers), "--device", "cpu", "-q"]
+
+
 def bench_denoiser(work: Path, n: int, steps: int, workers: int) -> dict:
     data = work / "controls"
     cfg = work / "denoiser_bench.yaml"
     cfg.write_text("sample_png: false\nval_max_slices: 20\nval_fraction: 0.05\n")
-    out = {}
-    for phase in ("first", "cached"):
-        run_dir = work / f"den_{n}_{phase}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        ids = ",".join(f"ctrl{i:04d}" for i in range(n))
-        cmd = [sys.executable, "-m", "covidctnet", "train-denoiser", str(data), "-o", str(run_dir), "--config",
-               str(cfg), "--studies", ids, "--max-steps", str(steps), "--loader-workers", str(workers),
-               "--device", "cpu", "-q"]
-        out[phase] = {**run(cmd), **_metrics(run_dir, 5)}
-        shutil.rmtree(run_dir, ignore_errors=True)
     ids = [f"ctrl{i:04d}" for i in range(n)]
+    out = _first_and_cached(work / f"den_{n}", ["train-denoiser", str(data), "--config", str(cfg), "--studies",
+                                                 ",".join(ids), *_common(steps, workers)], 5)
     out["disk_nii_mb"] = _disk_mb([data / f"{s}.nii.gz" for s in ids]) / n
     out["disk_cache_mb"] = _disk_mb([data / "cache" / f"{s}.npy" for s in ids]) / n
     return out
@@ -198,15 +210,8 @@ def bench_classifier(work: Path, steps: int, workers: int) -> dict:
     data = work / "residuals"
     cfg = work / "classifier_bench.yaml"
     cfg.write_text("val_fraction: 0.02\naugment: true\npatience: null\n")
-    out = {}
-    for phase in ("first", "cached"):
-        run_dir = work / f"cls_{phase}"
-        shutil.rmtree(run_dir, ignore_errors=True)
-        cmd = [sys.executable, "-m", "covidctnet", "train-classifier", str(data), "--labels", str(data / "labels.csv"),
-               "-o", str(run_dir), "--config", str(cfg), "--max-steps", str(steps), "--loader-workers", str(workers),
-               "--device", "cpu", "-q"]
-        out[phase] = {**run(cmd), **_metrics(run_dir, 4)}
-        shutil.rmtree(run_dir, ignore_errors=True)
+    out = _first_and_cached(work / "cls", ["train-classifier", str(data), "--labels", str(data / "labels.csv"),
+                                           "--config", str(cfg), *_common(steps, workers)], 4)
     files = sorted(data.glob("*_residual.nii.gz"))
     out["n"] = len(files)
     out["disk_nii_mb"] = _disk_mb(files) / len(files)
@@ -225,7 +230,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=None, help="folder for the synthetic data (~110 MB per control "
                         "study, ~20 MB per residual volume; default: a temporary folder, removed at the end)")
-    parser.add_argument("--studies", type=int, nargs="+", default=[20, 100, 250])
+    parser.add_argument("--studies", type=int, nargs="*", default=[20, 100, 250])
     parser.add_argument("--residuals", type=int, default=1110)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2)
