@@ -39,8 +39,8 @@ import torch
 
 from covidctnet.core.errors import ConfigError, InputError, LabelError, ShapeError, SplitError
 from covidctnet.core.labels import normalize_label, read_labels_csv
-from covidctnet.core.seeding import derive_seed
 from covidctnet.core.progress import progress
+from covidctnet.core.seeding import derive_seed
 from covidctnet.io.array_cache import NpyRows, cached_npy
 from covidctnet.io.batch import read_manifest
 from covidctnet.io.volume import read_nifti
@@ -173,7 +173,7 @@ def load_slices(
     # Under torchrun every rank opens every study; starting each rank at its own share of the list means a cache one
     # rank has just written is found ready by the others, so the first run decodes each volume about once, not once
     # per rank (ranks that meet on a study still write the same bytes, atomically).
-    rank, world = int(os.environ.get("RANK", 0)), max(1, int(os.environ.get("WORLD_SIZE", 1)))
+    rank, world = int(os.environ.get("RANK", "0")), max(1, int(os.environ.get("WORLD_SIZE", "1")))
     start = rank * len(study_ids) // world
     order = [*study_ids[start:], *study_ids[:start]]
     for sid in progress(order, desc="control slices", unit="study"):

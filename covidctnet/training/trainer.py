@@ -756,9 +756,10 @@ class Trainer:
             t0 = time.perf_counter()
             lr = float(self.optimizer.param_groups[0]["lr"]) if partial is None else float(partial["lr"])
 
-            def save_partial(position: dict[str, Any], e: int = epoch, lr: float = lr) -> None:
-                position.update(epoch=e, lr=lr)
-                self._write_outputs(self._state(e - 1, best_metric, best_epoch, bad_epochs, history, position), False)
+            def save_partial(position: dict[str, Any], e: int = epoch, lr: float = lr,
+                             best: tuple[float, int, int] = (best_metric, best_epoch, bad_epochs)) -> None:
+                position.update(epoch=e, lr=lr)  # the state after epoch e - 1, plus where epoch e stands
+                self._write_outputs(self._state(e - 1, *best, history, position), False)
 
             train = self._train_epoch(epoch, partial, save_partial)
             partial, train_loss = None, train["train_loss"]
