@@ -114,7 +114,7 @@ def test_predict_batch_records_every_bad_scan(sources, ws, tmp_path):
     assert all(r["status"] == "error" and r["error"] and r["p_covid"] == "" for r in report.values())
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
         "control-normal001_overlay.png", "control-normal001_residual.nii.gz", "manifest.csv",
-        "predictions/control-normal001.json", "report.csv", "report.json"]
+        "predictions/control-normal001.json", "report.csv", "report.html", "report.json"]
 
 
 def test_predict_refuses_a_non_chest_scan(sources, ws, tmp_path):
