@@ -936,7 +936,11 @@ def _decode_slices(slices: list[_Slice], threads: int | None) -> tuple[np.ndarra
 def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) -> None:
     """Write a float32 NIfTI atomically (temp file + rename), with qform and sform set to ``affine``.
 
-    The gzip header carries no time stamp, so equal arrays give byte-identical files.
+    A ``.nii.gz`` is compressed in parallel: the file is cut into one piece per core, each piece becomes its own gzip
+    member (zlib level 1, as nibabel; zlib releases the GIL, so threads run at once), and the members are written one
+    after the other. A gzip file of several members is standard (RFC 1952) and reads as one stream in nibabel, ITK /
+    SimpleITK, FSL and every zlib ``gzread`` reader; compressing 70 MB of float32 was the largest single cost of a
+    whole ``preprocess`` run. The members carry no time stamp, so equal arrays give byte-identical files.
     """
     import nibabel as nib
 
@@ -945,4 +949,19 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) 
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     with atomic_path(path) as tmp:
-        nib.save(img, str(tmp))
+        if not str(path).endswith(".gz"):
+            nib.save(img, str(tmp))
+            return
+        raw = memoryview(img.to_bytes())
+        n = max(1, min(8, os.cpu_count() or 1))
+        step = -(-len(raw) // n)
+
+        def member(k: int) -> bytes:
+            packer = zlib.compressobj(1, zlib.DEFLATED, 31)  # wbits 31: a gzip member, mtime 0
+            return packer.compress(raw[k * step : (k + 1) * step]) + packer.flush()
+
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            members = list(pool.map(member, range(n)))
+        with open(tmp, "wb") as fh:
+            for part in members:
+                fh.write(part)
