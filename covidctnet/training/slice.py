@@ -51,6 +51,7 @@ __all__ = [
     "slice_datasets",
     "slice_model_kwargs",
     "slice_preprocessing",
+    "slice_model_config",
     "predict_slice_dataset",
     "write_slice_val_outputs",
 ]
@@ -384,6 +385,20 @@ def write_slice_val_outputs(run_dir: Path, dataset: Any, probs: np.ndarray, thre
     return metrics
 
 
+def slice_model_config(cfg: SliceTrainConfig, name: str) -> dict[str, Any]:
+    """The ``config.yaml`` keys every trained slice model directory shares: name, task, classes, threshold, network
+    and the preprocessing it expects (callers add ``training`` and their figures)."""
+    return {
+        "name": name,
+        "task": "slice",
+        "class_names": list(BINARY_CLASS_NAMES),
+        "positive_class": "covid",
+        "threshold": float(cfg.threshold),
+        "components": {"model": {"arch": cfg.arch, "kwargs": slice_model_kwargs(cfg)}},
+        "preprocess": slice_preprocessing(cfg),
+    }
+
+
 def train_slice(
     data: str | os.PathLike,
     run_dir: str | os.PathLike,
@@ -456,13 +471,7 @@ def train_slice(
             logger.info("best epoch %d: validation accuracy %.3f, F1 %.3f, AUC %.3f (n=%d)", result.best_epoch,
                         metrics["accuracy"], metrics["f1"], metrics["auc"], metrics["n"])
             config = {
-                "name": f"covidctnet-slice-{cfg.arch}-{cfg.size}",
-                "task": "slice",
-                "class_names": list(BINARY_CLASS_NAMES),
-                "positive_class": "covid",
-                "threshold": float(cfg.threshold),
-                "components": {"model": {"arch": cfg.arch, "kwargs": slice_model_kwargs(cfg)}},
-                "preprocess": slice_preprocessing(cfg),
+                **slice_model_config(cfg, f"covidctnet-slice-{cfg.arch}-{cfg.size}"),
                 "training": {"data": str(data), "command": command or "", "best_epoch": int(result.best_epoch),
                              "epochs_run": int(result.epochs_run), "seed": int(cfg.seed),
                              "init": init_info or ({"source": str(cfg.init)} if cfg.init else None)},

@@ -58,8 +58,8 @@ from covidctnet.training.slice import (
     SliceTrainConfig,
     init_slice_weights,
     predict_slice_dataset,
+    slice_model_config,
     slice_model_kwargs,
-    slice_preprocessing,
     youden_threshold,
 )
 from covidctnet.training.trainer import Trainer
@@ -260,13 +260,7 @@ def compare_cv_runs(run_dir: str | os.PathLike, reference_dir: str | os.PathLike
 def _fold_config(cfg: SliceTrainConfig, data: str | os.PathLike, fold: int, folds: int, seconds: float,
                  command: str | None) -> dict[str, Any]:
     return {
-        "name": f"covidctnet-slice-{cfg.arch}-{cfg.size}-fold{fold}",
-        "task": "slice",
-        "class_names": list(BINARY_CLASS_NAMES),
-        "positive_class": "covid",
-        "threshold": float(cfg.threshold),
-        "components": {"model": {"arch": cfg.arch, "kwargs": slice_model_kwargs(cfg)}},
-        "preprocess": slice_preprocessing(cfg),
+        **slice_model_config(cfg, f"covidctnet-slice-{cfg.arch}-{cfg.size}-fold{fold}"),
         "training": {"data": Path(data).name, "command": command or "", "fold": fold, "folds": folds,
                      "epochs_run": int(cfg.epochs), "epoch": "last", "seed": int(cfg.seed),
                      "seconds": round(seconds, 1)},
@@ -470,14 +464,11 @@ def _write_ensemble(out_dir: Path, data: str | os.PathLike, cfg: SliceTrainConfi
                 "auc_delong_ci": figures["auc_delong_ci"], "accuracy": figures["accuracy_nested"]["value"],
                 "accuracy_cluster_ci": figures["accuracy_nested"]["cluster_ci"], "f1": figures["f1_nested"]["value"],
                 "f1_cluster_ci": figures["f1_nested"]["cluster_ci"], "n": figures["n"]}
+    shared = slice_model_config(cfg, f"covidctnet-slice-{cfg.arch}-{cfg.size}-cv{folds}-ensemble")
+    shared["threshold"] = float(threshold)  # chosen out of fold, not the recipe's
+    shared["components"]["model"]["members"] = folds
     config = {
-        "name": f"covidctnet-slice-{cfg.arch}-{cfg.size}-cv{folds}-ensemble",
-        "task": "slice",
-        "class_names": list(BINARY_CLASS_NAMES),
-        "positive_class": "covid",
-        "threshold": float(threshold),
-        "components": {"model": {"arch": cfg.arch, "kwargs": slice_model_kwargs(cfg), "members": folds}},
-        "preprocess": slice_preprocessing(cfg),
+        **shared,
         "training": {"data": Path(data).name, "command": command or "", "recipe": _recipe(cfg),
                      "seconds": figures["training_seconds"]["total"]},
         "ensemble": {"combine": "mean of the members' softmax probabilities",
