@@ -203,8 +203,13 @@ class EpochSampler(Sampler[int]):
         self.epoch = epoch
         self.skip = skip
 
+    @property
+    def per_rank(self) -> int:
+        """Samples each rank draws in a whole epoch (the epoch's indices padded to a multiple of the world size)."""
+        return math.ceil(self.num_samples / self.world_size)
+
     def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.world_size) - self.skip
+        return self.per_rank - self.skip
 
     def __iter__(self) -> Iterator[int]:
         self.generator.manual_seed(derive_seed(self.seed, self.epoch))
@@ -213,7 +218,7 @@ class EpochSampler(Sampler[int]):
                              for _ in range(math.ceil(self.num_samples / self.n))])[: self.num_samples]
         else:
             idx = torch.multinomial(self.weights, self.num_samples, replacement=True, generator=self.generator)
-        total = math.ceil(self.num_samples / self.world_size) * self.world_size
+        total = self.per_rank * self.world_size
         if total > len(idx):  # pad by wrapping so every rank gets the same number of samples (DDP needs that)
             idx = torch.cat([idx, idx[: total - len(idx)]])
         return iter(idx[self.rank : total : self.world_size].tolist()[self.skip :])
@@ -636,7 +641,7 @@ class Trainer:
         # (sum of losses, steps, samples, seconds, seconds waiting for data), carried over a step checkpoint
         total = torch.tensor(partial["totals"] if partial else [0.0] * 5, dtype=torch.float64)
         self.ddp_model.train()
-        full = math.ceil(math.ceil(self.sampler.num_samples / self.sampler.world_size) / self.batch_size)
+        full = math.ceil(self.sampler.per_rank / self.batch_size)
         n_steps = full if self.steps_per_epoch is None else min(full, self.steps_per_epoch)
         last = n_steps if self.max_steps is None else min(n_steps, first + self.max_steps - self.global_step)
         enabled = self.show_progress if self.ctx.is_main else False
