@@ -118,35 +118,55 @@ OFFICIAL_PROFILE: dict[str, Any] = {
 """Settings that ``--profile official`` changes (``configs/preprocess_official.yaml`` holds the full config)."""
 
 
-def linear_resize(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) float32 matrix of 1-D linear interpolation on voxel-centre aligned grids (two taps per row)."""
+    src = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
+    lo = np.floor(src).astype(np.intp)
+    hi = np.minimum(lo + 1, n_in - 1)
+    weights = np.zeros((n_out, n_in), dtype=np.float64)
+    np.add.at(weights, (np.arange(n_out), lo), 1.0 - (src - lo))  # add.at: lo == hi at the clamped edge
+    np.add.at(weights, (np.arange(n_out), hi), src - lo)
+    return weights.astype(np.float32)
+
+
+def linear_resize(array: np.ndarray, shape: Sequence[int], chunk: int = 16) -> np.ndarray:
     """Linear resampling of a 3-D array to ``shape``, one axis at a time, on voxel-centre (half-voxel) aligned grids.
 
     The same mapping as ``torch.nn.functional.interpolate(mode="trilinear", align_corners=False)`` and MONAI's
     ``Resize`` (output voxel ``i`` samples input position ``(i + 0.5) · n_in / n_out − 0.5``, clamped to the edge
-    voxels), computed with float64 positions; trilinear interpolation is separable, so three 1-D passes give the same
-    values. Done in NumPy so that preprocessing needs neither torch nor MONAI: their import took about half of a
-    whole ``covidctnet preprocess`` run (4 of 9 s on a 154-slice series).
+    voxels); trilinear interpolation is separable, so three 1-D passes give the same values. Done in NumPy so that
+    preprocessing needs neither torch nor MONAI: their import took about half of a whole ``covidctnet preprocess``
+    run (4 of 9 s on a 154-slice series).
+
+    Each pass is a matrix product with a two-tap weight matrix (BLAS), taken in the array's memory order: the two
+    inner (contiguous) axes of ``chunk`` outer planes at a time, then the outer axis on the reduced array. Gathering
+    voxels along a transposed view instead (``np.take``) took 1.6 s for a 512×512×168 DICOM stack, this 0.26 s, and
+    no full-size temporary is made.
 
     Args:
-        array: (X, Y, Z) float32.
+        array: (X, Y, Z), any real dtype and memory layout (a transposed view of a DICOM stack is not copied).
         shape: output (X', Y', Z').
+        chunk: outer planes resampled at once (bounds the temporary memory).
 
     Returns:
-        (X', Y', Z') float32.
+        (X', Y', Z') float32, in the memory order of ``array`` (F-contiguous for a transposed C-contiguous stack).
     """
-    out = np.asarray(array, dtype=np.float32)
-    # shrink the large in-plane axes first, so the later passes touch fewer voxels
-    for axis in sorted(range(3), key=lambda a: shape[a] / out.shape[a]):
-        n_in, n_out = out.shape[axis], int(shape[axis])
-        if n_in == n_out:
-            continue
-        src = np.clip((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0, n_in - 1)
-        lo = np.floor(src).astype(np.intp)
-        hi = np.minimum(lo + 1, n_in - 1)
-        weight = (src - lo).astype(np.float32).reshape([-1 if a == axis else 1 for a in range(3)])
-        first = np.take(out, lo, axis=axis)
-        out = first + (np.take(out, hi, axis=axis) - first) * weight
-    return out
+    # axes from outermost (largest stride) to innermost: the order in which the data lie in memory
+    order = sorted(range(3), key=lambda a: -abs(array.strides[a]))
+    base = array.transpose(order)
+    outer, mid, inner = (int(shape[a]) for a in order)
+    w_outer, w_mid, w_inner = (
+        None if n_in == n_out else _linear_weights(n_in, n_out) for n_in, n_out in zip(base.shape, (outer, mid, inner))
+    )
+    plane = np.empty((base.shape[0], mid, inner), dtype=np.float32)
+    for start in range(0, base.shape[0], chunk):
+        block = np.asarray(base[start : start + chunk], dtype=np.float32)
+        if w_inner is not None:
+            block = (block.reshape(-1, block.shape[2]) @ w_inner.T).reshape(*block.shape[:2], inner)
+        plane[start : start + chunk] = block if w_mid is None else np.matmul(w_mid, block)
+    if w_outer is not None:
+        plane = (w_outer @ plane.reshape(base.shape[0], -1)).reshape(outer, mid, inner)
+    return plane.transpose(np.argsort(order))
 
 
 def _resize_affine(affine: np.ndarray, shape_in: Sequence[int], shape_out: Sequence[int]) -> np.ndarray:

@@ -185,14 +185,25 @@ def test_config_errors_name_the_key(tmp_path, text, message):
 
 @pytest.mark.parametrize("shape_in,shape_out", [((37, 29, 11), (16, 16, 23)), ((20, 24, 30), (40, 12, 30)),
                                                 ((5, 7, 9), (5, 7, 9))])
-def test_linear_resize_is_torch_trilinear(shape_in, shape_out):
-    """NumPy resampling = torch's trilinear interpolate (align_corners=False), which MONAI's Resize calls."""
+@pytest.mark.parametrize("layout", ["C", "F", "DICOM stack view, flipped", "int16"])
+def test_linear_resize_is_torch_trilinear(shape_in, shape_out, layout):
+    """NumPy resampling = torch's trilinear interpolate (align_corners=False), which MONAI's Resize calls, whatever
+    the input's memory layout (the passes follow it) and dtype."""
     import torch
 
     array = np.random.default_rng(0).random(shape_in, dtype=np.float32)
-    expected = torch.nn.functional.interpolate(torch.from_numpy(array)[None, None], size=shape_out, mode="trilinear",
-                                               align_corners=False)[0, 0].numpy()
-    np.testing.assert_allclose(linear_resize(array, shape_out), expected, atol=2e-6)
+    if layout == "int16":
+        array = (array * 3000 - 1000).astype(np.int16)
+    expected = torch.nn.functional.interpolate(torch.from_numpy(array.astype(np.float32))[None, None], size=shape_out,
+                                               mode="trilinear", align_corners=False)[0, 0].numpy()
+    if layout == "F":
+        array = np.asfortranarray(array)
+    elif layout.startswith("DICOM"):  # (x, y, z) view of a (z, y, x) stack, flipped as to_ras does
+        stack = np.ascontiguousarray(array[::-1].transpose(2, 1, 0))
+        array = stack.transpose(2, 1, 0)[::-1]
+    out = linear_resize(array, shape_out)
+    assert out.dtype == np.float32 and out.shape == tuple(shape_out)
+    np.testing.assert_allclose(out, expected, atol=2e-6 * np.abs(expected).max())
 
 
 def test_default_profile_equals_the_monai_chain_and_imports_no_torch(dicom_dirs, covid_volume, covid_default,
