@@ -143,12 +143,22 @@ def test_2d_and_4d_nifti(tmp_path):
             read_volume(tmp_path / name)
 
 
-def test_nifti_gz_is_written_in_parallel_gzip_members_that_every_reader_reads(tmp_path):
-    """write_nifti compresses one gzip member per core; nibabel, SimpleITK (ITK's zlib reader) and Python's gzip
-    read the file as one stream, equal to the uncompressed .nii, and equal arrays give byte-identical files."""
+@pytest.mark.parametrize("compressor", ["isal", "zlib"])
+def test_nifti_gz_is_written_in_parallel_gzip_members_that_every_reader_reads(tmp_path, monkeypatch, compressor):
+    """write_nifti compresses one gzip member per core, with ISA-L (the default) or zlib (without isal); nibabel,
+    SimpleITK (ITK's zlib reader) and Python's gzip read the file as one stream, equal to the uncompressed .nii, and
+    equal arrays give byte-identical files."""
     import gzip
+    import zlib
 
     import SimpleITK as sitk
+
+    from covidctnet.io import volume
+
+    if compressor == "zlib":
+        monkeypatch.setattr(volume, "_deflate", zlib)
+    else:
+        assert volume._deflate.__name__ == "isal.isal_zlib"  # a core dependency: the fast path is the one installed
 
     array = np.random.default_rng(0).random((40, 30, 20), dtype=np.float32)
     affine = np.diag([0.8, 0.7, 1.5, 1.0])
