@@ -192,6 +192,9 @@ def _run_one(fn: Callable[[Study, Path], dict[str, Any]], study: Study, out_dir:
 def _init_worker(threads: int) -> None:
     # the main process shows the batch's progress; bars of several workers on one terminal would overwrite each other
     os.environ["COVIDCTNET_NO_PROGRESS"] = "1"
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads)  # BLAS (preprocessing's resampling) as well as torch: N workers share the cores
     try:
         import torch
 
