@@ -32,7 +32,6 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
-from monai.transforms import Compose, RandAffine, RandFlip
 from torch.utils.data import Dataset
 
 from covidctnet.core.errors import InputError, LabelError, NonFiniteError, ShapeError, SplitError, UnreadableFileError
@@ -282,6 +281,8 @@ def build_augmentation(
     translate = None
     if translate_frac > 0 and size is not None:
         translate = tuple(float(translate_frac * s) for s in size)
+    from monai.transforms import Compose, RandAffine, RandFlip  # training only: predict needs no MONAI
+
     return Compose([
         RandFlip(prob=flip_prob, spatial_axis=2),
         RandAffine(

@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
-from monai.networks import nets
 
 from covidctnet.core.errors import ConfigError, ShapeError
 from covidctnet.core.files import to_jsonable
@@ -196,6 +195,8 @@ def _build_densenet(name: str) -> Callable[..., nn.Module]:
         _check_densenet_size(name, input_size)
         if kwargs.get("pretrained"):
             raise ConfigError(f"{name}: pretrained=True downloads 2D ImageNet weights; not supported for 3D volumes")
+        from monai.networks import nets  # here, not at the top: importing MONAI takes 2-3 s of every predict
+
         return getattr(nets, name.replace("densenet", "DenseNet"))(
             spatial_dims=3, in_channels=in_channels, out_channels=num_classes, **kwargs
         )
@@ -207,6 +208,8 @@ def _build_resnet(name: str) -> Callable[..., nn.Module]:
     def build(in_channels: int, num_classes: int, input_size: Sequence[int] | None, **kwargs: Any) -> nn.Module:
         if kwargs.get("pretrained"):
             raise ConfigError(f"{name}: pretrained=True downloads weights; not supported (runs must work offline)")
+        from monai.networks import nets
+
         return getattr(nets, name)(spatial_dims=3, n_input_channels=in_channels, num_classes=num_classes, **kwargs)
 
     return build

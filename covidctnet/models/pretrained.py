@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
 from safetensors.torch import load_file
 from torch import nn
 
@@ -267,6 +266,8 @@ def medicalnet_resnet_kwargs(arch: str) -> dict[str, Any]:
     """
     if arch not in MEDICALNET_ARCHS:
         raise ConfigError(f"MedicalNet weights are for the 3D ResNets {list(MEDICALNET_ARCHS)}, not {arch!r}")
+    from monai.networks.nets.resnet import get_medicalnet_pretrained_resnet_args
+
     bias_downsample, shortcut_type = get_medicalnet_pretrained_resnet_args(int(arch.removeprefix("resnet")))
     return {"shortcut_type": shortcut_type, "bias_downsample": bias_downsample, "conv1_t_stride": 2}
 

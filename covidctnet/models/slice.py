@@ -14,7 +14,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from monai.networks import nets
 from torch import nn
 
 from covidctnet.core.errors import ConfigError
@@ -86,6 +85,8 @@ def build_slice_model(
         raise ConfigError(f"num_classes must be >= 1, not {num_classes}")
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), not {dropout}")
+    from monai.networks import nets  # here, not at the top: importing MONAI costs every predict about 1.3 s
+
     if arch.startswith("densenet"):
         if width != 1.0:
             raise ConfigError(f"{arch}: width {width} is for the ResNets only; DenseNets take width 1.0")
