@@ -55,9 +55,9 @@ def _print_report(summary, out_dir: Path) -> None:
 @config_option(
     _CONFIG,
     "--precision",
-    type=click.Choice(["fp32", "bf16"]),
-    help="Denoiser arithmetic (torch and openvino backends): fp32, or bf16, several times faster on CPUs with AMX or "
-    "AVX512-BF16.",
+    type=click.Choice(["fp32", "bf16", "int8"]),
+    help="Denoiser arithmetic: fp32; bf16 (torch and openvino backends), several times faster on CPUs with AMX or "
+    "AVX512-BF16; int8 (onnx and openvino), on an `export-onnx --int8-calibration` folder.",
 )
 @config_option(
     _CONFIG,

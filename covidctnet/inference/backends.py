@@ -14,9 +14,10 @@ import torch
 from torch import nn
 
 from covidctnet.core.device import resolve_device
-from covidctnet.core.errors import ConfigError
+from covidctnet.core.errors import ConfigError, ModelDirError
 from covidctnet.core.model_dir import ModelDir, load_model_dir
 from covidctnet.inference.onnx_export import (
+    INT8_COMPONENT,
     load_onnx_component,
     load_onnx_denoiser,
     load_onnx_manifest,
@@ -25,9 +26,12 @@ from covidctnet.inference.onnx_export import (
 from covidctnet.inference.openvino_backend import OpenVinoModule
 from covidctnet.models.registry import Denoiser, load_classifier, load_denoiser, load_slice_model
 
-__all__ = ["BACKENDS", "OpenModel", "check_backend", "open_model"]
+__all__ = ["BACKENDS", "BACKEND_PRECISIONS", "OpenModel", "check_backend", "check_precision", "open_model"]
 
 BACKENDS = ("torch", "onnx", "openvino")
+BACKEND_PRECISIONS = {"torch": ("fp32", "bf16"), "onnx": ("fp32", "int8"), "openvino": ("fp32", "bf16", "int8")}
+"""The denoiser's arithmetic each backend offers; ``int8`` runs the ``denoiser_int8.onnx`` of an export made with
+``--int8-calibration`` (:mod:`covidctnet.inference.int8`)."""
 
 
 def check_backend(backend: str) -> str:
@@ -41,6 +45,21 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+def check_precision(backend: str, precision: str) -> str:
+    """Validate a ``--precision`` value for ``backend`` (see :data:`BACKEND_PRECISIONS`).
+
+    Raises:
+        ConfigError: unknown backend, or a precision the backend does not offer.
+    """
+    offered = BACKEND_PRECISIONS[check_backend(backend)]
+    if precision not in offered:
+        hint = {"int8": "; int8 runs the int8 denoiser of an `export-onnx --int8-calibration` folder with --backend "
+                        "onnx or openvino", "bf16": "; bf16 is for the torch and openvino backends"}.get(precision, "")
+        raise ConfigError(f"'precision' of the {backend} backend must be one of {list(offered)}, not {precision!r}"
+                          + hint)
+    return precision
+
+
 @dataclass(frozen=True)
 class OpenModel:
     """A hash-checked model directory and the backend its components run on.
@@ -51,8 +70,8 @@ class OpenModel:
         backend: one of :data:`BACKENDS`.
         device: where the networks run (always the CPU for ``onnx`` and ``openvino``).
         manifest: ``onnx.json`` of an ONNX export; ``None`` for ``torch``.
-        precision: the denoiser's arithmetic with ``openvino`` (``fp32`` or ``bf16``), fixed when it is compiled;
-            the torch backend takes its precision per call (``compute_residual``), ``onnx`` runs in fp32.
+        precision: the denoiser's arithmetic with ``onnx`` and ``openvino`` (:data:`BACKEND_PRECISIONS`), fixed
+            when it is loaded; the torch backend takes its precision per call (``compute_residual``).
     """
     md: ModelDir
     backend: str
@@ -66,10 +85,20 @@ class OpenModel:
         return load_onnx_component(self.md, self.manifest, name)
 
     def denoiser(self) -> Denoiser:
-        """The ``denoiser`` component, in eval mode."""
-        if self.manifest is not None:
+        """The ``denoiser`` component (``denoiser_int8`` in int8), in eval mode.
+
+        Raises:
+            ModelDirError: int8 asked of an export without an int8 denoiser.
+        """
+        if self.manifest is None:
+            return load_denoiser(self.md.path, device=self.device)
+        if self.precision != "int8":
             return load_onnx_denoiser(self.md, self.manifest, self._component("denoiser", self.precision))
-        return load_denoiser(self.md.path, device=self.device)
+        if INT8_COMPONENT not in (self.manifest.get("components") or {}):
+            raise ModelDirError(f"{self.md.path}: no int8 denoiser; export one with `covidctnet export-onnx SOURCE "
+                                f"-o {self.md.path} --int8-calibration CONTROL_SCANS`")
+        # int8 convolutions; OpenVINO's remaining (ConvLSTM gate) arithmetic in fp32: bf16 there was not faster
+        return load_onnx_denoiser(self.md, self.manifest, self._component(INT8_COMPONENT))
 
     def classifier(self) -> nn.Module:
         """The ``classifier`` component, in eval mode (fp32 on every backend)."""
@@ -87,14 +116,15 @@ class OpenModel:
 def open_model(model_dir: str | os.PathLike, backend: str = "torch", device: str = "auto",
                precision: str = "fp32") -> OpenModel:
     """Open ``model_dir`` for ``backend``; ``device`` is ignored by ``onnx`` and ``openvino`` (CPU only), and
-    ``precision`` is used by ``openvino`` only (see :class:`OpenModel`).
+    ``precision`` only checked for ``torch``, which takes it per call (see :class:`OpenModel`).
 
     Raises:
-        ConfigError: unknown backend or device.
+        ConfigError: unknown backend or device, or a precision the backend does not offer.
         ModelDirError: not a model directory, a hash mismatch, or (``onnx``, ``openvino``) not an ``export-onnx``
             output.
     """
-    if check_backend(backend) != "torch":
-        md, manifest = load_onnx_manifest(model_dir)
-        return OpenModel(md, backend, torch.device("cpu"), manifest, precision)
-    return OpenModel(load_model_dir(model_dir), backend, resolve_device(device))
+    check_precision(backend, precision)
+    if backend == "torch":
+        return OpenModel(load_model_dir(model_dir), backend, resolve_device(device))
+    md, manifest = load_onnx_manifest(model_dir)
+    return OpenModel(md, backend, torch.device("cpu"), manifest, precision)

@@ -8,6 +8,7 @@
       SHA256SUMS         # copied: it still matches config.yaml, and its sha256 (the report's ``weights_sha256``)
                          # is the source model's, so both backends report the same model identity
       denoiser.onnx      # (B, 1, S, S) in [0, 1] -> denoised slice          } a predict model directory
+      denoiser_int8.onnx # the same, int8 (only with --int8-calibration)     }
       classifier.onnx    # (B, 1, D, H, W) residual -> (B, 3) logits         }
       model.onnx         # (B, C, S, S) -> (B, 2) logits                       a predict-slice model directory
       onnx.json          # manifest: files, sha256, input/output names and shapes, opset, export check results,
@@ -31,6 +32,7 @@ import logging
 import os
 import shutil
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from covidctnet.core.config import validate_config
 from covidctnet.core.errors import ConfigError, ModelDirError
 from covidctnet.core.files import atomic_dir, sha256_file
 from covidctnet.core.model_dir import load_model_dir
@@ -58,6 +61,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 ONNX_MANIFEST = "onnx.json"
+INT8_COMPONENT = "denoiser_int8"
+"""The int8 denoiser's name in ``onnx.json`` (see :mod:`covidctnet.inference.int8`)."""
 OPSET = 17
 TOLERANCE = 1e-4
 _COPIED = ("config.yaml", "MODEL_CARD.md", "SHA256SUMS")
@@ -166,6 +171,8 @@ def export_onnx(
     opset: int = OPSET,
     tolerance: float = TOLERANCE,
     seed: int = 0,
+    int8_calibration: Sequence[str | os.PathLike] = (),
+    calibration_slices: int = 32,
 ) -> OnnxExport:
     """``covidctnet export-onnx``: write an ONNX model directory (layout in the module docstring).
 
@@ -176,14 +183,20 @@ def export_onnx(
         opset: ONNX opset of the export.
         tolerance: largest accepted ``|onnxruntime - PyTorch|`` on the check batch.
         seed: seed of the random trace and check batches.
+        int8_calibration: control CT scans (DICOM folders, NIfTI files, dataset roots); when given, an int8
+            denoiser is added (``denoiser_int8.onnx``), calibrated and gated on them (:mod:`covidctnet.inference.int8`).
+        calibration_slices: slices of those scans the quantisation ranges are taken from.
 
     Returns:
         What was written.
 
     Raises:
-        ModelDirError: not a predict/slice model directory (e.g. no denoiser), hash mismatch, or an export that
-            fails ``onnx.checker`` or disagrees with PyTorch by more than ``tolerance``.
-        ConfigError: ``out_dir`` is ``model_dir`` or a non-empty folder that is not an ONNX export.
+        ModelDirError: not a predict/slice model directory (e.g. no denoiser), hash mismatch, an export that
+            fails ``onnx.checker`` or disagrees with PyTorch by more than ``tolerance``, or an int8 denoiser that
+            fails the accuracy gate.
+        ConfigError: ``out_dir`` is ``model_dir`` or a non-empty folder that is not an ONNX export; int8
+            calibration for a slice model.
+        InputError: a calibration scan is missing, unreadable or fails the input checks.
     """
     import onnx
 
@@ -194,9 +207,13 @@ def export_onnx(
         raise ConfigError(f"{out_dir}: exists and is not an earlier ONNX export ({ONNX_MANIFEST} missing); "
                           "choose a new or empty folder")
     md, modules = _torch_components(model_dir)
+    if int8_calibration and "denoiser" not in modules:
+        raise ConfigError(f"{model_dir}: --int8-calibration quantises a denoiser; a slice model has none")
     with atomic_dir(out_dir) as tmp:
         entries = {name: _export_one(name, module, shape, kind, tmp / f"{name}.onnx", opset, tolerance, seed)
                    for name, (module, shape, kind) in modules.items()}
+        if int8_calibration:
+            entries[INT8_COMPONENT] = _export_int8(md, modules, tmp, int8_calibration, calibration_slices)
         for fname in _COPIED:
             if (md.path / fname).is_file():
                 shutil.copyfile(md.path / fname, tmp / fname)
@@ -213,6 +230,26 @@ def export_onnx(
         (tmp / ONNX_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     logger.info("%s: ONNX model directory with %s", out_dir, ", ".join(e["file"] for e in entries.values()))
     return OnnxExport(out_dir, {k: dict(v) for k, v in entries.items()})
+
+
+def _export_int8(md: Any, modules: dict[str, tuple[Any, tuple[int, ...], str]], tmp: Path,
+                 inputs: Sequence[str | os.PathLike], slices: int) -> dict[str, Any]:
+    """Quantise ``tmp/denoiser.onnx`` into ``tmp/denoiser_int8.onnx`` and gate it; returns its manifest entry."""
+    from covidctnet.inference.int8 import calibration_volumes, gate_int8, quantize_denoiser
+    from covidctnet.preprocessing.preprocess import PreprocessConfig
+
+    try:
+        cfg = validate_config(PreprocessConfig, md.config.get("preprocess") or {}, f"{md.path}/config.yaml: preprocess")
+    except ConfigError as err:
+        raise ModelDirError(str(err)) from err
+    volumes = calibration_volumes(inputs, cfg)
+    path = tmp / f"{INT8_COMPONENT}.onnx"
+    quantization = quantize_denoiser(tmp / "denoiser.onnx", volumes, path, slices)
+    depth, size = modules["classifier"][1][2], modules["denoiser"][1][2]
+    gate = gate_int8(volumes, modules["denoiser"][0], OnnxModule(path, output_name="denoised"),
+                     modules["classifier"][0], depth, size)
+    return {"file": path.name, "sha256": sha256_file(path), "input": "input", "output": "denoised",
+            "input_shape": ["batch", 1, size, size], **quantization, "gate": gate}
 
 
 # --------------------------------------------------------------------------------------------------------------------

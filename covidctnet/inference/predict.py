@@ -39,9 +39,9 @@ from covidctnet.core.model_dir import dir_stamp
 from covidctnet.data.residual_volumes import residual_to_network_input
 from covidctnet.evaluation.html_report import write_predict_html
 from covidctnet.evaluation.plots import plot_residual_overlay
-from covidctnet.inference.backends import check_backend, open_model
+from covidctnet.inference.backends import check_precision, open_model
 from covidctnet.inference.dicom_export import check_dicom_export, export_study
-from covidctnet.inference.residuals import PRECISIONS, compute_residual, resample_stack, residual_affine
+from covidctnet.inference.residuals import compute_residual, resample_stack, residual_affine
 from covidctnet.inference.slice_scores import SliceScoresConfig, mask_to_grid, ras_lung_mask, residual_statistics
 from covidctnet.io.batch import MANIFEST_NAME, BatchSummary, Study, discover_studies, read_manifest, run_batch
 from covidctnet.io.checks import check_volume
@@ -91,9 +91,10 @@ class PredictConfig:
         backend: ``torch`` (the model directory's safetensors), ``onnx`` (onnxruntime on the CPU) or ``openvino``
             (OpenVINO on the CPU, ``pip install 'covidctnet[openvino]'``); for both of the last the model directory is
             an ``export-onnx`` output, see :mod:`covidctnet.inference.onnx_export`.
-        precision: denoiser arithmetic of the torch and openvino backends: ``fp32`` (default) or ``bf16`` (several
+        precision: denoiser arithmetic: ``fp32`` (default); ``bf16`` with the torch and openvino backends (several
             times faster on CPUs with AMX / AVX512-BF16 and on recent GPUs; probabilities move by about 1e-3, see
-            ``docs/benchmarks.md``).
+            ``docs/benchmarks.md``); ``int8`` with onnx and openvino, on an ``export-onnx --int8-calibration``
+            folder (:mod:`covidctnet.inference.int8`).
         min_lung_ml: chest-coverage check: a scan whose 3D lung mask holds less (ml) is refused ("no lungs found:
             not a chest CT?"), before the networks run.
         dicom_out: folder for the opt-in DICOM output (a Comprehensive 3D SR and a Segmentation per DICOM study, in
@@ -112,12 +113,7 @@ class PredictConfig:
             raise ConfigError(f"'min_lung_ml' must be >= 0, not {self.min_lung_ml}")
         if self.batch_size < 1:
             raise ConfigError(f"'batch_size' must be at least 1, not {self.batch_size}")
-        check_backend(self.backend)
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"'precision' must be one of {list(PRECISIONS)}, not {self.precision!r}")
-        if self.precision != "fp32" and self.backend == "onnx":
-            raise ConfigError("'precision: bf16' is for the torch and openvino backends; the onnx backend runs in "
-                              "fp32")
+        check_precision(self.backend, self.precision)
 
 
 @dataclass
@@ -147,8 +143,8 @@ def load_pipeline(model_dir: str | os.PathLike, device: str = "auto", backend: s
         backend: ``torch``, or ``onnx``: ``model_dir`` is an ``export-onnx`` output and both networks run in
             onnxruntime on the CPU (``device`` is then ignored); or ``openvino``: the same folder, run by OpenVINO
             on the CPU.
-        precision: the denoiser's arithmetic with ``openvino`` (compiled in); the torch backend takes it per call
-            (:func:`predict_volume`).
+        precision: the denoiser's arithmetic with ``onnx`` and ``openvino`` (fixed at loading); the torch backend
+            takes it per call (:func:`predict_volume`).
 
     Raises:
         ModelDirError: missing component, hash mismatch, wrong architecture, or inconsistent sizes.
@@ -179,7 +175,7 @@ def load_pipeline(model_dir: str | os.PathLike, device: str = "auto", backend: s
 
 def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8, precision: str = "fp32") -> dict[str, Any]:
     """Predict one checked HU volume (``precision``: the torch denoiser's, see :class:`PredictConfig`; an
-    ``openvino`` pipeline has its precision compiled in, see :func:`load_pipeline`).
+    ``onnx`` or ``openvino`` pipeline has its precision fixed at loading, see :func:`load_pipeline`).
 
     Returns:
         ``probabilities`` (3,) in ``CLASS_NAMES`` order, ``predicted``, ``preprocessed`` ((X, Y, Z) array, affine),
