@@ -100,12 +100,16 @@ def quantize_denoiser(fp32_path: Path, volumes: list[tuple[str, np.ndarray]], ou
             return next(self.batches, None)
 
     pre = out_path.with_name(out_path.stem + ".pre.onnx")
-    quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)  # shape inference and graph clean-up
+    # onnxruntime's quantiser logs a line per copied bias through the root logger (logging.info): not for users
+    quiet = logging.Filter("covidctnet")  # a filter on the root logger sees only records logged on root itself
+    logging.getLogger().addFilter(quiet)
     try:
+        quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)  # shape inference and graph clean-up
         quantize_static(str(pre), str(out_path), _Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         op_types_to_quantize=["Conv", "ConvTranspose"])
     finally:
+        logging.getLogger().removeFilter(quiet)
         pre.unlink(missing_ok=True)
     return {
         "method": "onnxruntime quantize_static: QDQ, per-channel int8 weights, uint8 activations, MinMax; "
