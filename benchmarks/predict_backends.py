@@ -269,13 +269,17 @@ def report(r: dict) -> str:
 
     floors = {p: 300 * gflop / (cores * ceil[f"{p}_per_cpu_s"]) for p in ("fp32", "bf16", "int8")}
     load = r["load"]
-    shared = load[0] > 0.75 * cores  # more than this run's own threads were busy
+    # the load average counts this benchmark's own threads; the cores the whole processes got (CPU s ÷ wall s) tell
+    # whether other work competed with them
+    used = [w["cpu_s"] / w["wall_s"] for w in r["whole"].values()] or [float(cores)]
+    shared = min(used) < 0.75 * cores
     lines = [
         SECTION, "",
         (f"`python benchmarks/predict_backends.py` on {r['started']}, {r['cpu']}, {cores} CPUs, {r['versions']}. "
         f"Random-weight BCDU-Net width {r['features']} at {r['size']}×{r['size']} ({gflop:.2f} GFLOP per slice), "
         f"CovidCTNet 3D CNN at 50×{r['size']}×{r['size']}. Load average {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} "
-        f"on {cores} cores when it started (run at nice {r['nice']})"
+        f"on {cores} cores when it started (run at nice {r['nice']}); the whole processes below used "
+        f"{min(used):.2f}–{max(used):.2f} cores (CPU s ÷ wall s)"
         + (": **the machine was shared**, so wall times are upper bounds; CPU seconds, and rates against the ceiling "
            "measured at the same moment, are the comparable figures." if shared else ": an idle machine.")),
         "",
