@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom.sr.codedict import codes
 from scipy import ndimage
 
 from covidctnet.core.errors import ConfigError
@@ -172,7 +173,6 @@ def _class_codes() -> dict[str, tuple[Any, Any]]:
 def _segmentation(sources: list[Any], frames: list[int | None], mask: np.ndarray, model: str,
                   weights_sha256: str) -> Any:
     import highdicom as hd
-    from pydicom.sr.codedict import codes  # here: its dictionaries take 1 s to import, and only --dicom-out needs them
 
     rows, cols = int(sources[0].Rows), int(sources[0].Columns)
     if frames[0] is None:  # single-frame series: one source instance per slice, in array order
@@ -217,7 +217,6 @@ def _segmentation(sources: list[Any], frames: list[int | None], mask: np.ndarray
 def _report(sources: list[Any], seg: Any, probabilities: Mapping[str, float], predicted: str, model: str,
             weights_sha256: str) -> Any:
     import highdicom as hd
-    from pydicom.sr.codedict import codes
 
     codes_by_class = _class_codes()
     algorithm = hd.sr.AlgorithmIdentification(name=model, version=weights_sha256)

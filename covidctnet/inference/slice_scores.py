@@ -41,6 +41,7 @@ import torch
 from covidctnet.core.config import validate_config
 from covidctnet.core.errors import ConfigError, ModelDirError
 from covidctnet.core.files import atomic_write_text
+from covidctnet.evaluation.residual_validation import SLICE_COLUMNS, SLICES_SUFFIX
 from covidctnet.inference.residuals import cached_denoiser, compute_residual
 from covidctnet.io.batch import discover_studies, run_batch
 from covidctnet.io.checks import check_volume
@@ -196,8 +197,7 @@ def score_volume(volume: Volume, denoiser: Any, preprocess: Any, cfg: SliceScore
             when lesions were inserted into it); the chest-coverage check is then not run.
 
     Returns:
-        One dict per original slice (ascending z) with the
-        :data:`covidctnet.evaluation.residual_validation.SLICE_COLUMNS` and ``residual_<statistic>`` keys.
+        One dict per original slice (ascending z) with the :data:`SLICE_COLUMNS` and ``residual_<statistic>`` keys.
 
     Raises:
         NoLungsError: the chest-coverage check failed.
@@ -249,8 +249,6 @@ def _fmt(value: float) -> str:
 
 def write_slices_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
     """Write ``<id>_slices.csv`` atomically (contract columns, then the candidate statistics)."""
-    # here, not at the top: evaluation's statistics (SciPy, scikit-learn, statsmodels) cost predict about 1 s
-    from covidctnet.evaluation.residual_validation import SLICE_COLUMNS
 
     columns = list(SLICE_COLUMNS) + [f"residual_{s}" for s in STATISTICS]
     buf = _io.StringIO()
@@ -289,8 +287,6 @@ def _score_study(study: Study, out_dir: Path, denoiser: str, cfg: SliceScoresCon
     volume = read_volume(study.path)
     check_volume(volume, pre.limits)
     rows = score_volume(volume, den, pre, cfg, study.study_id)
-    from covidctnet.evaluation.residual_validation import SLICES_SUFFIX
-
     name = f"{study.study_id}{SLICES_SUFFIX}"
     write_slices_csv(rows, out_dir / name)
     return {
