@@ -118,9 +118,11 @@ def hidden_imports(root: Path) -> list[str]:
             for target, _, nested in _imports(path, package) if nested]
 
 
-# Third-party imports inside functions: only the optional extras anywhere, and anything in the stages that read and
-# preprocess scans (a preprocess worker then imports only what it uses; the rest of the library imports at the top).
-LAZY_ANYWHERE = {"onnx", "onnxruntime", "openvino", "h5py", "dask", "distributed", "highdicom"}
+# Third-party imports inside functions: only the optional extras anywhere, MONAI (2.2 s to import after torch) where a
+# MONAI network or transform is built, so that predict, which builds none, does not pay for it, and anything in the
+# stages that read and preprocess scans (a preprocess worker then imports only what it uses; the rest of the library
+# imports at the top).
+LAZY_ANYWHERE = {"onnx", "onnxruntime", "openvino", "h5py", "dask", "distributed", "highdicom", "monai"}
 LAZY_STAGES = {"core", "io", "preprocessing"}
 
 

@@ -45,7 +45,9 @@ from covidctnet.core.config import validate_config
 from covidctnet.core.errors import ConfigError, ModelDirError
 from covidctnet.core.files import atomic_dir, sha256_file
 from covidctnet.core.model_dir import load_model_dir
+from covidctnet.inference.int8 import calibration_volumes, gate_int8, quantize_denoiser
 from covidctnet.models.registry import Denoiser, load_classifier, load_denoiser, load_slice_model
+from covidctnet.preprocessing.preprocess import PreprocessConfig
 
 __all__ = [
     "ONNX_MANIFEST",
@@ -235,9 +237,6 @@ def export_onnx(
 def _export_int8(md: Any, modules: dict[str, tuple[Any, tuple[int, ...], str]], tmp: Path,
                  inputs: Sequence[str | os.PathLike], slices: int) -> dict[str, Any]:
     """Quantise ``tmp/denoiser.onnx`` into ``tmp/denoiser_int8.onnx`` and gate it; returns its manifest entry."""
-    from covidctnet.inference.int8 import calibration_volumes, gate_int8, quantize_denoiser
-    from covidctnet.preprocessing.preprocess import PreprocessConfig
-
     try:
         cfg = validate_config(PreprocessConfig, md.config.get("preprocess") or {}, f"{md.path}/config.yaml: preprocess")
     except ConfigError as err:
