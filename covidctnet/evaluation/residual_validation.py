@@ -34,48 +34,13 @@ import numpy as np
 
 from covidctnet.core.errors import ConfigError, InputError, LabelError
 from covidctnet.core.files import atomic_write_text, to_jsonable
+from covidctnet.core.slice_table import SLICES_SUFFIX, read_slices_csv
 from covidctnet.evaluation.plots import new_figure, save_figure
 from covidctnet.evaluation.stats import auc_score, delong_auc_ci, delong_test
 
-__all__ = [
-    "SLICE_COLUMNS",
-    "SLICES_SUFFIX",
-    "read_slices_csv","ValidateResidualsConfig", "read_slice_labels", "match_labels", "validate_residuals", "SCORES"]
+__all__ = ["ValidateResidualsConfig", "read_slice_labels", "match_labels", "validate_residuals", "SCORES"]
 
 logger = logging.getLogger(__name__)
-
-# the <study_id>_slices.csv contract: written by covidctnet slice-scores, read here
-SLICE_COLUMNS = ("study_id", "slice", "z_mm", "lung_ml", "residual_score", "hu_score")
-"""The ``<id>_slices.csv`` contract (docs/architecture.md); candidate statistics follow as extra columns."""
-
-
-SLICES_SUFFIX = "_slices.csv"
-
-
-def read_slices_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a ``<id>_slices.csv`` with numbers parsed (empty cells become NaN).
-
-    Raises:
-        InputError: missing file or a contract column missing.
-    """
-    path = Path(path)
-    try:
-        with path.open(newline="") as fh:
-            reader = csv.DictReader(fh)
-            missing = [c for c in SLICE_COLUMNS if c not in (reader.fieldnames or [])]
-            if missing:
-                raise InputError(f"{path}: not a slice-scores CSV: column(s) {missing} missing")
-            out = []
-            for row in reader:
-                parsed: dict[str, Any] = {"study_id": row["study_id"], "slice": int(row["slice"])}
-                for key, value in row.items():
-                    if key not in ("study_id", "slice"):
-                        parsed[key] = float(value) if value not in ("", None) else float("nan")
-                out.append(parsed)
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path}: cannot read slice scores: {err}") from err
-    return out
-
 
 SCORES = ("residual_score", "hu_score", "lung_ml")
 """The scores always reported side by side; ``residual_score`` is compared with the other two."""

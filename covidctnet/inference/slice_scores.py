@@ -41,7 +41,7 @@ import torch
 from covidctnet.core.config import validate_config
 from covidctnet.core.errors import ConfigError, ModelDirError
 from covidctnet.core.files import atomic_write_text
-from covidctnet.evaluation.residual_validation import SLICE_COLUMNS, SLICES_SUFFIX
+from covidctnet.core.slice_table import SLICE_COLUMNS, SLICES_SUFFIX
 from covidctnet.inference.residuals import cached_denoiser, compute_residual
 from covidctnet.io.batch import discover_studies, run_batch
 from covidctnet.io.checks import check_volume

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from covidctnet.cli import cli
-from covidctnet.evaluation.residual_validation import SLICE_COLUMNS, read_slices_csv
+from covidctnet.core.slice_table import SLICE_COLUMNS, read_slices_csv
 from covidctnet.inference.slice_scores import SliceScoresConfig, mask_to_grid, residual_statistics
 from covidctnet.models.registry import DEMO_MODEL
 from tests.data_paths import require_data
