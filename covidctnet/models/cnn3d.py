@@ -195,7 +195,8 @@ def _build_densenet(name: str) -> Callable[..., nn.Module]:
         _check_densenet_size(name, input_size)
         if kwargs.get("pretrained"):
             raise ConfigError(f"{name}: pretrained=True downloads 2D ImageNet weights; not supported for 3D volumes")
-        from monai.networks import nets  # here, not at the top: importing MONAI takes 2-3 s of every predict
+        # here, not at the top: MONAI takes about 2 s to import, and predict builds no MONAI net
+        from monai.networks import nets
 
         return getattr(nets, name.replace("densenet", "DenseNet"))(
             spatial_dims=3, in_channels=in_channels, out_channels=num_classes, **kwargs

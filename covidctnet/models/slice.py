@@ -85,7 +85,8 @@ def build_slice_model(
         raise ConfigError(f"num_classes must be >= 1, not {num_classes}")
     if not 0.0 <= dropout < 1.0:
         raise ConfigError(f"dropout must be in [0, 1), not {dropout}")
-    from monai.networks import nets  # here, not at the top: importing MONAI costs every predict about 1.3 s
+    # here, not at the top: MONAI takes about 2 s to import, and predict builds no MONAI net
+    from monai.networks import nets
 
     if arch.startswith("densenet"):
         if width != 1.0:
