@@ -292,8 +292,11 @@ width 32), batch 4 volumes (classifier, official CNN, with augmentation).
 {chr(10).join(rows)}
 
 Peak RSS of the training process varies by {flat} from the smallest to the largest control set (target: flat within
-10% and at most 3 GB). "Waiting for data" is the share of the cached run's training time spent in `next(loader)`
-(target ≤ 10% with 2 loader workers).
+10% and at most 3 GB): it is the network's training memory at 240×240, not data (holding the slices in memory would
+add 69 MB per control study). "Waiting for data" is the share of the cached run's training time spent in
+`next(loader)` (target ≤ 10% with 2 loader workers). The classifier's `.npy` caches are built lazily, only for the
+volumes a run reads, hence its small cache per study here; the *first* runs' extra time is decoding `.nii.gz` into
+caches.
 """
     print(text)
     if args.write_docs:
