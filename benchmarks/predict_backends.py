@@ -73,10 +73,9 @@ def preprocessed(series: Path, model: Path) -> np.ndarray:
     """A DICOM series preprocessed as ``model``'s config says: (X, Y, Z) float32 in [0, 1]."""
     from covidctnet.core.model_dir import load_model_dir
     from covidctnet.io.volume import read_volume
-    from covidctnet.preprocessing.preprocess import PreprocessConfig, preprocess_volume
+    from covidctnet.preprocessing.preprocess import preprocess_volume, recorded_preprocess
 
-    cfg = PreprocessConfig(**(load_model_dir(model).config.get("preprocess") or {}))
-    return preprocess_volume(read_volume(series), cfg)[0]
+    return preprocess_volume(read_volume(series), recorded_preprocess(load_model_dir(model)))[0]
 
 
 def export(model: Path, out: Path, data: Path) -> Path:

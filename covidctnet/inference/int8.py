@@ -35,6 +35,7 @@ from covidctnet.inference.residuals import compute_residual
 from covidctnet.io.batch import discover_studies
 from covidctnet.io.checks import check_volume
 from covidctnet.io.volume import read_volume
+from covidctnet.models.cnn3d import predict_proba
 from covidctnet.preprocessing.preprocess import PreprocessConfig, preprocess_volume
 
 __all__ = [
@@ -142,10 +143,8 @@ def gate_int8(volumes: list[tuple[str, np.ndarray]], fp32_denoiser: torch.nn.Mod
         residuals, probs = [], []
         for net in (fp32_denoiser, int8_denoiser):
             residual = compute_residual(volume, net, depth, size, batch_size, device="cpu", source=sid)
-            with torch.inference_mode():
-                logits = classifier(residual_to_network_input(residual)[None]).float()
             residuals.append(residual.ravel())
-            probs.append(torch.softmax(logits, dim=1)[0].numpy())
+            probs.append(predict_proba(classifier, residual_to_network_input(residual)[None])[0].numpy())
         corr = float(np.corrcoef(residuals[0], residuals[1])[0, 1])
         change = float(np.abs(probs[1] - probs[0]).max())
         rows.append({"study": sid, "residual_correlation": round(corr, 6), "max_probability_change": round(change, 6)})

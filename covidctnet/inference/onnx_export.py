@@ -41,13 +41,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from covidctnet.core.config import validate_config
 from covidctnet.core.errors import ConfigError, ModelDirError
 from covidctnet.core.files import atomic_dir, sha256_file
 from covidctnet.core.model_dir import load_model_dir
 from covidctnet.inference.int8 import calibration_volumes, gate_int8, quantize_denoiser
 from covidctnet.models.registry import Denoiser, load_classifier, load_denoiser, load_slice_model
-from covidctnet.preprocessing.preprocess import PreprocessConfig
+from covidctnet.preprocessing.preprocess import recorded_preprocess
 
 __all__ = [
     "ONNX_MANIFEST",
@@ -237,11 +236,7 @@ def export_onnx(
 def _export_int8(md: Any, modules: dict[str, tuple[Any, tuple[int, ...], str]], tmp: Path,
                  inputs: Sequence[str | os.PathLike], slices: int) -> dict[str, Any]:
     """Quantise ``tmp/denoiser.onnx`` into ``tmp/denoiser_int8.onnx`` and gate it; returns its manifest entry."""
-    try:
-        cfg = validate_config(PreprocessConfig, md.config.get("preprocess") or {}, f"{md.path}/config.yaml: preprocess")
-    except ConfigError as err:
-        raise ModelDirError(str(err)) from err
-    volumes = calibration_volumes(inputs, cfg)
+    volumes = calibration_volumes(inputs, recorded_preprocess(md))
     path = tmp / f"{INT8_COMPONENT}.onnx"
     quantization = quantize_denoiser(tmp / "denoiser.onnx", volumes, path, slices)
     depth, size = modules["classifier"][1][2], modules["denoiser"][1][2]

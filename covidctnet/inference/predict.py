@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from covidctnet.core.config import validate_config
 from covidctnet.core.errors import ConfigError, ModelDirError
 from covidctnet.core.files import atomic_write_text, write_csv
 from covidctnet.core.labels import CLASS_NAMES
@@ -48,7 +47,7 @@ from covidctnet.io.checks import check_volume
 from covidctnet.io.volume import read_volume, write_nifti
 from covidctnet.models.cnn3d import predict_proba
 from covidctnet.models.registry import ASSETS, DEMO_MODEL
-from covidctnet.preprocessing.preprocess import PreprocessConfig, preprocess_volume
+from covidctnet.preprocessing.preprocess import preprocess_volume, recorded_preprocess
 
 __all__ = [
     "DEMO_SCAN",
@@ -151,10 +150,7 @@ def load_pipeline(model_dir: str | os.PathLike, device: str = "auto", backend: s
     """
     model = open_model(model_dir, backend, device, precision)
     md, dev = model.md, model.device
-    try:
-        pre = validate_config(PreprocessConfig, md.config.get("preprocess") or {}, f"{md.path}/config.yaml: preprocess")
-    except ConfigError as err:
-        raise ModelDirError(str(err)) from err
+    pre = recorded_preprocess(md)
     denoiser, classifier = model.denoiser(), model.classifier()
     # The official CNN records its input size; MONAI nets (global pooling) may not, then config.yaml's `input` says.
     grid = md.config.get("input") or {}

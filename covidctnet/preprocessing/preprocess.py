@@ -27,13 +27,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from covidctnet.core.config import save_config
-from covidctnet.core.errors import ConfigError
+from covidctnet.core.config import save_config, validate_config
+from covidctnet.core.errors import ConfigError, ModelDirError
 from covidctnet.io.batch import discover_studies, run_batch
 from covidctnet.io.checks import CheckLimits, check_volume
 from covidctnet.io.volume import Volume, read_volume, write_nifti
 
 if TYPE_CHECKING:
+    from covidctnet.core.model_dir import ModelDir
     from covidctnet.io.batch import BatchSummary
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "PREPROCESS_COLUMNS",
     "OFFICIAL_PROFILE",
     "linear_resize",
+    "recorded_preprocess",
 ]
 
 logger = logging.getLogger(__name__)
@@ -107,6 +109,19 @@ class PreprocessConfig:
             max_spacing_mm=self.max_spacing_mm,
             max_tilt_deg=self.max_tilt_deg,
         )
+
+
+def recorded_preprocess(md: ModelDir) -> PreprocessConfig:
+    """The preprocessing a model directory's ``config.yaml`` records (``preprocess``), validated.
+
+    Raises:
+        ModelDirError: an unknown key or an invalid value (the message names the file).
+    """
+    try:
+        return validate_config(PreprocessConfig, md.config.get("preprocess") or {},
+                               f"{md.path}/config.yaml: preprocess")
+    except ConfigError as err:
+        raise ModelDirError(str(err)) from err
 
 
 OFFICIAL_PROFILE: dict[str, Any] = {
