@@ -37,7 +37,7 @@ from covidctnet.io.volume import AIR_HU, Volume, read_volume
 from covidctnet.preprocessing.preprocess import PreprocessConfig, preprocess_volume
 
 SIZE = 64  # in-plane size of the preprocessed outputs compared here (small: the comparison is what matters)
-LOGGER = "covidctnet.io.volume"
+LOGGER = "covidctnet.io.dicom"
 
 
 @pytest.fixture(scope="module")

@@ -134,7 +134,7 @@ def test_predict_refuses_a_non_chest_scan(sources, ws, tmp_path):
 
 def test_two_series_takes_the_largest_and_series_uid_is_honoured(sources, tmp_path, caplog):
     folder, big_uid, small_uid = two_series_folder(sources, tmp_path)
-    caplog.set_level(logging.WARNING, logger="covidctnet.io.volume")
+    caplog.set_level(logging.WARNING, logger="covidctnet.io.dicom")
     result = invoke_ok("preprocess", folder, "-o", tmp_path / "out", "--size", SIZE)
     assert "Traceback" not in result.output and not error_lines(result)
     (row,) = read_manifest(tmp_path / "out" / "manifest.csv")
