@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from covidctnet.core.errors import ConfigError, ModelDirError
+from covidctnet.core.errors import ConfigError, CovidCTNetError, ModelDirError
 from covidctnet.core.files import atomic_write_text, write_csv
 from covidctnet.core.labels import CLASS_NAMES
 from covidctnet.core.model_dir import dir_stamp
@@ -39,11 +39,14 @@ from covidctnet.data.residual_volumes import residual_to_network_input
 from covidctnet.evaluation.html_report import write_predict_html
 from covidctnet.evaluation.plots import plot_residual_overlay
 from covidctnet.inference.backends import check_precision, open_model
-from covidctnet.inference.dicom_export import check_dicom_export, export_study
+from covidctnet.inference.dicom_export import SKIPPED_NOT_DICOM, check_dicom_export, export_study
 from covidctnet.inference.residuals import compute_residual, resample_stack, residual_affine
-from covidctnet.inference.slice_scores import SliceScoresConfig, mask_to_grid, ras_lung_mask, residual_statistics
+from covidctnet.inference.slice_scores import SliceScoresConfig, residual_statistics
+from covidctnet.preprocessing.lungmask3d import mask_to_grid, ras_lung_mask
 from covidctnet.io.batch import MANIFEST_NAME, BatchSummary, Study, discover_studies, read_manifest, run_batch
 from covidctnet.io.checks import check_volume
+from covidctnet.io.dicomweb import TransferConfig, check_store_target
+from covidctnet.io.dicomweb import store as store_instances
 from covidctnet.io.volume import read_volume, write_nifti
 from covidctnet.models.cnn3d import predict_proba
 from covidctnet.models.registry import ASSETS, DEMO_MODEL
@@ -63,6 +66,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 PREDICTIONS_DIR = "predictions"
+PREVIEW_DPI = 50
+"""Resolution of the overlay drawn for report.html when residuals are not saved (12 x 4.4 in: 600 x 220 pixels)."""
 MANIFEST_COLUMNS = ("p_control", "p_covid", "p_cap", "predicted", "model", "weights_sha256", "precision")
 """Stage columns of ``OUT/manifest.csv`` after the common ones; ``weights_sha256`` and ``precision`` are what resume
 compares with the current run."""
@@ -87,9 +92,12 @@ class PredictConfig:
         batch_size: slices per denoiser forward pass (memory grows linearly with it).
         device: ``auto`` (CUDA when present), ``cpu`` or ``cuda[:N]``.
         save_residuals: also write each study's residual NIfTI and an overlay PNG.
-        backend: ``torch`` (the model directory's safetensors), ``onnx`` (onnxruntime on the CPU) or ``openvino``
-            (OpenVINO on the CPU, ``pip install 'covidctnet[openvino]'``); for both of the last the model directory is
-            an ``export-onnx`` output, see :mod:`covidctnet.inference.onnx_export`.
+        backend: ``auto`` (PyTorch on CUDA; on the CPU OpenVINO fp32 when installed, else onnxruntime, else
+            PyTorch: see :mod:`covidctnet.inference.backends`), ``torch`` (the model directory's safetensors),
+            ``onnx`` (onnxruntime on the CPU) or ``openvino`` (OpenVINO on the CPU, ``pip install
+            'covidctnet[openvino]'``); the last two run an ``export-onnx`` folder, or a PyTorch model directory's
+            export built once into a cache (:func:`covidctnet.inference.onnx_export.cached_export`). The report
+            records the backend used.
         precision: denoiser arithmetic: ``fp32`` (default); ``bf16`` with the torch and openvino backends (several
             times faster on CPUs with AMX / AVX512-BF16 and on recent GPUs; probabilities move by about 1e-3, see
             ``docs/benchmarks.md``); ``int8`` with onnx and openvino, on an ``export-onnx --int8-calibration``
@@ -102,7 +110,7 @@ class PredictConfig:
     batch_size: int = 8
     device: str = "auto"
     save_residuals: bool = False
-    backend: str = "torch"
+    backend: str = "auto"
     precision: str = "fp32"
     min_lung_ml: float = 500.0
     dicom_out: str | None = None
@@ -127,10 +135,10 @@ class Pipeline:
     size_xy: int
     device: Any
     weights_sha256: str
-    backend: str = "torch"
+    backend: str = "torch"  # the backend used (never auto)
 
 
-def load_pipeline(model_dir: str | os.PathLike, device: str = "auto", backend: str = "torch",
+def load_pipeline(model_dir: str | os.PathLike, device: str = "auto", backend: str = "auto",
                   precision: str = "fp32") -> Pipeline:
     """Load a model directory with ``denoiser`` and ``classifier`` components (hashes checked).
 
@@ -139,9 +147,10 @@ def load_pipeline(model_dir: str | os.PathLike, device: str = "auto", backend: s
     both backends report the same value).
 
     Args:
-        backend: ``torch``, or ``onnx``: ``model_dir`` is an ``export-onnx`` output and both networks run in
-            onnxruntime on the CPU (``device`` is then ignored); or ``openvino``: the same folder, run by OpenVINO
-            on the CPU.
+        backend: ``auto`` (:func:`covidctnet.inference.backends.resolve_backend`; ``Pipeline.backend`` is the one
+            picked), ``torch``, or ``onnx``: both networks run in onnxruntime on the CPU (``device`` is then ignored)
+            from ``model_dir`` if it is an ``export-onnx`` output, else from its cached export; or ``openvino``: the
+            same ONNX files, run by OpenVINO on the CPU.
         precision: the denoiser's arithmetic with ``onnx`` and ``openvino`` (fixed at loading); the torch backend
             takes it per call (:func:`predict_volume`).
 
@@ -166,7 +175,7 @@ def load_pipeline(model_dir: str | os.PathLike, device: str = "auto", backend: s
             f"{pre.size_xy} must agree"
         )
     sums = hashlib.sha256((md.path / "SHA256SUMS").read_bytes()).hexdigest()
-    return Pipeline(md.name, pre, denoiser, classifier, depth, pre.size_xy, dev, sums, backend=backend)
+    return Pipeline(model.name, pre, denoiser, classifier, depth, pre.size_xy, dev, sums, backend=model.backend)
 
 
 def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8, precision: str = "fp32") -> dict[str, Any]:
@@ -224,7 +233,8 @@ def _json_row(row: dict[str, Any]) -> dict[str, Any]:
     return {**row, **{f"p_{c}": float(row[f"p_{c}"]) for c in CLASS_NAMES if row.get(f"p_{c}") not in ("", None)}}
 
 
-def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConfig) -> dict[str, Any]:
+def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConfig,
+                   transfer: TransferConfig | None = None) -> dict[str, Any]:
     pipeline = _cached_pipeline(model_dir, cfg.device, cfg.backend, cfg.precision)
     t = time.perf_counter()
     volume = read_volume(study.path)
@@ -245,31 +255,48 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
         "checks": " ".join(passed),
         "seconds": {"read": round(read_s, 3), **{k: round(v, 3) for k, v in result["seconds"].items()}},
     }
-    if cfg.save_residuals:  # written before the study's JSON, whose presence marks the study done
-        residual, res_affine = result["residual"]
+    # the overlay is drawn for every study: report.html shows it (a small one without --save-residuals); files are
+    # written before the study's JSON, whose presence marks the study done
+    residual, res_affine = result["residual"]
+    if cfg.save_residuals:
         write_nifti(residual, res_affine, out_dir / f"{study.study_id}_residual.nii.gz")
-        ct = result["preprocessed"][0]
-        # resample_stack maps voxel edges onto edges, as the residual's grid (ndimage.zoom left the last slice black)
-        ct_small = resample_stack(ct, residual.shape)
-        lung = mask_to_grid(lungs.mask > 0, residual.shape)
-        # the axial slice shown is the one with the highest residual score (slice-scores' default statistic of the
-        # residual inside the lungs) among slices with at least a quarter of the largest lung cross-section (apex
-        # and base slices hold a few partial-volume voxels), not the middle one
-        area = lung.sum(axis=(0, 1))
-        score = np.full(residual.shape[2], -np.inf)
-        for k in np.flatnonzero(area >= 0.25 * area.max()) if area.max() else []:
-            score[k] = residual_statistics(residual[:, :, k][lung[:, :, k]])[SliceScoresConfig.statistic]
-        title = f"{study.study_id}: {result['predicted']} " + " ".join(
-            f"{c}={p:.2f}" for c, p in zip(CLASS_NAMES, probs)
-        )
-        plot_residual_overlay(out_dir / f"{study.study_id}_overlay.png", ct_small, residual, title=title,
-                              lung_mask=lung, axial_index=int(np.argmax(score)) if area.max() else None)
+    ct = result["preprocessed"][0]
+    # resample_stack maps voxel edges onto edges, as the residual's grid (ndimage.zoom left the last slice black)
+    ct_small = resample_stack(ct, residual.shape)
+    lung = mask_to_grid(lungs.mask > 0, residual.shape)
+    # the axial slice shown is the one with the highest residual score (slice-scores' default statistic of the
+    # residual inside the lungs) among slices with at least a quarter of the largest lung cross-section (apex
+    # and base slices hold a few partial-volume voxels), not the middle one
+    area = lung.sum(axis=(0, 1))
+    score = np.full(residual.shape[2], -np.inf)
+    for k in np.flatnonzero(area >= 0.25 * area.max()) if area.max() else []:
+        score[k] = residual_statistics(residual[:, :, k][lung[:, :, k]])[SliceScoresConfig.statistic]
+    title = f"{study.study_id}: {result['predicted']} " + " ".join(
+        f"{c}={p:.2f}" for c, p in zip(CLASS_NAMES, probs)
+    )
+    if cfg.save_residuals:
         row["residual"] = f"{study.study_id}_residual.nii.gz"
         row["overlay"] = f"{study.study_id}_overlay.png"
+    else:  # for report.html only: 600x220 pixels
+        row["preview"] = f"{PREDICTIONS_DIR}/{study.study_id}_preview.png"
+        (out_dir / PREDICTIONS_DIR).mkdir(parents=True, exist_ok=True)
+    plot_residual_overlay(out_dir / (row.get("overlay") or row["preview"]), ct_small, residual, title=title,
+                          lung_mask=lung, axial_index=int(np.argmax(score)) if area.max() else None,
+                          **({} if cfg.save_residuals else {"dpi": PREVIEW_DPI}))
     if cfg.dicom_out:
         reported = {c: float(row[f"p_{c}"]) for c in CLASS_NAMES}  # the SR holds the report's numbers exactly
         row["dicom"] = export_study(cfg.dicom_out, study.study_id, volume, reported, result["predicted"], pipeline.name,
                                     pipeline.weights_sha256, *result["residual"], lungs.mask, lungs_affine)
+        if transfer is not None and transfer.store_to and row["dicom"] != SKIPPED_NOT_DICOM:
+            written = [Path(cfg.dicom_out) / name for name in row["dicom"].split()]
+            try:
+                row["stored"] = store_instances(written, transfer)  # SEG first: the SR references it
+            except CovidCTNetError:  # the study failed: none of its outputs stay (the message says what was stored)
+                for path in [*written, *(out_dir / row[k] for k in ("residual", "overlay", "preview") if k in row)]:
+                    path.unlink(missing_ok=True)
+                if written[0].parent.is_dir() and not any(written[0].parent.iterdir()):
+                    written[0].parent.rmdir()
+                raise
     row["output"] = f"{PREDICTIONS_DIR}/{study.study_id}.json"
     (out_dir / PREDICTIONS_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / row["output"], json.dumps(_json_row({"study_id": study.study_id, **row}), indent=2))
@@ -292,6 +319,7 @@ def predict_studies(
     resume: bool = True,
     workers: int = 0,
     scheduler: str | None = None,
+    transfer: TransferConfig | None = None,
 ) -> BatchSummary:
     """``covidctnet predict``: predict every study found in ``inputs`` and write the report.
 
@@ -307,11 +335,20 @@ def predict_studies(
             ``cpu_count // N`` threads.
         scheduler: Dask scheduler address; the studies then run on its workers, which must see ``model_dir``, the
             inputs and ``out_dir`` (overrides ``workers``).
+        transfer: with ``store_to``, each study's SR and SEG (``cfg.dicom_out``) are stored there
+            (:func:`covidctnet.io.dicomweb.store`); the report gets a ``stored`` field (report.csv: column) with the
+            target and the SOP Instance UIDs stored. DICOMweb inputs carry their own settings
+            (:class:`~covidctnet.io.dicomweb.RemoteInput`).
 
     Raises:
         ConfigError: with ``resume``, ``out_dir``'s manifest holds predictions of another model or precision.
     """
     model_dir = str(Path(model_dir).resolve())
+    storing = transfer is not None and transfer.store_to is not None
+    if storing:
+        if not cfg.dicom_out:
+            raise ConfigError("--store-to sends the SR and SEG that --dicom-out writes: give --dicom-out DIR too")
+        check_store_target(transfer.store_to)  # type: ignore[union-attr]
     if cfg.dicom_out:
         check_dicom_export()
     # loaded here even with workers: a bad model directory fails once, before any study, with its one-line error
@@ -325,7 +362,7 @@ def predict_studies(
         if changed:  # the backend may change: onnxruntime and PyTorch agree to 1e-4
             raise ConfigError(f"{out_dir / MANIFEST_NAME}: {out_dir} holds predictions made with another "
                               f"{' / '.join(changed)}; use a new output folder or --no-resume")
-    fn = functools.partial(_predict_study, model_dir=model_dir, cfg=cfg)
+    fn = functools.partial(_predict_study, model_dir=model_dir, cfg=cfg, transfer=transfer if storing else None)
     summary = run_batch(studies, out_dir, fn, MANIFEST_COLUMNS, resume=resume, workers=workers, scheduler=scheduler,
                         desc="predict", on_result=on_result)
     if summary.n_ok + summary.n_skipped == 0:
@@ -339,16 +376,22 @@ def predict_studies(
             r = {**r, "model": pipeline.name, "weights_sha256": pipeline.weights_sha256}
         rows.append(r)
 
-    write_csv(out_dir / "report.csv", REPORT_COLUMNS, rows)
+    if storing:  # one more column, only where something is stored: "<target> <SOP Instance UID> ..."
+        write_csv(out_dir / "report.csv", (*REPORT_COLUMNS, "stored"), [
+            {**r, "stored": " ".join([r["stored"]["to"], *r["stored"]["sop_instance_uids"]]) if r.get("stored") else ""}
+            for r in rows])
+    else:
+        write_csv(out_dir / "report.csv", REPORT_COLUMNS, rows)
     report = {
         "model": pipeline.name,
         "weights_sha256": pipeline.weights_sha256,
         "class_names": list(CLASS_NAMES),
         "preprocess_profile": pipeline.preprocess.profile,
-        "backend": cfg.backend,
+        "backend": pipeline.backend,  # the one auto picked
         "precision": cfg.precision,
         "studies": [_json_row({c: r.get(c, "") for c in REPORT_COLUMNS} | {k: r[k] for k in (
-            "checks", "seconds", "residual", "overlay", "dicom", "label", "source") if k in r}) for r in rows],
+            "checks", "seconds", "residual", "overlay", "preview", "dicom", "stored", "label", "source") if k in r})
+            for r in rows],
     }
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     write_predict_html(out_dir / "report.html", report, out_dir)

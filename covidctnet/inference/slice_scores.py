@@ -42,12 +42,13 @@ from covidctnet.core.config import validate_config
 from covidctnet.core.errors import ConfigError, ModelDirError
 from covidctnet.core.files import atomic_write_text
 from covidctnet.core.slice_table import SLICE_COLUMNS, SLICES_SUFFIX
+from covidctnet.inference.backends import check_precision
 from covidctnet.inference.residuals import cached_denoiser, compute_residual
 from covidctnet.io.batch import discover_studies, run_batch
 from covidctnet.io.checks import check_volume
 from covidctnet.io.volume import read_volume
 from covidctnet.models.registry import resolve_denoiser_dir
-from covidctnet.preprocessing.lungmask3d import LungMaskConfig, check_chest_coverage, lung_mask_3d
+from covidctnet.preprocessing.lungmask3d import mask_to_grid, ras_lung_mask
 from covidctnet.preprocessing.preprocess import PreprocessConfig, preprocess_volume, to_ras
 
 if TYPE_CHECKING:
@@ -58,9 +59,8 @@ if TYPE_CHECKING:
 __all__ = [
     "SliceScoresConfig",
     "STATISTICS",
-    "ras_lung_mask",
-    "mask_to_grid",
     "residual_statistics",
+    "score_residual",
     "score_volume",
     "slice_scores",
     "write_slices_csv",
@@ -88,6 +88,8 @@ class SliceScoresConfig:
         batch_size: slices per denoiser forward pass.
         device: ``auto`` / ``cpu`` / ``cuda[:N]``.
         precision: denoiser arithmetic, ``fp32`` or ``bf16``.
+        backend: where the denoiser runs: ``auto``, ``torch``, ``onnx`` or ``openvino``
+            (:mod:`covidctnet.inference.backends`).
     """
 
     statistic: Literal["mean_pos", "mean_abs", "p95", "frac_pos"] = "p95"
@@ -98,6 +100,7 @@ class SliceScoresConfig:
     batch_size: int = 8
     device: str = "auto"
     precision: str = "fp32"
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.hu_high <= self.hu_low:
@@ -110,51 +113,7 @@ class SliceScoresConfig:
             raise ConfigError(f"'batch_size' must be >= 1, not {self.batch_size}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"'precision' must be one of ['fp32', 'bf16'], not {self.precision!r}")
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# pieces shared with predict (overlay, chest-coverage check)
-
-
-def ras_lung_mask(volume: Volume, min_lung_ml: float | None = None) -> tuple[np.ndarray, np.ndarray, LungMask]:
-    """The volume reoriented to RAS (exact flips and axis swaps) and its 3D lung mask.
-
-    Args:
-        volume: a CT in HU (:func:`covidctnet.io.volume.read_volume`).
-        min_lung_ml: when given, run the chest-coverage check with this minimum.
-
-    Returns:
-        ``(hu, affine, lungs)``: (X, Y, Z) HU in RAS (axis 2 = slices, inferior to superior; may be a view of
-        ``volume.array``: copy it before writing), its (4, 4) affine, and the lung mask on that grid.
-
-    Raises:
-        NoLungsError: less lung than ``min_lung_ml``.
-    """
-
-
-    hu, affine = to_ras(volume, contiguous=False)  # a copy of a 512×512×300 scan took 0.5-0.8 s of every predict
-    spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
-    cfg = LungMaskConfig() if min_lung_ml is None else replace(LungMaskConfig(), min_lung_ml=min_lung_ml)
-    lungs = lung_mask_3d(hu, spacing, cfg)  # type: ignore[arg-type]
-    if min_lung_ml is not None:
-        check_chest_coverage(lungs, str(volume.source), cfg)
-    return hu, affine, lungs
-
-
-def mask_to_grid(mask: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Resample a (X, Y, Z) bool mask to ``shape`` over the same field of view (trilinear, edges on edges, as the
-    preprocessing's resize), keeping voxels whose interpolated value is at least 0.5.
-
-    Returns:
-        ``shape`` bool.
-    """
-
-    if tuple(mask.shape) == tuple(shape):
-        return np.asarray(mask, dtype=bool)
-    t = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
-    out = torch.nn.functional.interpolate(t, size=tuple(int(s) for s in shape), mode="trilinear",
-                                          align_corners=False)
-    return out[0, 0].numpy() >= 0.5
+        check_precision(self.backend, self.precision)
 
 
 def residual_statistics(values: np.ndarray, frac_threshold: float = 0.05) -> dict[str, float]:
@@ -210,6 +169,28 @@ def score_volume(volume: Volume, denoiser: Any, preprocess: Any, cfg: SliceScore
         hu, affine = to_ras(volume)
         if lungs.mask.shape != hu.shape:
             raise ValueError(f"lung mask shape {lungs.mask.shape} differs from the volume's {hu.shape}")
+    array, pre_affine = preprocess_volume(volume, preprocess)
+    residual = compute_residual(array, denoiser, depth=array.shape[2], size=array.shape[0],
+                                batch_size=cfg.batch_size, source=str(volume.source), precision=cfg.precision)
+    return score_residual(hu, affine, lungs, residual, pre_affine, cfg, study_id)
+
+
+def score_residual(hu: np.ndarray, affine: np.ndarray, lungs: LungMask, residual: np.ndarray,
+                   pre_affine: np.ndarray, cfg: SliceScoresConfig = SliceScoresConfig(),
+                   study_id: str = "") -> list[dict[str, Any]]:
+    """Slice scores of one CT from its residual, already computed (``predict --slice-scores`` passes the residual of
+    its own denoising pass; :func:`score_volume` computes one).
+
+    Args:
+        hu, affine, lungs: the CT in RAS and its lung mask (:func:`ras_lung_mask`).
+        residual: ``(X, Y, Z)`` residual on the preprocessed grid, not resampled (:func:`compute_residual` with
+            ``depth``/``size`` of the preprocessed array).
+        pre_affine: the preprocessed grid's (4, 4) affine.
+        cfg, study_id: as for :func:`score_volume`.
+
+    Returns:
+        As :func:`score_volume`.
+    """
     z_orig = _slice_centres_z(affine, hu.shape)
     dz = float(np.linalg.norm(affine[:3, 2]))
     lung = lungs.mask > 0
@@ -218,11 +199,8 @@ def score_volume(volume: Volume, denoiser: Any, preprocess: Any, cfg: SliceScore
     n_lung = np.count_nonzero(lung, axis=(0, 1))
     hu_frac = np.count_nonzero(in_range & lung, axis=(0, 1)) / np.maximum(n_lung, 1)
 
-    array, pre_affine = preprocess_volume(volume, preprocess)
-    residual = compute_residual(array, denoiser, depth=array.shape[2], size=array.shape[0],
-                                batch_size=cfg.batch_size, source=str(volume.source), precision=cfg.precision)
-    grid_lung = mask_to_grid(lung, array.shape)
-    z_grid = _slice_centres_z(pre_affine, array.shape)
+    grid_lung = mask_to_grid(lung, residual.shape)
+    z_grid = _slice_centres_z(pre_affine, residual.shape)
 
     rows: list[dict[str, Any]] = []
     for k in range(hu.shape[2]):
@@ -264,13 +242,13 @@ def write_slices_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) ->
 # batch
 
 
-def _load(path: str, device: str) -> tuple[Any, Any]:
+def _load(path: str, device: str, backend: str = "auto", precision: str = "fp32") -> tuple[Any, Any]:
     """The denoiser (one load per process, reloaded when the directory is rewritten) and the preprocessing it expects.
 
     Raises:
         ModelDirError: an unusable directory or preprocessing that does not fit the denoiser's input.
     """
-    den = cached_denoiser(path, device)
+    den = cached_denoiser(path, device, backend, precision)
     raw = dict(den.preprocess) or {"size_xy": den.size_xy}
     try:
         pre = validate_config(PreprocessConfig, raw, f"{den.path}/config.yaml: preprocess")
@@ -283,7 +261,7 @@ def _load(path: str, device: str) -> tuple[Any, Any]:
 
 
 def _score_study(study: Study, out_dir: Path, denoiser: str, cfg: SliceScoresConfig) -> dict[str, Any]:
-    den, pre = _load(denoiser, cfg.device)
+    den, pre = _load(denoiser, cfg.device, cfg.backend, cfg.precision)
     volume = read_volume(study.path)
     check_volume(volume, pre.limits)
     rows = score_volume(volume, den, pre, cfg, study.study_id)
@@ -326,7 +304,7 @@ def slice_scores(
         ModelDirError: the denoiser cannot be loaded (before any study is touched).
     """
     path = str(resolve_denoiser_dir(denoiser).resolve())
-    _load(path, cfg.device)  # a bad model directory fails once, here, not once per study
+    _load(path, cfg.device, cfg.backend, cfg.precision)  # a bad model directory fails once, here, not once per study
     studies = discover_studies(inputs)
     fn = functools.partial(_score_study, denoiser=path, cfg=cfg)
     return run_batch(studies, out_dir, fn, MANIFEST_COLUMNS, resume=resume, workers=workers, scheduler=scheduler,

@@ -28,13 +28,17 @@ notches up to about ``closing_mm``); lungs cut by the field of view are measured
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from covidctnet.core.errors import ConfigError, InputError, NoLungsError
+from covidctnet.io.volume import Volume
+from covidctnet.preprocessing.preprocess import linear_resize, to_ras
 
-__all__ = ["LungMaskConfig", "LungMask", "lung_mask_3d", "NoLungsError", "check_chest_coverage"]
+__all__ = ["LungMaskConfig", "LungMask", "lung_mask_3d", "NoLungsError", "check_chest_coverage", "ras_lung_mask",
+           "mask_to_grid"]
 
 
 @dataclass(frozen=True)
@@ -282,3 +286,38 @@ def check_chest_coverage(lungs: LungMask, source: str, cfg: LungMaskConfig = Lun
     if volume < cfg.min_lung_ml:
         raise NoLungsError(f"{source}: no lungs found: not a chest CT? (lung volume {volume:.0f} ml, minimum "
                            f"{cfg.min_lung_ml:.0f} ml)")
+
+
+def ras_lung_mask(volume: Volume, min_lung_ml: float | None = None) -> tuple[np.ndarray, np.ndarray, LungMask]:
+    """The volume reoriented to RAS (exact flips and axis swaps) and its 3D lung mask.
+
+    Args:
+        volume: a CT in HU (:func:`covidctnet.io.volume.read_volume`).
+        min_lung_ml: when given, run the chest-coverage check with this minimum.
+
+    Returns:
+        ``(hu, affine, lungs)``: (X, Y, Z) HU in RAS (axis 2 = slices, inferior to superior; may be a view of
+        ``volume.array``: copy it before writing), its (4, 4) affine, and the lung mask on that grid.
+
+    Raises:
+        NoLungsError: less lung than ``min_lung_ml``.
+    """
+    hu, affine = to_ras(volume, contiguous=False)  # a copy of a 512×512×300 scan costs 0.5-0.8 s
+    spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+    cfg = LungMaskConfig() if min_lung_ml is None else replace(LungMaskConfig(), min_lung_ml=min_lung_ml)
+    lungs = lung_mask_3d(hu, spacing, cfg)  # type: ignore[arg-type]
+    if min_lung_ml is not None:
+        check_chest_coverage(lungs, str(volume.source), cfg)
+    return hu, affine, lungs
+
+
+def mask_to_grid(mask: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Resample a (X, Y, Z) bool mask to ``shape`` over the same field of view (trilinear, edges on edges, as the
+    preprocessing's resize), keeping voxels whose interpolated value is at least 0.5.
+
+    Returns:
+        ``shape`` bool.
+    """
+    if tuple(mask.shape) == tuple(shape):
+        return np.asarray(mask, dtype=bool)
+    return linear_resize(np.asarray(mask, dtype=np.float32), shape) >= 0.5

@@ -15,7 +15,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from covidctnet.inference.slice_scores import SliceScoresConfig, ras_lung_mask, score_volume
+from covidctnet.inference.slice_scores import SliceScoresConfig, score_volume
+from covidctnet.preprocessing.lungmask3d import ras_lung_mask
 from covidctnet.io.volume import read_volume
 from covidctnet.models.registry import DEMO_MODEL
 from tests.data_paths import require_data

@@ -12,7 +12,8 @@ from click.testing import CliRunner
 
 from covidctnet.cli import cli
 from covidctnet.core.slice_table import SLICE_COLUMNS, read_slices_csv
-from covidctnet.inference.slice_scores import SliceScoresConfig, mask_to_grid, residual_statistics
+from covidctnet.inference.slice_scores import SliceScoresConfig, residual_statistics
+from covidctnet.preprocessing.lungmask3d import mask_to_grid
 from covidctnet.models.registry import DEMO_MODEL
 from tests.data_paths import require_data
 
