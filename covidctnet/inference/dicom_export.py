@@ -19,6 +19,19 @@ Both copy the patient and study modules from the source headers, as highdicom do
 series came from. That is the one place covidctnet writes patient identifiers; nothing of the headers is logged or
 written to CSV/JSON. NIfTI/NRRD inputs have no DICOM study to join and are skipped with a warning.
 
+Two source defects occur in published series (COVID-CT-MD's series as published have both):
+
+- No FrameOfReferenceUID (empty or absent): a Segmentation must have one (Type 1). It gets
+  :func:`derived_frame_of_reference_uid` of the source series, the same for every output and every rerun, and one
+  warning line says the result cannot be registered to the source by frame of reference (only through the source
+  instances each frame references).
+- Study, series, instance or frame-of-reference UIDs that are not DICOM UIDs (e.g. UUID strings with letters and dashes,
+  or longer than 64 characters): the outputs reference them as they are, with one warning line naming the attributes
+  (not their values). A PACS files the outputs by these values, so keeping them keeps the result with its images:
+  Orthanc 1.10 stores such a source and its SR and SEG in one study and resolves their references; replacing them
+  files the result in a study of its own (docs/dicom_output.md has the measurement). A PACS that checks the UID
+  grammar may refuse the outputs, as it would the source series.
+
 Codes: the probabilities and the control class have no standard concept, so they use the local coding scheme
 ``99COVIDCTNET`` (DICOM's "99" prefix for private schemes); COVID-19 and community-acquired pneumonia are SNOMED CT.
 """
@@ -34,7 +47,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydicom.config import disable_value_validation
 from pydicom.sr.codedict import codes
+from pydicom.uid import UID, generate_uid
 from scipy import ndimage
 
 from covidctnet.core.errors import ConfigError
@@ -48,6 +63,7 @@ __all__ = [
     "RESEARCH_USE",
     "SEG_PERCENTILE",
     "check_dicom_export",
+    "derived_frame_of_reference_uid",
     "export_study",
     "residual_segment",
     "to_source_grid",
@@ -64,6 +80,10 @@ SR_SERIES_NUMBER, SEG_SERIES_NUMBER = 9901, 9902
 """Series numbers of the created series: high, so a viewer lists them after the scanner's own series."""
 SR_NAME, SEG_NAME = "SR.dcm", "SEG.dcm"
 SKIPPED_NOT_DICOM = "skipped: not a DICOM input"
+UID_ROOT = "1.2.826.0.1.3680043.10.511.3."
+"""highdicom's UID root, which its ``UID()`` uses for every UID the outputs create."""
+SOURCE_UIDS = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID")
+"""The source's UIDs that the outputs copy or reference."""
 
 
 def check_dicom_export() -> None:
@@ -134,8 +154,9 @@ _TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "Patient
 """Type 2 attributes of the patient and general study modules, which highdicom copies from the source."""
 
 
-def _with_type2_attributes(headers: list[Any]) -> list[Any]:
-    """Copies of the headers with the Type 2 patient/study attributes present (empty where absent).
+def _completed_headers(headers: list[Any], frame_of_reference: str | None) -> list[Any]:
+    """Copies of the headers with the Type 2 patient/study attributes present (empty where absent), and with
+    ``frame_of_reference`` as FrameOfReferenceUID where it is not None.
 
     Type 2 means present but possibly empty; de-identified series (the public data sets) often drop them, and highdicom
     then fails. Absent stays empty, nothing is made up. Complete headers (a PACS export) are used as they are; a
@@ -144,12 +165,41 @@ def _with_type2_attributes(headers: list[Any]) -> list[Any]:
     copies: dict[int, Any] = {}
     for ds in headers:
         missing = [k for k in _TYPE2_PATIENT_STUDY if k not in ds]
-        if missing and id(ds) not in copies:
+        if (missing or frame_of_reference is not None) and id(ds) not in copies:
             copied = copy.deepcopy(ds)  # Dataset.copy() is shallow: it would add them to the Volume's headers too
             for keyword in missing:
                 setattr(copied, keyword, "")
+            if frame_of_reference is not None:
+                copied.FrameOfReferenceUID = frame_of_reference
             copies[id(ds)] = copied
     return [copies.get(id(ds), ds) for ds in headers]
+
+
+def derived_frame_of_reference_uid(series_uid: str) -> str:
+    """The FrameOfReferenceUID given to the outputs of a source series that has none.
+
+    Derived from the source's SeriesInstanceUID (a hash, under highdicom's UID root), so every output of the series
+    and every rerun gets the same one, and no two series share one.
+
+    Args:
+        series_uid: the source's SeriesInstanceUID, as it is (valid or not).
+
+    Returns:
+        A valid DICOM UID (at most 64 characters).
+    """
+    return str(generate_uid(prefix=UID_ROOT, entropy_srcs=["covidctnet frame of reference", series_uid]))
+
+
+def _invalid_uids(headers: list[Any]) -> list[str]:
+    """The keywords of :data:`SOURCE_UIDS` whose value, in any header, is not a DICOM UID (empty FoR left aside)."""
+    bad = []
+    for keyword in SOURCE_UIDS:
+        values = {str(ds.get(keyword, "") or "") for ds in headers}
+        if keyword == "FrameOfReferenceUID":
+            values.discard("")  # a missing frame of reference gets a derived one
+        if any(not UID(v).is_valid for v in values):
+            bad.append(keyword)
+    return bad
 
 
 def _code(value: str, meaning: str, scheme: str = LOCAL_SCHEME) -> Any:
@@ -272,24 +322,42 @@ def export_study(out_dir: str | Path, study_id: str, volume: Volume, probabiliti
     Returns:
         For the report row: the written files relative to ``out_dir``, space-separated, or
         :data:`SKIPPED_NOT_DICOM` for a volume not read from DICOM (with one warning).
+
+    A source without a FrameOfReferenceUID, or with UIDs that are not DICOM UIDs, gets one warning line each (see the
+    module docstring); the lines name the study and the attributes, never a value.
     """
     if not volume.dicom_slices:
         logger.warning("%s: --dicom-out skipped: not a DICOM input (no study to add the result to)", study_id)
         return SKIPPED_NOT_DICOM
-    sources = _with_type2_attributes([header for header, _ in volume.dicom_slices])
+    headers = [header for header, _ in volume.dicom_slices]
     frames = [frame for _, frame in volume.dicom_slices]
-    instances = list({str(ds.SOPInstanceUID): ds for ds in sources}.values())  # a multi-frame file once
     mask = residual_segment(volume, residual, residual_affine, lungs, lungs_affine)
     hd_logger = logging.getLogger("highdicom")
     level = hd_logger.level
     hd_logger.setLevel(logging.WARNING)  # its INFO lines name the source instances by UID: kept out of the logs
     try:
-        seg = _segmentation(sources, frames, mask, model, weights_sha256)
-        sr = _report(instances, seg, probabilities, predicted, model, weights_sha256)
+        # pydicom's warning on a value that breaks its VR quotes the value: a source UID would reach the logs
+        with disable_value_validation():
+            frame_of_reference = None
+            if not str(headers[0].get("FrameOfReferenceUID", "") or "").strip():
+                frame_of_reference = derived_frame_of_reference_uid(str(headers[0].SeriesInstanceUID))
+                logger.warning("%s: the source series has no FrameOfReferenceUID: the SEG gets a new one, so it cannot "
+                               "be registered to the source by frame of reference (only through the source slices "
+                               "its frames reference)", study_id)
+            invalid = _invalid_uids(headers)
+            if invalid:
+                logger.warning("%s: the source's %s not DICOM UIDs (digits and dots, at most 64 characters): the SR "
+                               "and SEG reference them as they are, to stay filed with their images; a PACS that "
+                               "checks UIDs may refuse them", study_id,
+                               f"{', '.join(invalid)} {'is' if len(invalid) == 1 else 'are'}")
+            sources = _completed_headers(headers, frame_of_reference)
+            instances = list({str(ds.SOPInstanceUID): ds for ds in sources}.values())  # a multi-frame file once
+            seg = _segmentation(sources, frames, mask, model, weights_sha256)
+            sr = _report(instances, seg, probabilities, predicted, model, weights_sha256)
+            folder = Path(out_dir) / study_id
+            for name, ds in ((SEG_NAME, seg), (SR_NAME, sr)):
+                with atomic_path(folder / name) as tmp:
+                    ds.save_as(tmp, enforce_file_format=True)
     finally:
         hd_logger.setLevel(level)
-    folder = Path(out_dir) / study_id
-    for name, ds in ((SEG_NAME, seg), (SR_NAME, sr)):
-        with atomic_path(folder / name) as tmp:
-            ds.save_as(tmp, enforce_file_format=True)
     return " ".join(f"{study_id}/{name}" for name in (SEG_NAME, SR_NAME))
