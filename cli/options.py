@@ -117,6 +117,23 @@ def device_option(config: str | None = None) -> Any:
     return click.option("--device", default="auto", show_default=True, help=DEVICE_HELP + ".")
 
 
+BACKEND_HELP = ("Where the networks run. auto: PyTorch on CUDA; on the CPU, OpenVINO fp32 when installed, else "
+                "onnxruntime fp32 (both about 1.5x PyTorch's CPU speed, results equal within 1e-4), else PyTorch. "
+                "The CPU runtimes run an ONNX export of the model, built and checked once into "
+                "$XDG_CACHE_HOME/covidctnet (default ~/.cache/covidctnet; delete that folder to clear it). torch, "
+                "onnx, openvino force one (onnx and openvino also take an `export-onnx` folder as the model).")
+
+
+def backend_option(config: str | None = None, choices: tuple[str, ...] = ("auto", "torch", "onnx", "openvino"),
+                   extra: str = "") -> Any:
+    """``--backend`` (``covidctnet.inference.backends``; the table of what ``auto`` picks is in its docstring and the
+    README): a config-backed option when the command's config has ``backend``, else defaulting to auto."""
+    kwargs = {"type": click.Choice(list(choices)), "help": BACKEND_HELP + extra}
+    if config is not None:
+        return config_option(config, "--backend", **kwargs)
+    return click.option("--backend", default="auto", show_default=True, **kwargs)
+
+
 def loader_workers_option(config: str, key: str = "workers") -> Any:
     """``--loader-workers``: DataLoader worker processes of a training command (``--workers`` means processes that
     each run whole studies, in preprocess / residuals / predict; the training commands' old ``--workers`` still works).

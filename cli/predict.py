@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from covidctnet.cli._common import batch_exit, bundled_model_notice, echo_error_row
-from covidctnet.cli.options import batch_options, config_file_option, config_option, device_option, out_option
+from covidctnet.cli.options import (backend_option, batch_options, config_file_option, config_option, device_option,
+                                    out_option)
 
 _CONFIG = "covidctnet.inference.predict:PredictConfig"
 
@@ -45,13 +46,7 @@ def _print_report(summary, out_dir: Path) -> None:
     is_flag=True,
     help="Write <id>_residual.nii.gz and an overlay PNG (axial, coronal, sagittal) per study.",
 )
-@config_option(
-    _CONFIG,
-    "--backend",
-    type=click.Choice(["torch", "onnx", "openvino"]),
-    help="torch; onnx: onnxruntime on the CPU; openvino: OpenVINO on the CPU (pip install 'covidctnet[openvino]'). "
-    "For onnx and openvino, --model is an `export-onnx` output folder.",
-)
+@backend_option(_CONFIG, extra=" report.json records the backend used.")
 @config_option(
     _CONFIG,
     "--precision",

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from covidctnet.cli._common import bundled_model_notice
-from covidctnet.cli.options import device_option
+from covidctnet.cli.options import backend_option, device_option
 
 
 @click.command("predict-slice")
@@ -28,8 +28,7 @@ from covidctnet.cli.options import device_option
               help="p_covid threshold in [0, 1] (COVID-19 when p_covid >= T)  [default: the model's threshold].")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Images per forward pass.")
 @device_option()
-@click.option("--backend", type=click.Choice(["torch", "onnx"]), default="torch", show_default=True,
-              help="onnx: onnxruntime on the CPU; --model is then an `export-onnx` output folder (no --cam).")
+@backend_option(extra=" --cam needs PyTorch (auto then picks it).")
 def predict_slice_cmd(inputs, model_dir, out_dir, cam_dir, threshold, batch_size, device, backend):
     """Score CT slice images (files or folders of PNG/JPG) for COVID-19 into OUT/preds.csv.
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from covidctnet.cli._common import batch_exit, echo_error_row
-from covidctnet.cli.options import batch_options, config_file_option, config_option, device_option, out_option
+from covidctnet.cli.options import (backend_option, batch_options, config_file_option, config_option, device_option,
+                                    out_option)
 
 _CONFIG = "covidctnet.inference.residuals:ResidualGrid"
 
@@ -27,10 +28,11 @@ _CONFIG = "covidctnet.inference.residuals:ResidualGrid"
 @click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
               help="Denoiser arithmetic; bf16 is several times faster on CPUs with AMX (use the same for training "
                    "and predict).")
+@backend_option()
 @batch_options("Worker processes; 0 runs in this process (best for debugging).",
                "Skip studies already 'ok' in OUT/manifest.csv whose output is unchanged.")
-def residuals_cmd(preprocessed, out_dir, denoiser, config_path, depth, size_xy, batch_size, device, precision, workers,
-                  scheduler, resume):
+def residuals_cmd(preprocessed, out_dir, denoiser, config_path, depth, size_xy, batch_size, device, precision, backend,
+                  workers, scheduler, resume):
     """Residual maps (input - denoised, signed float32) of every study in PREPROCESSED, resampled to the
     classifier's grid (depth x size x size), overlaying on the preprocessed scans.
 
@@ -41,7 +43,7 @@ def residuals_cmd(preprocessed, out_dir, denoiser, config_path, depth, size_xy, 
 
     grid = read_residual_grid(config_path, depth=depth, size_xy=size_xy)
     summary = compute_residuals(preprocessed, out_dir, denoiser, grid, batch_size=batch_size, device=device,
-                                precision=precision, resume=resume, workers=workers, scheduler=scheduler,
+                                precision=precision, backend=backend, resume=resume, workers=workers, scheduler=scheduler,
                                 on_result=echo_error_row)
     click.echo(f"residuals: {summary.n_ok} done, {summary.n_skipped} already done, {summary.n_failed} failed"
                + (f"; manifest: {summary.manifest}" if summary.manifest and summary.manifest.exists() else ""),

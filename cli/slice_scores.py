@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from covidctnet.cli._common import batch_exit, bundled_model_notice, echo_error_row
-from covidctnet.cli.options import batch_options, config_file_option, config_option, device_option, out_option
+from covidctnet.cli.options import (backend_option, batch_options, config_file_option, config_option, device_option,
+                                    out_option)
 
 _CONFIG = "covidctnet.inference.slice_scores:SliceScoresConfig"
 
@@ -26,10 +27,11 @@ _CONFIG = "covidctnet.inference.slice_scores:SliceScoresConfig"
 @config_option(_CONFIG, "--min-lung-ml", "min_lung_ml", type=float,
                help="Chest-coverage check: a scan with less lung (ml) is refused.")
 @device_option(_CONFIG)
+@backend_option(_CONFIG)
 @batch_options("Worker processes; 0 runs in this process (best for debugging).",
                "Skip studies already 'ok' in OUT/manifest.csv whose output is unchanged.")
-def slice_scores_cmd(inputs, out_dir, model_dir, denoiser_dir, config_path, statistic, min_lung_ml, device, workers,
-                     scheduler, resume):
+def slice_scores_cmd(inputs, out_dir, model_dir, denoiser_dir, config_path, statistic, min_lung_ml, device, backend,
+                     workers, scheduler, resume):
     """Per original slice of each CT: lung volume, residual score inside the lungs and an HU density baseline.
 
     Writes OUT/<study_id>_slices.csv (study_id, slice, z_mm, lung_ml, residual_score, hu_score, and every candidate
@@ -44,7 +46,7 @@ def slice_scores_cmd(inputs, out_dir, model_dir, denoiser_dir, config_path, stat
     if model_dir is not None and denoiser_dir is not None:
         raise ConfigError("give one of --model DIR or --denoiser DIR, not both")
     cfg = load_config(SliceScoresConfig, config_path,
-                      {"statistic": statistic, "min_lung_ml": min_lung_ml, "device": device})
+                      {"statistic": statistic, "min_lung_ml": min_lung_ml, "device": device, "backend": backend})
     source = model_dir or denoiser_dir or DEMO_MODEL
     summary = slice_scores(inputs, out_dir, source, cfg, resume=resume, workers=workers, scheduler=scheduler,
                            on_result=echo_error_row)

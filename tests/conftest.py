@@ -52,6 +52,17 @@ def _no_progress(monkeypatch):
     monkeypatch.setenv("COVIDCTNET_NO_PROGRESS", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _export_cache(tmp_path_factory):
+    """``--backend auto`` (the default) exports each model to ONNX into ``$XDG_CACHE_HOME/covidctnet``: one cache for
+    the whole session, so that each model is exported once and the user's ~/.cache is never written (subprocesses
+    inherit the variable)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One torch intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``).

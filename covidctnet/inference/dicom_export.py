@@ -55,8 +55,8 @@ from scipy import ndimage
 from covidctnet.core.errors import ConfigError
 from covidctnet.core.files import atomic_path
 from covidctnet.core.labels import CLASS_NAMES
-from covidctnet.inference.slice_scores import mask_to_grid
 from covidctnet.io.volume import Volume
+from covidctnet.preprocessing.lungmask3d import mask_to_grid
 
 __all__ = [
     "LOCAL_SCHEME",

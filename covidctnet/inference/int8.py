@@ -31,7 +31,7 @@ import torch
 
 from covidctnet.core.errors import ConfigError, ModelDirError
 from covidctnet.data.residual_volumes import residual_to_network_input
-from covidctnet.inference.residuals import compute_residual
+from covidctnet.inference.denoise import compute_residual
 from covidctnet.io.batch import discover_studies
 from covidctnet.io.checks import check_volume
 from covidctnet.io.volume import read_volume

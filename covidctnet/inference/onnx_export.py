@@ -22,6 +22,15 @@ no ``onnxscript``) with a dynamic batch axis, checked with ``onnx.checker`` and 
 batch of another batch size than the one traced: an export whose outputs differ from PyTorch's by more than
 ``tolerance`` (1e-4) is refused and nothing is written. The whole folder is built next to ``OUT_DIR`` and renamed
 into place, so a failed or killed export leaves no partial folder.
+
+**The export cache.** ``--backend auto`` (the default) and a forced ``onnx`` or ``openvino`` backend given a PyTorch
+model directory run :func:`cached_export`: the same export, built on first use into
+``$XDG_CACHE_HOME/covidctnet/onnx/<weights>-<exporter>/`` (``~/.cache/covidctnet`` when ``XDG_CACHE_HOME`` is unset),
+where ``<weights>`` starts the sha256 of the model's ``SHA256SUMS`` (the report's ``weights_sha256``) and
+``<exporter>`` the sha256 of :func:`exporter_version` (covidctnet, torch and onnx versions, opset). An entry is used
+only when its ``onnx.json`` names that model and exporter and every file's sha256 matches; a corrupt or stale one is
+rebuilt. Builds hold a lock file beside the entry, so two processes starting at once export once; the entry itself
+appears by a rename. Deleting the folder clears the cache.
 """
 
 from __future__ import annotations
@@ -33,12 +42,14 @@ import os
 import shutil
 import warnings
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock
 from torch import nn
 
 from covidctnet.core.errors import ConfigError, ModelDirError
@@ -52,7 +63,11 @@ __all__ = [
     "ONNX_MANIFEST",
     "OnnxExport",
     "OnnxModule",
+    "cache_root",
+    "cached_export",
     "export_onnx",
+    "exporter_version",
+    "is_onnx_export",
     "load_onnx_manifest",
     "load_onnx_component",
     "load_onnx_denoiser",
@@ -67,7 +82,8 @@ INT8_COMPONENT = "denoiser_int8"
 OPSET = 17
 TOLERANCE = 1e-4
 _COPIED = ("config.yaml", "MODEL_CARD.md", "SHA256SUMS")
-_TRACE_BATCH, _CHECK_BATCH = 2, 3  # checking with another batch size than the traced one proves the axis is dynamic
+_TRACE_BATCH, _CHECK_BATCH = 1, 2  # checking with another batch size than the traced one proves the axis is dynamic
+_LOCK_TIMEOUT_S = 1800.0  # another process exporting the same model: its export of a large model takes minutes
 
 
 @dataclass
@@ -98,21 +114,20 @@ def _torch_components(model_dir: Path) -> tuple[Any, dict[str, tuple[Any, tuple[
         if size < 1:
             raise ModelDirError(f"{md.path / 'config.yaml'}: no preprocess.size for the slice model's input")
         return md, {"model": (model, (1, channels, size, size), "normal")}
-    missing = [c for c in ("denoiser", "classifier") if c not in comps]
-    if missing:
-        raise ModelDirError(f"{md.path}: no {' or '.join(missing)} component in config.yaml (found {sorted(comps)}); "
-                            "export-onnx takes a predict model directory (denoiser + classifier) or a slice model "
-                            "directory (task: slice)")
+    if "denoiser" not in comps:
+        raise ModelDirError(f"{md.path}: no denoiser component in config.yaml (found {sorted(comps)}); export-onnx "
+                            "takes a predict model directory (denoiser + classifier), a denoiser model directory or a "
+                            "slice model directory (task: slice)")
 
     den = load_denoiser(md.path, device="cpu")
+    modules = {"denoiser": (den.model, (1, 1, den.size_xy, den.size_xy), "unit")}
+    if "classifier" not in comps:  # a denoiser model directory (train-denoiser; slice-scores and residuals use it)
+        return md, modules
     classifier = load_classifier(md, device="cpu")
     input_size = (md.component("classifier").get("kwargs") or {}).get("input_size")
     if not input_size or len(input_size) != 3:
         raise ModelDirError(f"{md.path}: the classifier's input_size (depth, height, width) is not recorded")
-    return md, {
-        "denoiser": (den.model, (1, 1, den.size_xy, den.size_xy), "unit"),
-        "classifier": (classifier, (1, 1, *(int(s) for s in input_size)), "normal"),
-    }
+    return md, {**modules, "classifier": (classifier, (1, 1, *(int(s) for s in input_size)), "normal")}
 
 
 def _random_batch(shape: tuple[int, ...], batch: int, kind: str, seed: int) -> torch.Tensor:
@@ -122,7 +137,7 @@ def _random_batch(shape: tuple[int, ...], batch: int, kind: str, seed: int) -> t
 
 
 def _export_one(name: str, module: Any, shape: tuple[int, ...], kind: str, path: Path, opset: int,
-                tolerance: float, seed: int) -> dict[str, Any]:
+                tolerance: float, seed: int, log_level: int = logging.INFO) -> dict[str, Any]:
     """Export, check and compare one network; raises ModelDirError when onnxruntime and PyTorch disagree."""
     import onnx
     import onnxruntime as ort
@@ -152,8 +167,8 @@ def _export_one(name: str, module: Any, shape: tuple[int, ...], kind: str, path:
     if not diff <= tolerance:  # also catches NaN
         raise ModelDirError(f"{name}: onnxruntime and PyTorch outputs differ by {diff:.3g} > {tolerance:g} on a "
                             f"random batch of {_CHECK_BATCH}; export refused, nothing written")
-    logger.info("%s: exported to ONNX (opset %d), max |onnxruntime - PyTorch| = %.2e on batch %d", name, opset,
-                diff, _CHECK_BATCH)
+    logger.log(log_level, "%s: exported to ONNX (opset %d), max |onnxruntime - PyTorch| = %.2e on batch %d", name,
+               opset, diff, _CHECK_BATCH)
     return {
         "file": path.name,
         "sha256": sha256_file(path),
@@ -174,6 +189,7 @@ def export_onnx(
     seed: int = 0,
     int8_calibration: Sequence[str | os.PathLike] = (),
     calibration_slices: int = 32,
+    log_level: int = logging.INFO,
 ) -> OnnxExport:
     """``covidctnet export-onnx``: write an ONNX model directory (layout in the module docstring).
 
@@ -187,6 +203,7 @@ def export_onnx(
         int8_calibration: control CT scans (DICOM folders, NIfTI files, dataset roots); when given, an int8
             denoiser is added (``denoiser_int8.onnx``), calibrated and gated on them (:mod:`covidctnet.inference.int8`).
         calibration_slices: slices of those scans the quantisation ranges are taken from.
+        log_level: of the lines saying what was exported (the cache logs them at DEBUG and says one line itself).
 
     Returns:
         What was written.
@@ -199,8 +216,6 @@ def export_onnx(
             calibration for a slice model.
         InputError: a calibration scan is missing, unreadable or fails the input checks.
     """
-    import onnx
-
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.resolve() == model_dir.resolve():
         raise ConfigError(f"{out_dir}: -o must differ from MODEL_DIR (the export would replace the source model)")
@@ -211,8 +226,8 @@ def export_onnx(
     if int8_calibration and "denoiser" not in modules:
         raise ConfigError(f"{model_dir}: --int8-calibration quantises a denoiser; a slice model has none")
     with atomic_dir(out_dir) as tmp:
-        entries = {name: _export_one(name, module, shape, kind, tmp / f"{name}.onnx", opset, tolerance, seed)
-                   for name, (module, shape, kind) in modules.items()}
+        entries = {name: _export_one(name, module, shape, kind, tmp / f"{name}.onnx", opset, tolerance, seed,
+                                     log_level) for name, (module, shape, kind) in modules.items()}
         if int8_calibration:
             entries[INT8_COMPONENT] = _export_int8(md, modules, tmp, int8_calibration, calibration_slices)
         for fname in _COPIED:
@@ -224,12 +239,13 @@ def export_onnx(
             "source": str(md.path),
             "source_sums_sha256": hashlib.sha256((md.path / "SHA256SUMS").read_bytes()).hexdigest(),
             "opset": opset,
-            "exporter": f"torch.onnx.export(dynamo=False), torch {torch.__version__}, onnx {onnx.__version__}",
+            "exporter": exporter_version(opset),
             "tolerance": tolerance,
             "components": entries,
         }
         (tmp / ONNX_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    logger.info("%s: ONNX model directory with %s", out_dir, ", ".join(e["file"] for e in entries.values()))
+    logger.log(log_level, "%s: ONNX model directory with %s", out_dir,
+               ", ".join(e["file"] for e in entries.values()))
     return OnnxExport(out_dir, {k: dict(v) for k, v in entries.items()})
 
 
@@ -244,6 +260,97 @@ def _export_int8(md: Any, modules: dict[str, tuple[Any, tuple[int, ...], str]], 
                      modules["classifier"][0], depth, size)
     return {"file": path.name, "sha256": sha256_file(path), "input": "input", "output": "denoised",
             "input_shape": ["batch", 1, size, size], **quantization, "gate": gate}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the export cache (backend auto)
+
+
+def exporter_version(opset: int = OPSET) -> str:
+    """What an export depends on besides the weights: covidctnet's, torch's and onnx's versions and the opset (the
+    second half of a cache entry's key, recorded as ``exporter`` in ``onnx.json``)."""
+    versions = []
+    for package in ("covidctnet", "onnx"):
+        try:
+            versions.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            versions.append(f"{package} unknown")
+    return f"torch.onnx.export(dynamo=False), {versions[0]}, torch {torch.__version__}, {versions[1]}, opset {opset}"
+
+
+def cache_root() -> Path:
+    """``$XDG_CACHE_HOME/covidctnet``, or ``~/.cache/covidctnet`` when it is unset or not absolute (the XDG rule)."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(base) if os.path.isabs(base) else Path.home() / ".cache") / "covidctnet"
+
+
+def is_onnx_export(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is an ONNX model directory (``export-onnx`` output: it has ``onnx.json``)."""
+    return (Path(path) / ONNX_MANIFEST).is_file()
+
+
+def _sums_sha256(path: Path) -> str:
+    return hashlib.sha256((path / "SHA256SUMS").read_bytes()).hexdigest()
+
+
+def _cache_problem(entry: Path, sums: str, exporter: str) -> str | None:
+    """Why the cache entry cannot be used (``None``: it can): missing, made for another model or by another exporter
+    (stale), or a file whose sha256 differs from ``onnx.json`` (corrupt)."""
+    if not entry.is_dir():
+        return "missing"
+    try:
+        manifest = json.loads((entry / ONNX_MANIFEST).read_text())
+        if manifest.get("source_sums_sha256") != sums or _sums_sha256(entry) != sums:
+            return "stale: made for another model"
+        if manifest.get("exporter") != exporter:
+            return f"stale: made by {manifest.get('exporter')!r}, not {exporter!r}"
+        load_model_dir(entry)  # config.yaml against the copied SHA256SUMS
+        for entry_ in (manifest.get("components") or {}).values():
+            if sha256_file(entry / entry_["file"]) != entry_["sha256"]:
+                return f"corrupt: {entry_['file']} does not match its sha256 in {ONNX_MANIFEST}"
+        if not manifest.get("components"):
+            return f"corrupt: no components in {ONNX_MANIFEST}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, ModelDirError) as err:
+        return f"corrupt: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    return None
+
+
+def cached_export(model_dir: str | os.PathLike) -> Path:
+    """The ONNX model directory of ``model_dir`` from the export cache, exported into it on first use.
+
+    See the module docstring for the layout and the checks. A valid entry is used without a lock; otherwise the
+    entry's lock is taken, the entry checked again (another process may have just built it), and a corrupt or stale
+    one replaced by a fresh export (:func:`export_onnx`, whose checks against PyTorch hold as for ``export-onnx``).
+
+    Returns:
+        The entry's folder (an ONNX model directory for :func:`load_onnx_manifest`).
+
+    Raises:
+        ModelDirError: ``model_dir`` is not a model directory, has no denoiser, or its export fails the checks.
+        ConfigError: the cache is locked by another export for longer than 30 minutes.
+    """
+    md = load_model_dir(model_dir)
+    sums, exporter = _sums_sha256(md.path), exporter_version()
+    root = cache_root() / "onnx"
+    entry = root / f"{sums[:16]}-{hashlib.sha256(exporter.encode()).hexdigest()[:8]}"
+    if _cache_problem(entry, sums, exporter) is None:
+        return entry
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        with FileLock(str(entry) + ".lock", timeout=_LOCK_TIMEOUT_S):
+            problem = _cache_problem(entry, sums, exporter)
+            if problem is None:  # another process built it while this one waited
+                return entry
+            if problem != "missing":
+                logger.warning("%s: cached ONNX export %s; exporting it again", entry, problem)
+                shutil.rmtree(entry)
+            logger.info("%s: exporting to ONNX once for the onnx/openvino backends (checked against PyTorch), into "
+                        "the cache %s", md.path, entry)
+            export_onnx(md.path, entry, log_level=logging.DEBUG)
+    except TimeoutError as err:  # filelock.Timeout
+        raise ConfigError(f"{entry}.lock: another process has been exporting this model for over "
+                          f"{_LOCK_TIMEOUT_S / 60:.0f} minutes; if none is, delete the lock file") from err
+    return entry
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -351,5 +458,8 @@ def load_onnx_denoiser(md: Any, manifest: dict[str, Any], module: nn.Module | No
     size = (md.config.get("input") or {}).get("size_xy", preprocess.get("size_xy"))
     if isinstance(size, bool) or not isinstance(size, int):
         raise ModelDirError(f"{md.path / 'config.yaml'}: no input size (input.size_xy or preprocess.size_xy)")
-    return Denoiser(module, size, md.path, manifest["components"]["denoiser"]["sha256"], torch.device("cpu"),
+    # the source's denoiser weights hash (the copied SHA256SUMS lists it), as the torch backend reports: a residuals
+    # or slice-scores folder then resumes across backends
+    sha = md.sha256.get((md.config.get("components") or {}).get("denoiser", {}).get("weights", ""))
+    return Denoiser(module, size, md.path, sha or manifest["components"]["denoiser"]["sha256"], torch.device("cpu"),
                     preprocess)

@@ -184,22 +184,26 @@ def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8, precisi
 
     Returns:
         ``probabilities`` (3,) in ``CLASS_NAMES`` order, ``predicted``, ``preprocessed`` ((X, Y, Z) array, affine),
-        ``residual`` ((size, size, depth) array, affine) and ``seconds`` per step.
+        ``residual`` ((size, size, depth) array, affine), ``residual_full`` (the residual on the preprocessed grid,
+        before resampling: (X, Y, Z) array, the preprocessed affine; slice scores are taken from it) and ``seconds``
+        per step.
     """
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     array, affine = preprocess_volume(volume, pipeline.preprocess)
     seconds["preprocess"] = time.perf_counter() - t
     t = time.perf_counter()
-    residual = compute_residual(
+    # on the preprocessed grid first (what compute_residual resamples from), kept for predict --slice-scores
+    full = compute_residual(
         array,
         pipeline.denoiser,
-        depth=pipeline.depth,
-        size=pipeline.size_xy,
+        depth=array.shape[2],
+        size=array.shape[0],
         batch_size=batch_size,
         source=str(volume.source),
         precision=precision if pipeline.backend == "torch" else "fp32",
     )
+    residual = resample_stack(full, (pipeline.size_xy, pipeline.size_xy, pipeline.depth))
     seconds["denoise"] = time.perf_counter() - t
     t = time.perf_counter()
     x = torch.as_tensor(residual_to_network_input(residual))[None]
@@ -213,6 +217,7 @@ def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8, precisi
         "predicted": CLASS_NAMES[int(np.argmax(probs))],
         "preprocessed": (array, affine),
         "residual": (residual, residual_affine(affine, array.shape, residual.shape)),
+        "residual_full": (full, affine),
         "seconds": seconds,
     }
 
@@ -255,8 +260,23 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
         "checks": " ".join(passed),
         "seconds": {"read": round(read_s, 3), **{k: round(v, 3) for k, v in result["seconds"].items()}},
     }
-    # the overlay is drawn for every study: report.html shows it (a small one without --save-residuals); files are
-    # written before the study's JSON, whose presence marks the study done
+    if cfg.dicom_out:
+        reported = {c: float(row[f"p_{c}"]) for c in CLASS_NAMES}  # the SR holds the report's numbers exactly
+        row["dicom"] = export_study(cfg.dicom_out, study.study_id, volume, reported, result["predicted"], pipeline.name,
+                                    pipeline.weights_sha256, *result["residual"], lungs.mask, lungs_affine)
+        if transfer is not None and transfer.store_to and row["dicom"] != SKIPPED_NOT_DICOM:
+            written = [Path(cfg.dicom_out) / name for name in row["dicom"].split()]
+            try:
+                row["stored"] = store_instances(written, transfer)  # SEG first: the SR references it
+            except CovidCTNetError:  # the study failed: its SR and SEG files go (the message says what was stored)
+                for path in written:
+                    path.unlink(missing_ok=True)
+                if written[0].parent.is_dir() and not any(written[0].parent.iterdir()):
+                    written[0].parent.rmdir()
+                raise
+    # written after the DICOM output and its storing, which may fail, and before the study's JSON, whose presence
+    # marks the study done; the overlay is drawn for every study: report.html shows it (a small one without
+    # --save-residuals)
     residual, res_affine = result["residual"]
     if cfg.save_residuals:
         write_nifti(residual, res_affine, out_dir / f"{study.study_id}_residual.nii.gz")
@@ -283,20 +303,6 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
     plot_residual_overlay(out_dir / (row.get("overlay") or row["preview"]), ct_small, residual, title=title,
                           lung_mask=lung, axial_index=int(np.argmax(score)) if area.max() else None,
                           **({} if cfg.save_residuals else {"dpi": PREVIEW_DPI}))
-    if cfg.dicom_out:
-        reported = {c: float(row[f"p_{c}"]) for c in CLASS_NAMES}  # the SR holds the report's numbers exactly
-        row["dicom"] = export_study(cfg.dicom_out, study.study_id, volume, reported, result["predicted"], pipeline.name,
-                                    pipeline.weights_sha256, *result["residual"], lungs.mask, lungs_affine)
-        if transfer is not None and transfer.store_to and row["dicom"] != SKIPPED_NOT_DICOM:
-            written = [Path(cfg.dicom_out) / name for name in row["dicom"].split()]
-            try:
-                row["stored"] = store_instances(written, transfer)  # SEG first: the SR references it
-            except CovidCTNetError:  # the study failed: none of its outputs stay (the message says what was stored)
-                for path in [*written, *(out_dir / row[k] for k in ("residual", "overlay", "preview") if k in row)]:
-                    path.unlink(missing_ok=True)
-                if written[0].parent.is_dir() and not any(written[0].parent.iterdir()):
-                    written[0].parent.rmdir()
-                raise
     row["output"] = f"{PREDICTIONS_DIR}/{study.study_id}.json"
     (out_dir / PREDICTIONS_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / row["output"], json.dumps(_json_row({"study_id": study.study_id, **row}), indent=2))

@@ -167,7 +167,7 @@ def predict_slices(
     device: str = "auto",
     batch_size: int = 16,
     threshold: float | None = None,
-    backend: str = "torch",
+    backend: str = "auto",
     on_error: Callable[[str], None] | None = None,
 ) -> PredictSummary:
     """Score slice images into ``OUT/preds.csv``; a bad image is an error row and the others go on.
@@ -186,7 +186,9 @@ def predict_slices(
         device: ``auto`` / ``cpu`` / ``cuda``.
         batch_size: images per forward pass.
         threshold: override of the model's decision threshold on ``p_covid``, in [0, 1].
-        backend: ``torch``, or ``onnx`` (onnxruntime on the CPU; ``model_dir`` is an ``export-onnx`` output).
+        backend: ``auto`` (:func:`covidctnet.inference.backends.resolve_backend`; PyTorch with ``cam_dir``),
+            ``torch``, ``onnx`` or ``openvino`` (on the CPU, from an ``export-onnx`` folder or the model directory's
+            cached export).
         on_error: called with each bad image's one-line message as it happens (the CLI prints ``Error: ...``);
             ``None`` logs it.
 
@@ -250,15 +252,14 @@ def _open_slice_model(
         every weights file; an ONNX export carries its source's, so both backends report the same).
 
     Raises:
-        ConfigError: unknown backend, Grad-CAM asked of the ONNX backend, or the ONNX backend without a model.
+        ConfigError: unknown backend, or Grad-CAM asked of the onnx or openvino backend.
         ModelDirError: no bundled model in this installation, or the model directory is unusable.
     """
-    if check_backend(backend) != "torch":
-        if cam_dir is not None:
-            raise ConfigError(f"--cam needs gradients, which the {backend} backend has not; use --backend torch for "
-                              "Grad-CAM")
-        if model_dir is None:
-            raise ConfigError(f"--backend {backend} needs --model: an `export-onnx` output folder of a slice model")
+    if cam_dir is not None and check_backend(backend) == "auto":
+        backend = "torch"  # Grad-CAM needs PyTorch's gradients
+    if cam_dir is not None and backend != "torch":
+        raise ConfigError(f"--cam needs gradients, which the {backend} backend has not; use --backend torch (or auto) "
+                          "for Grad-CAM")
     if model_dir is None and not DEFAULT_SLICE_MODEL.is_dir():
         raise ModelDirError(
             f"{DEFAULT_SLICE_MODEL}: no bundled slice model in this installation; pass --model MODEL_DIR"
