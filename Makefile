@@ -13,7 +13,7 @@ $(BIN)/python:
 # torch==2.13.0 is the CPU build that lies on this machine's disk; an unpinned torch pulls a multi-GB CUDA build.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,keras,onnx,openvino,dask,dicom,bundle]'
+	$(BIN)/pip install -q -e '.[dev,keras,onnx,openvino,dask,dicom,bundle,pacs]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 __all__ = ["ConfigOption", "config_option", "out_option", "config_file_option", "device_option", "dataclass_default",
-           "loader_workers_option", "resolve_ref", "batch_options", "step_options"]
+           "loader_workers_option", "resolve_ref", "batch_options", "step_options", "transfer_options", "transfer_inputs"]
 
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N (gpu = cuda)"
 
@@ -167,3 +167,47 @@ def batch_options(workers_help: str, resume_help: str) -> Any:
         return f
 
     return decorate
+
+
+_TRANSFER = "covidctnet.io.dicomweb:TransferConfig"
+
+
+def transfer_options(store: bool = False) -> Any:
+    """The DICOMweb options of the commands that read studies (``--query``, ``--keep-download``, ``--timeout``,
+    ``--insecure``) and, with ``store``, ``predict``'s ``--store-to`` and ``--ae-title``; see
+    :mod:`covidctnet.io.dicomweb` (credentials come from the environment or ~/.netrc, never from an option)."""
+    options = [
+        click.option("--query", "query", multiple=True, metavar="FIELD=VALUE",
+                     help="QIDO-RS filter for a DICOMweb server's base URL among the inputs (dicomweb+http://HOST:PORT/"
+                          "dicom-web): every matching study is read (repeatable; e.g. StudyDate=20200411)."),
+        config_option(_TRANSFER, "--keep-download", "keep_download", type=click.Path(file_okay=False),
+                      help="Keep each study retrieved from DICOMweb in DIR/<study_id>/ (else a temporary folder, "
+                           "deleted afterwards)."),
+        config_option(_TRANSFER, "--timeout", "timeout", type=float,
+                      help="Seconds to wait for a PACS connection or answer (every request is tried 3 times)."),
+        config_option(_TRANSFER, "--insecure", "insecure", is_flag=True,
+                      help="Do not verify the DICOMweb server's TLS certificate (warned; for a server you trust)."),
+    ]
+    if store:
+        options += [
+            config_option(_TRANSFER, "--store-to", "store_to", metavar="TARGET",
+                          help="Store each study's SR and SEG (--dicom-out) on a PACS: dicomweb+http(s)://HOST:PORT/"
+                               "PREFIX (STOW-RS) or dimse://AET@HOST:PORT (C-STORE)."),
+            config_option(_TRANSFER, "--ae-title", "ae_title", help="Calling AE title of C-STORE (--store-to dimse://)."),
+        ]
+
+    def decorate(f: Any) -> Any:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def transfer_inputs(inputs: Any, query: tuple[str, ...] = (), **given: Any) -> tuple[list[Any], Any]:
+    """``(inputs with each DICOMweb URL bound to the settings, TransferConfig)`` from :func:`transfer_options`'
+    values (unset ones keep the dataclass default)."""
+    from covidctnet.io.dicomweb import TransferConfig, remote_inputs
+
+    cfg = TransferConfig(query=tuple(query), **{k: v for k, v in given.items() if v is not None})
+    return remote_inputs(inputs, cfg), cfg

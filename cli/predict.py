@@ -9,7 +9,7 @@ import click
 
 from covidctnet.cli._common import batch_exit, bundled_model_notice, echo_error_row
 from covidctnet.cli.options import (backend_option, batch_options, config_file_option, config_option, device_option,
-                                    out_option)
+                                    out_option, transfer_inputs, transfer_options)
 
 _CONFIG = "covidctnet.inference.predict:PredictConfig"
 
@@ -62,15 +62,21 @@ def _print_report(summary, out_dir: Path) -> None:
     "in the lungs into this folder, in the source study with its patient data, for the PACS it came from "
     "(pip install 'covidctnet[dicom]').",
 )
+@transfer_options(store=True)
 @batch_options("Worker processes, each with its own copy of the model; 0 predicts in this process.",
                "Skip studies already predicted into OUT by the same model (OUT/manifest.csv).")
 def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, save_residuals, backend, precision,
-                dicom_out, workers, resume, scheduler):
-    """Diagnose CT studies (DICOM folders, NIfTI/NRRD files, dataset roots): control / COVID-19 / CAP.
+                dicom_out, workers, resume, scheduler, **transfer):
+    """Diagnose CT studies (DICOM folders, NIfTI/NRRD files, dataset roots, DICOMweb study URLs):
+    control / COVID-19 / CAP.
 
     Runs preprocess -> BCDU-Net denoising -> residual -> 3D CNN and writes OUT/report.csv, report.json and
     report.html (one page: a row per study with the call, probability bars, overlay, checks and timings).
     A bad study is reported and the others are still predicted (exit code 1); 2 if every study failed.
+
+    A study on a PACS: dicomweb+http(s)://HOST:PORT/dicom-web/studies/<StudyInstanceUID>[/series/<SeriesUID>], or
+    the server's base URL with --query; credentials from COVIDCTNET_DICOMWEB_TOKEN, COVIDCTNET_DICOMWEB_USER and
+    COVIDCTNET_DICOMWEB_PASSWORD, or ~/.netrc. --store-to sends the --dicom-out SR and SEG back.
     """
     from covidctnet.core.config import load_config
     from covidctnet.inference.predict import PredictConfig, predict_studies
@@ -85,8 +91,9 @@ def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, sav
         {"batch_size": batch_size, "device": device, "save_residuals": save_residuals, "backend": backend,
          "precision": precision, "dicom_out": dicom_out},
     )
+    inputs, transfer_cfg = transfer_inputs(inputs, **transfer)
     summary = predict_studies(inputs, model_dir, out_dir, cfg, on_result=echo_error_row, resume=resume,
-                              workers=workers, scheduler=scheduler)
+                              workers=workers, scheduler=scheduler, transfer=transfer_cfg)
     _print_report(summary, out_dir)
     if bundled and summary.n_ok + summary.n_skipped:  # after the run: a bad input stays one line
         bundled_model_notice("3D model (covidctnet/assets/demo_model)")

@@ -8,7 +8,8 @@ from pathlib import Path
 import click
 
 from covidctnet.cli._common import batch_exit, echo_error_row
-from covidctnet.cli.options import batch_options, config_file_option, config_option, out_option
+from covidctnet.cli.options import (batch_options, config_file_option, config_option, out_option, transfer_inputs,
+                                    transfer_options)
 
 _CONFIG = "covidctnet.preprocessing.preprocess:PreprocessConfig"
 
@@ -26,9 +27,11 @@ _CONFIG = "covidctnet.preprocessing.preprocess:PreprocessConfig"
 )
 @config_option(_CONFIG, "--size", "size_xy", type=int, help="In-plane output size in voxels.")
 @click.option("--series-uid", default=None, help="SeriesInstanceUID to read when one DICOM folder holds several.")
+@transfer_options()
 @batch_options("Worker processes; 0 runs in this process (best for debugging).",
                "Skip studies already 'ok' in OUT/manifest.csv whose output is unchanged.")
-def preprocess_cmd(inputs, out_dir, config_path, profile, size_xy, workers, scheduler, series_uid, resume):
+def preprocess_cmd(inputs, out_dir, config_path, profile, size_xy, workers, scheduler, series_uid, resume,
+                   **transfer):
     """Resample CT studies to 1 mm RAS, SIZE x SIZE in-plane, float32 in [0, 1].
 
     INPUTS are NIfTI/NRRD files, DICOM series folders, or dataset roots (the MosMed studies/CT-k/ layout gives
@@ -45,6 +48,7 @@ def preprocess_cmd(inputs, out_dir, config_path, profile, size_xy, workers, sche
         {"size_xy": size_xy, "profile": profile},
         defaults=OFFICIAL_PROFILE if profile == "official" else None,
     )
+    inputs, _ = transfer_inputs(inputs, **transfer)
     summary = preprocess_studies(
         inputs,
         out_dir,

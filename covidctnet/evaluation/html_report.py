@@ -1,8 +1,10 @@
 """Self-contained HTML pages of results: one page to scroll instead of a folder of CSV, JSON and PNG files.
 
 * :func:`write_predict_html` (``predict``'s ``report.html``): a row per study with the call, the three probabilities
-  as bars, the residual overlay, the input checks passed and the seconds per step, or the one-line error of a failed
-  study.
+  as bars, the residual overlay (the ``--save-residuals`` one, else the small preview predict draws for this page),
+  the input checks passed, the seconds per step and, with ``--store-to``, where the SR and SEG were stored (SOP
+  Instance UIDs), or the one-line error of a failed study. The table fits a 1,200-pixel-wide window: the overlay
+  scales with the column, long ids (DICOM UIDs) wrap.
 * :func:`write_markdown_html` (``evaluate``'s ``report.html``): the Markdown report (metrics tables, confusion
   matrices) rendered with markdown-it-py, its ROC and confusion PNGs embedded.
 
@@ -36,27 +38,31 @@ body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.
 h1 { font-size: 1.4em; margin-bottom: 0.2em; }
 .meta { color: #555; margin: 0.2em 0; }
 .notice { color: #8a4b00; }
-table { border-collapse: collapse; margin: 1em 0; }
+table { border-collapse: collapse; margin: 1em 0; width: 100%; max-width: 80em; }
 th, td { border: 1px solid #ccc; padding: 0.4em 0.6em; vertical-align: top; text-align: left; }
 th { background: #f2f2f2; }
+td.id { max-width: 12em; overflow-wrap: anywhere; }
+td.image { width: 40%; }
+.stored { color: #555; font-size: 0.8em; margin-top: 0.4em; overflow-wrap: anywhere; }
 tr.study.failed td { background: #fff3f3; }
 .badge { display: inline-block; padding: 0.2em 0.6em; border-radius: 3px; font-weight: bold; color: #fff;
   background: #37474f; }
 .badge.error { background: #b71c1c; }
 .label { color: #555; font-size: 0.9em; }
-.probs { min-width: 15em; }
+.probs { min-width: 13em; }
 .prob { display: flex; align-items: center; margin: 0.15em 0; font-size: 0.9em; }
 .prob .name { width: 4.5em; }
-.prob .track { flex: none; width: 7em; height: 0.9em; background: #eee; margin: 0 0.4em; }
+.prob .track { flex: none; width: 5em; height: 0.9em; background: #eee; margin: 0 0.4em; }
 .prob .fill { height: 100%; }
 .prob .value { width: 3.2em; text-align: right; font-variant-numeric: tabular-nums; }
 .prob.top .name, .prob.top .value { font-weight: bold; }
-img { max-width: 36em; display: block; }
-img.overlay { width: 30em; height: auto; }
+img { max-width: 100%; display: block; }
+img.overlay { width: 100%; max-width: 36em; min-width: 12em; height: auto; }
 .checks span { display: inline-block; background: #e8f0fe; border-radius: 3px; padding: 0 0.3em; margin: 0.1em;
   font-size: 0.85em; }
 .seconds { font-variant-numeric: tabular-nums; font-size: 0.9em; white-space: nowrap; }
-.message { color: #8e0000; font-family: ui-monospace, monospace; font-size: 0.9em; white-space: pre-wrap; }
+.message { color: #8e0000; font-family: ui-monospace, monospace; font-size: 0.9em; white-space: pre-wrap;
+  overflow-wrap: anywhere; }
 .missing { color: #777; font-style: italic; }
 """
 
@@ -109,20 +115,25 @@ def _study_row(row: Mapping[str, Any], out_dir: Path) -> str:
     label = f"<div class=\"label\">label: {_e(row['label'])}</div>" if row.get("label") else ""
     if row.get("status") != "ok":
         return (
-            f"<tr class=\"study failed\" data-status=\"error\"><td>{sid}{label}</td>"
+            f"<tr class=\"study failed\" data-status=\"error\"><td class=\"id\">{sid}{label}</td>"
             "<td><span class=\"badge error\">error</span></td>"
             f"<td colspan=\"4\" class=\"message\">{_e(row.get('error'))}</td></tr>"
         )
-    overlay = row.get("overlay")
+    overlay = row.get("overlay") or row.get("preview")
     if overlay and (out_dir / overlay).is_file():
         image = f"<img class=\"overlay\" alt=\"residual overlay of {sid}\" src=\"{embed_png(out_dir / overlay)}\">"
     else:
-        image = "<span class=\"missing\">no overlay (predict with --save-residuals)</span>"
+        image = "<span class=\"missing\">no overlay</span>"
     checks = "".join(f"<span>{_e(c)}</span>" for c in str(row.get("checks") or "").split())
+    stored = row.get("stored")
+    if stored:
+        stored = (f"<div class=\"stored\">stored to {_e(stored.get('to'))}: "
+                  f"{' '.join(_e(u) for u in stored.get('sop_instance_uids', []))}</div>")
     return (
-        f"<tr class=\"study ok\" data-status=\"ok\"><td>{sid}{label}</td>"
+        f"<tr class=\"study ok\" data-status=\"ok\"><td class=\"id\">{sid}{label}{stored or ''}</td>"
         f"<td><span class=\"badge\">{_e(row.get('predicted'))}</span></td>"
-        f"<td class=\"probs\">{_probability_bars(row)}</td><td>{image}</td><td class=\"checks\">{checks}</td>"
+        f"<td class=\"probs\">{_probability_bars(row)}</td><td class=\"image\">{image}</td>"
+        f"<td class=\"checks\">{checks}</td>"
         f"<td class=\"seconds\">{_seconds(row.get('seconds'))}</td></tr>"
     )
 
@@ -133,7 +144,8 @@ def predict_html(report: Mapping[str, Any], out_dir: str | os.PathLike) -> str:
     Args:
         report: the content of ``report.json`` (``model``, ``weights_sha256``, ``backend``, ``precision``,
             ``studies``: rows with ``study_id``, ``status``, ``error``, ``predicted``, ``p_<class>``, ``checks``,
-            ``seconds`` and ``overlay``, a PNG file name relative to ``out_dir``).
+            ``seconds``, ``overlay`` or ``preview`` (a PNG file name relative to ``out_dir``) and ``stored``
+            (``{"to": ..., "sop_instance_uids": [...]}``)).
         out_dir: the folder the overlay names are relative to.
     """
     out_dir = Path(out_dir)

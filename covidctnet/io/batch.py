@@ -24,7 +24,7 @@ import os
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from covidctnet.core.errors import CovidCTNetError, InputError, LabelError
 from covidctnet.core.files import remove_stale_temps, sha256_file, write_csv
 from covidctnet.core.labels import normalize_label
 from covidctnet.core.progress import progress, progress_task
+from covidctnet.io.dicomweb import RemoteStudy, find_studies, is_dicomweb_url, retrieved, transfer_config_of
 from covidctnet.io.volume import is_volume_file, study_id_from_path
 
 __all__ = [
@@ -59,11 +60,14 @@ class Study:
         path: the NIfTI/NRRD file or DICOM folder.
         source: ``path`` relative to the input root it was found under (for the manifest).
         label: canonical label when the layout tells it (MosMed ``CT-k`` folders, ``control/covid/cap`` folders).
+        remote: a study on a DICOMweb server: retrieved into a folder just before the stage runs on it
+            (``path`` is then that folder; ``source`` the URL without credentials).
     """
     study_id: str
     path: Path
     source: str
     label: str | None = None
+    remote: RemoteStudy | None = None
 
 
 @dataclass
@@ -114,12 +118,18 @@ def discover_studies(inputs: Iterable[str | os.PathLike]) -> list[Study]:
     A file is one study; a folder with DICOM files (or an empty folder, which then fails with a clear error) is one
     study; any other folder is searched recursively for volume files and DICOM folders. Labels come from the folder
     names between the root and the study (``CT-0`` → control, ``CT-1``…``CT-4`` → covid, ``control``/``covid``/``cap``).
+    A ``dicomweb+http(s)://`` URL (or a :class:`~covidctnet.io.dicomweb.RemoteInput`, which carries the transfer
+    settings) is one study per :func:`~covidctnet.io.dicomweb.find_studies`, retrieved when it is processed.
 
     Raises:
         InputError: an input path does not exist, or a dataset folder holds no study at all.
     """
     studies: list[Study] = []
     for raw in inputs:
+        if is_dicomweb_url(raw):
+            studies.extend(Study(r.study_id, Path(r.study_id), r.display, remote=r)
+                           for r in find_studies(os.fspath(raw), transfer_config_of(raw)))
+            continue
         root = Path(raw)
         if not root.exists():
             raise InputError(f"{root}: no such file or folder")
@@ -161,8 +171,12 @@ def _write_manifest(path: Path, rows: Iterable[dict[str, Any]], columns: Sequenc
                               for row in sorted(rows, key=lambda r: r["study_id"])])
 
 
-def _error_row(study: Study, err: BaseException) -> dict[str, Any]:
+def _error_row(study: Study, err: BaseException, local: Path | None = None) -> dict[str, Any]:
     message = " ".join(str(err).split()) or type(err).__name__
+    if study.remote is not None:  # a retrieved study is named by its URL, not by the temporary folder it was read from
+        if local is not None:
+            message = message.replace(str(local), study.remote.display)
+        study = replace(study, path=study.remote.display)  # type: ignore[arg-type]
     if not isinstance(err, CovidCTNetError):
         message = f"{study.path}: {type(err).__name__}: {message}"
     elif str(study.path) not in message:
@@ -174,8 +188,13 @@ def _error_row(study: Study, err: BaseException) -> dict[str, Any]:
 def _run_one(fn: Callable[[Study, Path], dict[str, Any]], study: Study, out_dir: Path) -> dict[str, Any]:
     """Process one study, turning any exception into an error row (runs in the worker)."""
     row: dict[str, Any] = {"study_id": study.study_id, "source": study.source, "label": study.label or ""}
+    local = None
     try:
-        result = fn(study, out_dir)
+        if study.remote is not None:
+            with retrieved(study.remote) as local:  # deleted afterwards unless --keep-download
+                result = fn(replace(study, path=local), out_dir)
+        else:
+            result = fn(study, out_dir)
         row.update(result)
         row.setdefault("status", "ok")
         row.setdefault("error", "")
@@ -185,7 +204,7 @@ def _run_one(fn: Callable[[Study, Path], dict[str, Any]], study: Study, out_dir:
         row.update(_error_row(study, InputError(f"{study.path}: out of memory while processing this study")))
     except Exception as err:  # noqa: BLE001 - one bad study must never stop the batch; the message is recorded
         logger.debug("study %s failed", study.study_id, exc_info=True)
-        row.update(_error_row(study, err))
+        row.update(_error_row(study, err, local))
     return row
 
 
