@@ -24,10 +24,10 @@ from covidctnet.core.errors import (
     NotCTError,
     SeriesSelectionError,
     ShapeError,
-    SliceGapError,
     UnreadableFileError,
 )
 from covidctnet.io.base import AIR_HU, FILL_BELOW_HU, LPS_TO_RAS, Volume, short_error
+from covidctnet.io.notices import collect_notices
 
 __all__ = [
     "DicomSeries",
@@ -44,6 +44,11 @@ LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2.2"
 _MULTIFRAME_CT_SOP_CLASSES = frozenset({ENHANCED_CT_IMAGE_STORAGE, LEGACY_CONVERTED_ENHANCED_CT_IMAGE_STORAGE})
 CT_SOP_CLASSES = frozenset({CT_IMAGE_STORAGE, *_MULTIFRAME_CT_SOP_CLASSES})
 """SOP classes read as CT slices; any other object in a series folder (dose report, secondary capture) is skipped."""
+
+
+_GEOMETRY_TAGS = {"ImagePositionPatient": "(0020,0032)", "ImageOrientationPatient": "(0020,0037)"}
+_NO_GEOMETRY = "CT image without "
+"""Start of the skip reason of a CT image lacking a tag of :data:`_GEOMETRY_TAGS`; the tags follow."""
 
 
 def _not_ct(folder: Path, modalities: Any) -> NotCTError:
@@ -63,6 +68,8 @@ class DicomSeries:
         headers: the files' headers (``stop_before_pixels``), in the order of ``files``.
         skipped: files of the folder left out before grouping, by reason (localizers, dose reports, secondary
             captures, non-DICOM files); shared by every series of the folder.
+        grouped_by_geometry: True for files of one SeriesInstanceUID each put together by geometry (``uid`` is then
+            empty; see :func:`_group_by_geometry`).
     """
 
     uid: str
@@ -70,6 +77,7 @@ class DicomSeries:
     modality: str
     headers: list[Any]
     skipped: Counter[str] = field(default_factory=Counter)
+    grouped_by_geometry: bool = False
 
     @property
     def n_images(self) -> int:
@@ -110,8 +118,10 @@ def _skip_reason(ds: Any) -> str | None:
         return "localizer (ImageType LOCALIZER)"
     if "SCREEN SAVE" in image_type:  # dose screens some scanners store as CT Image Storage
         return "screen capture (ImageType SCREEN SAVE)"
-    if not _is_multiframe(ds) and not all(t in ds for t in ("ImagePositionPatient", "ImageOrientationPatient")):
-        return "CT image without slice geometry (no ImagePositionPatient/ImageOrientationPatient)"
+    if not _is_multiframe(ds):
+        missing = [f"{tag} {number}" for tag, number in _GEOMETRY_TAGS.items() if tag not in ds]
+        if missing:
+            return _NO_GEOMETRY + " and ".join(missing)
     return None
 
 
@@ -121,12 +131,13 @@ def find_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
     Left out, and counted by reason in :attr:`DicomSeries.skipped`: files that are not DICOM (a README), objects that
     are not CT images (SOP class other than CT Image, Enhanced CT Image or Legacy Converted Enhanced CT Image: dose
     reports, secondary captures, DICOMDIR), localizers (ImageType LOCALIZER), screen captures stored as CT images
-    (ImageType SCREEN SAVE) and CT images without slice geometry.
+    (ImageType SCREEN SAVE) and CT images without slice geometry (ImagePositionPatient or ImageOrientationPatient).
 
     Raises:
         UnreadableFileError: the folder is empty, a ``.dcm`` file cannot be parsed, or no file is a DICOM image.
         NotCTError: the folder's images are of another modality (MR Image Storage …).
         SeriesSelectionError: the folder holds DICOM objects but no CT image (only a dose report, say).
+        ShapeError: every CT image lacks ImagePositionPatient or ImageOrientationPatient (the message names the tag).
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -160,6 +171,14 @@ def find_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
     if not groups:
         if other_modalities:
             raise _not_ct(folder, other_modalities)
+        no_geometry = {r: n for r, n in skipped.items() if r.startswith(_NO_GEOMETRY)}
+        if no_geometry and set(skipped) - {"not DICOM"} == set(no_geometry):
+            # Every CT image lacks its position or orientation: refuse rather than stack them in an invented geometry.
+            what = "; ".join(f"{r[len(_NO_GEOMETRY):]} missing in {n}" for r, n in sorted(no_geometry.items()))
+            raise ShapeError(
+                f"{folder}: {what} of the {sum(no_geometry.values())} CT images; without it the slices cannot be "
+                "placed, and covidctnet does not guess the geometry"
+            )
         if set(skipped) - {"not DICOM"}:
             raise SeriesSelectionError(f"{folder}: no CT image to read; {_describe_skipped(skipped, len(files))}")
         raise UnreadableFileError(f"{folder}: no DICOM image files found ({len(files)} other files)")
@@ -212,7 +231,7 @@ class _Slice:
 
     path: Path
     frame: int | None  # frame index in a multi-frame file; None for a single-frame file
-    key: tuple[str, int]  # (SOPInstanceUID, frame): the same key twice is the same image exported twice
+    key: tuple[str, int]  # (SOPInstanceUID, frame): not unique in anonymised exports; content decides duplicates
     ipp: np.ndarray  # (3,) ImagePositionPatient, LPS mm
     iop: np.ndarray  # (6,) ImageOrientationPatient: row cosine, column cosine
     pixel_spacing: tuple[float, float]  # PixelSpacing: (between rows, between columns) mm
@@ -281,21 +300,147 @@ def _series_slices(folder: Path, series: DicomSeries) -> list[_Slice]:
     return slices
 
 
-def _drop_duplicates(folder: Path, slices: list[_Slice], skipped: Counter[str]) -> list[_Slice]:
-    """Keep one copy of each SOPInstanceUID (+ frame): the same image exported twice, under two file names."""
-    kept: dict[tuple[str, int], _Slice] = {}
+def _drop_duplicates(folder: Path, slices: list[_Slice], skipped: Counter[str]) -> tuple[list[_Slice], int]:
+    """Keep one copy of each image, deciding by content: two slices are the same image when they lie at the same
+    position (within 1 µm) and their pixel data agree (the same PixelData bytes, or, for single-frame files stored
+    differently, the same decoded values). Their SOPInstanceUIDs do not decide: anonymisers give every slice of a
+    series one UID (COVID-CT-MD as published) or a copy a new one.
+
+    Two *different* images at one position are both kept (:func:`covidctnet.io.checks.check_volume` refuses them).
+    Files sharing one SOPInstanceUID at different positions are distinct slices, read with one warning line.
+
+    Returns:
+        The slices kept (in their given order) and how many of them share a SOPInstanceUID with another.
+    """
+    by_position: dict[tuple[int, int, int], list[_Slice]] = defaultdict(list)
     for s in slices:
-        first = kept.get(s.key)
-        if first is None:
-            kept[s.key] = s
+        by_position[tuple(int(v) for v in np.round(s.ipp * 1000.0))].append(s)
+    digests: dict[tuple[Path, int | None], str] = {}
+    drop: set[int] = set()
+    for group in by_position.values():
+        if len(group) < 2:  # the common case: no pixel data read here
             continue
-        if not np.allclose(first.ipp, s.ipp, atol=1e-3):
-            raise SliceGapError(
-                f"{folder}: {first.path.name} and {s.path.name} have the same SOPInstanceUID but lie at different "
-                "positions; the export is corrupt"
-            )
-        skipped["duplicate (same SOPInstanceUID as another file)"] += 1
-    return list(kept.values())
+        firsts: list[_Slice] = []
+        for s in group:
+            if any(_same_image(u, s, digests) for u in firsts):
+                drop.add(id(s))
+                skipped["duplicate (same position and pixel data as another file)"] += 1
+            else:
+                firsts.append(s)
+    kept = [s for s in slices if id(s) not in drop]
+    per_uid = Counter(s.key for s in kept)
+    shared = {key: n for key, n in per_uid.items() if n > 1}
+    n_shared = sum(shared.values())
+    if shared:
+        logger.warning("%s: %d files share %s (anonymised export?); slices ordered by position", folder, n_shared,
+                       "one SOPInstanceUID" if len(shared) == 1 else f"{len(shared)} SOPInstanceUIDs")
+    return kept, n_shared
+
+
+def _pixel_digest(s: _Slice, digests: dict[tuple[Path, int | None], str]) -> str:
+    """SHA-256 of a slice's stored PixelData bytes (encoded as stored; with the frame index for a frame of a
+    multi-frame file), cached in ``digests``."""
+    import hashlib
+
+    import pydicom
+
+    key = (s.path, s.frame)
+    if key not in digests:
+        try:
+            data = pydicom.dcmread(s.path).PixelData
+        except Exception as err:  # pydicom raises many types for truncated files
+            raise UnreadableFileError(f"{s.path}: cannot read pixel data ({short_error(err)})") from err
+        digest = hashlib.sha256(bytes(data))
+        digest.update(str(s.frame).encode())
+        digests[key] = digest.hexdigest()
+    return digests[key]
+
+
+def _same_image(a: _Slice, b: _Slice, digests: dict[tuple[Path, int | None], str]) -> bool:
+    """True when two slices at one position hold the same pixels (see :func:`_drop_duplicates`)."""
+    if _pixel_digest(a, digests) == _pixel_digest(b, digests):
+        return True
+    if a.frame is None and b.frame is None:  # the same image may have been stored in another transfer syntax
+        return bool(np.array_equal(_decode_one(a)[0], _decode_one(b)[0]))
+    return False
+
+
+def _group_by_geometry(folder: Path, series: list[DicomSeries]) -> list[DicomSeries]:
+    """Put back together a series whose SeriesInstanceUID an anonymiser randomised per file.
+
+    Applies only when every CT series of the folder is one single-frame file and there are at least three of them
+    (a real series of one slice is too few to read anyway). The files are grouped by geometry: orientation
+    (ImageOrientationPatient to 1e-3), PixelSpacing (to 1e-4 mm) and Rows × Columns; the largest group is one series
+    when its positions along the slice normal lie on a regular lattice (every gap a whole multiple of the median gap,
+    to 1% or 0.01 mm: a missing slice is left for ``check_volume`` to name). Files of other geometries are left out
+    and counted. One warning line says so.
+
+    Raises:
+        SeriesSelectionError: the largest group's positions are not one regular stack (two series mixed).
+        UnreadableFileError: a file's geometry tags cannot be parsed.
+    """
+    ct = [s for s in series if s.modality == "CT"]
+    if len(ct) < 3 or len(ct) != len(series) or any(s.n_images != 1 or _is_multiframe(s.headers[0]) for s in ct):
+        return series
+    groups: dict[tuple[Any, ...], list[DicomSeries]] = defaultdict(list)
+    for s in ct:
+        ds = s.headers[0]
+        try:
+            key = (tuple(np.round(_floats(ds.ImageOrientationPatient, 6), 3)),
+                   tuple(np.round(_floats(ds.PixelSpacing, 2), 4)), (int(ds.Rows), int(ds.Columns)))
+        except (AttributeError, KeyError, TypeError, ValueError) as err:
+            raise UnreadableFileError(
+                f"{folder}: DICOM geometry tags missing or invalid in {s.files[0].name} ({short_error(err)})"
+            ) from err
+        groups[key].append(s)
+    key, members = max(groups.items(), key=lambda kv: len(kv[1]))
+    normal = np.cross(np.asarray(key[0][:3]), np.asarray(key[0][3:]))
+    positions = np.unique(np.round([float(np.dot(normal, _floats(m.headers[0].ImagePositionPatient, 3)))
+                                    for m in members], 3))
+    gaps = np.diff(positions)
+    median = float(np.median(gaps)) if gaps.size else 0.0
+    steps = np.round(gaps / median) if median > 0 else gaps
+    if median <= 0 or np.any(steps < 1) or np.max(np.abs(gaps - steps * median)) > max(0.01, 0.01 * median):
+        raise SeriesSelectionError(
+            f"{folder}: each of the {len(ct)} CT files has its own SeriesInstanceUID, and the {len(members)} of one "
+            f"geometry do not lie on one regular stack (gaps {gaps.min() if gaps.size else 0:.3g}.."
+            f"{gaps.max() if gaps.size else 0:.3g} mm); cannot tell the series apart"
+        )
+    members.sort(key=lambda m: m.files[0].name)
+    skipped = Counter(ct[0].skipped)
+    left_out = len(ct) - len(members)
+    if left_out:
+        skipped["other geometry (own SeriesInstanceUID, not one stack with the others)"] += left_out
+    logger.warning(
+        "%s: each of the %d CT files has its own SeriesInstanceUID (anonymised export?); grouped by geometry "
+        "(orientation, pixel spacing, %dx%d pixels, a slice every %.3g mm) into one series of %d files",
+        folder, len(ct), key[2][1], key[2][0], median, len(members),
+    )
+    return [DicomSeries(uid="", files=[m.files[0] for m in members], modality="CT",
+                        headers=[m.headers[0] for m in members], skipped=skipped, grouped_by_geometry=True)]
+
+
+def _series_affine(slices: list[_Slice], normal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The RAS+ affine of slices sorted along ``normal``, for the (i, j, k) = (column, row, slice) array.
+
+    The slice axis is the mean step between the first and last slice origins (so a gantry tilt shows as shear, which
+    ``check_volume`` refuses); one slice steps by SliceThickness along the normal.
+
+    Returns:
+        (4, 4) affine and the (3,) LPS step between slices (mm).
+    """
+    iop, ipp0 = slices[0].iop, slices[0].ipp
+    if len(slices) > 1:
+        step = (slices[-1].ipp - ipp0) / (len(slices) - 1)
+    else:
+        step = normal * float(slices[0].header.get("SliceThickness", 1.0) or 1.0)
+    row_spacing, column_spacing = slices[0].pixel_spacing
+    lps = np.eye(4)
+    lps[:3, 0] = iop[:3] * column_spacing  # along a row, pixels are one column spacing apart
+    lps[:3, 1] = iop[3:] * row_spacing
+    lps[:3, 2] = step if np.linalg.norm(step) > 0 else normal
+    lps[:3, 3] = ipp0
+    return LPS_TO_RAS @ lps, step
 
 
 def _majority_orientation(folder: Path, slices: list[_Slice], skipped: Counter[str]) -> list[_Slice]:
@@ -341,8 +486,17 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None, 
 
     Left out, with one log line saying how many and why: localizers (ImageType LOCALIZER, or an orientation only a
     minority of the series' slices share), objects that are not CT images (dose reports, secondary captures …), and
-    second copies of the same image (same SOPInstanceUID). Two *different* images at one position are kept, and
-    :func:`covidctnet.io.checks.check_volume` refuses them.
+    second copies of the same image (same position and pixel data, whatever their SOPInstanceUIDs). Two *different*
+    images at one position are kept, and :func:`covidctnet.io.checks.check_volume` refuses them.
+
+    Notices of pydicom and ITK/GDCM (an invalid UID warns once per file) become one log line with counts per kind
+    (:func:`covidctnet.io.notices.collect_notices`; each at DEBUG).
+
+    Anonymised exports are read as the clean series (one warning line each, no patient tag read): one
+    SOPInstanceUID shared by every slice (COVID-CT-MD as published), UIDs that break the DICOM grammar (letters,
+    more than 64 characters), a SeriesInstanceUID randomised per file (the files are grouped by geometry, see
+    :func:`_group_by_geometry`), InstanceNumber or SliceLocation missing, repeated or wrong (neither is read: the
+    position decides), PatientID/PatientName blank. A series without ImagePositionPatient is refused.
 
     Args:
         folder: the folder holding the series' files.
@@ -356,16 +510,23 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None, 
     Raises:
         UnreadableFileError: empty folder, no DICOM files, or a file that cannot be decoded.
         NotCTError: the chosen series is not CT.
-        SeriesSelectionError: ``series_uid`` is not in the folder, or the folder has no CT image.
-        ShapeError: slices of different sizes, or no orientation shared by most slices.
-        SliceGapError: two files with one SOPInstanceUID at different positions.
+        SeriesSelectionError: ``series_uid`` is not in the folder, the folder has no CT image, or files with one
+            SeriesInstanceUID each do not form one stack.
+        ShapeError: slices of different sizes, no orientation shared by most slices, or no slice geometry at all.
     """
     folder = Path(folder)
-    series = _select_series(folder, find_dicom_series(folder), series_uid)
+    with collect_notices(logger, folder):
+        return _read_dicom_series(folder, series_uid, threads)
+
+
+def _read_dicom_series(folder: Path, series_uid: str | None, threads: int | None) -> Volume:
+    found = find_dicom_series(folder)
+    series = _select_series(folder, found if series_uid is not None else _group_by_geometry(folder, found), series_uid)
     if series.modality != "CT":
         raise _not_ct(folder, [series.modality])
     skipped = Counter(series.skipped)
-    slices = _majority_orientation(folder, _drop_duplicates(folder, _series_slices(folder, series), skipped), skipped)
+    slices, n_shared_uid = _drop_duplicates(folder, _series_slices(folder, series), skipped)
+    slices = _majority_orientation(folder, slices, skipped)
     sizes = {s.size for s in slices}
     if len(sizes) > 1:
         raise ShapeError(f"{folder}: slices have different sizes {sorted(sizes)}; expected one series")
@@ -385,17 +546,7 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None, 
     # view (Fortran order), not a copy: transposing 512×512×300 float32 costs a second or more, and the next step
     # (reorientation and resampling) reads it along any axis anyway.
     array = array.transpose(2, 1, 0)
-    iop, ipp0 = slices[0].iop, slices[0].ipp
-    if len(slices) > 1:
-        step = (slices[-1].ipp - ipp0) / (len(slices) - 1)
-    else:
-        step = normal * float(slices[0].header.get("SliceThickness", 1.0) or 1.0)
-    row_spacing, column_spacing = slices[0].pixel_spacing
-    lps = np.eye(4)
-    lps[:3, 0] = iop[:3] * column_spacing  # along a row, pixels are one column spacing apart
-    lps[:3, 1] = iop[3:] * row_spacing
-    lps[:3, 2] = step if np.linalg.norm(step) > 0 else normal
-    lps[:3, 3] = ipp0
+    affine, step = _series_affine(slices, normal)
     first = slices[0].header
     info = {
         "format": "dicom",
@@ -407,10 +558,13 @@ def read_dicom_series(folder: str | os.PathLike, series_uid: str | None = None, 
         "air_filled_voxels": n_air,
         "slice_direction_mm": [float(x) for x in step],
         "slice_normal": [float(x) for x in normal],
+        # Slices sharing a SOPInstanceUID cannot be told apart by a DICOM reference (an SR or SEG citing them).
+        "shared_sop_instance_uids": n_shared_uid,
+        "grouped_by_geometry": series.grouped_by_geometry,
     }
     return Volume(
         array=array,
-        affine=LPS_TO_RAS @ lps,
+        affine=affine,
         source=folder,
         modality=series.modality,
         slice_positions=positions,

@@ -31,7 +31,7 @@ from dicom_utils import (
 from pydicom.uid import generate_uid
 
 from covidctnet.cli import cli
-from covidctnet.core.errors import SliceGapError
+from covidctnet.core.errors import ShapeError, SliceGapError
 from covidctnet.io.checks import check_volume
 from covidctnet.io.volume import AIR_HU, Volume, read_volume
 from covidctnet.preprocessing.preprocess import PreprocessConfig, preprocess_volume
@@ -177,7 +177,7 @@ def test_non_slices_are_skipped_with_one_line(dicom_dirs, clean, tmp_path, caplo
     for reason in ("1 localizer (ImageType LOCALIZER)", "1 localizer (orientation differs from the other 32 slices)",
                    "1 not a CT image (SOP class X-Ray Radiation Dose SR Storage)",
                    "1 not a CT image (SOP class Secondary Capture Image Storage)",
-                   "1 duplicate (same SOPInstanceUID as another file)", "1 not DICOM"):
+                   "1 duplicate (same position and pixel data as another file)", "1 not DICOM"):
         assert reason in line, line
     assert vol.info["skipped"]["not DICOM"] == 1
     # no identifier of the patient or of a file in the line: counts and reasons only
@@ -249,24 +249,48 @@ def test_duplicate_file_is_read_once_but_two_slices_at_one_position_are_refused(
 
     other = tmp_path / "other"
     shutil.copytree(dicom_dirs["control"], other)
+    # The same image under another SOPInstanceUID (a re-export) is still the same image: content decides.
+    renamed = tmp_path / "renamed"
+    shutil.copytree(dicom_dirs["control"], renamed)
     ds = pydicom.dcmread(src)
-    ds.SOPInstanceUID = generate_uid()  # another image at the position of 0010.dcm
+    ds.SOPInstanceUID = generate_uid()
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.save_as(other / "another_0010.dcm")
-    vol = read_volume(other)
-    assert vol.shape[2] == 33
-    with pytest.raises(SliceGapError, match="1 duplicated slice position"):
-        check_volume(vol)
+    ds.save_as(renamed / "reexported_0010.dcm")
+    vol = read_volume(renamed)
+    np.testing.assert_array_equal(vol.array, clean.array)
+    assert vol.info["skipped"] == {"duplicate (same position and pixel data as another file)": 1}
+
+    # Another image at the position of 0010.dcm (its neighbour's pixels), under the same or another UID: both kept,
+    # and check_volume refuses the stack.
+    neighbour = pydicom.dcmread(_files(dicom_dirs["control"])[10]).pixel_array
+    for uid in (ds.SOPInstanceUID, pydicom.dcmread(src).SOPInstanceUID):
+        other = tmp_path / f"other_{len(uid)}_{uid[-4:]}"
+        shutil.copytree(dicom_dirs["control"], other)
+        ds = pydicom.dcmread(src)
+        set_stored(ds, neighbour, 12)
+        ds.SOPInstanceUID = uid
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.save_as(other / "another_0010.dcm")
+        vol = read_volume(other)
+        assert vol.shape[2] == 33
+        with pytest.raises(SliceGapError, match="1 duplicated slice position"):
+            check_volume(vol)
 
 
-def test_same_uid_at_two_positions_is_refused(dicom_dirs, tmp_path):
-    folder = tmp_path / "corrupt"
+def test_same_uid_at_another_position_is_a_slice_of_its_own(dicom_dirs, tmp_path, caplog):
+    """A file with the SOPInstanceUID of another but at another position is another slice (anonymised exports give
+    every slice one UID); here it lies far outside the stack, so check_volume refuses the stack."""
+    folder = tmp_path / "moved"
     shutil.copytree(dicom_dirs["control"], folder)
     ds = pydicom.dcmread(_files(folder)[9])
     ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1], 500.0]
     ds.save_as(folder / "moved.dcm")
-    with pytest.raises(SliceGapError, match="same SOPInstanceUID but lie at different positions"):
-        read_volume(folder)
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    vol = read_volume(folder)
+    assert vol.shape[2] == 33 and vol.info["shared_sop_instance_uids"] == 2
+    assert "2 files share one SOPInstanceUID (anonymised export?); slices ordered by position" in caplog.text
+    with pytest.raises((SliceGapError, ShapeError), match="voxel size|gap of"):
+        check_volume(vol)
 
 
 @pytest.mark.parametrize("decoder", ["simpleitk", "pydicom"])
