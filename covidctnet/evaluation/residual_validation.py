@@ -1,8 +1,19 @@
 """``covidctnet validate-residuals``: do the residual maps find infected slices, better than density does?
 
-Input: a ``covidctnet slice-scores`` folder (``<study_id>_slices.csv``) and slice labels in the shape of the shared
-``slice_labels.csv`` (``study_id, z_mm, infected``; other columns are ignored). A slice is matched to the label row of
-its study whose ``z_mm`` is within half the slice spacing; unmatched slices are left out and counted.
+Input: a ``covidctnet slice-scores`` folder (``<study_id>_slices.csv``) and slice labels in one of two forms:
+
+* a CSV in the shape of the shared ``slice_labels.csv`` (``study_id, z_mm, infected``, optionally the lobe columns
+  ``LLL, LUL, RLL, RML, RUL``; other columns are ignored). A slice is matched to the label row of its study whose
+  ``z_mm`` is within half the slice spacing; unmatched slices are left out and counted.
+* COVID-CT-MD's own files, as published (:func:`read_covid_ct_md_labels`): ``Slice-level-labels(-updated-1).npy``
+  (cases × 200, 1 = infected, padded with 0), ``Index.csv`` (``Label Index, Diagnosis, Relative Path, Folder/ID``)
+  and optionally ``Lobe-level-labels-updated-1.npy`` (cases × 200 × 5 lobes). A study is the case whose Folder/ID is
+  its id or ends it after a ``-`` (``covid-P001`` is ``P001``). The dataset orders a case's labels by Slice Location
+  (0020,1041), label 0 being the **most superior** slice; for its axial series SliceLocation is ImagePositionPatient
+  z, which is the slice table's ``z_mm``, so the k-th label belongs to the slice with the k-th largest ``z_mm``. The
+  dataset's normal patients have no row in ``Index.csv``: a study without a case whose id ends in ``normal<digits>``
+  (its naming of normal patients) or whose patient label in the slice-scores ``manifest.csv`` is ``control`` is a
+  normal subject, every slice 0.
 
 Slice position confounds these labels: infection is marked mostly in mid-lung slices with large lung cross-sections,
 while partial volume raises density near the apex and the base. So the evaluation keeps **lung slices** only:
@@ -15,18 +26,25 @@ side by side: ``residual_score``, ``hu_score`` (density baseline) and ``lung_ml`
   slices of the studies without any (normal subjects), same AUCs and tests;
 * any other ``residual_*`` column of the CSVs (the candidate statistics) gets its AUCs too, under ``candidates``.
 
-Outputs: ``metrics.json``, ``report.md`` and ``<study_id>_scores.png`` (the three scores along z, each scaled to
-[0, 1] over the scan, infected slices shaded, lung slices marked).
+With lobe labels, each study's lung slices infected in a lobe are compared with its slices without infection, per
+lobe (``per_study.<id>.lobes``, a table in the report).
+
+Outputs: ``metrics.json``, ``report.md``, ``matched_labels.csv`` (the label each slice was given: ``study_id, slice,
+z_mm, infected`` and the lobe columns, empty where no label matched; the same file from either label form) and
+``<study_id>_scores.png`` (the three scores along z, each scaled to [0, 1] over the scan, infected slices shaded,
+lung slices marked).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +56,18 @@ from covidctnet.core.slice_table import SLICES_SUFFIX, read_slices_csv
 from covidctnet.evaluation.plots import new_figure, save_figure
 from covidctnet.evaluation.stats import auc_score, delong_auc_ci, delong_test
 
-__all__ = ["ValidateResidualsConfig", "read_slice_labels", "match_labels", "validate_residuals", "SCORES"]
+__all__ = ["ValidateResidualsConfig", "SliceLabels", "read_slice_labels", "read_labels", "read_covid_ct_md_labels",
+           "match_labels", "validate_residuals", "SCORES", "LOBES"]
 
 logger = logging.getLogger(__name__)
 
 SCORES = ("residual_score", "hu_score", "lung_ml")
 """The scores always reported side by side; ``residual_score`` is compared with the other two."""
+LOBES = ("LLL", "LUL", "RLL", "RML", "RUL")
+"""Lobe columns, in the order of COVID-CT-MD's lobe labels (left lower, left upper, right lower, middle, upper)."""
+INDEX_COLUMNS = ("Label Index", "Diagnosis", "Relative Path", "Folder/ID")
+"""Columns of COVID-CT-MD's ``Index.csv``."""
+_NORMAL_ID = re.compile(r"(^|-)normal\d+$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -65,53 +89,253 @@ class ValidateResidualsConfig:
             raise ConfigError(f"'level' must be in [0.5, 1), not {self.level}")
 
 
-def read_slice_labels(path: str | os.PathLike) -> dict[str, list[tuple[float, int]]]:
-    """``{study_id: [(z_mm, infected), ...]}`` from a labels CSV (``study_id, z_mm, infected`` columns).
+@dataclass
+class SliceLabels:
+    """Slice labels of the studies, from a labels CSV or from COVID-CT-MD's label files; :meth:`assign` gives each
+    slice of a slice table its label.
+
+    Attributes:
+        source: the label file(s), for the report.
+        by_z: CSV form: study id → ``(z_mm (M,), infected (M,), lobes (M, 5) or None)``.
+        cases: COVID-CT-MD form: Folder/ID → ``(infected (S,), lobes (S, 5) or None)``, label k for the slice with the
+            k-th largest z (the most superior first).
+        has_lobes: lobe labels were read.
+    """
+
+    source: str
+    by_z: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray | None]] = field(default_factory=dict)
+    cases: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)
+    has_lobes: bool = False
+
+    def assign(self, rows_by_study: dict[str, list[dict[str, Any]]], patient_labels: dict[str, str] | None = None
+               ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        """Labels of each slice of the studies that have labels.
+
+        Args:
+            rows_by_study: study id → its ``<id>_slices.csv`` rows (any order of ``z_mm``).
+            patient_labels: study id → patient label (``control``, ``covid``, ``cap``) from the slice-scores
+                manifest, to recognise normal subjects (COVID-CT-MD form only).
+
+        Returns:
+            study id → ``(infected (N,), lobes (N, 5) or None)`` in the order of its rows: 0, 1, or -1 (no label).
+            Studies without labels are left out (named in one log line for the COVID-CT-MD form).
+
+        Raises:
+            LabelError: a study matches several cases, or a case several studies (named in one line).
+        """
+        if not self.cases:
+            out = {}
+            for sid, rows in rows_by_study.items():
+                if sid in self.by_z:
+                    z, flags, lobes = self.by_z[sid]
+                    idx = _nearest(rows, z)
+                    out[sid] = (np.where(idx >= 0, flags[idx], -1),
+                                None if lobes is None else np.where(idx[:, None] >= 0, lobes[idx], -1))
+            return out
+        return self._assign_cases(rows_by_study, patient_labels or {})
+
+    def match_cases(self, study_ids: Sequence[str]) -> dict[str, str]:
+        """Study id → Folder/ID: the case whose Folder/ID is the id, or else the one that ends it after a ``-``.
+
+        Raises:
+            LabelError: ambiguous matches, all named in one line.
+        """
+        matched: dict[str, str] = {}
+        problems = []
+        for sid in study_ids:
+            found = [c for c in self.cases if c == sid] or [c for c in self.cases if sid.endswith("-" + c)]
+            if len(found) > 1:
+                problems.append(f"study {sid} matches cases {', '.join(sorted(found))}")
+            elif found:
+                matched[sid] = found[0]
+        by_case: dict[str, list[str]] = {}
+        for sid, case in matched.items():
+            by_case.setdefault(case, []).append(sid)
+        problems += [f"case {case} matches studies {', '.join(sorted(sids))}"
+                     for case, sids in sorted(by_case.items()) if len(sids) > 1]
+        if problems:
+            raise LabelError(f"{self.source}: ambiguous matches of studies to Folder/ID: {'; '.join(problems)}; "
+                             "give each study one case")
+        return matched
+
+    def _assign_cases(self, rows_by_study: dict[str, list[dict[str, Any]]], patient_labels: dict[str, str]
+                      ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+        matched = self.match_cases(list(rows_by_study))
+        out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+        missing = []
+        for sid, rows in rows_by_study.items():
+            n = len(rows)
+            if sid not in matched:
+                if _NORMAL_ID.search(sid) or patient_labels.get(sid) == "control":
+                    out[sid] = (np.zeros(n, np.int64), np.zeros((n, len(LOBES)), np.int64) if self.has_lobes else None)
+                else:
+                    missing.append(sid)
+                continue
+            flags, lobes = self.cases[matched[sid]]
+            z = np.array([r["z_mm"] for r in rows], dtype=np.float64)
+            order = np.argsort(-z, kind="stable")  # label k: the slice with the k-th largest z (most superior first)
+            k = min(n, flags.size)
+            y = np.full(n, -1, np.int64)
+            y[order[:k]] = flags[:k]
+            lobe_y = None
+            if lobes is not None:
+                lobe_y = np.full((n, len(LOBES)), -1, np.int64)
+                lobe_y[order[:k]] = lobes[:k]
+            if n > flags.size or flags[k:].any():
+                logger.warning("%s (case %s): the scan has %d slices but the labels %s; the labels may belong to "
+                               "another series of the patient", sid, matched[sid], n,
+                               f"stop at {flags.size}" if n > flags.size else
+                               f"mark infection up to slice {int(np.flatnonzero(flags).max()) + 1}")
+            out[sid] = (y, lobe_y)
+        if missing:
+            shown = ", ".join(sorted(missing)[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+            logger.warning("%d studies have no case in %s (Folder/ID) and are left out: %s", len(missing),
+                           self.source, shown)
+        return out
+
+
+def _nearest(rows: Sequence[dict[str, Any]], label_z: np.ndarray) -> np.ndarray:
+    """Index into ``label_z`` of each row's label: the nearest z, if within half the slice spacing; else -1."""
+    z = np.array([r["z_mm"] for r in rows], dtype=np.float64)
+    if label_z.size == 0:
+        return np.full(z.size, -1, np.int64)
+    half = 0.5 * float(np.median(np.abs(np.diff(np.sort(z))))) if z.size > 1 else 0.5
+    nearest = np.abs(z[:, None] - label_z[None, :]).argmin(axis=1)
+    return np.where(np.abs(z - label_z[nearest]) <= half + 1e-6, nearest, -1)
+
+
+def read_slice_labels(path: str | os.PathLike) -> SliceLabels:
+    """Slice labels from a CSV with ``study_id, z_mm, infected`` columns, and the lobe columns :data:`LOBES` when all
+    are there (0/1 each).
 
     Raises:
         LabelError: missing file or column, or a value that is not a number / 0-1 flag (the message names the row).
     """
     path = Path(path)
+    rows: dict[str, list[tuple[float, int, list[int]]]] = {}
     try:
         with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
-            missing = [c for c in ("study_id", "z_mm", "infected") if c not in (reader.fieldnames or [])]
+            fields = reader.fieldnames or []
+            missing = [c for c in ("study_id", "z_mm", "infected") if c not in fields]
             if missing:
                 raise LabelError(f"{path}: column(s) {missing} missing; expected study_id, z_mm, infected")
-            out: dict[str, list[tuple[float, int]]] = {}
+            lobes = all(c in fields for c in LOBES)
             for i, row in enumerate(reader, start=2):
                 try:
                     z = float(row["z_mm"])
-                    flag = int(row["infected"])
+                    flags = [int(row["infected"])] + ([int(float(row[c])) for c in LOBES] if lobes else [])
                 except (TypeError, ValueError) as err:
-                    raise LabelError(f"{path}, line {i}: z_mm must be a number and infected 0 or 1") from err
-                if flag not in (0, 1):
-                    raise LabelError(f"{path}, line {i}: infected must be 0 or 1, not {flag}")
-                out.setdefault(row["study_id"], []).append((z, flag))
+                    raise LabelError(f"{path}, line {i}: z_mm must be a number and infected (and the lobe columns) "
+                                     "0 or 1") from err
+                if any(f not in (0, 1) for f in flags):
+                    raise LabelError(f"{path}, line {i}: infected and the lobe columns must be 0 or 1, not {flags}")
+                rows.setdefault(row["study_id"], []).append((z, flags[0], flags[1:]))
     except OSError as err:
         raise LabelError(f"{path}: cannot read labels: {err.strerror or err}") from err
-    if not out:
+    if not rows:
         raise LabelError(f"{path}: no label rows")
-    return out
+    by_z = {sid: (np.array([r[0] for r in items]), np.array([r[1] for r in items], np.int64),
+                  np.array([r[2] for r in items], np.int64) if lobes else None) for sid, items in rows.items()}
+    return SliceLabels(source=str(path), by_z=by_z, has_lobes=lobes)
+
+
+def _load_npy(path: Path, ndim: int, what: str) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise LabelError(f"{path}: cannot read {what} ({err})") from err
+    if array.ndim != ndim or not np.isin(array, (0, 1)).all():
+        raise LabelError(f"{path}: {what} of shape {array.shape} and values {np.unique(array)[:5].tolist()}; expected "
+                         f"{ndim} dimensions of 0/1 (COVID-CT-MD's format)")
+    return array.astype(np.int64)
+
+
+def read_covid_ct_md_labels(labels_path: str | os.PathLike, index_path: str | os.PathLike | None = None,
+                            lobes_path: str | os.PathLike | None = None) -> SliceLabels:
+    """COVID-CT-MD's label files as published.
+
+    Args:
+        labels_path: ``Slice-level-labels(-updated-1).npy``: (cases, slices) 0/1, padded with 0.
+        index_path: ``Index.csv`` (:data:`INDEX_COLUMNS`); default the one beside ``labels_path``. Label Index is
+            the case's row; where its values skip a number (the published file goes from 42 to 44 for 79 rows) and
+            there is one Index row per array row, the rows are taken in Label Index order, with one log line.
+        lobes_path: ``Lobe-level-labels-updated-1.npy``: (cases, slices, 5) 0/1, lobes :data:`LOBES`.
+
+    Returns:
+        :class:`SliceLabels` with ``cases`` keyed by Folder/ID.
+
+    Raises:
+        LabelError: a file missing or not in this format, shapes that disagree, a Label Index out of range.
+    """
+    labels_path = Path(labels_path)
+    index_path = Path(index_path) if index_path is not None else labels_path.parent / "Index.csv"
+    flags = _load_npy(labels_path, 2, "slice labels")
+    lobes = _load_npy(Path(lobes_path), 3, "lobe labels") if lobes_path is not None else None
+    if lobes is not None and (lobes.shape[:2] != flags.shape or lobes.shape[2] != len(LOBES)):
+        raise LabelError(f"{lobes_path}: lobe labels of shape {lobes.shape}; expected {flags.shape + (len(LOBES),)} "
+                         f"to go with {labels_path.name}")
+    try:
+        with index_path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = [f.strip() for f in reader.fieldnames or []]
+            if "Label Index" not in fields or "Folder/ID" not in fields:
+                raise LabelError(f"{index_path}: columns {fields}; expected COVID-CT-MD's {list(INDEX_COLUMNS)} "
+                                 "(pass --label-index when Index.csv is elsewhere)")
+            entries = [(int(row["Label Index"]), row["Folder/ID"].strip())
+                       for row in ({k.strip(): (v or "") for k, v in r.items()} for r in reader)]
+    except FileNotFoundError as err:
+        raise LabelError(f"{index_path}: not found; COVID-CT-MD's Index.csv is needed beside {labels_path.name} "
+                         "(or pass --label-index)") from err
+    except (OSError, ValueError) as err:
+        raise LabelError(f"{index_path}: cannot read COVID-CT-MD's Index.csv ({err})") from err
+    indices = [i for i, _ in entries]
+    ids = [c for _, c in entries]
+    if len(set(ids)) != len(ids) or len(set(indices)) != len(indices):
+        raise LabelError(f"{index_path}: a Folder/ID or Label Index appears twice")
+    if indices and min(indices) >= 0 and max(indices) < flags.shape[0]:
+        rows = dict(zip(ids, indices))
+    elif len(entries) == flags.shape[0]:
+        ranked = sorted(entries)
+        rows = {case: k for k, (_, case) in enumerate(ranked)}
+        logger.warning("%s: Label Index runs to %d for %d label rows; rows taken in Label Index order", index_path,
+                       max(indices), flags.shape[0])
+    else:
+        raise LabelError(f"{index_path}: Label Index {min(indices)}..{max(indices)} for {len(entries)} cases, but "
+                         f"{labels_path.name} has {flags.shape[0]} rows")
+    cases = {case: (flags[r], lobes[r] if lobes is not None else None) for case, r in rows.items()}
+    source = f"{labels_path} ({index_path.name}{', ' + Path(lobes_path).name if lobes_path else ''})"
+    return SliceLabels(source=source, cases=cases, has_lobes=lobes is not None)
+
+
+def read_labels(labels_path: str | os.PathLike, index_path: str | os.PathLike | None = None,
+                lobes_path: str | os.PathLike | None = None) -> SliceLabels:
+    """A labels CSV, or COVID-CT-MD's ``.npy`` label files (see :func:`read_covid_ct_md_labels`), by file ending.
+
+    Raises:
+        LabelError: unreadable labels, or ``index_path``/``lobes_path`` given with a CSV.
+    """
+    if str(labels_path).lower().endswith(".npy"):
+        return read_covid_ct_md_labels(labels_path, index_path, lobes_path)
+    if index_path is not None or lobes_path is not None:
+        raise LabelError(f"{labels_path}: --label-index and --lobe-labels go with COVID-CT-MD's .npy label files; a "
+                         "CSV carries its lobe columns itself")
+    return read_slice_labels(labels_path)
 
 
 def match_labels(rows: Sequence[dict[str, Any]], labels: Sequence[tuple[float, int]]) -> np.ndarray:
     """Label of each slice row: the label whose z is nearest, if within half the slice spacing; else -1.
 
     Args:
-        rows: ``<id>_slices.csv`` rows (ascending ``z_mm``).
+        rows: ``<id>_slices.csv`` rows.
         labels: ``(z_mm, infected)`` of that study.
 
     Returns:
         (N,) int: 0, 1, or -1 (no label).
     """
-    z = np.array([r["z_mm"] for r in rows], dtype=np.float64)
-    lz = np.array([t[0] for t in labels], dtype=np.float64)
-    lf = np.array([t[1] for t in labels], dtype=np.int64)
-    half = 0.5 * float(np.median(np.diff(z))) if z.size > 1 else 0.5
-    nearest = np.abs(z[:, None] - lz[None, :]).argmin(axis=1)
-    ok = np.abs(z - lz[nearest]) <= half + 1e-6
-    return np.where(ok, lf[nearest], -1)
+    idx = _nearest(rows, np.array([t[0] for t in labels], dtype=np.float64))
+    flags = np.array([t[1] for t in labels], dtype=np.int64)
+    return np.where(idx >= 0, flags[idx], -1)
 
 
 def _auc_block(y: np.ndarray, scores: dict[str, np.ndarray], level: float) -> dict[str, Any]:
@@ -124,6 +348,31 @@ def _auc_block(y: np.ndarray, scores: dict[str, np.ndarray], level: float) -> di
             out["tests"][f"residual_score_vs_{other}"] = delong_test(y, scores["residual_score"],
                                                                      scores[other]).to_dict()
     return out
+
+
+def _lobe_block(lobes: np.ndarray, y: np.ndarray, scores: dict[str, np.ndarray]) -> dict[str, Any]:
+    """Per lobe: the lung slices infected in that lobe against the lung slices without any infection (AUC of each of
+    :data:`SCORES`; ``None`` without both classes)."""
+    out: dict[str, Any] = {}
+    for j, lobe in enumerate(LOBES):
+        pick = (lobes[:, j] == 1) | (y == 0)
+        target = (lobes[pick, j] == 1).astype(np.int64)
+        both = 0 < target.sum() < target.size
+        out[lobe] = {"n_infected": int(target.sum()),
+                     "auc": {s: auc_score(target, scores[s][pick]) if both else None for s in SCORES}}
+    return out
+
+
+def _patient_labels(slices_dir: Path) -> dict[str, str]:
+    """Study id → patient label from the slice-scores ``manifest.csv`` (empty when it is absent or unlabelled)."""
+    path = slices_dir / "manifest.csv"
+    if not path.is_file():
+        return {}
+    try:
+        with path.open(newline="", encoding="utf-8") as fh:
+            return {r["study_id"]: r.get("label") or "" for r in csv.DictReader(fh) if r.get("study_id")}
+    except (OSError, ValueError, KeyError):
+        return {}
 
 
 def _plot_study(path: Path, sid: str, rows: list[dict[str, Any]], y: np.ndarray, lung: np.ndarray) -> None:
@@ -182,20 +431,35 @@ def _report(metrics: dict[str, Any]) -> str:
         for stat, per in cands.items():
             lines.append(f"| {stat} | " + " | ".join(f"{v:.3f}" if v is not None else "n/a" for v in per.values())
                          + " |")
+    lobed = {sid: b["lobes"] for sid, b in metrics["per_study"].items() if "lobes" in b}
+    if lobed:
+        lines += ["", "## Per lobe (residual_score AUC: lung slices infected in the lobe vs lung slices without "
+                  "infection; infected slices in brackets)", "", "| study | " + " | ".join(LOBES) + " |",
+                  "|---|" + "---|" * len(LOBES)]
+        for sid, per in lobed.items():
+            cells = [(f"{per[lb]['auc']['residual_score']:.3f}" if per[lb]["auc"]["residual_score"] is not None
+                      else "n/a") + f" ({per[lb]['n_infected']})" for lb in LOBES]
+            lines.append(f"| {sid} | " + " | ".join(cells) + " |")
     lines += ["", "Studies without labels or without both classes among their lung slices are listed in "
               "metrics.json (`skipped`). Figures: `<study_id>_scores.png`."]
     return "\n".join(lines) + "\n"
 
 
 def validate_residuals(slices_dir: str | os.PathLike, labels_path: str | os.PathLike, out_dir: str | os.PathLike,
-                       cfg: ValidateResidualsConfig = ValidateResidualsConfig()) -> dict[str, Any]:
+                       cfg: ValidateResidualsConfig = ValidateResidualsConfig(),
+                       label_index: str | os.PathLike | None = None,
+                       lobe_labels: str | os.PathLike | None = None) -> dict[str, Any]:
     """Slice-level AUCs of the residual score against the HU and lung-area baselines (see the module docstring).
 
     Args:
         slices_dir: folder of ``<study_id>_slices.csv`` files (``covidctnet slice-scores`` output).
-        labels_path: slice labels (``study_id, z_mm, infected``).
-        out_dir: where ``metrics.json``, ``report.md`` and the PNGs go (written only once everything is computed).
+        labels_path: slice labels: a CSV (``study_id, z_mm, infected[, LLL…RUL]``) or COVID-CT-MD's
+            ``Slice-level-labels(-updated-1).npy``.
+        out_dir: where ``metrics.json``, ``report.md``, ``matched_labels.csv`` and the PNGs go (written only once
+            everything is computed).
         cfg: lung-slice fraction and CI level.
+        label_index: COVID-CT-MD's ``Index.csv`` when it is not beside ``labels_path``.
+        lobe_labels: COVID-CT-MD's ``Lobe-level-labels-updated-1.npy``, for the per-lobe analysis.
 
     Returns:
         The metrics (as written to ``metrics.json``).
@@ -209,23 +473,30 @@ def validate_residuals(slices_dir: str | os.PathLike, labels_path: str | os.Path
     files = sorted(slices_dir.glob(f"*{SLICES_SUFFIX}")) if slices_dir.is_dir() else []
     if not files:
         raise InputError(f"{slices_dir}: no *{SLICES_SUFFIX} files (run `covidctnet slice-scores` first)")
-    labels = read_slice_labels(labels_path)
+    labels = read_labels(labels_path, label_index, lobe_labels)
     per_study: dict[str, Any] = {}
     skipped: dict[str, str] = {}
     pooled_pos: list[dict[str, np.ndarray]] = []
     pooled_neg: list[dict[str, np.ndarray]] = []
     plots: list[tuple[str, list[dict[str, Any]], np.ndarray, np.ndarray]] = []
     extra: list[str] = []
+    tables: dict[str, list[dict[str, Any]]] = {}
     for path in files:
         rows = read_slices_csv(path)
         if not rows:
             skipped[path.name] = "empty"
             continue
-        sid = rows[0]["study_id"]
-        if sid not in labels:
+        tables[rows[0]["study_id"]] = rows
+    assigned = labels.assign(tables, _patient_labels(slices_dir))
+    matched_rows: list[list[Any]] = []
+    for sid, rows in tables.items():
+        if sid not in assigned:
             skipped[sid] = "no labels"
             continue
-        y = match_labels(rows, labels[sid])
+        y, lobe_y = assigned[sid]
+        matched_rows += [[sid, r["slice"], f"{r['z_mm']:.3f}", *("" if v < 0 else int(v) for v in
+                                                                 [y[k], *(lobe_y[k] if lobe_y is not None else [])])]
+                         for k, r in enumerate(rows)]
         lung_ml = np.array([r["lung_ml"] for r in rows], dtype=np.float64)
         lung = lung_ml >= cfg.lung_fraction * float(lung_ml.max()) if lung_ml.max() > 0 else np.zeros_like(y, bool)
         if not extra:
@@ -248,10 +519,12 @@ def validate_residuals(slices_dir: str | os.PathLike, labels_path: str | os.Path
             info["candidates"] = {c: auc_score(yk, chosen[c]) for c in extra}
         elif (y == 1).any():
             skipped[sid] = "lung slices hold only one class"
+        if lobe_y is not None and (y == 1).any():
+            info["lobes"] = _lobe_block(lobe_y[keep], yk, chosen)
         per_study[sid] = info
     if not per_study:
-        raise InputError(f"{slices_dir}: none of the studies {[p.name for p in files]} has labels in {labels_path}")
-    metrics: dict[str, Any] = {"slices_dir": str(slices_dir), "labels": str(labels_path),
+        raise InputError(f"{slices_dir}: none of the studies {[p.name for p in files]} has labels in {labels.source}")
+    metrics: dict[str, Any] = {"slices_dir": str(slices_dir), "labels": labels.source,
                                "config": {"lung_fraction": cfg.lung_fraction, "level": cfg.level},
                                "per_study": per_study, "skipped": skipped}
     within = [b for b in per_study.values() if "auc" in b]
@@ -279,5 +552,10 @@ def validate_residuals(slices_dir: str | os.PathLike, labels_path: str | os.Path
     for sid, rows, y, lung in plots:
         _plot_study(out_dir / f"{sid}_scores.png", sid, rows, y, lung)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["study_id", "slice", "z_mm", "infected", *(LOBES if labels.has_lobes else ())])
+    writer.writerows(matched_rows)
+    atomic_write_text(out_dir / "matched_labels.csv", buf.getvalue())
     atomic_write_text(out_dir / "report.md", _report(metrics))
     return metrics
