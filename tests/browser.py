@@ -6,7 +6,9 @@ absent, except under ``CI=true``, where it fails (as missing test data does, ``d
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 from html.parser import HTMLParser
@@ -63,3 +65,31 @@ def colour_bands(image: np.ndarray, rgb: tuple[int, int, int], min_pixels: int =
     exactly (e.g. one badge per table row)."""
     hits = (image == np.array(rgb, dtype=image.dtype)).all(axis=2).sum(axis=1) >= min_pixels
     return int(np.count_nonzero(hits[1:] & ~hits[:-1]) + hits[0])
+
+
+_LAYOUT_PROBE = """<script>window.onload = () => {
+  const t = document.querySelector('table'), imgs = [...document.querySelectorAll('img')];
+  document.body.setAttribute('data-layout', JSON.stringify({inner: innerWidth,
+    scroll: document.documentElement.scrollWidth, right: t ? t.getBoundingClientRect().right : 0,
+    images: imgs.map(i => [i.naturalWidth, i.getBoundingClientRect().width])}));
+};</script>"""
+
+
+def layout(page: Path, tmp_path: Path, width: int = 1200) -> dict:
+    """How headless Chromium lays ``page`` out in a ``width``-pixel window: ``inner`` (the window's width),
+    ``scroll`` (the document's width: more than ``inner`` when it overflows), ``right`` (the first table's right
+    edge) and ``images`` (``[natural width, shown width]`` of each image, natural 0 for one that did not decode).
+
+    The page forbids scripts (its Content-Security-Policy); a copy without that line gets a small script that
+    writes these figures into the DOM, which ``--dump-dom`` returns.
+    """
+    exe = require_chromium()
+    text = "\n".join(line for line in page.read_text().splitlines() if "Content-Security-Policy" not in line)
+    copy = tmp_path / f"layout-{page.name}"
+    copy.write_text(text.replace("</body>", _LAYOUT_PROBE + "</body>"))
+    dom = subprocess.run([exe, *_FLAGS, f"--user-data-dir={tmp_path / 'chromium-layout'}",
+                          f"--window-size={width},900", "--virtual-time-budget=2000", "--dump-dom", copy.as_uri()],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    found = re.search(r'data-layout="([^"]+)"', dom)
+    assert found, "the layout probe did not run"
+    return json.loads(found.group(1).replace("&quot;", '"'))

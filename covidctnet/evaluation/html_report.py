@@ -123,7 +123,7 @@ def _study_row(row: Mapping[str, Any], out_dir: Path) -> str:
     if overlay and (out_dir / overlay).is_file():
         image = f"<img class=\"overlay\" alt=\"residual overlay of {sid}\" src=\"{embed_png(out_dir / overlay)}\">"
     else:
-        image = "<span class=\"missing\">no overlay</span>"
+        image = "<span class=\"missing\">no overlay (predict with --save-residuals)</span>"
     checks = "".join(f"<span>{_e(c)}</span>" for c in str(row.get("checks") or "").split())
     stored = row.get("stored")
     if stored:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from browser import colour_bands, render, study_rows
+from browser import colour_bands, layout, render, study_rows
 from PIL import Image
 
 from covidctnet.evaluation.evaluate import EvaluateConfig, evaluate
@@ -106,3 +106,24 @@ def test_markdown_page_keeps_a_missing_image_as_its_name(tmp_path):
 @pytest.mark.parametrize("n_ok", [0, 5])
 def test_row_count_follows_the_studies(tmp_path, n_ok):
     assert study_rows(predict_html(_report(tmp_path, n_ok), tmp_path)) == ({"ok": n_ok} if n_ok else {}) | {"error": 1}
+
+
+def test_predict_page_fits_1200_pixels_with_uids_and_small_overlays(tmp_path):
+    """The widest rows predict writes: DICOM UIDs as study ids, the stored SR and SEG UIDs, the small preview
+    overlay (600x220 pixels) of a run without --save-residuals, a long error. Chromium at 1,200 pixels: nothing
+    overflows and every overlay is decoded and shown at a readable width."""
+    report = _report(tmp_path, n_ok=3)
+    for i, row in enumerate(report["studies"][:3]):
+        row["study_id"] = "1.2.826.0.1.3680043.8.498." + str(10**37 + i)  # 64 characters, no break opportunity
+        pixels = np.random.default_rng(i).integers(0, 256, (220, 600, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"p{i}.png")
+        row["preview"], row["overlay"] = f"p{i}.png", None
+        row["stored"] = {"to": "dicomweb+https://pacs.example.org:443/dicom-web",
+                         "sop_instance_uids": [row["study_id"] + "1", row["study_id"] + "2"]}
+    report["studies"][-1]["error"] = "dicomweb+https://pacs.example.org/dicom-web/studies/" + "1.2" * 30 + ": 401"
+    write_predict_html(tmp_path / "report.html", report, tmp_path)
+    shown = layout(tmp_path / "report.html", tmp_path, width=1200)
+    assert shown["inner"] == 1200, shown
+    assert shown["scroll"] <= 1200 and shown["right"] <= 1200, shown
+    assert [w for w, _ in shown["images"]] == [600, 600, 600], shown
+    assert all(w >= 250 for _, w in shown["images"]), shown

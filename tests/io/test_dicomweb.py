@@ -229,31 +229,15 @@ def test_batch_goes_on_past_an_unknown_study(runs):
 def test_report_html_embeds_the_overlay_and_fits_1200_pixels(runs, tmp_path):
     """report.html of the DICOMweb run (64-character UIDs as study id and stored instances: the widest case), as
     headless Chromium lays it out in a 1,200-pixel window."""
-    from browser import require_chromium
+    from browser import layout
 
-    exe = require_chromium()
-    page = (runs["web"]["dir"] / "report.html").read_text()
-    assert page.count("<img class=\"overlay\"") == 1 and "data:image/png;base64," in page
-    # the page forbids scripts (CSP); a copy without that line reports the layout into the DOM
-    probe = ("<script>window.onload = () => { const t = document.querySelector('table.studies');"
-             "const i = document.querySelector('img.overlay');"
-             "document.body.setAttribute('data-layout', JSON.stringify({inner: innerWidth, "
-             "scroll: document.documentElement.scrollWidth, right: t.getBoundingClientRect().right, "
-             "natural: i.naturalWidth, shown: i.getBoundingClientRect().width}));};</script>")
-    lines = [line for line in page.splitlines() if "Content-Security-Policy" not in line]
-    copy = tmp_path / "report.html"
-    copy.write_text("\n".join(lines).replace("</body>", probe + "</body>"))
-    import re
-    import subprocess
-
-    dom = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                          "--disable-background-networking", "--hide-scrollbars", f"--user-data-dir={tmp_path / 'p'}",
-                          "--window-size=1200,900", "--virtual-time-budget=2000", "--dump-dom", copy.as_uri()],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
-    layout = json.loads(re.search(r"data-layout=\"([^\"]+)\"", dom).group(1).replace("&quot;", "\""))
-    assert layout["inner"] == 1200, layout
-    assert layout["scroll"] <= 1200 and layout["right"] <= 1200, layout  # no horizontal overflow
-    assert layout["natural"] >= 300 and layout["shown"] >= 200, layout  # the embedded overlay decoded and shown
+    page = runs["web"]["dir"] / "report.html"
+    assert page.read_text().count("<img class=\"overlay\"") == 1 and "data:image/png;base64," in page.read_text()
+    shown = layout(page, tmp_path, width=1200)
+    assert shown["inner"] == 1200, shown
+    assert shown["scroll"] <= 1200 and shown["right"] <= 1200, shown  # no horizontal overflow
+    (natural, width), = shown["images"]
+    assert natural == 600 and width >= 250, shown  # the small overlay, decoded and shown
 
 
 def test_query_finds_studies_and_preprocess_reads_them(orthanc, studies, tmp_path):
