@@ -30,6 +30,7 @@ COMMANDS: dict[str, str] = {
     "predict-slice": "covidctnet.cli.predict_slice:predict_slice_cmd",
     "ensemble-slice": "covidctnet.cli.ensemble_slice:ensemble_slice_cmd",
     "cv-slice": "covidctnet.cli.cv_slice:cv_slice_cmd",
+    "calibrate-cam": "covidctnet.cli.calibrate_cam:calibrate_cam_cmd",
     "train-classifier": "covidctnet.cli.train_classifier:train_classifier_cmd",
     "evaluate": "covidctnet.cli.evaluate:evaluate_cmd",
     "reader-study": "covidctnet.cli.reader_study:reader_study_cmd",

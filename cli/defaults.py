@@ -20,6 +20,7 @@ CONFIG_FILES: dict[str, tuple[str, str | None]] = {
     "validate_residuals.yaml": ("covidctnet.evaluation.residual_validation:ValidateResidualsConfig", None),
     "slice.yaml": ("covidctnet.training.slice:SliceTrainConfig", None),
     "pretrain_slice.yaml": ("covidctnet.training.simclr:PretrainSliceConfig", None),
+    "cam_scale.yaml": ("covidctnet.models.grad_cam:CamScaleConfig", None),
     "evaluate.yaml": ("covidctnet.evaluation.evaluate:EvaluateConfig", None),
     "reader_study.yaml": ("covidctnet.evaluation.reader_study:ReaderStudyConfig", None),
 }

@@ -40,7 +40,8 @@ from covidctnet.core.files import atomic_dir, sha256_file
 from covidctnet.core.model_card import card_metadata, split_front_matter, with_front_matter
 
 __all__ = ["ComponentEntry", "ModelDirConfig", "ModelDir", "save_model_dir", "load_model_dir", "dir_stamp",
-           "CONFIG_NAME", "CARD_NAME", "SUMS_NAME", "TASKS", "portable_paths", "absolute_paths", "TEXT_SUFFIXES"]
+           "CONFIG_NAME", "CARD_NAME", "SUMS_NAME", "TASKS", "portable_paths", "absolute_paths", "TEXT_SUFFIXES",
+           "update_model_config"]
 
 CONFIG_NAME = "config.yaml"
 CARD_NAME = "MODEL_CARD.md"
@@ -329,6 +330,39 @@ def save_model_dir(
         hashed = [CONFIG_NAME] + sorted(c.weights for c in components.values() if c.weights)
         (tmp / SUMS_NAME).write_text("".join(f"{sha256_file(tmp / f)}  {f}\n" for f in hashed))
     return load_model_dir(out_dir)
+
+
+def update_model_config(path: str | os.PathLike, changes: Mapping[str, Any]) -> ModelDir:
+    """Set top-level keys of a model directory's ``config.yaml`` (e.g. a colour scale computed after training) and
+    its line in ``SHA256SUMS``; weights and other files are copied unchanged.
+
+    The directory is checked first (hashes included) and replaced atomically, as :func:`save_model_dir` writes one.
+
+    Args:
+        path: the model directory.
+        changes: ``{key: value}``; the values are made portable (:func:`portable_paths`) like the rest of the config.
+
+    Raises:
+        ModelDirError: the directory does not load, a weights file does not match its hash, or the new config does
+            not fit the schema.
+    """
+    md = load_model_dir(path)
+    for name, digest in md.sha256.items():
+        if name != CONFIG_NAME and sha256_file(md.path / name) != digest:
+            raise ModelDirError(f"{md.path / name}: sha256 does not match SHA256SUMS; not updating a changed directory")
+    raw = yaml.safe_load((md.path / CONFIG_NAME).read_text()) or {}
+    new = {**raw, **portable_paths(dict(changes))}  # the keys as written, in their order; new ones at the end
+    ModelDirConfig.from_dict(new, str(md.path / CONFIG_NAME))
+    with atomic_dir(md.path) as tmp:
+        for f in md.path.iterdir():
+            if f.is_file() and f.name not in (CONFIG_NAME, SUMS_NAME):
+                shutil.copyfile(f, tmp / f.name)
+            elif f.is_dir():
+                shutil.copytree(f, tmp / f.name)
+        (tmp / CONFIG_NAME).write_text(yaml.safe_dump(new, sort_keys=False))
+        sums = {**md.sha256, CONFIG_NAME: sha256_file(tmp / CONFIG_NAME)}
+        (tmp / SUMS_NAME).write_text("".join(f"{digest}  {name}\n" for name, digest in sums.items()))
+    return load_model_dir(md.path)
 
 
 def load_model_dir(path: str | os.PathLike) -> ModelDir:

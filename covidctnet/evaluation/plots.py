@@ -16,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from scipy import ndimage
 
@@ -30,6 +33,9 @@ __all__ = [
     "plot_roc",
     "plot_confusion",
     "plot_residual_overlay",
+    "CAM_CMAP",
+    "cam_overlay",
+    "plot_grad_cam",
 ]
 
 _DEFAULT_DPI = 150
@@ -292,4 +298,83 @@ def plot_residual_overlay(
     fig.colorbar(im, ax=list(axes), shrink=0.8, label=label)
     if title:
         fig.suptitle(title)
+    return save_figure(fig, path, dpi=dpi)
+
+
+CAM_CMAP = "turbo"
+"""Colour map of Grad-CAM overlays: blue (the weakest evidence shown) through green and yellow to red (the top of the
+model's range), the rainbow order of the heat maps radiology viewers draw, in its perceptually more even form (Turbo).
+A red-to-yellow map was tried first: its yellow top vanished on the white background of figure panels and its few
+hues hid the peaks inside a coloured region."""
+
+_CAM_ALPHA = (0.35, 0.6)  # overlay opacity at the floor and at the top: the anatomy stays visible under the colour
+
+
+def cam_overlay(image: np.ndarray, cam: np.ndarray, top: float, floor: float, cmap: str = CAM_CMAP) -> np.ndarray:
+    """A grey slice with a Grad-CAM map blended in where the map is at least ``floor``; elsewhere the slice as it is.
+
+    Args:
+        image: (H, W) grey slice in [0, 1].
+        cam: (H, W) map (any unit; the one of ``top`` and ``floor``).
+        top: the value that gets the last colour of ``cmap`` (higher values too), > ``floor``.
+        floor: the smallest value coloured (the first colour of ``cmap``), >= 0.
+        cmap: a matplotlib colour map name.
+
+    Returns:
+        (H, W, 3) float RGB in [0, 1]: a pure function of its inputs, so a map gets the same colours in every run.
+    """
+    image = np.asarray(image, dtype=np.float64)
+    cam = np.asarray(cam, dtype=np.float64)
+    if image.shape != cam.shape or image.ndim != 2:
+        raise ValueError(f"image and cam must be (H, W) arrays of one shape, not {image.shape} and {cam.shape}")
+    if not 0 <= floor < top:
+        raise ValueError(f"need 0 <= floor < top, not floor {floor} and top {top}")
+    grey = np.repeat(np.clip(image, 0.0, 1.0)[..., None], 3, axis=2)
+    level = np.clip((cam - floor) / (top - floor), 0.0, 1.0)
+    colour = colormaps[cmap](level)[..., :3]
+    alpha = np.where(cam >= floor, _CAM_ALPHA[0] + (_CAM_ALPHA[1] - _CAM_ALPHA[0]) * level, 0.0)[..., None]
+    return grey * (1.0 - alpha) + colour * alpha
+
+
+def plot_grad_cam(
+    path: str | os.PathLike,
+    image: np.ndarray,
+    cam: np.ndarray,
+    *,
+    top: float,
+    floor: float,
+    bar_label: str,
+    titles: tuple[str, str] = ("", ""),
+    note: str = "",
+    dpi: int = 100,
+) -> Path:
+    """The slice, and beside it the slice under its Grad-CAM map (:func:`cam_overlay`) with a colour bar.
+
+    Args:
+        path: output PNG.
+        image: (H, W) grey slice in [0, 1].
+        cam: (H, W) map on the same grid.
+        top, floor: the colour range (see :func:`cam_overlay`); the bar spans it, values below ``floor`` are not drawn.
+        bar_label: the bar's text (the unit).
+        titles: titles of the left and right panels.
+        note: a line under the figure (where the range comes from).
+        dpi: resolution.
+
+    Returns:
+        The written path.
+    """
+    fig = new_figure((8.4, 4.3))
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.imshow(image, cmap="gray", vmin=0, vmax=1)
+    ax2.imshow(cam_overlay(image, cam, top, floor))
+    if note:
+        fig.supxlabel(note, fontsize=7)
+    for ax, title in zip((ax1, ax2), titles):
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+    bar = fig.colorbar(ScalarMappable(Normalize(floor, top), colormaps[CAM_CMAP]), ax=ax2, fraction=0.046,
+                       pad=0.04, extend="max")
+    bar.set_ticks(np.linspace(floor, top, 4))
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label(bar_label, fontsize=7)
     return save_figure(fig, path, dpi=dpi)

@@ -3,8 +3,11 @@ into ``OUT/preds.csv`` (``file, p_covid, predicted, status, error, model, weight
 with Grad-CAM PNGs; a bad image becomes an error row.
 
 Grad-CAM maps (:func:`grad_cam_maps`) explain the **log-odds of COVID-19** (``log p_covid - log p_noncovid``, the
-quantity the threshold cuts), so high = evidence for COVID-19, and are drawn on one **absolute** scale: the same
-colour means the same evidence in every image and every run (see :data:`CAM_VMAX`).
+quantity the threshold cuts), so high = evidence for COVID-19, in log-odds units per region. They are drawn on the
+model's own colour scale, recorded once in its ``config.yaml`` (``cam_scale``: a high percentile of its maps over the
+images it was validated on; :mod:`covidctnet.models.grad_cam`): the same colour means the same evidence in every image
+and every run. Only regions from ``cam_scale.show_from`` of the top up are coloured; the rest of the slice is shown as
+it is. A model directory without ``cam_scale`` gets one from the maps of the run's own images, and a warning says so.
 """
 
 from __future__ import annotations
@@ -15,12 +18,9 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from monai.visualize import GradCAM
 from torch import nn
 
 from covidctnet.core.errors import ConfigError, CovidCTNetError, InputError, ModelDirError
@@ -33,23 +33,17 @@ from covidctnet.data.ucsd import (
     load_grey,
     prepare_slice,
 )
-from covidctnet.evaluation.plots import new_figure, save_figure
+from covidctnet.evaluation.plots import plot_grad_cam
 from covidctnet.inference.backends import check_backend, open_model
+from covidctnet.models.grad_cam import CamScale, CamScaleConfig, cam_scale_of, log_odds_cam
 from covidctnet.models.registry import DEFAULT_SLICE_MODEL
 
-__all__ = ["PREDS_COLUMNS", "CAM_VMAX", "PredictSummary", "predict_slices", "predict_arrays", "grad_cam_maps",
-           "check_threshold"]
+__all__ = ["PREDS_COLUMNS", "PredictSummary", "predict_slices", "predict_arrays", "grad_cam_maps", "check_threshold"]
 
 logger = logging.getLogger(__name__)
 
 PREDS_COLUMNS = ("file", "p_covid", "predicted", "status", "error", "model", "weights_sha256", "threshold")
 """Columns of ``OUT/preds.csv`` (docs/architecture.md)."""
-
-CAM_VMAX = math.log(99.0)
-"""Top of the fixed Grad-CAM colour scale, in log-odds of COVID-19 per region: logit(0.99) ≈ 4.6, i.e. full colour is
-a region that, were the whole slice like it, would on its own take the model to p_covid = 0.99. Stronger regions are
-clipped to full colour."""
-
 
 @dataclass
 class PredictSummary:
@@ -113,52 +107,6 @@ def check_threshold(value: float, what: str = "threshold") -> float:
     return t
 
 
-class _LogOdds(nn.Module):
-    """(B, 2) logits or log-probabilities → (B, 1) log-odds of class 1 (COVID-19).
-
-    Both a single network's logits and :class:`~covidctnet.models.slice.SliceEnsemble`'s log mean probabilities give
-    ``log p_covid - log p_noncovid`` as the difference of the two outputs, so Grad-CAM of this one output explains what
-    the threshold on ``p_covid`` decides, without the softmax's saturation near 0 and 1.
-    """
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.net(x).float()
-        return (out[:, 1] - out[:, 0])[:, None]
-
-
-def _cam_layers(model: nn.Module) -> list[str]:
-    """The last feature layer of the network, or of every member of an ensemble."""
-    members = getattr(model, "members", None)
-    nets = [(f"members.{i}.", m) for i, m in enumerate(members)] if members is not None else [("", model)]
-    return [prefix + ("layer4" if hasattr(m, "layer4") else "class_layers.relu") for prefix, m in nets]
-
-
-def _write_cam(path: Path, image: np.ndarray, cam: np.ndarray, p_covid: float, threshold: float, name: str) -> Path:
-    """The Grad-CAM figure: the slice, and the slice under the map on the fixed scale [0, CAM_VMAX].
-
-    The overlay's opacity follows the map, so regions with no evidence show the slice itself rather than a colour.
-    """
-    fig = new_figure((8.4, 4.4))
-    ax1, ax2 = fig.subplots(1, 2)
-    ax1.imshow(image, cmap="gray", vmin=0, vmax=1)
-    ax1.set_title(name[:48], fontsize=8)
-    ax2.imshow(image, cmap="gray", vmin=0, vmax=1)
-    level = np.clip(cam / CAM_VMAX, 0.0, 1.0)
-    heat = ax2.imshow(cam, cmap="jet", vmin=0.0, vmax=CAM_VMAX, alpha=0.15 + 0.5 * level)
-    call = BINARY_CLASS_NAMES[int(p_covid >= threshold)]
-    ax2.set_title(f"Grad-CAM, evidence for COVID-19\np_covid = {p_covid:.3f}, threshold {threshold:.4g} → {call}",
-                  fontsize=8)
-    for ax in (ax1, ax2):
-        ax.axis("off")
-    bar = fig.colorbar(heat, ax=ax2, fraction=0.046, pad=0.04, extend="max")
-    bar.solids.set_alpha(1.0)  # the bar shows the colour scale, not the overlay's varying opacity
-    bar.set_label("log-odds of COVID-19 per region (fixed scale)", fontsize=7)
-    return save_figure(fig, path, dpi=100)
-
-
 def predict_slices(
     inputs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -182,7 +130,8 @@ def predict_slices(
             so that ``evaluate`` decides as this run did. Written atomically once all images are done.
         model_dir: a slice model directory; ``None`` = the bundled model.
         cam_dir: write ``<stem>_cam.png`` Grad-CAM overlays (evidence for COVID-19, see :func:`grad_cam_maps`) here,
-            each with ``<stem>_cam.npy``, the (S, S) float32 map drawn (log-odds units, over the network input).
+            drawn on the model's ``cam_scale``, each with ``<stem>_cam.npy``, the raw (S, S) float32 map (log-odds
+            units, over the network input).
         device: ``auto`` / ``cpu`` / ``cuda``.
         batch_size: images per forward pass.
         threshold: override of the model's decision threshold on ``p_covid``, in [0, 1].
@@ -194,7 +143,8 @@ def predict_slices(
 
     Raises:
         InputError: no input images at all, or ``out_dir`` is an existing file.
-        ModelDirError: the model directory is unusable, or its threshold is not in [0, 1].
+        ModelDirError: the model directory is unusable, its threshold is not in [0, 1], or (with ``cam_dir``) its
+            ``cam_scale`` is malformed.
         ConfigError: unknown backend, threshold not in [0, 1], batch size below 1, or Grad-CAM asked of the ONNX
             backend (it needs PyTorch's gradients).
     """
@@ -220,15 +170,16 @@ def predict_slices(
     provenance = [str(config.get("name", "")), weights_sha256, repr(thr)]
     rows: list[list[str]] = []
     cams: list[Path] = []
-    gradcam = None if cam_dir is None else _grad_cam(model)
-    used_names: set[str] = set()
+    writer = None if cam_dir is None else _CamWriter(Path(cam_dir), config, str(model_dir or DEFAULT_SLICE_MODEL))
     for start in progress(range(0, len(files), batch_size), total=math.ceil(len(files) / batch_size),
                           desc="predict-slice"):
         batch_rows, batch_cams = _score_batch(
-            files[start : start + batch_size], model, config, thr, gradcam, cam_dir, used_names, on_error
+            files[start : start + batch_size], model, config, thr, writer, on_error
         )
         rows += [row + provenance for row in batch_rows]
         cams += batch_cams
+    if writer is not None:
+        writer.finish()
     out_csv = out_dir / "preds.csv"
     n_failed = sum(row[3] == "error" for row in rows)
     summary = PredictSummary(out_csv, len(rows) - n_failed, n_failed, cams, thr, provenance[0])
@@ -269,22 +220,6 @@ def _open_slice_model(
     return model, config, sha256_file(opened.md.path / "SHA256SUMS")
 
 
-def _grad_cam(model: nn.Module) -> Any:
-    """MONAI's Grad-CAM of the model's log-odds of COVID-19 on its last feature layer(s), without MONAI's
-    post-processing.
-
-    MONAI's default ``postprocessing`` maps each map's (min, max) to (1, 0): it inverts the map and rescales every
-    image on its own. Identity keeps Grad-CAM's own values (ReLU of the gradient-weighted activations), which
-    :func:`grad_cam_maps` puts on an absolute scale.
-    """
-    target = _LogOdds(model)
-    # A new module starts in training mode, and MONAI's hooks restore the wrapper's mode after each map: left so, the
-    # first map would switch the network to training mode (batch statistics, running means updated) for good.
-    target.train(model.training)
-    return GradCAM(nn_module=target, target_layers=["net." + name for name in _cam_layers(model)],
-                   postprocessing=lambda m: m)
-
-
 def _network_input(config: dict, arr: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
     """(H, W) grey image → the (1, C, S, S) network input and the (C, S, S) prepared slice before normalisation."""
     pre = config["preprocess"]
@@ -294,45 +229,85 @@ def _network_input(config: dict, arr: np.ndarray) -> tuple[torch.Tensor, np.ndar
     return x, prepared
 
 
-def grad_cam_maps(model: nn.Module, config: dict, arrays: Sequence[np.ndarray], gradcam: Any = None) -> np.ndarray:
+def grad_cam_maps(model: nn.Module, config: dict, arrays: Sequence[np.ndarray]) -> np.ndarray:
     """Grad-CAM maps of COVID-19 evidence for grey-scale images, on an absolute scale.
 
-    The target is the model's log-odds of COVID-19 (for the usual 2-output models, MONAI's raw Grad-CAM of the
-    COVID-19 output times a positive factor per image: the same map, unlike MONAI's default output, which is inverted).
-    Each map is ReLU(sum_k alpha_k A_k) on the last feature layer, bilinearly upsampled to the network input, and
-    multiplied by the number of feature-map cells. For a network that ends in global average pooling and a linear
-    layer (the slice ResNets and DenseNets), the map before the ReLU then averages over the slice to the log-odds
-    minus the bias: a value v is a region that, were the whole slice like it, would move the log-odds by v. So the
-    scale is **absolute**, not min–max per image nor shared by a batch: an image the model finds unremarkable gets a
-    faint map, and the same colour means the same evidence in every image and every run. For an ensemble the map is
-    the mean of its members' maps, each for the ensemble's log-odds.
+    :func:`~covidctnet.models.grad_cam.log_odds_cam` of the model's log-odds of COVID-19, one forward and backward
+    pass for all ``arrays``: a value v is a region that, were the whole slice like it, would move the log-odds by v.
+    Not min-max per image nor shared by a batch: an image the model finds unremarkable gets a faint map.
 
     Args:
-        model: a loaded torch slice model (eval mode).
+        model: a loaded torch slice model.
         config: its ``config.yaml`` as a dict (``preprocess.size``, ``preprocess.lung_mask``).
         arrays: (H, W) grey images, float in [0, 1].
-        gradcam: a Grad-CAM object from :func:`_grad_cam` to reuse (its hooks are registered once); ``None`` makes one.
 
     Returns:
-        (N, S, S) float32 maps >= 0 over the network input (S = ``preprocess.size``), in log-odds units; drawn on
-        [0, :data:`CAM_VMAX`].
+        (N, S, S) float32 maps >= 0 over the network input (S = ``preprocess.size``), in log-odds of COVID-19 per
+        region.
     """
-    gradcam = gradcam if gradcam is not None else _grad_cam(model)
+    if not len(arrays):
+        size = int(config["preprocess"]["size"])
+        return np.zeros((0, size, size), np.float32)
     device = next(model.parameters()).device
-    n_layers = len(_cam_layers(model))
-    maps = []
-    for arr in arrays:
-        x = _network_input(config, arr)[0].to(device)
-        layer_maps = []
-        with torch.enable_grad():  # predict runs under no_grad; Grad-CAM needs the backward pass
-            for i in range(n_layers):
-                cells = gradcam.compute_map(x, class_idx=0, layer_idx=i)  # (1, 1, h, w), already ReLU'd
-                n_cells = cells.shape[-2] * cells.shape[-1]
-                # bilinear, as MONAI's default upsampler: linear, so the scale survives it
-                up = F.interpolate(cells, size=x.shape[2:], mode="bilinear", align_corners=False)
-                layer_maps.append(n_cells * up[0, 0].detach().float().cpu().numpy())
-        maps.append(np.mean(layer_maps, axis=0))
-    return np.asarray(maps, dtype=np.float32)
+    x = torch.cat([_network_input(config, arr)[0] for arr in arrays]).to(device)
+    return log_odds_cam(model, x)
+
+
+class _CamWriter:
+    """Writes each image's ``<stem>_cam.npy`` (the raw map) at once and its ``<stem>_cam.png`` on the model's colour
+    scale: at once where ``config.yaml`` records one, else at the end of the run on the scale of the run's own maps."""
+
+    def __init__(self, cam_dir: Path, config: dict, source: str) -> None:
+        self.cam_dir = cam_dir
+        self.model = str(config.get("name", source))
+        self.scale = CamScale.from_config(config, f"{source}/config.yaml")
+        self.used: set[str] = set()
+        self.pending: list[tuple[Path, np.ndarray, np.ndarray, tuple[str, str]]] = []
+
+    def add(self, f: Path, prepared: np.ndarray, cam: np.ndarray, p: float, thr: float) -> Path:
+        """Save one image's map (under a file name not yet used) and draw it now or at :meth:`finish`; returns the
+        PNG's path."""
+        name, k = f"{f.stem}_cam.png", 1
+        while name in self.used:  # same stem in two folders
+            k += 1
+            name = f"{f.stem}_{k}_cam.png"
+        self.used.add(name)
+        # here, not up front: a run in which every image failed leaves nothing
+        self.cam_dir.mkdir(parents=True, exist_ok=True)
+        # the raw map beside the picture, so its values (log-odds units, over the network input) can be used
+        with atomic_path(self.cam_dir / f"{name.removesuffix('.png')}.npy", suffix=".npy") as tmp:
+            np.save(tmp, cam.astype(np.float32))
+        call = BINARY_CLASS_NAMES[int(p >= thr)]
+        titles = (f.name[:48], f"Grad-CAM, evidence for COVID-19\np_covid = {p:.3f}, threshold {thr:.4g} → {call}")
+        if self.scale is None:
+            self.pending.append((self.cam_dir / name, prepared[0], cam, titles))
+        else:
+            self._draw(self.cam_dir / name, prepared[0], cam, titles, self.scale)
+        return self.cam_dir / name
+
+    def finish(self) -> None:
+        """Draw the maps that waited for the run's own scale (a model directory without ``cam_scale``)."""
+        if not self.pending:
+            return
+        maps = np.stack([cam for _, _, cam, _ in self.pending])
+        cfg = CamScaleConfig()
+        try:
+            scale = cam_scale_of(maps, "this run", "the images of this run", cfg)
+        except ConfigError:  # no evidence anywhere: any positive top draws nothing
+            scale = CamScale(1.0, cfg.percentile, cfg.show_from, "this run", "the images of this run", len(maps))
+        logger.warning("%s: its config.yaml records no Grad-CAM colour scale (cam_scale), so this run's %d image(s) "
+                       "set it: 0-%.3g %s (%s); colours compare within this run only (`covidctnet calibrate-cam` "
+                       "records one)", self.model, len(maps), scale.value, scale.unit, scale.describe())
+        for path, image, cam, titles in self.pending:
+            self._draw(path, image, cam, titles, scale)
+        self.pending = []
+
+    @staticmethod
+    def _draw(path: Path, image: np.ndarray, cam: np.ndarray, titles: tuple[str, str], scale: CamScale) -> None:
+        note = (f"colour from {scale.floor:.2f} ({100 * scale.show_from:g}% of the top) to {scale.value:.2f}, the "
+                f"model's {scale.describe()}; weaker regions not coloured")
+        plot_grad_cam(path, image, cam, top=scale.value, floor=scale.floor, bar_label=scale.unit, titles=titles,
+                      note=note)
 
 
 def _score_batch(
@@ -340,9 +315,7 @@ def _score_batch(
     model: nn.Module,
     config: dict,
     thr: float,
-    gradcam: Any,
-    cam_dir: str | os.PathLike | None,
-    used_names: set[str],
+    writer: _CamWriter | None,
     on_error: Callable[[str], None] | None,
 ) -> tuple[list[list[str]], list[Path]]:
     """Score one batch of image files in one forward pass; a file that cannot be read is an error row.
@@ -352,9 +325,7 @@ def _score_batch(
         model: the slice model.
         config: its ``config.yaml`` as a dict.
         thr: the decision threshold on ``p_covid``.
-        gradcam: a Grad-CAM (see :func:`_grad_cam`), or ``None`` for no CAM PNGs.
-        cam_dir: where the CAM PNGs go (when ``gradcam`` is given).
-        used_names: CAM file names taken so far; the new ones are added.
+        writer: where the Grad-CAM maps and PNGs go, or ``None`` for none.
         on_error: called with each bad image's message; ``None`` logs it.
 
     Returns:
@@ -374,6 +345,7 @@ def _score_batch(
             errors.append(str(err))
     good = [a for a in arrays if a is not None]
     probs = iter(predict_arrays(model, config, good).tolist()) if good else iter(())
+    maps = iter(grad_cam_maps(model, config, good)) if writer is not None else iter(())
     for f, arr, err in zip(chunk, arrays, errors):
         if arr is None:
             (on_error or logger.error)(err)
@@ -381,26 +353,6 @@ def _score_batch(
             continue
         p = float(next(probs))
         rows.append([str(f), f"{p:.6f}", BINARY_CLASS_NAMES[int(p >= thr)], "ok", ""])
-        if gradcam is not None:
-            assert cam_dir is not None
-            cams.append(_cam_for(gradcam, model, config, arr, p, thr, f, Path(cam_dir), used_names))
+        if writer is not None:
+            cams.append(writer.add(f, _network_input(config, arr)[1], next(maps), p, thr))
     return rows, cams
-
-
-def _cam_for(gradcam: Any, model: nn.Module, config: dict, arr: np.ndarray, p: float, thr: float, f: Path,
-             cam_dir: Path, used: set[str]) -> Path:
-    """Write the Grad-CAM of one image under a file name not yet ``used``: ``<stem>_cam.png`` (the figure) and
-    ``<stem>_cam.npy`` ((S, S) float32, the map drawn, see :func:`grad_cam_maps`); returns the PNG's path."""
-    cam = grad_cam_maps(model, config, [arr], gradcam)[0]
-    prepared = _network_input(config, arr)[1]
-    stem = f.stem
-    name, k = f"{stem}_cam.png", 1
-    while name in used:  # same stem in two folders
-        k += 1
-        name = f"{stem}_{k}_cam.png"
-    used.add(name)
-    cam_dir.mkdir(parents=True, exist_ok=True)  # here, not up front: a run in which every image failed leaves nothing
-    # the map itself beside the picture, so its values (log-odds units, over the network input) can be used and checked
-    with atomic_path(cam_dir / f"{name.removesuffix('.png')}.npy", suffix=".npy") as tmp:
-        np.save(tmp, cam.astype(np.float32))
-    return _write_cam(cam_dir / name, prepared[0], cam, p, thr, f.name)

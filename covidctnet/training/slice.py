@@ -14,6 +14,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -32,6 +33,7 @@ from covidctnet.data.ucsd import (
     find_records,
 )
 from covidctnet.evaluation.plots import RocCurve, plot_confusion, plot_roc
+from covidctnet.models.grad_cam import CamScale, CamScaleConfig, cam_maps, cam_scale_of
 from covidctnet.models.pretrained import IMAGENET, init_slice_model
 from covidctnet.models.slice import (
     build_slice_model,
@@ -54,6 +56,9 @@ __all__ = [
     "slice_model_config",
     "predict_slice_dataset",
     "write_slice_val_outputs",
+    "dataset_cam_maps",
+    "dataset_cam_scale",
+    "recorded_cam_scale",
 ]
 
 logger = logging.getLogger(__name__)
@@ -242,6 +247,38 @@ def predict_slice_dataset(model: nn.Module, dataset: Any, device: torch.device, 
         out.append(torch.softmax(model(x.to(device)).float(), dim=1).cpu())
     model.train(was_training)
     return torch.cat(out).numpy()
+
+
+def dataset_cam_maps(model: nn.Module, dataset: Any, device: torch.device | str = "cpu") -> np.ndarray:
+    """(N, S, S) Grad-CAM maps of the log-odds of COVID-19 (:func:`~covidctnet.models.grad_cam.log_odds_cam`) of a
+    :class:`SliceDataset` in order (no augmentation); the model is left on ``device``."""
+    return cam_maps(model.to(device), [dataset[i]["image"] for i in range(len(dataset))])
+
+
+def dataset_cam_scale(model: nn.Module, dataset: Any, images: str, data: str, device: torch.device | str = "cpu",
+                      cfg: CamScaleConfig | None = None) -> CamScale:
+    """The Grad-CAM colour scale of a slice model from its maps over the images it was validated on.
+
+    Args:
+        model: the slice model or ensemble.
+        dataset: those images (:class:`SliceDataset` without augmentation).
+        images: which images they are, for the record (``validation split`` …).
+        data: the dataset's name and split, without a path (``covid-ct-2d val``).
+        device: where to compute the maps.
+        cfg: percentile and ``show_from`` (default :class:`~covidctnet.models.grad_cam.CamScaleConfig`).
+    """
+    return cam_scale_of(dataset_cam_maps(model, dataset, device), images, data, cfg)
+
+
+def recorded_cam_scale(compute: Callable[[], CamScale]) -> dict[str, Any] | None:
+    """``compute()``'s scale as the ``cam_scale`` mapping of a model directory's ``config.yaml``, or ``None`` with a
+    warning where the model's maps are zero at the percentile (a barely trained model): training still writes its
+    model directory, and ``predict-slice --cam`` then takes a scale from each run's images."""
+    try:
+        return compute().to_dict()
+    except ConfigError as err:
+        logger.warning("%s; no Grad-CAM colour scale recorded", err)
+        return None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -477,6 +514,11 @@ def train_slice(
                              "init": init_info or ({"source": str(cfg.init)} if cfg.init else None)},
                 "validation": {k: float(v) for k, v in metrics.items()},
             }
+            # the colour range of predict-slice --cam, from the images that chose this epoch
+            scale = recorded_cam_scale(lambda: dataset_cam_scale(best, val, "validation split",
+                                                                 f"{Path(data).name} val", trainer.device))
+            if scale is not None:
+                config["cam_scale"] = scale
             card = _card(cfg, str(data), command or "(library call)", metrics, result, len(train), len(val))
             extra = {"training_config.yaml": run_dir / "config.yaml", "metrics.csv": run_dir / "metrics.csv"}
             return ModelExport(config, card, extra)

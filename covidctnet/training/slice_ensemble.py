@@ -28,7 +28,14 @@ from covidctnet.core.model_dir import save_model_dir
 from covidctnet.data.ucsd import SliceDataset, find_records
 from covidctnet.models.registry import load_slice_model
 from covidctnet.models.slice import SliceEnsemble
-from covidctnet.training.slice import predict_slice_dataset, slice_metrics, write_slice_val_outputs, youden_threshold
+from covidctnet.training.slice import (
+    dataset_cam_scale,
+    predict_slice_dataset,
+    recorded_cam_scale,
+    slice_metrics,
+    write_slice_val_outputs,
+    youden_threshold,
+)
 
 __all__ = ["ensemble_slice_models"]
 
@@ -127,10 +134,18 @@ def ensemble_slice_models(
                 logger.info("threshold %.4f by Youden's J on %s val (n=%d)", chosen, data, len(val))
             metrics = write_slice_val_outputs(Path(tmp), val, probs, chosen)
             config["validation"] = {k: float(v) for k, v in metrics.items()}
+            # the colour range of predict-slice --cam, from the images the ensemble is scored on
+            scale = recorded_cam_scale(lambda: dataset_cam_scale(ensemble, val, "validation split",
+                                                                 f"{Path(data).name} val", dev))
+            if scale is not None:
+                config["cam_scale"] = scale
             extra = {name: Path(tmp) / name for name in ("val_preds.csv", "roc.png", "confusion.png")
                      if (Path(tmp) / name).is_file()}
             logger.info("ensemble of %d on %s val: accuracy %.3f, F1 %.3f, AUC %.3f (n=%d)", len(loaded), data,
                         metrics["accuracy"], metrics["f1"], metrics["auc"], metrics["n"])
+        else:
+            logger.info("no --data: no Grad-CAM colour scale recorded; predict-slice --cam sets one from the images "
+                        "of each run (covidctnet calibrate-cam records one)")
         card = _card(config, members, metrics, data, command)
         save_model_dir(out_dir, config, {"model": ensemble.cpu().state_dict()}, card, extra_files=extra)
     return {"model_dir": Path(out_dir), "members": len(loaded), "val": metrics, "threshold": float(config["threshold"])}

@@ -15,6 +15,7 @@ from covidctnet.core.model_dir import (
     ModelDirConfig,
     load_model_dir,
     save_model_dir,
+    update_model_config,
 )
 from covidctnet.models.registry import DEFAULT_SLICE_MODEL, DEMO_MODEL
 
@@ -101,3 +102,25 @@ def test_bad_schema_fails_on_load_even_with_matching_hashes(tmp_path):
     sums.write_text("\n".join(lines) + "\n")
     with pytest.raises(ModelDirError, match=r"'task' must be one of"):
         load_model_dir(tmp_path / "m")
+
+
+def test_update_model_config_rewrites_config_and_its_hash_only(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(DEFAULT_SLICE_MODEL, tmp_path / "m")
+    m = tmp_path / "m"
+    before = {p.name: sha256_file(p) for p in m.iterdir()}
+    raw = yaml.safe_load((m / "config.yaml").read_text())
+    md = update_model_config(m, {"note": {"made_by": str(tmp_path / "x" / "run")}, "threshold": 0.25})
+    after = {p.name: sha256_file(p) for p in m.iterdir()}
+    assert {n for n in before if before[n] != after[n]} == {"config.yaml", "SHA256SUMS"}
+    new = yaml.safe_load((m / "config.yaml").read_text())
+    assert new == {**raw, "note": {"made_by": "x/run"}, "threshold": 0.25}  # a path made portable (cwd: tmp_path)
+    assert list(new)[: len(raw)] == list(raw)  # the keys keep their order
+    assert md.config["threshold"] == 0.25 and load_model_dir(m).sha256["config.yaml"] == after["config.yaml"]
+    md.state_dict("model")  # weights still match their hash
+    with pytest.raises(ModelDirError, match="'threshold' must be a number"):
+        update_model_config(m, {"threshold": 3})
+    assert sha256_file(m / "config.yaml") == after["config.yaml"]  # a refused update leaves the directory as it was
+    (m / "model.safetensors").write_bytes(b"changed")
+    with pytest.raises(ModelDirError, match="does not match SHA256SUMS"):
+        update_model_config(m, {"threshold": 0.3})

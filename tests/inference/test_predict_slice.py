@@ -3,19 +3,30 @@
 Orientation: the map that predict-slice draws must correlate with MONAI's raw (un-normalised) Grad-CAM, and masking
 the region it marks must lower p_covid more than masking random regions of the same size and shape. The second test
 also runs the same check on the inverted map the old code drew, and expects it to fail there: the check can fail.
+Picture: on images called COVID-19 a visible part of the overlay is coloured on the model's recorded scale, the rest
+is the slice itself, and a map gets the same colours in two runs.
 """
 
 from __future__ import annotations
 
+import csv
+import logging
 import math
+import shutil
 
 import numpy as np
 import pytest
 import torch
+import yaml
+from matplotlib.image import imread
 
 import covidctnet.inference.predict_slice as ps
+from covidctnet.core.model_dir import CONFIG_NAME, SUMS_NAME
+from covidctnet.core.files import sha256_file
 from covidctnet.data.ucsd import load_grey, ucsd_records
+from covidctnet.evaluation.plots import cam_overlay
 from covidctnet.inference.backends import open_model
+from covidctnet.models.grad_cam import CamScale
 from covidctnet.models.registry import DEFAULT_SLICE_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -23,6 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TOP_FRACTION = 0.10  # the "top-CAM region": the 10% of input pixels with the highest map
 N_RANDOM = 8  # random placements of that region per image
 N_IMAGES = 6  # COVID-19 validation images the model calls COVID-19 with p >= 0.8, in split-list order
+VISIBLE = 0.01  # "a visible part": at least 1% of the slice coloured (about 160 of 128 x 128 pixels)
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +48,8 @@ def val_records(ucsd_root):
 
 
 def _raw_monai_cam(model, x: torch.Tensor) -> np.ndarray:
-    """MONAI's Grad-CAM of the COVID-19 output with its post-processing switched off (upsampled, not rescaled)."""
+    """MONAI's Grad-CAM of the COVID-19 output with its post-processing switched off (upsampled, not rescaled), the
+    mean of the members' maps."""
     from monai.visualize import GradCAM
 
     members = getattr(model, "members", None)
@@ -56,35 +69,105 @@ def _logit(p: float) -> float:
     return math.log(p / (1 - p))
 
 
+def _drawn(monkeypatch) -> dict[str, dict]:
+    """What goes into each Grad-CAM PNG, by image file name (the left panel's title)."""
+    drawn: dict[str, dict] = {}
+    original = ps.plot_grad_cam
+
+    def spy(path, image, cam, **kwargs):
+        drawn[kwargs["titles"][0]] = {"path": path, "image": image.copy(), "cam": cam.copy(), **kwargs}
+        return original(path, image, cam, **kwargs)
+
+    monkeypatch.setattr(ps, "plot_grad_cam", spy)
+    return drawn
+
+
+def _preds(out_dir) -> dict[str, dict]:
+    with open(out_dir / "preds.csv", newline="") as fh:
+        return {row["file"].rsplit("/", 1)[-1]: row for row in csv.DictReader(fh)}
+
+
 def test_saved_map_is_oriented_like_raw_grad_cam(slice_model, val_records, tmp_path, monkeypatch):
     model, config = slice_model
     covid = [r.path for r in val_records if r.label == 1][:2]
     noncovid = [r.path for r in val_records if r.label == 0][:1]
-    drawn: dict[str, tuple[np.ndarray, float, float]] = {}
-    original = ps._write_cam
-
-    def spy(path, image, cam, p_covid, threshold, name):  # records exactly what goes into each PNG
-        drawn[name] = (cam.copy(), p_covid, threshold)
-        return original(path, image, cam, p_covid, threshold, name)
-
-    monkeypatch.setattr(ps, "_write_cam", spy)
+    drawn = _drawn(monkeypatch)
     # batch size 1: each image is scored after the previous one's Grad-CAM, which must leave the network as it was
     summary = ps.predict_slices([*covid, *noncovid], tmp_path / "out", cam_dir=tmp_path / "cams", device="cpu",
-                                batch_size=1)
+                                batch_size=1, backend="torch")
     assert summary.n_ok == 3 and len(summary.cams) == 3 and all(p.stat().st_size > 0 for p in summary.cams)
+    preds = _preds(tmp_path / "out")
     for path in [*covid, *noncovid]:
-        cam, p, threshold = drawn[path.name]
+        cam = drawn[path.name]["cam"]
         saved = np.load(tmp_path / "cams" / f"{path.stem}_cam.npy")
-        np.testing.assert_array_equal(saved, cam)  # the saved map is the one drawn
+        np.testing.assert_array_equal(saved, cam)  # the saved map is the one drawn, raw (not cut at the floor)
         x, _ = ps._network_input(config, load_grey(path))
         raw = _raw_monai_cam(model, x)
         corr = np.corrcoef(saved.ravel(), raw.ravel())[0, 1]
-        assert corr > 0.95, (path.name, corr)
-        assert threshold == pytest.approx(config["threshold"]) and p == pytest.approx(_p_covid(model, x), abs=1e-5)
+        # not equal: the members' maps are added before the positive part is kept, where MONAI keeps each member's
+        # (equal for one network: tests/models/test_grad_cam.py); the inverted map correlates below -0.5
+        assert corr > 0.75, (path.name, corr)
+        assert float(preds[path.name]["p_covid"]) == pytest.approx(_p_covid(model, x), abs=1e-5)
         assert cam.min() >= 0.0
     # absolute scale, not min-max per image: maps keep their own maxima (not all 1), in log-odds units
-    maxima = [float(drawn[p.name][0].max()) for p in [*covid, *noncovid]]
+    maxima = [float(drawn[p.name]["cam"].max()) for p in [*covid, *noncovid]]
     assert len({round(m, 3) for m in maxima}) == 3 and all(0.2 < m < 20 for m in maxima), maxima
+
+
+def test_covid_calls_are_coloured_on_the_recorded_scale_and_repeat(slice_model, val_records, tmp_path,
+                                                                   monkeypatch):
+    """Issue 30: on images called COVID-19 a visible part of the overlay is coloured, pixels below the floor are the
+    slice itself, and the same map renders with the same colours in two runs (other batch composition too)."""
+    _, config = slice_model
+    scale = CamScale.from_config(config)
+    assert scale is not None and scale.images == "out-of-fold"  # the bundled model records its scale
+    images = [r.path for r in val_records if r.label == 1][:6] + [r.path for r in val_records if r.label == 0][:2]
+    drawn = _drawn(monkeypatch)
+    ps.predict_slices(images, tmp_path / "a", cam_dir=tmp_path / "cams_a", device="cpu", batch_size=8,
+                      backend="torch")
+    first = dict(drawn)
+    ps.predict_slices(images[::-1], tmp_path / "b", cam_dir=tmp_path / "cams_b", device="cpu", batch_size=3,
+                      backend="torch")
+    preds = _preds(tmp_path / "a")
+    called = [p for p in images if preds[p.name]["predicted"] == "covid"]
+    assert len(called) >= 3, "too few COVID-19 calls among these validation images to test the picture"
+    for path in images:
+        d = first[path.name]
+        assert (d["top"], d["floor"]) == (scale.value, scale.floor)  # the model's recorded range
+        rgb = cam_overlay(d["image"], d["cam"], d["top"], d["floor"])
+        grey = np.repeat(d["image"][..., None], 3, axis=2)
+        below = d["cam"] < d["floor"]
+        np.testing.assert_array_equal(rgb[below], grey[below])  # no wash: the slice itself where the map is weak
+        coloured = float(np.mean(np.abs(rgb - grey).max(axis=2) > 0.05))
+        if path in called:
+            assert coloured >= VISIBLE, (path.name, coloured)
+        # the same image, another run and batch: the same picture, pixel for pixel
+        a = imread(tmp_path / "cams_a" / f"{path.stem}_cam.png")
+        b = imread(tmp_path / "cams_b" / f"{path.stem}_cam.png")
+        np.testing.assert_array_equal(a, b)
+    assert "log-odds of COVID-19 per region" == first[called[0].name]["bar_label"]
+
+
+def test_a_model_without_a_scale_takes_the_runs_and_says_so(val_records, tmp_path, monkeypatch, caplog):
+    old = tmp_path / "old"
+    shutil.copytree(DEFAULT_SLICE_MODEL, old)
+    raw = yaml.safe_load((old / CONFIG_NAME).read_text())
+    raw.pop("cam_scale", None)
+    (old / CONFIG_NAME).write_text(yaml.safe_dump(raw, sort_keys=False))
+    sums = (old / SUMS_NAME).read_text().splitlines()
+    (old / SUMS_NAME).write_text("".join(f"{sha256_file(old / CONFIG_NAME)}  {CONFIG_NAME}\n" if line.endswith(
+        f"  {CONFIG_NAME}") else line + "\n" for line in sums))
+    images = [r.path for r in val_records if r.label == 1][:3]
+    drawn = _drawn(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="covidctnet.inference.predict_slice"):
+        summary = ps.predict_slices(images, tmp_path / "out", model_dir=old, cam_dir=tmp_path / "cams",
+                                    device="cpu", backend="torch")
+    warnings = [r.getMessage() for r in caplog.records if "records no Grad-CAM colour scale" in r.getMessage()]
+    assert len(warnings) == 1 and "this run's 3 image(s)" in warnings[0]
+    assert len(summary.cams) == 3 and all(p.is_file() for p in summary.cams)
+    maps = np.stack([np.load(tmp_path / "cams" / f"{p.stem}_cam.npy") for p in images])
+    tops = {d["top"] for d in drawn.values()}
+    assert len(tops) == 1 and tops.pop() == pytest.approx(float(np.percentile(maps, 99.0)))
 
 
 def test_monai_default_postprocessing_is_what_inverted_the_map(slice_model, val_records):

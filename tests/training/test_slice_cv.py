@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from covidctnet.core.errors import ConfigError
 from covidctnet.data.ucsd import SliceRecord
 from covidctnet.models.registry import load_slice_model
 from covidctnet.training.slice import SliceTrainConfig, youden_threshold
+from covidctnet.training.slice_cam import calibrate_cam
 from covidctnet.training.slice_cv import (
     assign_folds,
     compare_cv_runs,
@@ -144,6 +146,19 @@ def test_tiny_cv_run(tiny_grouped_data, tmp_path):
     assert len(model.members) == config["components"]["model"]["members"] == 2
     assert config["threshold"] == pytest.approx(result["pooled_youden_threshold"])
     assert config["cross_validation"]["expected_performance"]["auc"] == pytest.approx(result["auc"]["value"])
+    # the Grad-CAM colour scale: the ensemble's maps over every out-of-fold image; the fold models' over their fold's
+    scale = config["cam_scale"]
+    assert scale["images"] == "out-of-fold" and scale["n_images"] == 24 and scale["value"] > 0
+    fold_scale = load_slice_model(out / "fold1" / "model")[1]["cam_scale"]
+    assert fold_scale["images"] == "held-out fold" and fold_scale["n_images"] == int((np.array(
+        [r["fold"] for r in rows]) == "1").sum())
+    # calibrate-cam recomputes it from the data alone, and refuses other data
+    assert calibrate_cam(out / "model", tiny_grouped_data, device="cpu").value == pytest.approx(scale["value"],
+                                                                                              rel=1e-5)
+    shutil.copytree(tiny_grouped_data, tmp_path / "other")
+    next((tmp_path / "other" / "train" / "covid").iterdir()).unlink()
+    with pytest.raises(ConfigError, match="cross-validated on 24"):
+        calibrate_cam(out / "model", tmp_path / "other", device="cpu")
     text = (out / "model" / "config.yaml").read_text() + (out / "model" / "MODEL_CARD.md").read_text()
     assert str(tmp_path) not in text and str(tiny_grouped_data) not in text  # no absolute path in what ships
     # finished folds are reused, not retrained

@@ -46,6 +46,7 @@ def test_ensemble_is_the_mean_of_its_members(members, mini_ucsd, tmp_path):
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["components"]["model"]["members"] == 2 and len(config["ensemble"]["members"]) == 2
     assert config["validation"]["n"] == 12 and (out / "roc.png").is_file() and (out / "val_preds.csv").is_file()
+    assert config["cam_scale"]["images"] == "validation split" and config["cam_scale"]["n_images"] == 12
     images = mini_ucsd / "CT_COVID"
     scores = {}
     for name, model in (("a", members[0]), ("b", members[1]), ("ens", out)):

@@ -15,11 +15,18 @@ from covidctnet.core.checkpoint import load_checkpoint
 from covidctnet.core.config import load_config
 from covidctnet.core.errors import ConfigError
 from covidctnet.core.model_dir import load_model_dir
-from covidctnet.data.ucsd import SliceDataset, ucsd_records
+from covidctnet.data.ucsd import SliceDataset, find_records, ucsd_records
 from covidctnet.models.registry import load_slice_model
 from covidctnet.models.slice import build_slice_model
 from covidctnet.training.simclr import PretrainSliceConfig, nt_xent_loss, pretrain_slice
-from covidctnet.training.slice import SliceTrainConfig, init_slice_weights, slice_metrics, train_slice, youden_threshold
+from covidctnet.training.slice import (
+    SliceTrainConfig,
+    dataset_cam_maps,
+    init_slice_weights,
+    slice_metrics,
+    train_slice,
+    youden_threshold,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -123,6 +130,15 @@ def test_train_slice_outputs(mini_ucsd, tmp_path):
     assert config["task"] == "slice" and config["preprocess"]["size"] == 48
     assert "covidctnet train-slice test" in (run / "model" / "MODEL_CARD.md").read_text()
     assert next(model.parameters()).shape[1] == 1  # no lung-mask channel
+    # predict-slice --cam's colour range: the 99th percentile of the exported model's maps over the validation split
+    val = SliceDataset(find_records(mini_ucsd, "val"), config["preprocess"]["size"], False, None)
+    maps = dataset_cam_maps(model, val)
+    top = float(np.percentile(maps, 99.0))
+    if top > 0:
+        assert config["cam_scale"]["images"] == "validation split" and config["cam_scale"]["n_images"] == len(val)
+        assert config["cam_scale"]["value"] == pytest.approx(top, rel=1e-4)
+    else:  # a barely trained model may show no evidence: no scale then, and still a model directory
+        assert "cam_scale" not in config
 
 
 def test_train_slice_resume_matches(mini_ucsd, tmp_path, monkeypatch):
