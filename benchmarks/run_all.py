@@ -119,7 +119,8 @@ def main() -> int:
     steps = plan(args.quick, args.only)
     failed = []
     for name, argv in steps:
-        cmd = [sys.executable, *argv, "--write-docs", str(args.docs)]
+        # relative: the scripts quote their command line in the document, which must not name this machine's folders
+        cmd = [sys.executable, *argv, "--write-docs", os.path.relpath(args.docs)]
         if args.dry_run:
             print(" ".join(repr(c) if c == "" else c for c in cmd))
             continue

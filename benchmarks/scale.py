@@ -278,9 +278,10 @@ def _bench(args: argparse.Namespace, work: Path) -> None:
         rows.append(_row(f"train-classifier, {cls['n']} residual volumes 50×240×240", cls))
     rss = [max(r["first"]["rss_gb"], r["cached"]["rss_gb"]) for r in den.values()]
     flat = f"{100 * (max(rss) / min(rss) - 1):.1f}%" if rss else "n/a"
+    shown = os.path.relpath(work)  # the document must not name this machine's folders
     text = f"""{SECTION}
 
-`python benchmarks/scale.py --work {work} --studies {' '.join(map(str, args.studies))} --residuals {args.residuals} \
+`python benchmarks/scale.py --work {shown} --studies {' '.join(map(str, args.studies))} --residuals {args.residuals} \
 --steps {args.steps} --workers {args.workers}` on {cpu_model()} ({os.cpu_count()} cores), load average
 {load[0]:.1f} at the start and {end_load[0]:.1f} at the end ({(time.perf_counter() - t0) / 60:.0f} min in all).
 Each command ran as a fresh process (`python -m covidctnet train-… --max-steps {args.steps} --loader-workers

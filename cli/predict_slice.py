@@ -21,8 +21,9 @@ from covidctnet.cli.options import backend_option, device_option
               help="Output folder: gets preds.csv (file, p_covid, predicted, status, error, model, weights_sha256, "
                    "threshold).")
 @click.option("--cam", "cam_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Write Grad-CAM overlays into this folder: <stem>_cam.png (evidence for COVID-19 on a fixed "
-                   "log-odds scale; title: p_covid, threshold, call) and <stem>_cam.npy (the map, float32).")
+              help="Write Grad-CAM overlays into this folder: <stem>_cam.png (evidence for COVID-19 in log-odds per "
+                   "region on the model's recorded colour scale, cam_scale; title: p_covid, threshold, call) and "
+                   "<stem>_cam.npy (the raw map, float32).")
 # float, not click.FloatRange: the library's range check gives the one-line error every bad input gets
 @click.option("--threshold", type=float, default=None,
               help="p_covid threshold in [0, 1] (COVID-19 when p_covid >= T)  [default: the model's threshold].")
