@@ -21,8 +21,8 @@ import yaml
 from matplotlib.image import imread
 
 import covidctnet.inference.predict_slice as ps
-from covidctnet.core.model_dir import CONFIG_NAME, SUMS_NAME
 from covidctnet.core.files import sha256_file
+from covidctnet.core.model_dir import CONFIG_NAME, SUMS_NAME
 from covidctnet.data.ucsd import load_grey, ucsd_records
 from covidctnet.evaluation.plots import cam_overlay
 from covidctnet.inference.backends import open_model
