@@ -241,12 +241,18 @@ def test_report_html_embeds_the_overlay_and_fits_1200_pixels(runs, tmp_path):
 
 
 def test_query_finds_studies_and_preprocess_reads_them(orthanc, studies, tmp_path):
+    """A QIDO search matching the three uploaded studies (same StudyDate): two preprocessed, the one without a CT
+    series recorded as failed (exit code 1)."""
     url = orthanc.dicomweb
-    result, text = invoke("preprocess", url, "--query", f"PatientID={PATIENT['PatientID']}", "-o", str(tmp_path / "web"))
-    assert result.exit_code == 0, text
-    (row,) = list(csv.DictReader(open(tmp_path / "web" / "manifest.csv")))
-    assert row["study_id"] == studies["uid"] and row["status"] == "ok"
-    assert PATIENT["PatientID"] not in text and PATIENT["PatientID"] not in (tmp_path / "web" / "manifest.csv").read_text()
+    date = str(pydicom.dcmread(next(studies["main"].glob("*.dcm")), stop_before_pixels=True).StudyDate)
+    result, text = invoke("preprocess", url, "--query", f"StudyDate={date}", "-o", str(tmp_path / "web"))
+    assert result.exit_code == 1, text
+    rows = {r["study_id"]: r for r in csv.DictReader(open(tmp_path / "web" / "manifest.csv"))}
+    assert set(rows) == {studies["uid"], studies["reject_uid"], studies["other_uid"]}
+    assert rows[studies["uid"]]["status"] == rows[studies["reject_uid"]]["status"] == "ok"
+    assert rows[studies["other_uid"]]["error"] == (f"{url}/studies/{studies['other_uid']}: no CT series in this "
+                                                   "study (modalities: OT)")
+    assert not [v for v in PATIENT.values() if v in text or v in (tmp_path / "web" / "manifest.csv").read_text()]
     result, text = invoke("preprocess", str(studies["main"]), "-o", str(tmp_path / "local"))
     assert result.exit_code == 0, text
     web = nib.load(tmp_path / "web" / f"{studies['uid']}.nii.gz")
