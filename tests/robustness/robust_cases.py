@@ -197,6 +197,24 @@ def _missing_slices(s: Sources, tmp: Path) -> Path:
     return copy_series(s.dicom["covid"], tmp / "gap", keep=lambda i: i not in (15, 16))
 
 
+def _no_image_position(s: Sources, tmp: Path) -> Path:
+    def drop(i: int, ds: Any) -> None:
+        del ds.ImagePositionPatient
+
+    return copy_series(s.dicom["cap"], tmp / "no_position", edit=drop)
+
+
+def _series_uid_per_file_two_stacks(s: Sources, tmp: Path) -> Path:
+    """An anonymiser's SeriesInstanceUID per file over two interleaved stacks (every other slice 0.7 mm off)."""
+
+    def edit(i: int, ds: Any) -> None:
+        ds.SeriesInstanceUID = f"1.2.826.0.1.3680043.10.999.{i + 1}"
+        if i % 2:
+            ds.ImagePositionPatient = list(ds.ImagePositionPatient[:2]) + [float(ds.ImagePositionPatient[2]) + 0.7]
+
+    return copy_series(s.dicom["cap"], tmp / "uid_per_file_mixed", edit=edit)
+
+
 def _duplicated_positions(s: Sources, tmp: Path) -> Path:
     def dup(i: int, ds: Any) -> None:
         if i == 9:  # slice 9 claims the position of slice 8
@@ -313,6 +331,9 @@ SCAN_CASES: dict[str, ScanCase] = {
     "mr-modality": ScanCase(_mr_modality, r"Modality is MR, not CT"),
     "missing-slices": ScanCase(_missing_slices, r"gap of 6 mm .*missing"),
     "duplicated-slice-positions": ScanCase(_duplicated_positions, r"duplicated slice position"),
+    "no-image-position": ScanCase(_no_image_position, r"ImagePositionPatient \(0020,0032\) missing in 32 of the 32"),
+    "series-uid-per-file-two-stacks": ScanCase(_series_uid_per_file_two_stacks,
+                                               r"own SeriesInstanceUID, .* not lie on one regular stack"),
     "uneven-spacing": ScanCase(_uneven_spacing, r"uneven slice spacing"),
     "gantry-tilt": ScanCase(_gantry_tilt, r"gantry tilt of 14\.\d degrees"),
     "2d-image-as-volume": ScanCase(_image_2d, r"2-D image of shape \(122, 101\)"),
