@@ -330,10 +330,15 @@ def _quiet() -> Iterator[None]:
 
 
 class _Cut(Exception):
-    """Fewer instances arrived than the server announced."""
+    """Fewer instances arrived than the server announced, or one arrived incomplete."""
 
-    def __init__(self, got: int, expected: int) -> None:
-        super().__init__(f"transfer cut short: {got} of {expected} instances arrived")
+    def __init__(self, got: int, expected: int, incomplete: bool = False) -> None:
+        super().__init__(f"transfer cut short: instance {got + 1} of {expected} arrived incomplete" if incomplete
+                         else f"transfer cut short: {got} of {expected} instances arrived")
+
+
+# pydicom's warnings for data that ends before the element or sequence it was in (a part cut off): errors here
+_TRUNCATED = r"(?s).*(End of file reached|Expected .* bytes|truncated|premature).*"
 
 
 def _problem(err: BaseException, timeout: float) -> tuple[str, bool]:
@@ -479,10 +484,23 @@ def retrieve(study: RemoteStudy, folder: str | os.PathLike) -> int:
                     old.unlink()
                 n = 0
                 # "*": the stored transfer syntax, no transcoding by the server (the reader decodes JPEG and RLE)
-                for ds in client.iter_series(study.study_uid, uid, media_types=(("application/dicom", "*"),)):
-                    ds.save_as(folder / f"{k:03d}-{n:05d}.dcm", enforce_file_format=True)
-                    n += 1
-                    bar.advance()
+                instances = client.iter_series(study.study_uid, uid, media_types=(("application/dicom", "*"),))
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("error", message=_TRUNCATED)
+                    while True:
+                        try:
+                            ds = next(instances, None)
+                            if ds is None:
+                                break
+                            ds.save_as(folder / f"{k:03d}-{n:05d}.dcm", enforce_file_format=True)
+                        except (Warning, AttributeError, KeyError, ValueError, EOFError) as err:
+                            # a part cut off inside: pydicom read what there was; its file would be wrong
+                            if isinstance(err, ValueError) and "multipart" in str(err).lower():
+                                raise
+                            bar.advance(-n)
+                            raise _Cut(n, expected, incomplete=True) from None
+                        n += 1
+                        bar.advance()
                 if n < expected:
                     bar.advance(-n)
                     raise _Cut(n, expected)

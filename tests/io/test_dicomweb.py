@@ -9,10 +9,13 @@ import csv
 import json
 import logging
 import os
+import select
 import socket
+import ssl
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -25,7 +28,7 @@ from orthanc import AET, PASSWORD, USER, Orthanc, free_port
 from pydicom.uid import generate_uid
 
 from covidctnet.cli import cli
-from covidctnet.core.errors import ConfigError
+from covidctnet.core.errors import ConfigError, InputError
 from covidctnet.io import dicomweb
 from covidctnet.io.dicomweb import StoreError, TransferConfig, TransferError
 
@@ -332,6 +335,42 @@ def test_insecure_warns_and_turns_verification_off(caplog):
     assert client._session.verify is False and "not verified (--insecure)" in caplog.text
 
 
+def test_tls_is_verified_unless_insecure(orthanc, tmp_path, monkeypatch, caplog):
+    """HTTPS with a self-signed certificate, as a TLS-terminating relay in front of Orthanc gives it (Debian's Orthanc
+    1.10.1 crashes on its own HTTPS): refused by default, accepted with that certificate as the CA bundle
+    (REQUESTS_CA_BUNDLE) or with --insecure, which warns. The query matches nothing: "no study matches" says the TLS
+    connection and the QIDO search went through."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not found")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    relay = _Relay(orthanc, tls=context)
+    try:
+        url = f"dicomweb+https://127.0.0.1:{relay.port}/dicom-web"
+        cfg = TransferConfig(query=("StudyDate=19000101",), timeout=10)
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+        with pytest.raises(TransferError, match=r"^dicomweb\+https://127.0.0.1:\d+/dicom-web: TLS certificate not verified"):
+            dicomweb.find_studies(url, cfg)
+        monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(cert))
+        with pytest.raises(InputError, match="no study matches"):
+            dicomweb.find_studies(url, cfg)
+        monkeypatch.delenv("REQUESTS_CA_BUNDLE")
+        dicomweb._warned_insecure = False
+        caplog.set_level(logging.WARNING, logger="covidctnet.io.dicomweb")
+        with pytest.raises(InputError, match="no study matches"):
+            dicomweb.find_studies(url, TransferConfig(query=cfg.query, insecure=True))
+        assert "TLS certificates are not verified (--insecure)" in caplog.text
+    finally:
+        relay.close()
+
+
 def test_bad_urls_and_targets():
     for bad in ("dicomweb+http://127.0.0.1:8042/dicom-web/studies", "dicomweb+http://127.0.0.1:8042/dicom-web/studies/1/series"):
         with pytest.raises(ConfigError, match="StudyInstanceUID"):
@@ -379,12 +418,13 @@ def test_store_refused_or_unreachable(orthanc, runs, tmp_path):
         dicomweb.store(files, TransferConfig(store_to=f"dimse://{AET}@127.0.0.1:{free_port()}", timeout=5))
 
 
-class _CuttingProxy:
-    """A TCP relay on 127.0.0.1 to Orthanc's HTTP port that passes ``limit`` bytes of a connection's answers, then
-    stops Orthanc and closes: a server gone in the middle of a transfer (later connections find nothing behind)."""
+class _Relay:
+    """A TCP relay on 127.0.0.1 to Orthanc's HTTP port. ``tls``: it speaks HTTPS to the client (a TLS-terminating
+    proxy); ``limit``: it passes that many bytes of a connection's answers, then stops Orthanc and closes (a server
+    gone in the middle of a transfer; later connections find nothing behind)."""
 
-    def __init__(self, orthanc: Orthanc, limit: int) -> None:
-        self.orthanc, self.limit = orthanc, limit
+    def __init__(self, orthanc: Orthanc, limit: int | None = None, tls: Any = None) -> None:
+        self.orthanc, self.limit, self.tls = orthanc, limit, tls
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._serve, daemon=True).start()
@@ -398,41 +438,46 @@ class _CuttingProxy:
             threading.Thread(target=self._relay, args=(client,), daemon=True).start()
 
     def _relay(self, client: socket.socket) -> None:
+        """One connection, relayed both ways from this one thread (an SSL socket must not be used by two)."""
         try:
+            if self.tls is not None:
+                client = self.tls.wrap_socket(client, server_side=True)
             upstream = socket.create_connection(("127.0.0.1", self.orthanc.http_port), timeout=5)
         except OSError:
             client.close()
             return
-        threading.Thread(target=self._pump, args=(client, upstream), daemon=True).start()
         sent = 0
         try:
-            while data := upstream.recv(65536):
-                if sent + len(data) > self.limit:
-                    client.sendall(data[: self.limit - sent])
-                    self.orthanc.stop()
+            while True:
+                pending = isinstance(client, ssl.SSLSocket) and client.pending()
+                ready = [client] if pending else select.select([client, upstream], [], [], 30)[0]
+                if not ready:
                     break
-                client.sendall(data)
-                sent += len(data)
+                for src in ready:
+                    data = src.recv(65536)
+                    if not data:
+                        return
+                    if src is client:
+                        upstream.sendall(data)
+                        continue
+                    if self.limit is not None and sent + len(data) > self.limit:
+                        client.sendall(data[: self.limit - sent])
+                        self.orthanc.stop()
+                        return
+                    client.sendall(data)
+                    sent += len(data)
         except OSError:
             pass
         finally:
             client.close()
             upstream.close()
 
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-
     def close(self) -> None:
         self.listener.close()
 
 
 def test_server_stopped_mid_transfer(orthanc, studies, model, tmp_path):
-    proxy = _CuttingProxy(orthanc, limit=2_000_000)  # the QIDO answers are a few kB; the series about 8 MB
+    proxy = _Relay(orthanc, limit=2_000_000)  # the QIDO answers are a few kB; the series about 8 MB
     try:
         url = f"dicomweb+http://127.0.0.1:{proxy.port}/dicom-web/studies/{studies['uid']}"
         result, text = invoke("predict", url, "-o", str(tmp_path / "out"), "--keep-download", str(tmp_path / "keep"),
