@@ -34,8 +34,9 @@ def preprocess_cmd(inputs, out_dir, config_path, profile, size_xy, workers, sche
                    **transfer):
     """Resample CT studies to 1 mm RAS, SIZE x SIZE in-plane, float32 in [0, 1].
 
-    INPUTS are NIfTI/NRRD files, DICOM series folders, or dataset roots (the MosMed studies/CT-k/ layout gives
-    labels). One bad study is recorded in manifest.csv and the others go on; the exit code is 1 if some failed,
+    INPUTS are NIfTI/NRRD files, DICOM series folders, dataset roots (the MosMed studies/CT-k/ layout gives
+    labels), or DICOMweb study URLs (dicomweb+http(s)://HOST:PORT/dicom-web/studies/<StudyInstanceUID>, or the
+    server's URL with --query; see `covidctnet predict --help`). One bad study is recorded in manifest.csv and the others go on; the exit code is 1 if some failed,
     2 if all did.
     """
     # Heavy imports (torch, MONAI) happen here, not at `covidctnet --help`.

@@ -37,7 +37,8 @@ def slice_scores_cmd(inputs, out_dir, model_dir, denoiser_dir, config_path, stat
 
     Writes OUT/<study_id>_slices.csv (study_id, slice, z_mm, lung_ml, residual_score, hu_score, and every candidate
     residual statistic). A scan with too little lung is refused ("no lungs found: not a chest CT?"). One bad study
-    is recorded in manifest.csv and the others go on; the exit code is 1 if some failed, 2 if all did.
+    is recorded in manifest.csv and the others go on; the exit code is 1 if some failed, 2 if all did. INPUTS may
+    be DICOMweb study or series URLs (dicomweb+http(s)://HOST:PORT/dicom-web/studies/<StudyInstanceUID>).
     """
     from covidctnet.core.config import load_config
     from covidctnet.core.errors import ConfigError
