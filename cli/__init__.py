@@ -21,6 +21,7 @@ __all__ = ["cli", "main", "COMMANDS"]
 COMMANDS: dict[str, str] = {
     "preprocess": "covidctnet.cli.preprocess:preprocess_cmd",
     "train-denoiser": "covidctnet.cli.train_denoiser:train_denoiser_cmd",
+    "train-lesion-model": "covidctnet.cli.train_lesion_model:train_lesion_model_cmd",
     "residuals": "covidctnet.cli.residuals:residuals_cmd",
     "predict": "covidctnet.cli.predict:predict_cmd",
     "demo": "covidctnet.cli.predict:demo_cmd",

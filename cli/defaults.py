@@ -13,6 +13,7 @@ CONFIG_FILES: dict[str, tuple[str, str | None]] = {
     "preprocess_official.yaml": ("covidctnet.preprocessing.preprocess:PreprocessConfig",
                                  "covidctnet.preprocessing.preprocess:OFFICIAL_PROFILE"),
     "denoiser.yaml": ("covidctnet.training.denoiser:DenoiserConfig", None),
+    "lesion_model.yaml": ("covidctnet.training.lesion:LesionModelConfig", None),
     "residuals.yaml": ("covidctnet.inference.residuals:ResidualGrid", None),
     "classifier.yaml": ("covidctnet.training.classifier:ClassifierConfig", None),
     "predict.yaml": ("covidctnet.inference.predict:PredictConfig", None),

@@ -42,8 +42,14 @@ def _static_defaults(ref: str) -> dict[str, Any]:
         raise LookupError(f"{module}: module not found")
     tree = ast.parse(Path(spec.origin).read_text())
     cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
-    return {node.target.id: ast.literal_eval(node.value) for node in cls.body
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None}
+    out = {}
+    for node in cls.body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            try:
+                out[node.target.id] = ast.literal_eval(node.value)
+            except ValueError:  # field(default_factory=...): no option shows it
+                continue
+    return out
 
 
 def dataclass_default(ref: str, key: str) -> Any:

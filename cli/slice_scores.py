@@ -21,7 +21,13 @@ _CONFIG = "covidctnet.inference.slice_scores:SliceScoresConfig"
               help="Model directory with a denoiser component  [default: the bundled demonstration model].")
 @click.option("--denoiser", "denoiser_dir", type=click.Path(path_type=Path), default=None,
               help="Denoiser model directory or train-denoiser run folder (instead of --model).")
+@click.option("--lesion-model", "lesion_dir", type=click.Path(path_type=Path), default=None,
+              help="Lesion model directory or train-lesion-model run folder  [default: the --model directory's "
+                   "lesion component, when it has one].")
 @config_file_option("slice_scores.yaml")
+@config_option(_CONFIG, "--evidence", type=click.Choice(["residual", "lesion", "hu"]),
+               help="Which score is written as evidence_score: the denoiser's residual, the lesion model's lesion "
+                    "probability, or the HU density baseline.")
 @config_option(_CONFIG, "--statistic", type=click.Choice(["mean_pos", "mean_abs", "p95", "frac_pos"]),
                help="Residual statistic inside the lungs written as residual_score.")
 @config_option(_CONFIG, "--min-lung-ml", "min_lung_ml", type=float,
@@ -31,12 +37,13 @@ _CONFIG = "covidctnet.inference.slice_scores:SliceScoresConfig"
 @transfer_options()
 @batch_options("Worker processes; 0 runs in this process (best for debugging).",
                "Skip studies already 'ok' in OUT/manifest.csv whose output is unchanged.")
-def slice_scores_cmd(inputs, out_dir, model_dir, denoiser_dir, config_path, statistic, min_lung_ml, device, backend,
-                     workers, scheduler, resume, **transfer):
-    """Per original slice of each CT: lung volume, residual score inside the lungs and an HU density baseline.
+def slice_scores_cmd(inputs, out_dir, model_dir, denoiser_dir, lesion_dir, config_path, evidence, statistic,
+                     min_lung_ml, device, backend, workers, scheduler, resume, **transfer):
+    """Per original slice of each CT: lung volume and the evidence of infection inside the lungs.
 
-    Writes OUT/<study_id>_slices.csv (study_id, slice, z_mm, lung_ml, residual_score, hu_score, and every candidate
-    residual statistic). A scan with too little lung is refused ("no lungs found: not a chest CT?"). One bad study
+    Writes OUT/<study_id>_slices.csv (study_id, slice, z_mm, lung_ml, evidence, evidence_score, residual_score,
+    hu_score, lesion_score where a lesion model ran, and every candidate residual statistic); evidence_score is the
+    score --evidence names. A scan with too little lung is refused ("no lungs found: not a chest CT?"). One bad study
     is recorded in manifest.csv and the others go on; the exit code is 1 if some failed, 2 if all did. INPUTS may
     be DICOMweb study or series URLs (dicomweb+http(s)://HOST:PORT/dicom-web/studies/<StudyInstanceUID>).
     """
@@ -48,10 +55,12 @@ def slice_scores_cmd(inputs, out_dir, model_dir, denoiser_dir, config_path, stat
     if model_dir is not None and denoiser_dir is not None:
         raise ConfigError("give one of --model DIR or --denoiser DIR, not both")
     cfg = load_config(SliceScoresConfig, config_path,
-                      {"statistic": statistic, "min_lung_ml": min_lung_ml, "device": device, "backend": backend})
+                      {"evidence": evidence, "statistic": statistic, "min_lung_ml": min_lung_ml, "device": device,
+                       "backend": backend})
     source = model_dir or denoiser_dir or DEMO_MODEL
     inputs, _ = transfer_inputs(inputs, **transfer)
-    summary = slice_scores(inputs, out_dir, source, cfg, resume=resume, workers=workers, scheduler=scheduler,
+    summary = slice_scores(inputs, out_dir, source, cfg, lesion_model=lesion_dir, resume=resume, workers=workers,
+                           scheduler=scheduler,
                            on_result=echo_error_row)
     click.echo(f"slice-scores: {summary.n_ok} done, {summary.n_skipped} already done, {summary.n_failed} failed"
                + (f"; manifest: {summary.manifest}" if summary.manifest and summary.manifest.exists() else ""),

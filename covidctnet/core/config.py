@@ -70,6 +70,9 @@ def coerce_value(value: Any, tp: Any, key: str, source: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{source}: '{key}' must be a mapping, not {value!r}")
         return dict(value)
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        # a nested settings group: a mapping of its keys (those left out keep their defaults)
+        return value if isinstance(value, tp) else validate_config(tp, value, f"{source}: {key}")
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: '{key}' must be true or false, not {value!r}")

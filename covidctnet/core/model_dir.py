@@ -48,7 +48,7 @@ CARD_NAME = "MODEL_CARD.md"
 SUMS_NAME = "SHA256SUMS"
 
 
-TASKS = ("covidctnet", "classifier", "denoise", "slice", "slice-encoder")
+TASKS = ("covidctnet", "classifier", "denoise", "lesion", "slice", "slice-encoder")
 """``covidctnet``: denoiser + 3D classifier (what ``predict`` runs); ``classifier``: the 3D classifier alone (or with a
 denoiser from the Keras import); ``denoise``: a BCDU-Net; ``slice``: a 2D slice model or ensemble; ``slice-encoder``: a
 SimCLR encoder for ``train-slice --init``."""

@@ -13,10 +13,16 @@ from typing import Any
 
 from covidctnet.core.errors import InputError
 
-__all__ = ["SLICES_SUFFIX", "SLICE_COLUMNS", "read_slices_csv"]
+__all__ = ["SLICES_SUFFIX", "SLICE_COLUMNS", "REQUIRED_COLUMNS", "TEXT_COLUMNS", "read_slices_csv"]
 
-SLICE_COLUMNS = ("study_id", "slice", "z_mm", "lung_ml", "residual_score", "hu_score")
-"""The contract columns, in this order; the candidate statistics (``residual_<name>``) follow as extra columns."""
+SLICE_COLUMNS = ("study_id", "slice", "z_mm", "lung_ml", "evidence", "evidence_score", "residual_score", "hu_score")
+"""The contract columns, in this order; ``lesion_score`` (where a lesion model ran) and the candidate residual
+statistics (``residual_<name>``) follow as extra columns. ``evidence`` names the score copied into
+``evidence_score``: ``residual``, ``lesion`` or ``hu``."""
+REQUIRED_COLUMNS = ("study_id", "slice", "z_mm", "lung_ml", "residual_score", "hu_score")
+"""Columns every slice table has, including those written before ``evidence`` existed."""
+TEXT_COLUMNS = ("study_id", "evidence")
+"""Columns read as text; the others are numbers."""
 SLICES_SUFFIX = "_slices.csv"
 """File name ending: ``<study_id>_slices.csv``."""
 
@@ -31,14 +37,16 @@ def read_slices_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
     try:
         with path.open(newline="") as fh:
             reader = csv.DictReader(fh)
-            missing = [c for c in SLICE_COLUMNS if c not in (reader.fieldnames or [])]
+            missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
             if missing:
                 raise InputError(f"{path}: not a slice-scores CSV: column(s) {missing} missing")
             out = []
             for row in reader:
                 parsed: dict[str, Any] = {"study_id": row["study_id"], "slice": int(row["slice"])}
                 for key, value in row.items():
-                    if key not in ("study_id", "slice"):
+                    if key in TEXT_COLUMNS:
+                        parsed[key] = value
+                    elif key not in parsed:
                         parsed[key] = float(value) if value not in ("", None) else float("nan")
                 out.append(parsed)
     except (OSError, ValueError) as err:

@@ -41,13 +41,15 @@ import torch
 from covidctnet.core.config import validate_config
 from covidctnet.core.errors import ConfigError, ModelDirError
 from covidctnet.core.files import atomic_write_text
+from covidctnet.core.model_dir import load_model_dir
 from covidctnet.core.slice_table import SLICE_COLUMNS, SLICES_SUFFIX
 from covidctnet.inference.backends import check_precision
+from covidctnet.inference.lesion_maps import cached_lesion_model, lesion_preprocess, lesion_probability
 from covidctnet.inference.residuals import cached_denoiser, compute_residual
 from covidctnet.io.batch import discover_studies, run_batch
 from covidctnet.io.checks import check_volume
 from covidctnet.io.volume import read_volume
-from covidctnet.models.registry import resolve_denoiser_dir
+from covidctnet.models.registry import LESION_COMPONENT, LesionModel, resolve_denoiser_dir
 from covidctnet.preprocessing.lungmask3d import mask_to_grid, ras_lung_mask
 from covidctnet.preprocessing.preprocess import PreprocessConfig, preprocess_volume, to_ras
 
@@ -71,7 +73,11 @@ logger = logging.getLogger(__name__)
 STATISTICS = ("mean_pos", "mean_abs", "p95", "frac_pos")
 """Candidate residual statistics inside the lungs: mean of max(r, 0); mean |r|; 95th percentile of r; fraction of
 voxels with r > ``frac_threshold``."""
-MANIFEST_COLUMNS = ("n_slices", "lung_ml_total", "statistic", "denoiser", "denoiser_sha256")
+MANIFEST_COLUMNS = ("n_slices", "lung_ml_total", "evidence", "statistic", "denoiser", "denoiser_sha256",
+                    "lesion_model_sha256")
+EVIDENCE = ("residual", "lesion", "hu")
+"""What ``evidence_score`` can be: the denoiser's ``residual_score``, the lesion model's ``lesion_score``, or the
+density baseline ``hu_score``."""
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,9 @@ class SliceScoresConfig:
     """Settings of ``covidctnet slice-scores`` (defaults = ``configs/slice_scores.yaml``).
 
     Attributes:
+        evidence: which score is the slice's ``evidence_score`` (see :data:`EVIDENCE`); ``lesion`` needs a model
+            directory with a ``lesion`` component. The default was chosen by the rule in
+            docs/evidence_selection_rule.md (figures in docs/validation.md).
         statistic: which candidate is ``residual_score`` (see :data:`STATISTICS`). ``p95``, the 95th percentile
             of the residual inside the slice's lungs, was chosen for the bundled denoiser on the shared P001, cap001
             and normal001 series by the rule written before any AUC was seen (docs/validation.md).
@@ -92,6 +101,7 @@ class SliceScoresConfig:
             (:mod:`covidctnet.inference.backends`).
     """
 
+    evidence: Literal["residual", "lesion", "hu"] = "residual"
     statistic: Literal["mean_pos", "mean_abs", "p95", "frac_pos"] = "p95"
     frac_threshold: float = 0.05
     hu_low: float = -750.0
@@ -143,7 +153,8 @@ def _slice_centres_z(affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 
 
 def score_volume(volume: Volume, denoiser: Any, preprocess: Any, cfg: SliceScoresConfig = SliceScoresConfig(),
-                 study_id: str = "", lungs: LungMask | None = None) -> list[dict[str, Any]]:
+                 study_id: str = "", lungs: LungMask | None = None,
+                 lesion_model: LesionModel | None = None) -> list[dict[str, Any]]:
     """Slice scores of one CT.
 
     Args:
@@ -154,9 +165,11 @@ def score_volume(volume: Volume, denoiser: Any, preprocess: Any, cfg: SliceScore
         study_id: written in each row.
         lungs: a lung mask on the volume's RAS grid to use instead of computing one (e.g. the mask of the clean scan
             when lesions were inserted into it); the chest-coverage check is then not run.
+        lesion_model: the lesion model (:mod:`covidctnet.inference.lesion_maps`); adds ``lesion_score``.
 
     Returns:
-        One dict per original slice (ascending z) with the :data:`SLICE_COLUMNS` and ``residual_<statistic>`` keys.
+        One dict per original slice (ascending z) with the :data:`SLICE_COLUMNS` and ``residual_<statistic>`` keys
+        (and ``lesion_score`` with a lesion model).
 
     Raises:
         NoLungsError: the chest-coverage check failed.
@@ -172,12 +185,19 @@ def score_volume(volume: Volume, denoiser: Any, preprocess: Any, cfg: SliceScore
     array, pre_affine = preprocess_volume(volume, preprocess)
     residual = compute_residual(array, denoiser, depth=array.shape[2], size=array.shape[0],
                                 batch_size=cfg.batch_size, source=str(volume.source), precision=cfg.precision)
-    return score_residual(hu, affine, lungs, residual, pre_affine, cfg, study_id)
+    lesion = None
+    if lesion_model is not None:
+        lesion_pre = lesion_preprocess(lesion_model)
+        if lesion_pre != preprocess:
+            array, pre_affine = preprocess_volume(volume, lesion_pre)
+        lesion = (lesion_probability(array, mask_to_grid(lungs.mask > 0, array.shape), lesion_model,
+                                     cfg.batch_size), pre_affine)
+    return score_residual(hu, affine, lungs, residual, pre_affine, cfg, study_id, lesion)
 
 
 def score_residual(hu: np.ndarray, affine: np.ndarray, lungs: LungMask, residual: np.ndarray,
                    pre_affine: np.ndarray, cfg: SliceScoresConfig = SliceScoresConfig(),
-                   study_id: str = "") -> list[dict[str, Any]]:
+                   study_id: str = "", lesion: tuple[np.ndarray, np.ndarray] | None = None) -> list[dict[str, Any]]:
     """Slice scores of one CT from its residual, already computed (``predict --slice-scores`` passes the residual of
     its own denoising pass; :func:`score_volume` computes one).
 
@@ -187,6 +207,8 @@ def score_residual(hu: np.ndarray, affine: np.ndarray, lungs: LungMask, residual
             ``depth``/``size`` of the preprocessed array).
         pre_affine: the preprocessed grid's (4, 4) affine.
         cfg, study_id: as for :func:`score_volume`.
+        lesion: ``(probability, affine)``: the lesion model's (S, S, Z) map
+            (:func:`~covidctnet.inference.lesion_maps.lesion_probability`) and its grid's affine, or None.
 
     Returns:
         As :func:`score_volume`.
@@ -200,16 +222,17 @@ def score_residual(hu: np.ndarray, affine: np.ndarray, lungs: LungMask, residual
     hu_frac = np.count_nonzero(in_range & lung, axis=(0, 1)) / np.maximum(n_lung, 1)
 
     grid_lung = mask_to_grid(lung, residual.shape)
-    z_grid = _slice_centres_z(pre_affine, residual.shape)
+    near = _near_slices(_slice_centres_z(pre_affine, residual.shape), z_orig, dz)
+    if lesion is not None:
+        lesion_map, lesion_affine = lesion
+        lesion_lung = mask_to_grid(lung, lesion_map.shape)
+        lesion_near = _near_slices(_slice_centres_z(lesion_affine, lesion_map.shape), z_orig, dz)
 
     rows: list[dict[str, Any]] = []
     for k in range(hu.shape[2]):
-        near = np.flatnonzero(np.abs(z_grid - z_orig[k]) <= dz / 2 + 1e-6)
-        if near.size == 0:
-            near = np.array([int(np.argmin(np.abs(z_grid - z_orig[k])))])
-        values = residual[:, :, near][grid_lung[:, :, near]]
+        values = residual[:, :, near[k]][grid_lung[:, :, near[k]]]
         stats = residual_statistics(values, cfg.frac_threshold) if n_lung[k] else residual_statistics(values[:0])
-        rows.append({
+        row = {
             "study_id": study_id,
             "slice": k,
             "z_mm": float(z_orig[k]),
@@ -217,8 +240,24 @@ def score_residual(hu: np.ndarray, affine: np.ndarray, lungs: LungMask, residual
             "residual_score": stats[cfg.statistic],
             "hu_score": float(hu_frac[k]) if n_lung[k] else float("nan"),
             **{f"residual_{name}": value for name, value in stats.items()},
-        })
+        }
+        if lesion is not None:
+            probs = lesion_map[:, :, lesion_near[k]][lesion_lung[:, :, lesion_near[k]]]
+            row["lesion_score"] = float(probs.mean()) if n_lung[k] and probs.size else float("nan")
+        row["evidence"] = cfg.evidence
+        row["evidence_score"] = row.get(f"{cfg.evidence}_score", float("nan"))
+        rows.append(row)
     return rows  # ascending z: the RAS array runs from inferior to superior along axis 2
+
+
+def _near_slices(z_grid: np.ndarray, z_orig: np.ndarray, dz: float) -> list[np.ndarray]:
+    """For each original slice, the grid slices whose centres lie inside it (within half its spacing ``dz``), or
+    the nearest one when none does."""
+    out = []
+    for z in z_orig:
+        near = np.flatnonzero(np.abs(z_grid - z) <= dz / 2 + 1e-6)
+        out.append(near if near.size else np.array([int(np.argmin(np.abs(z_grid - z)))]))
+    return out
 
 
 def _fmt(value: float) -> str:
@@ -226,14 +265,16 @@ def _fmt(value: float) -> str:
 
 
 def write_slices_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
-    """Write ``<id>_slices.csv`` atomically (contract columns, then the candidate statistics)."""
+    """Write ``<id>_slices.csv`` atomically (contract columns, ``lesion_score`` when computed, then the candidate
+    residual statistics)."""
 
-    columns = list(SLICE_COLUMNS) + [f"residual_{s}" for s in STATISTICS]
+    lesion = ["lesion_score"] if rows and "lesion_score" in rows[0] else []
+    columns = list(SLICE_COLUMNS) + lesion + [f"residual_{s}" for s in STATISTICS]
     buf = _io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(columns)
     for row in rows:
-        writer.writerow([row[c] if c in ("study_id", "slice") else
+        writer.writerow([row[c] if c in ("study_id", "slice", "evidence") else
                          (f"{row[c]:.3f}" if c == "z_mm" else _fmt(row[c])) for c in columns])
     atomic_write_text(Path(path), buf.getvalue())
 
@@ -260,20 +301,41 @@ def _load(path: str, device: str, backend: str = "auto", precision: str = "fp32"
     return den, pre
 
 
-def _score_study(study: Study, out_dir: Path, denoiser: str, cfg: SliceScoresConfig) -> dict[str, Any]:
+def _lesion_model_dir(denoiser: str, lesion_model: str | os.PathLike | None, cfg: SliceScoresConfig) -> str | None:
+    """The lesion model to use: the one given, else the denoiser's model directory when it has a ``lesion``
+    component, else None.
+
+    Raises:
+        ModelDirError: ``evidence: lesion`` without a lesion model.
+    """
+    if lesion_model is not None:
+        return str(resolve_denoiser_dir(lesion_model).resolve())
+    if LESION_COMPONENT in (load_model_dir(denoiser).config.get("components") or {}):
+        return denoiser
+    if cfg.evidence == "lesion":
+        raise ModelDirError(f"{denoiser}: no lesion component, which --evidence lesion needs: give --lesion-model DIR "
+                            "(a train-lesion-model run) or choose --evidence residual or hu")
+    return None
+
+
+def _score_study(study: Study, out_dir: Path, denoiser: str, cfg: SliceScoresConfig,
+                 lesion_model: str | None = None) -> dict[str, Any]:
     den, pre = _load(denoiser, cfg.device, cfg.backend, cfg.precision)
+    lesion = cached_lesion_model(lesion_model, cfg.device) if lesion_model else None
     volume = read_volume(study.path)
     check_volume(volume, pre.limits)
-    rows = score_volume(volume, den, pre, cfg, study.study_id)
+    rows = score_volume(volume, den, pre, cfg, study.study_id, lesion_model=lesion)
     name = f"{study.study_id}{SLICES_SUFFIX}"
     write_slices_csv(rows, out_dir / name)
     return {
         "output": name,
         "n_slices": len(rows),
         "lung_ml_total": f"{sum(r['lung_ml'] for r in rows):.0f}",
+        "evidence": cfg.evidence,
         "statistic": cfg.statistic,
         "denoiser": str(den.path),
         "denoiser_sha256": den.weights_sha256,
+        "lesion_model_sha256": lesion.weights_sha256 if lesion is not None else "",
     }
 
 
@@ -283,6 +345,7 @@ def slice_scores(
     denoiser: str | os.PathLike,
     cfg: SliceScoresConfig = SliceScoresConfig(),
     *,
+    lesion_model: str | os.PathLike | None = None,
     resume: bool = True,
     workers: int = 0,
     scheduler: str | None = None,
@@ -296,16 +359,22 @@ def slice_scores(
         denoiser: a model directory with a ``denoiser`` component (the bundled model, a ``train-denoiser`` model
             directory or its run folder); its ``preprocess`` settings are used.
         cfg: the settings.
+        lesion_model: a model directory with a ``lesion`` component (``train-lesion-model``); default: the
+            ``denoiser`` directory's own, when it has one. Adds ``lesion_score``.
         resume, workers, scheduler: as for :func:`covidctnet.io.batch.run_batch` (skip finished studies; worker
             processes; a Dask scheduler address).
         on_result: called with each study's manifest row as it finishes.
 
     Raises:
-        ModelDirError: the denoiser cannot be loaded (before any study is touched).
+        ModelDirError: the denoiser or lesion model cannot be loaded, or ``evidence: lesion`` without a lesion
+            model (before any study is touched).
     """
     path = str(resolve_denoiser_dir(denoiser).resolve())
     _load(path, cfg.device, cfg.backend, cfg.precision)  # a bad model directory fails once, here, not once per study
+    lesion_path = _lesion_model_dir(path, lesion_model, cfg)
+    if lesion_path is not None:
+        cached_lesion_model(lesion_path, cfg.device)
     studies = discover_studies(inputs)
-    fn = functools.partial(_score_study, denoiser=path, cfg=cfg)
+    fn = functools.partial(_score_study, denoiser=path, cfg=cfg, lesion_model=lesion_path)
     return run_batch(studies, out_dir, fn, MANIFEST_COLUMNS, resume=resume, workers=workers, scheduler=scheduler,
                      desc="slice-scores", on_result=on_result)

@@ -37,6 +37,10 @@ __all__ = [
     "load_classifier",
     "load_slice_model",
     "state_dict_mismatch",
+    "LESION_COMPONENT",
+    "LesionModel",
+    "build_lesion_model",
+    "load_lesion_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -229,3 +233,66 @@ def load_denoiser(path: str | os.PathLike, device: str | Any = "auto") -> Denois
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     model.to(dev).eval()
     return Denoiser(model, size, mdir.path, mdir.weights_sha256(DENOISER_COMPONENT), dev, preprocess)
+
+
+LESION_COMPONENT = "lesion"
+"""Component name of the label-free lesion model in a model directory (``lesion.safetensors``)."""
+
+
+def build_lesion_model(kwargs: Mapping[str, Any]) -> nn.Module:
+    """A 2D MONAI ``UNet`` from the ``kwargs`` of a model directory's ``components.lesion``.
+
+    Raises:
+        ConfigError: arguments MONAI's ``UNet`` does not take.
+    """
+    from monai.networks.nets import UNet  # MONAI is imported where one of its networks is built (about 2 s)
+
+    try:
+        return UNet(spatial_dims=2, **dict(kwargs))
+    except (TypeError, ValueError, AssertionError) as err:
+        raise ConfigError(f"lesion model arguments {dict(kwargs)}: {err}") from err
+
+
+@dataclass
+class LesionModel:
+    """A loaded lesion model, in eval mode on ``device``.
+
+    Attributes:
+        model: the 2D U-Net: ``(B, 2, S, S)`` (slice in [0, 1], lung mask) → ``(B, 1, S, S)`` lesion logits.
+        size_xy: the in-plane size ``S`` its input must have.
+        path: the model directory.
+        weights_sha256: hash of ``lesion.safetensors``.
+        device: where it runs.
+        preprocess: the preprocessing it was trained with (``config.yaml`` ``preprocess``).
+    """
+    model: Any
+    size_xy: int
+    path: Path
+    weights_sha256: str
+    device: Any
+    preprocess: dict[str, Any] = field(default_factory=dict)
+
+
+def load_lesion_model(path: str | os.PathLike, device: str | Any = "auto") -> LesionModel:
+    """Load the ``lesion`` component of a model directory (or of a ``train-lesion-model`` run folder's ``model/``).
+
+    Raises:
+        ModelDirError: no such directory or component, another architecture, weights that do not fit, bad hash.
+    """
+    mdir = load_model_dir(resolve_denoiser_dir(path))
+    comp = mdir.component(LESION_COMPONENT)
+    if comp.get("arch") != "unet2d":
+        raise ModelDirError(f"{mdir.path / 'config.yaml'}: lesion architecture {comp.get('arch')!r} is not "
+                            "supported; expected 'unet2d'")
+    try:
+        model = build_lesion_model(comp.get("kwargs") or {})
+    except ConfigError as err:
+        raise ModelDirError(f"{mdir.path / 'config.yaml'}: {err}") from err
+    _load_weights(model, mdir, LESION_COMPONENT, f"the architecture in config.yaml ({comp.get('kwargs')})")
+    preprocess = dict(mdir.config.get("preprocess") or {})
+    size = (mdir.config.get("input") or {}).get("size_xy", preprocess.get("size_xy"))
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise ModelDirError(f"{mdir.path / 'config.yaml'}: no input size (input.size_xy or preprocess.size_xy)")
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    model.to(dev).eval()
+    return LesionModel(model, size, mdir.path, mdir.weights_sha256(LESION_COMPONENT), dev, preprocess)
