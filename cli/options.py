@@ -126,7 +126,7 @@ def device_option(config: str | None = None) -> Any:
 BACKEND_HELP = ("Where the networks run. auto: PyTorch on CUDA; on the CPU, OpenVINO fp32 when installed, else "
                 "onnxruntime fp32 (both about 1.5x PyTorch's CPU speed, results equal within 1e-4), else PyTorch. "
                 "The CPU runtimes run an ONNX export of the model, built and checked once into "
-                "$XDG_CACHE_HOME/covidctnet (default ~/.cache/covidctnet; delete that folder to clear it). torch, "
+                "$XDG_CACHE_HOME/covidctnet (~/.cache/covidctnet when unset; delete that folder to clear it). torch, "
                 "onnx, openvino force one (onnx and openvino also take an `export-onnx` folder as the model).")
 
 

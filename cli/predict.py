@@ -22,6 +22,8 @@ def _print_report(summary, out_dir: Path) -> None:
             if row.get("overlay"):
                 click.echo(f"  overlay:  {out_dir / row['overlay']}")
                 click.echo(f"  residual: {out_dir / row['residual']}")
+            if row.get("slices"):
+                click.echo(f"  slices:   {out_dir / row['slices']}")
     if summary.n_ok + summary.n_skipped:
         click.echo(f"report: {out_dir / 'report.csv'}  {out_dir / 'report.json'}  {out_dir / 'report.html'}")
 
@@ -46,6 +48,13 @@ def _print_report(summary, out_dir: Path) -> None:
     is_flag=True,
     help="Write <id>_residual.nii.gz and an overlay PNG (axial, coronal, sagittal) per study.",
 )
+@config_option(
+    _CONFIG,
+    "--slice-scores",
+    is_flag=True,
+    help="Also write <id>_slices.csv, the table of `covidctnet slice-scores` (its default settings), from the same "
+    "denoising pass: the slices are denoised once.",
+)
 @backend_option(_CONFIG, extra=" report.json records the backend used.")
 @config_option(
     _CONFIG,
@@ -65,8 +74,8 @@ def _print_report(summary, out_dir: Path) -> None:
 @transfer_options(store=True)
 @batch_options("Worker processes, each with its own copy of the model; 0 predicts in this process.",
                "Skip studies already predicted into OUT by the same model (OUT/manifest.csv).")
-def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, save_residuals, backend, precision,
-                dicom_out, workers, resume, scheduler, **transfer):
+def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, save_residuals, slice_scores, backend,
+                precision, dicom_out, workers, resume, scheduler, **transfer):
     """Diagnose CT studies (DICOM folders, NIfTI/NRRD files, dataset roots, DICOMweb study URLs):
     control / COVID-19 / CAP.
 
@@ -89,7 +98,7 @@ def predict_cmd(inputs, model_dir, out_dir, config_path, batch_size, device, sav
         PredictConfig,
         config_path,
         {"batch_size": batch_size, "device": device, "save_residuals": save_residuals, "backend": backend,
-         "precision": precision, "dicom_out": dicom_out},
+         "precision": precision, "dicom_out": dicom_out, "slice_scores": slice_scores},
     )
     inputs, transfer_cfg = transfer_inputs(inputs, **transfer)
     summary = predict_studies(inputs, model_dir, out_dir, cfg, on_result=echo_error_row, resume=resume,

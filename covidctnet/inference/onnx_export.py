@@ -315,6 +315,23 @@ def _cache_problem(entry: Path, sums: str, exporter: str) -> str | None:
     return None
 
 
+def _check_weights(md: Any) -> None:
+    """Every component's weights file against ``SHA256SUMS``, as loading them with PyTorch would check it.
+
+    Raises:
+        ModelDirError: a weights file is missing or its sha256 differs.
+    """
+    for name in md.config.get("components") or {}:
+        fname = md.component(name)["weights"]
+        path = md.path / fname
+        if not path.is_file():
+            raise ModelDirError(f"{path}: weights file missing")
+        actual = sha256_file(path)
+        if actual != md.sha256.get(fname):
+            raise ModelDirError(f"{path}: sha256 {actual[:12]}… does not match SHA256SUMS "
+                                f"({str(md.sha256.get(fname))[:12]}…); the weights were changed or corrupted")
+
+
 def cached_export(model_dir: str | os.PathLike) -> Path:
     """The ONNX model directory of ``model_dir`` from the export cache, exported into it on first use.
 
@@ -326,10 +343,12 @@ def cached_export(model_dir: str | os.PathLike) -> Path:
         The entry's folder (an ONNX model directory for :func:`load_onnx_manifest`).
 
     Raises:
-        ModelDirError: ``model_dir`` is not a model directory, has no denoiser, or its export fails the checks.
+        ModelDirError: ``model_dir`` is not a model directory, a weights file does not match its ``SHA256SUMS`` (checked
+            on every call, as PyTorch loading would), no denoiser, or its export fails the checks.
         ConfigError: the cache is locked by another export for longer than 30 minutes.
     """
     md = load_model_dir(model_dir)
+    _check_weights(md)  # the key is SHA256SUMS: weights changed behind it must not find the entry of the originals
     sums, exporter = _sums_sha256(md.path), exporter_version()
     root = cache_root() / "onnx"
     entry = root / f"{sums[:16]}-{hashlib.sha256(exporter.encode()).hexdigest()[:8]}"

@@ -37,13 +37,19 @@ from covidctnet.core.errors import ConfigError, CovidCTNetError, ModelDirError
 from covidctnet.core.files import atomic_write_text, write_csv
 from covidctnet.core.labels import CLASS_NAMES
 from covidctnet.core.model_dir import dir_stamp
+from covidctnet.core.slice_table import SLICES_SUFFIX
 from covidctnet.data.residual_volumes import residual_to_network_input
 from covidctnet.evaluation.html_report import write_predict_html
 from covidctnet.evaluation.plots import plot_residual_overlay
 from covidctnet.inference.backends import check_precision, open_model
 from covidctnet.inference.dicom_export import SKIPPED_NOT_DICOM, check_dicom_export, export_study
 from covidctnet.inference.residuals import compute_residual, resample_stack, residual_affine
-from covidctnet.inference.slice_scores import SliceScoresConfig, residual_statistics
+from covidctnet.inference.slice_scores import (
+    SliceScoresConfig,
+    residual_statistics,
+    score_residual,
+    write_slices_csv,
+)
 from covidctnet.preprocessing.lungmask3d import mask_to_grid, ras_lung_mask
 from covidctnet.io.batch import MANIFEST_NAME, BatchSummary, Study, discover_studies, read_manifest, run_batch
 from covidctnet.io.checks import check_volume
@@ -110,6 +116,9 @@ class PredictConfig:
             not a chest CT?"), before the networks run.
         dicom_out: folder for the opt-in DICOM output (a Comprehensive 3D SR and a Segmentation per DICOM study, in
             the source study, with its patient module; see :mod:`covidctnet.inference.dicom_export`); None: none.
+        slice_scores: also write ``<study_id>_slices.csv``, the table of ``covidctnet slice-scores`` (its default
+            settings, :class:`~covidctnet.inference.slice_scores.SliceScoresConfig`), from this run's denoising pass
+            instead of a second one.
     """
     batch_size: int = 8
     device: str = "auto"
@@ -118,6 +127,7 @@ class PredictConfig:
     precision: str = "fp32"
     min_lung_ml: float = 500.0
     dicom_out: str | None = None
+    slice_scores: bool = False
 
     def __post_init__(self) -> None:
         if self.min_lung_ml < 0:
@@ -251,7 +261,7 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
     read_s = time.perf_counter() - t
 
     # NoLungsError: not a chest CT, nothing is written
-    _, lungs_affine, lungs = ras_lung_mask(volume, cfg.min_lung_ml)
+    hu, lungs_affine, lungs = ras_lung_mask(volume, cfg.min_lung_ml)
     passed = [*passed, "chest_coverage"]
     result = predict_volume(pipeline, volume, cfg.batch_size, cfg.precision)
     probs = result["probabilities"]
@@ -307,6 +317,11 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
     plot_residual_overlay(out_dir / (row.get("overlay") or row["preview"]), ct_small, residual, title=title,
                           lung_mask=lung, axial_index=int(np.argmax(score)) if area.max() else None,
                           **({} if cfg.save_residuals else {"dpi": PREVIEW_DPI}))
+    if cfg.slice_scores:  # slice-scores' table from the residual of this pass: the slices are denoised once
+        full, full_affine = result["residual_full"]
+        row["slices"] = f"{study.study_id}{SLICES_SUFFIX}"
+        write_slices_csv(score_residual(hu, lungs_affine, lungs, full, full_affine, SliceScoresConfig(),
+                                        study.study_id), out_dir / row["slices"])
     row["output"] = f"{PREDICTIONS_DIR}/{study.study_id}.json"
     (out_dir / PREDICTIONS_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / row["output"], json.dumps(_json_row({"study_id": study.study_id, **row}), indent=2))

@@ -102,11 +102,19 @@ def test_export_refuses_to_overwrite_other_folders(tiny_model, tmp_path):
     assert (tmp_path / "busy" / "notes.txt").read_text() == "keep me"
 
 
-def test_onnx_backend_needs_an_export(tiny_model, dicom_dirs, tmp_path):
-    result = CliRunner().invoke(cli, ["predict", str(dicom_dirs["cap"]), "--model", str(tiny_model),
-                                      "-o", str(tmp_path / "o"), "--backend", "onnx"])
-    assert result.exit_code == 2 and "export-onnx" in result.output and "Traceback" not in result.output
-    assert not (tmp_path / "o").exists()
+def test_onnx_backend_on_a_pytorch_model_runs_its_cached_export(tiny_model, tiny_onnx, dicom_dirs, tmp_path):
+    """A forced onnx backend given the PyTorch model directory runs the export cache's copy (tests/conftest.py points
+    the cache to the session's folder): the same probabilities as the export-onnx folder."""
+    reports = []
+    for model in (tiny_model, tiny_onnx):
+        out = tmp_path / model.name
+        result = CliRunner().invoke(cli, ["predict", str(dicom_dirs["cap"]), "--model", str(model), "-o", str(out),
+                                          "--backend", "onnx"])
+        assert result.exit_code == 0, result.output
+        reports.append(json.loads((out / "report.json").read_text()))
+    assert reports[0]["backend"] == reports[1]["backend"] == "onnx"
+    for c in CLASS_NAMES:
+        assert reports[0]["studies"][0][f"p_{c}"] == pytest.approx(reports[1]["studies"][0][f"p_{c}"], abs=1e-6)
 
 
 def test_tampered_onnx_file_is_refused(tiny_onnx, tmp_path):

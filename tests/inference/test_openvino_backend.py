@@ -71,11 +71,13 @@ def test_predict_cli_openvino(tiny_onnx, dicom_dirs, tmp_path):
     assert report["backend"] == "openvino" and report["precision"] == "bf16"
     probs = np.array([report["studies"][0][f"p_{c}"] for c in CLASS_NAMES])
     assert abs(probs.sum() - 1) < 1e-5
-    # the PyTorch model directory is not an export: one line naming the fix
+    # the PyTorch model directory runs through its cached export, with the export-onnx folder's numbers
     result = CliRunner().invoke(cli, ["predict", str(dicom_dirs["control"]), "--model", str(model), "-o",
-                                      str(tmp_path / "x"), "--backend", "openvino"])
-    assert result.exit_code == 2 and "export-onnx" in result.output and "Traceback" not in result.output
-    assert len(result.output.strip().splitlines()) == 1
+                                      str(tmp_path / "x"), "--backend", "openvino", "--precision", "bf16"])
+    assert result.exit_code == 0, result.output
+    cached = json.loads((tmp_path / "x" / "report.json").read_text())
+    assert cached["backend"] == "openvino" and cached["weights_sha256"] == report["weights_sha256"]
+    assert np.abs(np.array([cached["studies"][0][f"p_{c}"] for c in CLASS_NAMES]) - probs).max() < 1e-6
 
 
 def test_missing_openvino_and_unknown_precision_are_config_errors(tiny_onnx, monkeypatch):

@@ -187,3 +187,21 @@ def test_walkthrough_notebook_runs(data_root, tmp_path, monkeypatch):
     assert (tmp_path / "nb" / "predict" / "report.csv").is_file()
     assert len((tmp_path / "nb" / "slices" / "preds.csv").read_text().splitlines()) == 1 + 4  # the 2D branch
     assert len(list((tmp_path / "nb" / "cams").glob("*_cam.png"))) == 4
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_predict_slice_scores_is_the_slice_scores_table_from_one_pass(tiny_model, dicom_dirs, tmp_path, backend):
+    """``predict --slice-scores`` writes the same <id>_slices.csv as ``slice-scores`` (same model, backend, settings),
+    from the residual of its own denoising pass."""
+    scan = dicom_dirs["covid"]
+    result = CliRunner().invoke(cli, ["predict", str(scan), "--model", str(tiny_model), "-o", str(tmp_path / "p"),
+                                      "--slice-scores", "--backend", backend, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    row = json.loads((tmp_path / "p" / "report.json").read_text())["studies"][0]
+    written = tmp_path / "p" / f"{row['study_id']}_slices.csv"
+    assert f"slices:   {written}" in result.output
+    result = CliRunner().invoke(cli, ["slice-scores", str(scan), "--model", str(tiny_model), "-o", str(tmp_path / "s"),
+                                      "--backend", backend, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    expected = (tmp_path / "s" / written.name).read_text()
+    assert len(expected.splitlines()) == 1 + len(list(scan.iterdir()))  # header + one row per DICOM slice
+    assert written.read_text() == expected
