@@ -188,6 +188,7 @@ def test_walkthrough_notebook_runs(data_root, tmp_path, monkeypatch):
     assert len((tmp_path / "nb" / "slices" / "preds.csv").read_text().splitlines()) == 1 + 4  # the 2D branch
     assert len(list((tmp_path / "nb" / "cams").glob("*_cam.png"))) == 4
 
+
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_predict_slice_scores_is_the_slice_scores_table_from_one_pass(tiny_model, dicom_dirs, tmp_path, backend):
     """``predict --slice-scores`` writes the same <id>_slices.csv as ``slice-scores`` (same model, backend, settings),
