@@ -45,7 +45,8 @@ def evaluate_cmd(predictions: Path, labels: Path, out_dir: Path, threshold: floa
     """
     # the library (numpy, scipy, matplotlib) is imported here so that `covidctnet --help` stays instant
     from covidctnet.core.config import load_config
-    from covidctnet.evaluation.evaluate import EvaluateConfig, evaluate, format_estimate
+    from covidctnet.evaluation.evaluate import EvaluateConfig, evaluate
+    from covidctnet.evaluation.report_md import format_estimate
 
     cfg = load_config(EvaluateConfig, config_path, {"threshold": threshold})
     result = evaluate(predictions, labels, out_dir, cfg)

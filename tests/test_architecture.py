@@ -1,5 +1,9 @@
 """The package's import contract (docs/architecture.md): stages import one way, no cycles, no hidden imports.
 
+The command line (``cli/``, installed as ``covidctnet.cli``) is checked with the package: it may import every stage,
+no stage imports it (``__main__`` aside), and it has no cycles or private imports. Relative imports are refused
+everywhere, since the checks could not place them and an absolute import says which stage it reaches.
+
 The checks read the source with ``ast`` (nothing is imported), so a violation is found even where it would only fail
 at run time. Each check is also run on a small synthetic package that breaks it, so the checks themselves can fail.
 """
@@ -26,16 +30,25 @@ ALLOWED: dict[str, set[str]] = {
     "evaluation": {"core"},
     "training": {"core", "io", "preprocessing", "models", "data", "evaluation"},
     "inference": {"core", "io", "preprocessing", "models", "data", "evaluation"},
+    # the commands parse options and call one library function each
+    "cli": {"core", "io", "preprocessing", "models", "data", "evaluation", "training", "inference"},
 }
+# Stages whose modules import the library inside functions on purpose: `covidctnet --help` stays instant.
+LIBRARY_LAZY_STAGES = {"cli"}
 
 
 def _modules(root: Path) -> dict[str, Path]:
-    """``covidctnet.x.y`` -> file, for every module below ``root`` (the package folder)."""
+    """``covidctnet.x.y`` -> file, for every module below ``root`` (the package folder) and below the ``cli`` folder
+    beside it (``covidctnet.cli.x``, as pyproject.toml's package-dir installs it)."""
     out = {}
     for path in sorted(root.rglob("*.py")):
         parts = path.relative_to(root.parent).with_suffix("").parts
         name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
         out[name] = path
+    cli = root.parent / "cli"
+    for path in sorted(cli.rglob("*.py")) if cli.is_dir() else []:
+        parts = (root.name, *path.relative_to(root.parent).with_suffix("").parts)
+        out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return out
 
 
@@ -112,10 +125,22 @@ def import_cycles(root: Path) -> list[list[str]]:
 
 
 def hidden_imports(root: Path) -> list[str]:
-    """Imports of the package inside functions: they hide cycles and layering, so library imports stand at the top."""
+    """Imports of the package inside functions: they hide cycles and layering, so library imports stand at the top
+    (except in :data:`LIBRARY_LAZY_STAGES`)."""
     package = root.name
     return [f"{module}: {target}" for module, path in _modules(root).items()
+            if _stage(module) not in LIBRARY_LAZY_STAGES
             for target, _, nested in _imports(path, package) if nested]
+
+
+def relative_imports(root: Path) -> list[str]:
+    """``from . import x`` / ``from ..a import b`` anywhere: the other checks read absolute imports only."""
+    bad = []
+    for module, path in _modules(root).items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                bad.append(f"{module}: {'.' * node.level}{node.module or ''}")
+    return bad
 
 
 # Third-party imports inside functions: only the optional extras anywhere, MONAI (2.2 s to import after torch) where a
@@ -130,7 +155,7 @@ def lazy_imports(root: Path) -> list[str]:
     """Third-party imports inside functions outside :data:`LAZY_STAGES`, other than the optional extras."""
     bad = []
     for module, path in _modules(root).items():
-        if _stage(module) in LAZY_STAGES:
+        if _stage(module) in LAZY_STAGES | LIBRARY_LAZY_STAGES:
             continue
         tree = ast.parse(path.read_text())
         for func in (n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))):
@@ -154,18 +179,28 @@ def private_imports(root: Path) -> list[str]:
             if name.startswith("_") and not name.startswith("__")]
 
 
-@pytest.mark.parametrize("check", [stage_violations, import_cycles, hidden_imports, private_imports, lazy_imports])
+@pytest.mark.parametrize(
+    "check", [stage_violations, import_cycles, hidden_imports, private_imports, lazy_imports, relative_imports]
+)
 def test_package_keeps_the_contract(check):
     assert check(PACKAGE) == []
 
 
+def test_the_command_line_is_checked():
+    modules = _modules(PACKAGE)
+    assert "covidctnet.cli" in modules and "covidctnet.cli.evaluate" in modules
+
+
 def _write(root: Path, files: dict[str, str]) -> Path:
+    """A synthetic ``covidctnet`` package below ``root``; paths starting ``../cli/`` go to the cli folder beside it."""
     pkg = root / "covidctnet"
     for rel, text in files.items():
         (pkg / rel).parent.mkdir(parents=True, exist_ok=True)
         (pkg / rel).write_text(text)
-    for folder in [pkg, *[p for p in pkg.rglob("*") if p.is_dir()]]:
+    for folder in [pkg, *[p for p in [*pkg.rglob("*"), *(root / "cli").rglob("*")] if p.is_dir()]]:
         (folder / "__init__.py").touch()
+    if (root / "cli").is_dir():
+        (root / "cli" / "__init__.py").touch()
     return pkg
 
 
@@ -176,16 +211,24 @@ def test_checks_catch_what_they_guard(tmp_path):
         "core/b.py": "from covidctnet.io.r import _helper\n",
         "io/r.py": "def _helper():\n    pass\n",
         "models/m.py": "def build():\n    import torch\n    import onnx\n",
+        "io/s.py": "from .r import _helper\n",                                     # relative import
+        "data/d.py": "from covidctnet.cli.c import run\n",                        # a stage importing the cli
+        "../cli/c.py": "from covidctnet.inference.p import _go\n\ndef run():\n    from covidctnet.core import a\n",
+        "inference/p.py": "def _go():\n    pass\n",
     })
     assert stage_violations(pkg) == ["covidctnet.core.a (core) imports covidctnet.training.t (training)",
-                                     "covidctnet.core.b (core) imports covidctnet.io.r (io)"]
+                                     "covidctnet.core.b (core) imports covidctnet.io.r (io)",
+                                     "covidctnet.data.d (data) imports covidctnet.cli.c (cli)"]
     assert import_cycles(pkg) == [["covidctnet.core.a", "covidctnet.training.t", "covidctnet.core.a"]]
-    assert hidden_imports(pkg) == ["covidctnet.training.t: covidctnet.core"]
-    assert private_imports(pkg) == ["covidctnet.core.b imports covidctnet.io.r._helper"]
+    assert hidden_imports(pkg) == ["covidctnet.training.t: covidctnet.core"]  # the cli's lazy import is allowed
+    assert private_imports(pkg) == ["covidctnet.core.b imports covidctnet.io.r._helper",
+                                    "covidctnet.cli.c imports covidctnet.inference.p._go"]
+    assert relative_imports(pkg) == ["covidctnet.io.s: .r"]
     assert lazy_imports(pkg) == ["covidctnet.models.m: torch"]  # onnx is an optional extra
 
 
 def test_clean_synthetic_package_passes(tmp_path):
     pkg = _write(tmp_path, {"core/a.py": "X = 1\n", "io/r.py": "from covidctnet.core.a import X\n"})
     assert stage_violations(pkg) == import_cycles(pkg) == hidden_imports(pkg) == private_imports(pkg) == []
+    assert relative_imports(pkg) == []
     assert lazy_imports(pkg) == []

@@ -18,8 +18,6 @@ written only after every check passed, each atomically.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -31,18 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.stats import norm
 
 from covidctnet.core.config import config_to_dict, save_config
 from covidctnet.core.errors import ConfigError, InputError, LabelError
-from covidctnet.core.files import atomic_write_text, sha256_file, to_jsonable
+from covidctnet.core.files import atomic_write_text, sha256_file, to_jsonable, write_csv
 from covidctnet.core.labels import CLASS_NAMES, normalize_any_label
-from covidctnet.evaluation.evaluate import (
+from covidctnet.evaluation.inputs import (
     POSITIVE_CLASS,
     Predictions,
     check_eval_settings,
     decide,
-    format_estimate,
+    decision_rule,
     listed,
     match_case_ids,
     read_csv_rows,
@@ -50,6 +47,7 @@ from covidctnet.evaluation.evaluate import (
     read_truth,
 )
 from covidctnet.evaluation.plots import OperatingPoint, RocCurve, plot_roc
+from covidctnet.evaluation.report_md import render_reader_study_report
 from covidctnet.evaluation.stats import (
     Estimate,
     bootstrap_ci,
@@ -57,12 +55,15 @@ from covidctnet.evaluation.stats import (
     delong_auc_ci,
     delong_contrast_test,
     delong_covariance,
+    delong_interval,
     delong_test,
     fleiss_kappa,
     mcnemar_exact,
+    nan_to_none,
     proportion,
     roc_points,
     sign_flip_test,
+    undefined_auc,
 )
 
 __all__ = ["ReaderStudyConfig", "ReaderReads", "read_reader_csv", "majority_vote", "run_reader_study"]
@@ -205,10 +206,7 @@ def _rater_metrics(r: _Rater, y: np.ndarray, truth3: np.ndarray | None, level: f
     if r.labels3 is not None and truth3 is not None:
         row["accuracy_3class"] = proportion(int(np.sum(r.labels3 == truth3)), n, level)
     score, source = r.auc_input()
-    if 0 < y.sum() < n:
-        row["auc"] = delong_auc_ci(y.astype(int), score, level)
-    else:
-        row["auc"] = Estimate(None, None, None, "undefined: only one class present", n=n, level=level)
+    row["auc"] = delong_auc_ci(y.astype(int), score, level) if 0 < y.sum() < n else undefined_auc(n, level)
     row["auc_source"] = source
     return row
 
@@ -247,7 +245,7 @@ def _reader_average(
     def est(i: int) -> Estimate | None:
         if math.isnan(point[i]):
             return None
-        return Estimate(point[i], _nan_none(low[i]), _nan_none(high[i]), method, n=n, level=level)
+        return Estimate(point[i], nan_to_none(low[i]), nan_to_none(high[i]), method, n=n, level=level)
 
     row: dict[str, Any] = {
         "rater": "Reader average",
@@ -263,80 +261,92 @@ def _reader_average(
         scores = np.stack([r.auc_input()[0] for r in readers])
         aucs, cov = delong_covariance(y.astype(int), scores)
         c = np.full(len(readers), 1.0 / len(readers))
-        mean_auc, se = float(c @ aucs), math.sqrt(max(float(c @ cov @ c), 0.0))
-
-        half = float(norm.ppf(0.5 + level / 2.0)) * se
-        row["auc"] = Estimate(
-            mean_auc,
-            max(0.0, mean_auc - half),
-            min(1.0, mean_auc + half),
-            "DeLong (mean of the readers' AUCs)",
-            n=n,
-            level=level,
-        )
+        auc_method = "DeLong (mean of the readers' AUCs)"
+        row["auc"] = delong_interval(float(c @ aucs), float(c @ cov @ c), level, auc_method, n)
     else:
-        row["auc"] = Estimate(None, None, None, "undefined: only one class present", n=n, level=level)
+        row["auc"] = undefined_auc(n, level)
     row["auc_source"] = "mean of readers (" + ", ".join(sources) + ")"
     if correct3 is not None and len(with3) < len(readers):
         row["note"] = f"3-class accuracy averaged over the {len(with3)} readers who gave 3-class labels"
     return row
 
 
-def _nan_none(x: float) -> float | None:
-    return None if x is None or math.isnan(float(x)) else float(x)
-
-
 def _paired_tests(
     model: _Rater, others: Sequence[_Rater], readers: Sequence[_Rater], y: np.ndarray, truth3: np.ndarray | None
 ) -> list[dict[str, Any]]:
+    """The model against each of ``others`` (readers, majority vote), then against the average of ``readers``.
+
+    Args:
+        model: the model as a rater.
+        others: the raters compared one by one (exact McNemar, DeLong where both gave scores).
+        readers: the readers whose average is compared last (exact sign-flip test, DeLong contrast).
+        y: (N,) bool truth, COVID-19 vs non-COVID.
+        truth3: (N,) 3-class truth, or ``None`` for 2-class labels.
+
+    Returns:
+        one row per comparison, the keys of ``tests.csv``.
+    """
+    m_correct3 = model.labels3 == truth3 if (model.labels3 is not None and truth3 is not None) else None
+    out = [_paired_test(model, other, y, truth3, m_correct3) for other in others]
+    out.append(_average_reader_test(model, readers, y, truth3, m_correct3))
+    return out
+
+
+def _paired_test(
+    model: _Rater, other: _Rater, y: np.ndarray, truth3: np.ndarray | None, m_correct3: np.ndarray | None
+) -> dict[str, Any]:
+    """The model against one rater: exact McNemar on correctness (2- and 3-class), DeLong on the AUCs."""
     y_int = y.astype(int)
     both_classes = 0 < y.sum() < y.size
     m_correct2 = model.call == y
-    m_correct3 = model.labels3 == truth3 if (model.labels3 is not None and truth3 is not None) else None
-    out: list[dict[str, Any]] = []
-    for other in others:
-        row: dict[str, Any] = {"comparison": f"model vs {other.name}", "other": other.name, "other_type": other.kind}
-        o_correct2 = other.call == y
-        res = mcnemar_exact(m_correct2, o_correct2)
+    row: dict[str, Any] = {"comparison": f"model vs {other.name}", "other": other.name, "other_type": other.kind}
+    row.update(_mcnemar_fields(m_correct2, other.call == y, "2class"))
+    if m_correct3 is not None and other.labels3 is not None:
+        row.update(_mcnemar_fields(m_correct3, other.labels3 == truth3, "3class"))
+    else:
+        row.update(test_3class="n/a (no 3-class labels)", b_3class=None, c_3class=None, p_3class=None)
+    if other.score is not None and model.score is not None and both_classes:
+        t = delong_test(y_int, model.score, other.score)
         row.update(
-            test_2class="exact McNemar",
-            b_2class=res.b,
-            c_2class=res.c,
-            p_2class=res.p_value,
-            accuracy_difference_2class=float(m_correct2.mean() - o_correct2.mean()),
+            auc_test=f"DeLong (model p_covid vs {other.score_name})",
+            auc_model=t.aucs[0],
+            auc_other=t.aucs[1],
+            auc_difference=t.estimate,
+            auc_z=t.z,
+            auc_p=t.p_value,
         )
-        if m_correct3 is not None and other.labels3 is not None:
-            o_correct3 = other.labels3 == truth3
-            res = mcnemar_exact(m_correct3, o_correct3)
-            row.update(
-                test_3class="exact McNemar",
-                b_3class=res.b,
-                c_3class=res.c,
-                p_3class=res.p_value,
-                accuracy_difference_3class=float(m_correct3.mean() - o_correct3.mean()),
-            )
-        else:
-            row.update(test_3class="n/a (no 3-class labels)", b_3class=None, c_3class=None, p_3class=None)
-        if other.score is not None and model.score is not None and both_classes:
-            t = delong_test(y_int, model.score, other.score)
-            row.update(
-                auc_test=f"DeLong (model p_covid vs {other.score_name})",
-                auc_model=t.aucs[0],
-                auc_other=t.aucs[1],
-                auc_difference=t.estimate,
-                auc_z=t.z,
-                auc_p=t.p_value,
-            )
-        else:
-            row.update(
-                auc_test="n/a (no scores)", auc_model=None, auc_other=None, auc_difference=None, auc_z=None, auc_p=None
-            )
-        out.append(row)
+    else:
+        row.update(
+            auc_test="n/a (no scores)", auc_model=None, auc_other=None, auc_difference=None, auc_z=None, auc_p=None
+        )
+    return row
 
+
+def _mcnemar_fields(m_correct: np.ndarray, o_correct: np.ndarray, view: str) -> dict[str, Any]:
+    """The exact McNemar test of two raters' (N,) correctness, as the ``*_<view>`` fields of a ``tests.csv`` row."""
+    res = mcnemar_exact(m_correct, o_correct)
+    return {
+        f"test_{view}": "exact McNemar",
+        f"b_{view}": res.b,
+        f"c_{view}": res.c,
+        f"p_{view}": res.p_value,
+        f"accuracy_difference_{view}": float(m_correct.mean() - o_correct.mean()),
+    }
+
+
+def _average_reader_test(
+    model: _Rater, readers: Sequence[_Rater], y: np.ndarray, truth3: np.ndarray | None, m_correct3: np.ndarray | None
+) -> dict[str, Any]:
+    """The model against the average reader: exact sign-flip tests on correctness, a DeLong contrast on the AUCs."""
+    y_int = y.astype(int)
+    both_classes = 0 < y.sum() < y.size
+    m_correct2 = model.call == y
     # average reader: per-case difference of correctness between the model and the mean reader, scaled by R to
     # integers; the exact sign-flip test reduces to the exact McNemar test when R = 1.
     R = len(readers)
-    row = {"comparison": "model vs average reader", "other": "Reader average", "other_type": "reader average"}
+    row: dict[str, Any] = {
+        "comparison": "model vs average reader", "other": "Reader average", "other_type": "reader average"
+    }
     d2 = R * m_correct2.astype(int) - np.sum([r.call == y for r in readers], axis=0)
     row.update(
         test_2class="exact paired sign-flip test",
@@ -376,8 +386,7 @@ def _paired_tests(
             auc_z=None,
             auc_p=None,
         )
-    out.append(row)
-    return out
+    return row
 
 
 def _agreement(readers: Sequence[_Rater]) -> dict[str, Any]:
@@ -409,7 +418,9 @@ def _agreement(readers: Sequence[_Rater]) -> dict[str, Any]:
 # output
 
 
-def _fmt(x: Any) -> str:
+def _csv_cell(x: Any) -> str:
+    """One CSV cell: empty for ``None`` or NaN, ``true``/``false``, integers as such, floats with 12 significant
+    digits."""
     if x is None:
         return ""
     if isinstance(x, (bool, np.bool_)):
@@ -421,13 +432,8 @@ def _fmt(x: Any) -> str:
     return str(x)
 
 
-def _csv_text(columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([_fmt(row.get(c)) for c in columns])
-    return buf.getvalue()
+def _write_table(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    write_csv(path, columns, [[_csv_cell(row.get(c)) for c in columns] for row in rows])
 
 
 def _table_rows_flat(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
@@ -478,119 +484,6 @@ _AGREEMENT_COLUMNS = [
     "cohen_kappa_2class",
     "agreement_2class",
 ]
-
-
-def _cell(est: Any, percent: bool = True) -> str:
-    if est is None:
-        return "n/a"
-    value, ci, _ = format_estimate(est, percent)
-    return value if value == "n/a" else f"{value} ({ci})"
-
-
-def _p(x: Any) -> str:
-    if x is None:
-        return "n/a"
-    return "<0.0001" if x < 1e-4 else f"{x:.4f}"
-
-
-def _render_report(
-    payload: Mapping[str, Any],
-    rows: Sequence[Mapping[str, Any]],
-    tests: Sequence[Mapping[str, Any]],
-    cfg: ReaderStudyConfig,
-) -> str:
-    level = f"{100 * cfg.ci_level:g}%"
-    inputs = payload["inputs"]
-    lines = [
-        "# Reader study",
-        "",
-        f"- Truth: `{inputs['truth']}` — {inputs['n_cases']} cases ({inputs['class_counts']})",
-        f"- Model: `{inputs['model']}` ({inputs['model_kind']}); decision rule: {payload['decision_rule']}",
-        "- Readers: "
-        + ", ".join(
-            f"{r['name']} (`{r['path']}`{', with scores' if r['has_scores'] else ''})" for r in inputs["readers"]
-        ),
-        "- Majority vote: most frequent label per case; ties go to COVID-19, then CAP, then control. "
-        "Its ROC score is the fraction of readers calling COVID-19.",
-        "",
-        f"## Diagnostic performance ({level} CI)",
-        "",
-        "| | Accuracy (COVID-19 vs non-COVID) | Accuracy (3-class) | Sensitivity | Specificity | AUC | AUC from |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        name = f"**{row['rater']}**" if row["type"] != "reader" else row["rater"]
-        lines.append(
-            f"| {name} | {_cell(row['accuracy_2class'])} | {_cell(row['accuracy_3class'])} | "
-            f"{_cell(row['sensitivity'])} | {_cell(row['specificity'])} | {_cell(row['auc'], percent=False)} | "
-            f"{row['auc_source']} |"
-        )
-    m = payload["methods"]
-    lines += [
-        "",
-        f"Intervals: {m['proportions']} for single raters; {m['reader_average']} for the reader average; "
-        f"AUC: {m['auc']}. A reader without scores gets the AUC of the binary call (one operating point: "
-        "(sensitivity + specificity) / 2).",
-        "",
-        "## Paired tests: model against readers",
-        "",
-        "| comparison | 2-class correctness | p | 3-class correctness | p | AUC model vs other | p (DeLong) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for t in tests:
-        bc2 = f"{t['test_2class']}" + (
-            f" (b={t['b_2class']}, c={t['c_2class']})" if t.get("b_2class") is not None else ""
-        )
-        bc3 = f"{t['test_3class']}" + (
-            f" (b={t['b_3class']}, c={t['c_3class']})" if t.get("b_3class") is not None else ""
-        )
-        auc = f"{t['auc_model']:.3f} vs {t['auc_other']:.3f}" if t.get("auc_model") is not None else t["auc_test"]
-        lines.append(
-            f"| {t['comparison']} | {bc2} | {_p(t['p_2class'])} | {bc3} | {_p(t['p_3class'])} | {auc} | "
-            f"{_p(t['auc_p'])} |"
-        )
-    lines += [
-        "",
-        "b = cases only the model got right, c = cases only the other got right. Exact McNemar: two-sided binomial "
-        "test on b of b + c. Average reader: exact sign-flip test on the per-case difference between the model's "
-        "correctness and the fraction of readers correct (the same as McNemar for one reader). DeLong: two-sided test "
-        "of the AUC difference with DeLong's covariance (for the average reader, of the model AUC minus the mean "
-        "reader AUC). p-values are not corrected for multiple comparisons.",
-        "",
-        "## Inter-reader agreement",
-        "",
-    ]
-    ag = payload["agreement"]
-    lines.append(
-        f"Fleiss' kappa over all readers: 3-class {_kappa(ag['fleiss_kappa_3class'])}, "
-        f"COVID-19 vs non-COVID {_kappa(ag['fleiss_kappa_2class'])}."
-    )
-    if ag["pairwise"]:
-        lines += [
-            "",
-            "| reader A | reader B | Cohen's kappa (3-class) | agreement (3-class) | Cohen's kappa (2-class) "
-            "| agreement (2-class) |",
-            "|---|---|---|---|---|---|",
-        ]
-        for p in ag["pairwise"]:
-            a3 = "n/a" if p["agreement_3class"] is None else f"{100 * p['agreement_3class']:.1f}%"
-            lines.append(
-                f"| {p['reader_a']} | {p['reader_b']} | {_kappa(p['cohen_kappa_3class'])} | {a3} | "
-                f"{_kappa(p['cohen_kappa_2class'])} | {100 * p['agreement_2class']:.1f}% |"
-            )
-    lines += [
-        "",
-        "![ROC of the model with the readers' operating points](roc.png)",
-        "",
-        "---",
-        "Generated by `covidctnet reader-study`. Research software, not a medical device.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _kappa(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.3f}"
 
 
 def _plot(
@@ -818,11 +711,6 @@ def _metrics_payload(
         agreement: the inter-reader agreement.
     """
     class_counts = ", ".join(f"{n} {c}" for c, n in Counter(truth_arr.tolist()).items())
-    decision = (
-        f"COVID-19 when p_covid >= {cfg.threshold:g}; 3-class argmax"
-        if cfg.threshold is not None
-        else ("argmax of the probabilities" if model_pred.kind == "3class" else "COVID-19 when p_covid > 0.5")
-    )
     return {
         "schema": "covidctnet-reader-study/1",
         "inputs": {
@@ -844,7 +732,7 @@ def _metrics_payload(
             ],
         },
         "config": config_to_dict(cfg),
-        "decision_rule": decision,
+        "decision_rule": decision_rule(model_pred.kind, cfg.threshold, brief=True),
         "methods": {
             "proportions": "Wilson score interval",
             "reader_average": f"stratified case bootstrap (percentile, {cfg.n_bootstrap} resamples, seed {cfg.seed})",
@@ -890,13 +778,13 @@ def _write_study(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     columns, flat = _table_rows_flat(rows)
-    atomic_write_text(out_dir / "table.csv", _csv_text(columns, flat))
-    atomic_write_text(out_dir / "tests.csv", _csv_text(_TEST_COLUMNS, tests))
-    atomic_write_text(out_dir / "agreement.csv", _csv_text(_AGREEMENT_COLUMNS, agreement["pairwise"]))
+    _write_table(out_dir / "table.csv", columns, flat)
+    _write_table(out_dir / "tests.csv", _TEST_COLUMNS, tests)
+    _write_table(out_dir / "agreement.csv", _AGREEMENT_COLUMNS, agreement["pairwise"])
     _plot(out_dir / "roc.png", model, readers, vote, rows, y)
     save_config(cfg, out_dir / "config.yaml")
     atomic_write_text(out_dir / "metrics.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
-    atomic_write_text(out_dir / "report.md", _render_report(payload, rows, tests, cfg))
+    atomic_write_text(out_dir / "report.md", render_reader_study_report(payload, rows, tests, cfg.ci_level))
 
 
 def _unique_names(stems: Sequence[str]) -> list[str]:

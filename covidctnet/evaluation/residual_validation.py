@@ -38,7 +38,6 @@ lung slices marked).
 from __future__ import annotations
 
 import csv
-import io
 import json
 import logging
 import os
@@ -51,9 +50,10 @@ from typing import Any
 import numpy as np
 
 from covidctnet.core.errors import ConfigError, InputError, LabelError
-from covidctnet.core.files import atomic_write_text, to_jsonable
+from covidctnet.core.files import atomic_write_text, to_jsonable, write_csv
 from covidctnet.core.slice_table import SLICES_SUFFIX, read_slices_csv
 from covidctnet.evaluation.plots import new_figure, save_figure
+from covidctnet.evaluation.report_md import estimate_cell
 from covidctnet.evaluation.stats import auc_score, delong_auc_ci, delong_test
 
 __all__ = ["ValidateResidualsConfig", "SliceLabels", "read_slice_labels", "read_labels", "read_covid_ct_md_labels",
@@ -398,12 +398,6 @@ def _plot_study(path: Path, sid: str, rows: list[dict[str, Any]], y: np.ndarray,
     save_figure(fig, path)
 
 
-def _fmt_auc(d: dict[str, Any]) -> str:
-    if d.get("value") is None:
-        return "n/a"
-    return f"{d['value']:.3f} ({d['ci_low']:.3f}–{d['ci_high']:.3f})"
-
-
 def _report(metrics: dict[str, Any]) -> str:
     lines = ["# Residual validation (slice level)", "",
              f"Slice scores: `{metrics['slices_dir']}`; labels: `{metrics['labels']}`; lung slices: lung_ml ≥ "
@@ -417,7 +411,7 @@ def _report(metrics: dict[str, Any]) -> str:
     for name, b in blocks:
         tests = b["tests"]
         lines.append(f"| {name} | {b['n_slices']} ({b['n_infected']}) | "
-                     + " | ".join(_fmt_auc(b["auc"][s]) for s in SCORES) + " | "
+                     + " | ".join(estimate_cell(b["auc"][s], percent=False) for s in SCORES) + " | "
                      + " | ".join(f"{tests[k]['p_value']:.3g}" if k in tests else "n/a"
                                   for k in ("residual_score_vs_hu_score", "residual_score_vs_lung_ml")) + " |")
     if "mean_within_auc" in metrics:
@@ -552,10 +546,7 @@ def validate_residuals(slices_dir: str | os.PathLike, labels_path: str | os.Path
     for sid, rows, y, lung in plots:
         _plot_study(out_dir / f"{sid}_scores.png", sid, rows, y, lung)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["study_id", "slice", "z_mm", "infected", *(LOBES if labels.has_lobes else ())])
-    writer.writerows(matched_rows)
-    atomic_write_text(out_dir / "matched_labels.csv", buf.getvalue())
+    header = ["study_id", "slice", "z_mm", "infected", *(LOBES if labels.has_lobes else ())]
+    write_csv(out_dir / "matched_labels.csv", header, matched_rows)
     atomic_write_text(out_dir / "report.md", _report(metrics))
     return metrics

@@ -39,6 +39,9 @@ __all__ = [
     "delong_placements",
     "delong_covariance",
     "delong_auc_ci",
+    "delong_interval",
+    "undefined_auc",
+    "nan_to_none",
     "delong_test",
     "delong_contrast_test",
     "bootstrap_ci",
@@ -237,10 +240,31 @@ def delong_auc_ci(
 ) -> Estimate:
     """AUC with the DeLong interval ``AUC ± z * sqrt(var)``, clipped to [0, 1] (as pROC's ``ci.auc``)."""
     aucs, cov = delong_covariance(y_true, np.asarray(score, dtype=np.float64))
-    auc, se = float(aucs[0]), math.sqrt(max(float(cov[0, 0]), 0.0))
-    half = _z(level) * se
-    n = int(np.asarray(y_true).shape[0])
-    return Estimate(auc, max(0.0, auc - half), min(1.0, auc + half), "DeLong", n=n, level=level)
+    return delong_interval(float(aucs[0]), float(cov[0, 0]), level, "DeLong", n=int(np.asarray(y_true).shape[0]))
+
+
+def delong_interval(auc: float, variance: float, level: float, method: str, n: int) -> Estimate:
+    """An AUC (or a mean of AUCs) with the normal interval ``auc ± z * sqrt(variance)``, clipped to [0, 1].
+
+    Args:
+        auc: the estimate.
+        variance: its DeLong variance (a negative rounding residue counts as 0).
+        level: confidence level.
+        method: the interval's description for the report.
+        n: number of cases.
+    """
+    half = _z(level) * math.sqrt(max(variance, 0.0))
+    return Estimate(auc, max(0.0, auc - half), min(1.0, auc + half), method, n=n, level=level)
+
+
+def undefined_auc(n: int, level: float) -> Estimate:
+    """The AUC estimate of ``n`` cases that hold only one class: no value, no interval, and the reason as method."""
+    return Estimate(None, None, None, "undefined: only one class present", n=n, level=level)
+
+
+def nan_to_none(x: float | None) -> float | None:
+    """``x`` as a Python float, ``None`` for ``None`` or NaN (undefined estimates and interval bounds)."""
+    return None if x is None or math.isnan(float(x)) else float(x)
 
 
 def delong_contrast_test(

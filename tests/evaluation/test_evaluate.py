@@ -1,5 +1,5 @@
-"""Tests of covidctnet.evaluation.evaluate: reading predict / predict-slice CSVs, metrics by hand and against
-scikit-learn."""
+"""Tests of covidctnet.evaluation.evaluate and of the readers it uses (covidctnet.evaluation.inputs): reading predict /
+predict-slice CSVs, metrics by hand and against scikit-learn."""
 
 from __future__ import annotations
 
@@ -13,14 +13,8 @@ import pytest
 from covidctnet.core.config import load_config
 from covidctnet.core.errors import ConfigError, InputError, LabelError
 from covidctnet.core.labels import normalize_any_label, normalize_binary_label
-from covidctnet.evaluation.evaluate import (
-    EvaluateConfig,
-    compute_metrics,
-    evaluate,
-    match_case_ids,
-    read_predictions,
-    read_truth,
-)
+from covidctnet.evaluation.evaluate import EvaluateConfig, compute_metrics, evaluate
+from covidctnet.evaluation.inputs import match_case_ids, read_predictions, read_truth
 
 REPO = Path(__file__).resolve().parents[2]
 REPORT_HEADER = ["study_id", "p_control", "p_covid", "p_cap", "predicted", "status", "error", "model", "weights_sha256"]

@@ -19,13 +19,16 @@ from covidctnet.evaluation.stats import (
     delong_auc_ci,
     delong_contrast_test,
     delong_covariance,
+    delong_interval,
     delong_placements,
     delong_test,
     fleiss_kappa,
     mcnemar_exact,
+    nan_to_none,
     proportion,
     roc_points,
     sign_flip_test,
+    undefined_auc,
     wilson_ci,
 )
 
@@ -365,3 +368,34 @@ def test_fleiss_kappa_matches_formula_on_random_ratings():
     p_j = counts.sum(axis=0) / counts.sum()
     expected = (p_i.mean() - np.sum(p_j**2)) / (1 - np.sum(p_j**2))
     assert fleiss_kappa(ratings, cats) == pytest.approx(expected, abs=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the shared pieces of evaluate and reader-study
+
+
+def test_delong_interval_is_normal_and_clipped():
+    est = delong_interval(0.9, 0.0036, 0.95, "DeLong (mean)", 12)
+    assert est.ci_low == pytest.approx(0.9 - Z95 * 0.06) and est.ci_high == 1.0  # 0.9 + 0.118 clipped
+    assert (est.method, est.n, est.level) == ("DeLong (mean)", 12, 0.95)
+    low = delong_interval(0.05, 0.01, 0.9, "m", 5)
+    assert low.ci_low == 0.0 and low.ci_high == pytest.approx(0.05 + norm.ppf(0.95) * 0.1)
+    # a negative rounding residue of the variance is a zero-width interval, not a math error
+    assert delong_interval(0.7, -1e-18, 0.95, "m", 5).ci_low == 0.7
+
+
+def test_delong_auc_ci_is_the_interval_of_its_covariance():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 40)
+    s = rng.normal(size=40) + y
+    aucs, cov = delong_covariance(y, s)
+    assert delong_auc_ci(y, s, 0.9) == delong_interval(float(aucs[0]), float(cov[0, 0]), 0.9, "DeLong", 40)
+
+
+def test_undefined_auc_and_nan_to_none():
+    est = undefined_auc(7, 0.9)
+    assert (est.value, est.ci_low, est.ci_high, est.n, est.level) == (None, None, None, 7, 0.9)
+    assert "only one class" in est.method
+    assert nan_to_none(math.nan) is None and nan_to_none(None) is None
+    value = nan_to_none(np.float32(0.25))
+    assert value == 0.25 and type(value) is float
