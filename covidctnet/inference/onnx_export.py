@@ -363,6 +363,10 @@ def cached_export(model_dir: str | os.PathLike) -> Path:
             if problem != "missing":
                 logger.warning("%s: cached ONNX export %s; exporting it again", entry, problem)
                 shutil.rmtree(entry)
+            # what an export of this entry killed half-way left (atomic_dir's temporary folder); others' builds of
+            # other entries are left alone: they hold their own locks
+            for stale in root.glob(f".{entry.name}.*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)
             logger.info("%s: exporting to ONNX once for the onnx/openvino backends (checked against PyTorch), into "
                         "the cache %s", md.path, entry)
             export_onnx(md.path, entry, log_level=logging.DEBUG)

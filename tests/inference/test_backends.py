@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -144,6 +145,17 @@ def test_corrupt_or_stale_entry_is_rebuilt_never_used(tiny_model, fresh_cache, c
     with torch.inference_mode():
         reference = open_model(tiny_model, "torch", "cpu").denoiser().model(x)
     np.testing.assert_allclose(pipeline.denoiser.model(x).numpy(), reference.numpy(), atol=1e-4, rtol=0)
+
+
+def test_what_a_killed_export_left_is_removed(tiny_model, fresh_cache):
+    entry = cached_export(tiny_model)
+    shutil.rmtree(entry)
+    left = fresh_cache / f".{entry.name}.k1ll3d.tmp"  # atomic_dir's temporary folder of an export killed half-way
+    left.mkdir()
+    (left / "denoiser.onnx").write_bytes(b"half an export")
+    other = fresh_cache / ".0123456789abcdef-00000000.build.tmp"  # another entry's build in progress: not touched
+    other.mkdir()
+    assert cached_export(tiny_model) == entry and not left.exists() and other.is_dir()
 
 
 def test_two_processes_starting_at_once_export_once(tiny_model, fresh_cache, tmp_path):
