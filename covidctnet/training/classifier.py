@@ -55,14 +55,20 @@ from covidctnet.evaluation.plots import RocCurve, plot_confusion, plot_roc
 from covidctnet.models.cnn3d import build_classifier
 from covidctnet.models.pretrained import MEDICALNET_ARCHS, load_medicalnet_weights, medicalnet_resnet_kwargs
 from covidctnet.models.registry import resolve_denoiser_dir
-from covidctnet.training.trainer import ModelExport, RunResult, Trainer, distributed_context
+from covidctnet.training.trainer import (
+    LoopConfig,
+    ModelExport,
+    RunResult,
+    Trainer,
+    distributed_context,
+    predict_dataset,
+)
 
 __all__ = [
     "ClassifierConfig",
     "train_classifier",
     "class_weights",
     "classifier_metrics",
-    "predict_dataset",
     "make_training_step",
     "prepare_data",
     "PreparedData",
@@ -219,20 +225,6 @@ def classifier_metrics(labels: Sequence[int] | np.ndarray, probs: np.ndarray) ->
         "classes_present": [CLASS_NAMES[c] for c in present],
         "n": int(len(y)),
     }
-
-
-@torch.no_grad()
-def predict_dataset(model: nn.Module, dataset: Any, device: torch.device | str, batch_size: int = 4) -> np.ndarray:
-    """(N, 3) softmax probabilities of every item of a (non-augmented) dataset, in order; restores the model mode."""
-    was_training = model.training
-    model.eval()
-    device = torch.device(device)
-    out = []
-    for start in range(0, len(dataset), batch_size):
-        x = torch.stack([dataset[i]["image"] for i in range(start, min(start + batch_size, len(dataset)))])
-        out.append(torch.softmax(model(x.to(device)).float(), dim=1).cpu())
-    model.train(was_training)
-    return torch.cat(out).numpy() if out else np.zeros((0, len(CLASS_NAMES)), dtype=np.float32)
 
 
 def make_training_step(weight: torch.Tensor | None = None) -> Any:
@@ -521,27 +513,11 @@ def train_classifier(
     split_file = _check_resume(run_dir, resume, split_file)
     info = _residuals_info(residuals_dir, cfg)
     data = prepare_data(residuals_dir, labels, cfg, split_file)
-    logger.info("split (%s): train %s, val %s, test %s", data.split_source, _counts(data.train), _counts(data.val),
-                _counts(data.test))
-    missing_train = [c for c, n in _counts(data.train).items() if n == 0]
-    if missing_train:
-        logger.warning("no training study of class(es) %s: the classifier cannot learn them", missing_train)
-
+    _log_split(data)
     seed_everything(cfg.seed)
-    try:
-        model = build_classifier(cfg.arch, in_channels=1, num_classes=len(CLASS_NAMES), input_size=cfg.input_size,
-                                 **_arch_kwargs(cfg))
-    except ConfigError as err:
-        # the grid is the residual volumes' (the config must match them): name the folder, the keys and the arch
-        raise ConfigError(f"{residuals_dir}: arch {cfg.arch!r} on residual volumes of depth {cfg.depth}, size_xy "
-                          f"{cfg.size_xy}: {err}") from err
+    model = _build_model(cfg, residuals_dir)
     init_info = load_medicalnet_weights(model, cfg.init) if cfg.init and not resume else None
-    aug = None
-    if cfg.augment:
-        aug = build_augmentation(cfg.flip_prob, cfg.affine_prob, cfg.rotate_deg, cfg.scale, cfg.translate_frac,
-                                 cfg.input_size)
-    train_ds = ResidualVolumeDataset(data.train, cfg.depth, cfg.size_xy, aug, seed=cfg.seed, cache=cfg.cache)
-    val_ds = ResidualVolumeDataset(data.val, cfg.depth, cfg.size_xy, None, seed=cfg.seed, cache=cfg.cache)
+    train_ds, val_ds = _datasets(cfg, data)
     weight = class_weights(train_ds.labels) if cfg.class_weighted_loss else None
     if weight is not None:
         logger.info("class weights %s", dict(zip(CLASS_NAMES, (round(float(w), 4) for w in weight))))
@@ -563,35 +539,56 @@ def train_classifier(
         run_dir,
         train_data=train_ds,
         training_step=make_training_step(weight),
+        loop=LoopConfig.of(cfg),
         validate=validate if data.val else None,
         optimizer_factory=lambda p: torch.optim.Adam(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
         monitor=monitor,
         mode=mode,
-        max_epochs=cfg.epochs,
-        patience=cfg.patience,
-        batch_size=cfg.batch_size,
-        steps_per_epoch=cfg.steps_per_epoch,
-        max_steps=cfg.max_steps,
-        checkpoint_every=cfg.checkpoint_every,
-        num_workers=cfg.workers,
-        device=cfg.device,
-        seed=cfg.seed,
         config=cfg,
     )
+    finished: list[RunResult] = []  # filled on rank 0 by describe()
+
+    def describe(fit: Any) -> ModelExport:
+        export, result = _finish(trainer, fit, cfg, data, val_ds, monitor, residuals_dir, info, command, init_info)
+        finished.append(result)
+        return export
+
+    fit, _ = trainer.run(describe, "classifier", resume=resume)
+    return finished[0] if finished else RunResult(run_dir, None, fit.best_epoch, fit.epochs_run, monitor)
+
+
+def _log_split(data: PreparedData) -> None:
+    logger.info("split (%s): train %s, val %s, test %s", data.split_source, _counts(data.train), _counts(data.val),
+                _counts(data.test))
+    missing_train = [c for c, n in _counts(data.train).items() if n == 0]
+    if missing_train:
+        logger.warning("no training study of class(es) %s: the classifier cannot learn them", missing_train)
+
+
+def _build_model(cfg: ClassifierConfig, residuals_dir: str | os.PathLike) -> nn.Module:
+    """The configured network for the residual grid (depth, size_xy) of ``residuals_dir``.
+
+    Raises:
+        ConfigError: an architecture that cannot take that grid (the message names the folder, the grid and the arch).
+    """
     try:
-        fit = trainer.fit(resume=resume)
-        finished: list[RunResult] = []  # filled on rank 0 by describe()
+        return build_classifier(cfg.arch, in_channels=1, num_classes=len(CLASS_NAMES), input_size=cfg.input_size,
+                                **_arch_kwargs(cfg))
+    except ConfigError as err:
+        # the grid is the residual volumes' (the config must match them): name the folder, the keys and the arch
+        raise ConfigError(f"{residuals_dir}: arch {cfg.arch!r} on residual volumes of depth {cfg.depth}, size_xy "
+                          f"{cfg.size_xy}: {err}") from err
 
-        def describe() -> ModelExport:
-            export, result = _finish(trainer, fit, cfg, data, val_ds, monitor, residuals_dir, info, command,
-                                     init_info)
-            finished.append(result)
-            return export
 
-        trainer.export(run_dir / "model", describe, "classifier")
-        return finished[0] if finished else RunResult(run_dir, None, fit.best_epoch, fit.epochs_run, monitor)
-    finally:
-        trainer.close()
+def _datasets(cfg: ClassifierConfig, data: PreparedData) -> tuple[ResidualVolumeDataset, ResidualVolumeDataset]:
+    """The training set (augmented when ``cfg.augment``) and the validation set (never augmented)."""
+    aug = None
+    if cfg.augment:
+        aug = build_augmentation(cfg.flip_prob, cfg.affine_prob, cfg.rotate_deg, cfg.scale, cfg.translate_frac,
+                                 cfg.input_size)
+    train_ds = ResidualVolumeDataset(data.train, cfg.depth, cfg.size_xy, aug, seed=cfg.seed, cache=cfg.cache)
+    val_ds = ResidualVolumeDataset(data.val, cfg.depth, cfg.size_xy, None, seed=cfg.seed, cache=cfg.cache)
+    return train_ds, val_ds
 
 
 def _arch_kwargs(cfg: ClassifierConfig) -> dict[str, Any]:

@@ -50,7 +50,7 @@ from covidctnet.data.control_slices import (
 )
 from covidctnet.evaluation.plots import new_figure, save_figure
 from covidctnet.models.registry import DENOISER_COMPONENT, build_denoiser
-from covidctnet.training.trainer import ModelExport, RunResult, Trainer, distributed_context
+from covidctnet.training.trainer import FitResult, LoopConfig, ModelExport, RunResult, Trainer, distributed_context
 
 __all__ = [
     "DenoiserConfig",
@@ -481,7 +481,6 @@ def train_denoiser(
     """
     data_dir, run_dir = Path(data_dir), Path(run_dir)
     data = _prepare_data(data_dir, run_dir, cfg, labels, studies, resume)
-    split, split_info, size, preprocess = data.split, data.split_info, data.size, data.preprocess
     seed_everything(cfg.seed)
     model = build_denoiser(cfg.model_kwargs())
 
@@ -493,58 +492,49 @@ def train_denoiser(
         run_dir,
         train_data=data.train,
         training_step=training_step,
+        loop=LoopConfig.of(cfg),
         validate=_validation(cfg, data),
         optimizer_factory=lambda p: torch.optim.Adam(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
         monitor=_MONITOR,
         mode="max",
-        max_epochs=cfg.epochs,
-        patience=cfg.patience,
-        batch_size=cfg.batch_size,
-        steps_per_epoch=cfg.steps_per_epoch,
-        max_steps=cfg.max_steps,
-        checkpoint_every=cfg.checkpoint_every,
-        num_workers=cfg.num_workers,
         collate_fn=data.train.collate,
-        device=cfg.device,
         amp=cfg.amp,
         grad_clip=cfg.grad_clip,
-        seed=cfg.seed,
         config=cfg,
         epoch_callback=_sample_writer(cfg, data),
         show_progress=show_progress,
     )
-    try:
-        fit = trainer.fit(resume=resume)
-        last_row = fit.history[-1] if fit.history else {}
-        best_row = next((r for r in fit.history if r["epoch"] == fit.best_epoch), last_row)
-        val = {k: float(v) for k, v in best_row.items() if k.startswith("val_")}
+    fit, md = trainer.run(lambda fit: _describe(cfg, data, fit, data_dir, run_dir, command), DENOISER_COMPONENT,
+                          resume=resume)
+    val = fit.best_validation()
+    if md is not None:
+        logger.info("denoiser: best epoch %d, validation PSNR %.2f dB (noisy input %.2f dB), SSIM %.4f "
+                    "(noisy %.4f); model directory %s", fit.best_epoch, val.get("val_psnr", float("nan")),
+                    val.get("val_psnr_noisy", float("nan")), val.get("val_ssim", float("nan")),
+                    val.get("val_ssim_noisy", float("nan")), md.path)
+    return RunResult(run_dir, md.path if md is not None else None, fit.best_epoch, fit.epochs_run, _MONITOR,
+                     val if md is not None else {}, fit.history, {"data": data.split_info})
 
-        def describe() -> ModelExport:
-            config = {
-                "name": f"covidctnet-denoiser-bcdunet{cfg.features}-d{cfg.dense_blocks}-{size}",
-                "task": "denoise",
-                "components": {DENOISER_COMPONENT: {"arch": "bcdunet", "kwargs": cfg.model_kwargs()}},
-                "preprocess": dict(preprocess),
-                "input": {"size_xy": size, "channels": 1, "range": [0.0, 1.0]},
-                "training": {"data_dir": str(data_dir), "command": command or "(library call)", "seed": cfg.seed,
-                             "best_epoch": int(fit.best_epoch), "epochs_run": int(fit.epochs_run),
-                             "split": split.mode, "train_ids": list(split.train_ids), "val_ids": list(split.val_ids),
-                             "n_train_slices": len(split.train), "n_val_slices": len(split.val)},
-                "validation": val,
-            }
-            card = _model_card(cfg, data_dir, split_info, val, fit.best_epoch, fit.epochs_run, size, preprocess,
-                               command or "(library call)")
-            extra = {name: run_dir / name for name in ("metrics.csv", "loss_curve.png", "data.yaml")
-                     if (run_dir / name).is_file()}
-            return ModelExport(config, card, {**extra, "training_config.yaml": run_dir / "config.yaml"})
 
-        md = trainer.export(run_dir / "model", describe, DENOISER_COMPONENT)
-        if md is not None:
-            logger.info("denoiser: best epoch %d, validation PSNR %.2f dB (noisy input %.2f dB), SSIM %.4f "
-                        "(noisy %.4f); model directory %s", fit.best_epoch, val.get("val_psnr", float("nan")),
-                        val.get("val_psnr_noisy", float("nan")), val.get("val_ssim", float("nan")),
-                        val.get("val_ssim_noisy", float("nan")), md.path)
-        return RunResult(run_dir, md.path if md is not None else None, fit.best_epoch, fit.epochs_run, _MONITOR,
-                         val if md is not None else {}, fit.history, {"data": split_info})
-    finally:
-        trainer.close()
+def _describe(cfg: DenoiserConfig, data: _DenoiserData, fit: FitResult, data_dir: Path, run_dir: Path,
+              command: str | None) -> ModelExport:
+    """The model directory of a finished run: config, model card and the run's files."""
+    split, size, preprocess = data.split, data.size, data.preprocess
+    val = fit.best_validation()
+    config = {
+        "name": f"covidctnet-denoiser-bcdunet{cfg.features}-d{cfg.dense_blocks}-{size}",
+        "task": "denoise",
+        "components": {DENOISER_COMPONENT: {"arch": "bcdunet", "kwargs": cfg.model_kwargs()}},
+        "preprocess": dict(preprocess),
+        "input": {"size_xy": size, "channels": 1, "range": [0.0, 1.0]},
+        "training": {"data_dir": str(data_dir), "command": command or "(library call)", "seed": cfg.seed,
+                     "best_epoch": int(fit.best_epoch), "epochs_run": int(fit.epochs_run),
+                     "split": split.mode, "train_ids": list(split.train_ids), "val_ids": list(split.val_ids),
+                     "n_train_slices": len(split.train), "n_val_slices": len(split.val)},
+        "validation": val,
+    }
+    card = _model_card(cfg, data_dir, data.split_info, val, fit.best_epoch, fit.epochs_run, size, preprocess,
+                       command or "(library call)")
+    extra = {name: run_dir / name for name in ("metrics.csv", "loss_curve.png", "data.yaml")
+             if (run_dir / name).is_file()}
+    return ModelExport(config, card, {**extra, "training_config.yaml": run_dir / "config.yaml"})

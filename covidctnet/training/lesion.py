@@ -41,7 +41,7 @@ from covidctnet.io.volume import read_volume
 from covidctnet.models.registry import LESION_COMPONENT, build_lesion_model
 from covidctnet.preprocessing.lungmask3d import mask_to_grid, ras_lung_mask
 from covidctnet.preprocessing.preprocess import PreprocessConfig, preprocess_volume
-from covidctnet.training.trainer import ModelExport, RunResult, Trainer
+from covidctnet.training.trainer import FitResult, LoopConfig, ModelExport, RunResult, Trainer
 
 __all__ = ["LesionModelConfig", "ControlLungSlices", "control_lung_slices", "lesion_loss", "train_lesion_model"]
 
@@ -291,42 +291,37 @@ def train_lesion_model(
         return lesion_loss(net(batch["image"]), batch["target"], batch["lung"])
 
     trainer = Trainer(
-        model, run_dir, train_data=train_ds, training_step=training_step, validate=_validation(val_ds),
+        model, run_dir, train_data=train_ds, training_step=training_step, loop=LoopConfig.of(cfg),
+        validate=_validation(val_ds),
         optimizer_factory=lambda p: torch.optim.AdamW(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
-        monitor=_MONITOR, mode="max", max_epochs=cfg.epochs, patience=cfg.patience, batch_size=cfg.batch_size,
-        steps_per_epoch=cfg.steps_per_epoch, max_steps=cfg.max_steps, checkpoint_every=cfg.checkpoint_every,
-        num_workers=cfg.num_workers, device=cfg.device, amp=False, seed=cfg.seed, config=cfg,
-        epoch_callback=_sample_writer(val_ds), show_progress=show_progress,
+        monitor=_MONITOR, mode="max", amp=False, config=cfg, epoch_callback=_sample_writer(val_ds),
+        show_progress=show_progress,
     )
-    try:
-        fit = trainer.fit(resume=resume)
-        best = next((r for r in fit.history if r["epoch"] == fit.best_epoch), fit.history[-1] if fit.history else {})
-        val = {k: float(v) for k, v in best.items() if k.startswith("val_")}
 
-        def describe() -> ModelExport:
-            config = {
-                "name": f"covidctnet-lesion-unet2d-{cfg.size_xy}",
-                "task": "lesion",
-                "components": {LESION_COMPONENT: {"arch": "unet2d", "kwargs": cfg.model_kwargs()}},
-                "preprocess": asdict(preprocess),
-                "input": {"size_xy": cfg.size_xy, "channels": ["slice [0, 1]", "lung mask"]},
-                "training": {"controls": [str(c) for c in controls], "command": command or "(library call)",
-                             "seed": cfg.seed, "best_epoch": int(fit.best_epoch), "epochs_run": int(fit.epochs_run),
-                             **split, "synthesis": asdict(cfg.synthesis)},
-                "validation": val,
-            }
-            card = _model_card(cfg, split, val, fit.best_epoch, command or "(library call)")
-            extra = {n: run_dir / n for n in ("metrics.csv", "loss_curve.png", "data.yaml") if (run_dir / n).is_file()}
-            return ModelExport(config, card, {**extra, "training_config.yaml": run_dir / "config.yaml"})
+    def describe(fit: FitResult) -> ModelExport:
+        val = fit.best_validation()
+        config = {
+            "name": f"covidctnet-lesion-unet2d-{cfg.size_xy}",
+            "task": "lesion",
+            "components": {LESION_COMPONENT: {"arch": "unet2d", "kwargs": cfg.model_kwargs()}},
+            "preprocess": asdict(preprocess),
+            "input": {"size_xy": cfg.size_xy, "channels": ["slice [0, 1]", "lung mask"]},
+            "training": {"controls": [str(c) for c in controls], "command": command or "(library call)",
+                         "seed": cfg.seed, "best_epoch": int(fit.best_epoch), "epochs_run": int(fit.epochs_run),
+                         **split, "synthesis": asdict(cfg.synthesis)},
+            "validation": val,
+        }
+        card = _model_card(cfg, split, val, fit.best_epoch, command or "(library call)")
+        extra = {n: run_dir / n for n in ("metrics.csv", "loss_curve.png", "data.yaml") if (run_dir / n).is_file()}
+        return ModelExport(config, card, {**extra, "training_config.yaml": run_dir / "config.yaml"})
 
-        md = trainer.export(run_dir / "model", describe, LESION_COMPONENT)
-        if md is not None:
-            logger.info("lesion model: best epoch %d, held-out Dice on synthetic lesions %.3f; model directory %s",
-                        fit.best_epoch, val.get("val_dice", float("nan")), md.path)
-        return RunResult(run_dir, md.path if md is not None else None, fit.best_epoch, fit.epochs_run, _MONITOR,
-                         val if md is not None else {}, fit.history, {"data": split})
-    finally:
-        trainer.close()
+    fit, md = trainer.run(describe, LESION_COMPONENT, resume=resume)
+    val = fit.best_validation()
+    if md is not None:
+        logger.info("lesion model: best epoch %d, held-out Dice on synthetic lesions %.3f; model directory %s",
+                    fit.best_epoch, val.get("val_dice", float("nan")), md.path)
+    return RunResult(run_dir, md.path if md is not None else None, fit.best_epoch, fit.epochs_run, _MONITOR,
+                     val if md is not None else {}, fit.history, {"data": split})
 
 
 def _model_card(cfg: LesionModelConfig, split: dict[str, Any], val: dict[str, float], best_epoch: int,

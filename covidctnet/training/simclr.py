@@ -30,7 +30,7 @@ from covidctnet.training.slice import (
     slice_model_kwargs,
     slice_preprocessing,
 )
-from covidctnet.training.trainer import ModelExport, RunResult, Trainer
+from covidctnet.training.trainer import FitResult, LoopConfig, ModelExport, RunResult, Trainer
 
 __all__ = ["PretrainSliceConfig", "pretrain_slice", "nt_xent_loss"]
 
@@ -193,48 +193,39 @@ def pretrain_slice(
         run_dir,
         train_data=_TwoViews(train),
         training_step=training_step,
+        loop=LoopConfig.of(cfg),
         optimizer_factory=lambda p: torch.optim.Adam(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
         scheduler_factory=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=cfg.epochs),
         monitor="train_loss",
         mode="min",
-        max_epochs=cfg.epochs,
-        batch_size=cfg.batch_size,
-        steps_per_epoch=cfg.steps_per_epoch,
-        num_workers=cfg.workers,
-        device=cfg.device,
-        seed=cfg.seed,
         config=cfg,
     )
-    try:
-        result = trainer.fit(resume=resume)
+
+    def describe(result: FitResult) -> ModelExport:
         final_loss = float(result.history[-1]["train_loss"])
+        # the last epoch, not the lowest loss: a contrastive loss keeps falling and its minimum says little
+        state = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
+        encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+        config = {
+            "name": f"covidctnet-slice-encoder-{cfg.arch}-{cfg.size}",
+            "task": "slice-encoder",
+            "components": {"encoder": {"arch": cfg.arch, "kwargs": slice_model_kwargs(cfg)}},
+            "preprocess": slice_preprocessing(cfg),
+            "training": {"data": Path(data).name if cfg.data_images else None,
+                         "extra_ct": Path(cfg.extra_ct).name if cfg.extra_ct else None,
+                         "command": command or "", "method": "SimCLR (NT-Xent)",
+                         "epochs_run": int(result.epochs_run), "final_loss": final_loss},
+        }
+        source = (f"the training images of `{Path(data).name}`" if cfg.data_images else "") + (
+            " and " if cfg.data_images and cfg.extra_ct else "") + (
+            f"CT slices rendered from the volumes in `{Path(cfg.extra_ct).name}`" if cfg.extra_ct else "")
+        card = (f"# SimCLR slice encoder ({cfg.arch}, {cfg.size} px)\n\nContrastive pretraining on {source} "
+                "without labels.\n\n```\n{command or '(library call)'}\n```\n\nUse with "
+                "`covidctnet train-slice --init THIS_DIR` (same arch, width and lung_mask). Not a classifier.\n")
+        extra = {"training_config.yaml": run_dir / "config.yaml", "metrics.csv": run_dir / "metrics.csv"}
+        return ModelExport(config, card, extra, {"encoder": encoder})
 
-        def describe() -> ModelExport:
-            # the last epoch, not the lowest loss: a contrastive loss keeps falling and its minimum says little
-            state = load_checkpoint(run_dir / "checkpoints" / "last.pt")["model"]
-            encoder = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-            config = {
-                "name": f"covidctnet-slice-encoder-{cfg.arch}-{cfg.size}",
-                "task": "slice-encoder",
-                "components": {"encoder": {"arch": cfg.arch, "kwargs": slice_model_kwargs(cfg)}},
-                "preprocess": slice_preprocessing(cfg),
-                "training": {"data": Path(data).name if cfg.data_images else None,
-                             "extra_ct": Path(cfg.extra_ct).name if cfg.extra_ct else None,
-                             "command": command or "", "method": "SimCLR (NT-Xent)",
-                             "epochs_run": int(result.epochs_run), "final_loss": final_loss},
-            }
-            source = (f"the training images of `{Path(data).name}`" if cfg.data_images else "") + (
-                " and " if cfg.data_images and cfg.extra_ct else "") + (
-                f"CT slices rendered from the volumes in `{Path(cfg.extra_ct).name}`" if cfg.extra_ct else "")
-            card = (f"# SimCLR slice encoder ({cfg.arch}, {cfg.size} px)\n\nContrastive pretraining on {source} "
-                    "without labels.\n\n```\n{command or '(library call)'}\n```\n\nUse with "
-                    "`covidctnet train-slice --init THIS_DIR` (same arch, width and lung_mask). Not a classifier.\n")
-            extra = {"training_config.yaml": run_dir / "config.yaml", "metrics.csv": run_dir / "metrics.csv"}
-            return ModelExport(config, card, extra, {"encoder": encoder})
-
-        md = trainer.export(run_dir / "encoder", describe)
-        last = int(result.history[-1]["epoch"])
-        return RunResult(run_dir, md.path if md is not None else None, last, result.epochs_run, "train_loss",
-                         {}, list(result.history), {"final_loss": final_loss})
-    finally:
-        trainer.close()
+    result, md = trainer.run(describe, resume=resume, out_dir=run_dir / "encoder")
+    last = int(result.history[-1]["epoch"])
+    return RunResult(run_dir, md.path if md is not None else None, last, result.epochs_run, "train_loss",
+                     {}, list(result.history), {"final_loss": float(result.history[-1]["train_loss"])})

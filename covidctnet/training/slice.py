@@ -40,7 +40,15 @@ from covidctnet.models.slice import (
     encoder_state_dict,
     load_encoder_state_dict,
 )
-from covidctnet.training.trainer import ModelExport, RunResult, Trainer, distributed_context
+from covidctnet.training.trainer import (
+    FitResult,
+    LoopConfig,
+    ModelExport,
+    RunResult,
+    Trainer,
+    distributed_context,
+    predict_dataset,
+)
 
 __all__ = [
     "init_slice_weights",
@@ -54,7 +62,6 @@ __all__ = [
     "slice_model_kwargs",
     "slice_preprocessing",
     "slice_model_config",
-    "predict_slice_dataset",
     "write_slice_val_outputs",
     "dataset_cam_maps",
     "dataset_cam_scale",
@@ -234,19 +241,6 @@ def slice_metrics(labels: np.ndarray, p_covid: np.ndarray, threshold: float = 0.
         "specificity": float(1 - pred[neg].mean()) if neg.any() else float("nan"),
         "n": float(len(labels)),
     }
-
-
-@torch.no_grad()
-def predict_slice_dataset(model: nn.Module, dataset: Any, device: torch.device, batch_size: int = 32) -> np.ndarray:
-    """(N, 2) softmax probabilities over a :class:`SliceDataset` in order (no augmentation)."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, len(dataset), batch_size):
-        x = torch.stack([dataset[i]["image"] for i in range(start, min(start + batch_size, len(dataset)))])
-        out.append(torch.softmax(model(x.to(device)).float(), dim=1).cpu())
-    model.train(was_training)
-    return torch.cat(out).numpy()
 
 
 def dataset_cam_maps(model: nn.Module, dataset: Any, device: torch.device | str = "cpu") -> np.ndarray:
@@ -468,7 +462,7 @@ def train_slice(
         return nn.functional.cross_entropy(net(batch["image"]), batch["label"])
 
     def validate(net: nn.Module, device: torch.device) -> dict[str, float]:
-        probs = predict_slice_dataset(net, val, device)
+        probs = predict_dataset(net, val, device)
         m = slice_metrics(val.labels, probs[:, 1], cfg.threshold)
         eps = 1e-7
         loss = -np.mean(np.log(np.clip(probs[np.arange(len(probs)), val.labels], eps, 1.0)))
@@ -479,55 +473,45 @@ def train_slice(
         run_dir,
         train_data=train,
         training_step=training_step,
+        loop=LoopConfig.of(cfg),
         validate=validate,
         optimizer_factory=lambda p: torch.optim.Adam(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
         scheduler_factory=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=cfg.epochs, eta_min=cfg.min_lr),
         monitor="val_auc",
         mode="max",
-        max_epochs=cfg.epochs,
-        patience=cfg.patience,
-        batch_size=cfg.batch_size,
         sample_weights=train.class_balance_weights() if cfg.class_balance else None,
-        steps_per_epoch=cfg.steps_per_epoch,
-        num_workers=cfg.workers,
-        device=cfg.device,
         ema_decay=cfg.ema,
-        seed=cfg.seed,
         config=cfg,
     )
-    try:
-        result = trainer.fit(resume=resume)
-        metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {}
 
-        def describe() -> ModelExport:
-            best = build_slice_model(cfg.arch, **slice_model_kwargs(cfg))
-            best.load_state_dict(trainer.best_state_dict())
-            best.to(trainer.device)
-            probs = predict_slice_dataset(best, val, trainer.device)
-            metrics.update(write_slice_val_outputs(run_dir, val, probs, cfg.threshold))
-            logger.info("best epoch %d: validation accuracy %.3f, F1 %.3f, AUC %.3f (n=%d)", result.best_epoch,
-                        metrics["accuracy"], metrics["f1"], metrics["auc"], metrics["n"])
-            config = {
-                **slice_model_config(cfg, f"covidctnet-slice-{cfg.arch}-{cfg.size}"),
-                "training": {"data": str(data), "command": command or "", "best_epoch": int(result.best_epoch),
-                             "epochs_run": int(result.epochs_run), "seed": int(cfg.seed),
-                             "init": init_info or ({"source": str(cfg.init)} if cfg.init else None)},
-                "validation": {k: float(v) for k, v in metrics.items()},
-            }
-            # the colour range of predict-slice --cam, from the images that chose this epoch
-            scale = recorded_cam_scale(lambda: dataset_cam_scale(best, val, "validation split",
-                                                                 f"{Path(data).name} val", trainer.device))
-            if scale is not None:
-                config["cam_scale"] = scale
-            card = _card(cfg, str(data), command or "(library call)", metrics, result, len(train), len(val))
-            extra = {"training_config.yaml": run_dir / "config.yaml", "metrics.csv": run_dir / "metrics.csv"}
-            return ModelExport(config, card, extra)
+    def describe(result: FitResult) -> ModelExport:
+        best = build_slice_model(cfg.arch, **slice_model_kwargs(cfg))
+        best.load_state_dict(trainer.best_state_dict())
+        best.to(trainer.device)
+        probs = predict_dataset(best, val, trainer.device)
+        metrics.update(write_slice_val_outputs(run_dir, val, probs, cfg.threshold))
+        logger.info("best epoch %d: validation accuracy %.3f, F1 %.3f, AUC %.3f (n=%d)", result.best_epoch,
+                    metrics["accuracy"], metrics["f1"], metrics["auc"], metrics["n"])
+        config = {
+            **slice_model_config(cfg, f"covidctnet-slice-{cfg.arch}-{cfg.size}"),
+            "training": {"data": str(data), "command": command or "", "best_epoch": int(result.best_epoch),
+                         "epochs_run": int(result.epochs_run), "seed": int(cfg.seed),
+                         "init": init_info or ({"source": str(cfg.init)} if cfg.init else None)},
+            "validation": {k: float(v) for k, v in metrics.items()},
+        }
+        # the colour range of predict-slice --cam, from the images that chose this epoch
+        scale = recorded_cam_scale(lambda: dataset_cam_scale(best, val, "validation split",
+                                                             f"{Path(data).name} val", trainer.device))
+        if scale is not None:
+            config["cam_scale"] = scale
+        card = _card(cfg, str(data), command or "(library call)", metrics, result, len(train), len(val))
+        extra = {"training_config.yaml": run_dir / "config.yaml", "metrics.csv": run_dir / "metrics.csv"}
+        return ModelExport(config, card, extra)
 
-        md = trainer.export(run_dir / "model", describe, "model")
-        return RunResult(run_dir, md.path if md is not None else None, result.best_epoch, result.epochs_run,
-                         "val_auc", metrics, list(result.history))
-    finally:
-        trainer.close()
+    result, md = trainer.run(describe, "model", resume=resume)
+    return RunResult(run_dir, md.path if md is not None else None, result.best_epoch, result.epochs_run,
+                     "val_auc", metrics, list(result.history))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ bootstrap of the AUC difference).
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -61,12 +62,11 @@ from covidctnet.training.slice import (
     dataset_cam_scale,
     init_slice_weights,
     recorded_cam_scale,
-    predict_slice_dataset,
     slice_model_config,
     slice_model_kwargs,
     youden_threshold,
 )
-from covidctnet.training.trainer import Trainer
+from covidctnet.training.trainer import LoopConfig, Trainer, predict_dataset
 
 __all__ = ["assign_folds", "compare_cv_runs", "cv_records", "cv_slice", "nested_thresholds", "oof_cam_scale",
            "source_groups"]
@@ -318,21 +318,20 @@ def _train_fold(cache: list[np.ndarray], records: list[SliceRecord], train_idx: 
 
     def watch(net: nn.Module, device: torch.device) -> dict[str, float]:
         # logged to show how training went; never used to choose anything (the last epoch is kept)
-        return {"heldout_auc": _auc(held.labels, predict_slice_dataset(net, held, device)[:, 1])}
+        return {"heldout_auc": _auc(held.labels, predict_dataset(net, held, device)[:, 1])}
 
     trainer = Trainer(
         model, fold_dir, train_data=train, training_step=training_step, validate=watch,
+        loop=dataclasses.replace(LoopConfig.of(cfg), patience=None),  # a fold model runs every epoch; the last is kept
         optimizer_factory=lambda p: torch.optim.Adam(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
         scheduler_factory=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=cfg.epochs, eta_min=cfg.min_lr),
-        monitor="train_loss", mode="min", max_epochs=cfg.epochs, patience=None, batch_size=cfg.batch_size,
-        sample_weights=train.class_balance_weights() if cfg.class_balance else None,
-        steps_per_epoch=cfg.steps_per_epoch, num_workers=cfg.workers, device=cfg.device, ema_decay=cfg.ema,
-        seed=cfg.seed, config=cfg, show_progress=False,
+        monitor="train_loss", mode="min", sample_weights=train.class_balance_weights() if cfg.class_balance else None,
+        ema_decay=cfg.ema, config=cfg, show_progress=False,
     )
     try:
         trainer.fit()
         net = trainer.eval_model.eval()
-        probs = predict_slice_dataset(net, held, trainer.device)[:, 1]
+        probs = predict_dataset(net, held, trainer.device)[:, 1]
         maps = dataset_cam_maps(net, held, trainer.device)
         return net.cpu(), probs, maps
     finally:

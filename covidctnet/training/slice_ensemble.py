@@ -30,12 +30,12 @@ from covidctnet.models.registry import load_slice_model
 from covidctnet.models.slice import SliceEnsemble
 from covidctnet.training.slice import (
     dataset_cam_scale,
-    predict_slice_dataset,
     recorded_cam_scale,
     slice_metrics,
     write_slice_val_outputs,
     youden_threshold,
 )
+from covidctnet.training.trainer import predict_dataset
 
 __all__ = ["ensemble_slice_models"]
 
@@ -123,7 +123,7 @@ def ensemble_slice_models(
             pre = ref["preprocess"]
             val = SliceDataset(find_records(data, "val"), pre["size"], pre["lung_mask"], None)
             dev = resolve_device(device)
-            probs = predict_slice_dataset(ensemble.to(dev), val, dev)
+            probs = predict_dataset(ensemble.to(dev), val, dev)
             if chosen == "youden":
                 chosen = youden_threshold(val.labels, probs[:, 1])
                 at_half = slice_metrics(val.labels, probs[:, 1], 0.5)

@@ -20,13 +20,15 @@ The caller owns everything model-specific: the network, a ``training_step(model,
 * the resolved config in ``RUN_DIR/config.yaml`` and, at the end, the best weights as a model directory
   (:meth:`Trainer.export`).
 
+Every training command's config carries the loop's settings as fields of the same names (so that existing YAML files
+keep loading); :meth:`LoopConfig.of` reads them into the one :class:`LoopConfig` that :class:`Trainer` takes.
+
 Example:
     >>> seed_everything(0)
     >>> model = torch.nn.Linear(4, 2)
-    >>> trainer = Trainer(model, run_dir, train_data=ds, batch_size=8, training_step=step, validate=val,
-    ...                   monitor="val_auc", mode="max", max_epochs=10)
-    >>> result = trainer.fit(resume=False)
-    >>> trainer.export("model_dir", lambda: ModelExport(config={...}, card="# My model"))
+    >>> trainer = Trainer(model, run_dir, train_data=ds, loop=LoopConfig(epochs=10, batch_size=8),
+    ...                   training_step=step, validate=val, monitor="val_auc", mode="max")
+    >>> fit, model_dir = trainer.run(lambda fit: ModelExport(config={...}, card="# My model"), "model")
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ from covidctnet.core.seeding import derive_seed
 from covidctnet.evaluation.plots import new_figure, save_figure
 
 __all__ = [
+    "LoopConfig",
     "Trainer",
     "TIMING_COLUMNS",
     "FitResult",
@@ -72,6 +75,7 @@ __all__ = [
     "distributed_context",
     "move_to_device",
     "plot_loss_curve",
+    "predict_dataset",
 ]
 
 logger = logging.getLogger(__name__)
@@ -224,6 +228,81 @@ class EpochSampler(Sampler[int]):
         return iter(idx[self.rank : total : self.world_size].tolist()[self.skip :])
 
 
+@dataclass(frozen=True)
+class LoopConfig:
+    """The settings of the training loop that every training command shares.
+
+    Attributes:
+        epochs: total epochs (a resumed run continues up to this number).
+        patience: stop after this many epochs without improvement of the monitored metric (``None``: never).
+        batch_size: samples per optimiser step and process.
+        steps_per_epoch: cap on optimiser steps per epoch (``None``: one pass over the epoch's samples).
+        max_steps: stop after this many optimiser steps in all, even inside an epoch; that last, partial epoch is
+            validated and checkpointed as finished (``None``: run ``epochs``). A resumed run with a larger
+            ``max_steps`` goes on with the next epoch.
+        checkpoint_every: also write ``checkpoints/last.pt`` every this many optimiser steps inside an epoch (not
+            validated); resuming from it continues that epoch at the next batch, as if never stopped (exact on CPU).
+        num_workers: ``DataLoader`` worker processes (0: in the training process).
+        device: ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N``; under DDP on CUDA each rank uses ``cuda:LOCAL_RANK``.
+        seed: run seed (data order, sampler, per-rank RNG).
+
+    Raises:
+        ConfigError: ``epochs`` or ``batch_size`` below 1, ``max_steps`` or ``checkpoint_every`` below 1.
+    """
+
+    epochs: int = 10
+    patience: int | None = None
+    batch_size: int = 16
+    steps_per_epoch: int | None = None
+    max_steps: int | None = None
+    checkpoint_every: int | None = None
+    num_workers: int = 0
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(f"epochs and batch_size must be >= 1, not {self.epochs} and {self.batch_size}")
+        for name in ("max_steps", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name} must be >= 1 or None, not {value}")
+
+    @classmethod
+    def of(cls, cfg: Any) -> LoopConfig:
+        """The loop settings of a training config: its fields named as :class:`LoopConfig`'s (a config without one
+        keeps the default here; the slice and classifier configs call ``num_workers`` ``workers``)."""
+        values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if hasattr(cfg, f.name)}
+        if "num_workers" not in values and hasattr(cfg, "workers"):
+            values["num_workers"] = cfg.workers
+        return cls(**values)
+
+
+@torch.no_grad()
+def predict_dataset(model: nn.Module, dataset: Any, device: torch.device | str, batch_size: int = 32) -> np.ndarray:
+    """Softmax probabilities of every item of a (non-augmented) dataset, in order.
+
+    Args:
+        model: a classifier returning (B, C) logits of ``item["image"]`` stacked in batches; its train/eval mode is
+            restored afterwards.
+        dataset: items ``{"image": tensor, ...}``.
+        device: where the model is.
+        batch_size: items per forward pass.
+
+    Returns:
+        (N, C) float32 probabilities; (0, 0) for an empty dataset.
+    """
+    was_training = model.training
+    model.eval()
+    device = torch.device(device)
+    out = []
+    for start in range(0, len(dataset), batch_size):
+        x = torch.stack([dataset[i]["image"] for i in range(start, min(start + batch_size, len(dataset)))])
+        out.append(torch.softmax(model(x.to(device)).float(), dim=1).cpu())
+    model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
+
+
 def move_to_device(batch: Any, device: torch.device) -> Any:
     """Move tensors in a (nested) batch of dicts / lists / tuples to ``device``; other values are left alone."""
     if isinstance(batch, torch.Tensor):
@@ -320,6 +399,13 @@ class FitResult:
     def best_checkpoint(self) -> Path | None:
         return None if self.run_dir is None else self.run_dir / "checkpoints" / "best.pt"
 
+    def best_validation(self) -> dict[str, float]:
+        """The ``val_*`` metrics of the best epoch's history row (the last row's when no row is the best epoch; empty
+        without history)."""
+        last_row = self.history[-1] if self.history else {}
+        best_row = next((r for r in self.history if r["epoch"] == self.best_epoch), last_row)
+        return {k: float(v) for k, v in best_row.items() if k.startswith("val_")}
+
 
 @dataclass
 class ModelExport:
@@ -382,27 +468,18 @@ class Trainer:
         optimizer_factory: ``params -> optimiser`` (default Adam, lr 1e-3).
         scheduler_factory: ``optimiser -> LR scheduler`` or ``None``; stepped once per epoch (``scheduler_interval``
             ``"epoch"``) or once per optimiser step (``"step"``).
+        loop: epochs, patience, batch size, step caps, checkpoint cadence, loader workers, device and seed
+            (:class:`LoopConfig`; a training command passes ``LoopConfig.of(cfg)``).
         monitor: metric for model selection and early stopping (a key of ``validate``'s dict, or ``train_loss``).
         mode: ``"max"`` (AUC, PSNR) or ``"min"`` (a loss).
-        max_epochs: total epochs (a resumed run continues up to this number).
-        patience: stop after this many epochs without improvement of ``monitor`` (``None``: never).
-        batch_size: per process.
         sample_weights: per-sample weights for class-balanced sampling with replacement (``None``: shuffle).
         samples_per_epoch: samples per epoch over all ranks (default: the dataset length).
-        steps_per_epoch: cap on optimiser steps per epoch (quick runs, tests).
-        max_steps: stop after this many optimiser steps in all, even inside an epoch; that last, partial epoch is
-            validated and checkpointed as finished (``None``: run ``max_epochs``). A resumed run with a larger
-            ``max_steps`` goes on with the next epoch.
-        checkpoint_every: also write ``checkpoints/last.pt`` every this many optimiser steps inside an epoch (not
-            validated); resuming from it continues that epoch at the next batch, as if never stopped (exact on CPU).
-        num_workers, collate_fn: passed to the ``DataLoader``.
-        device: ``auto`` / ``cpu`` / ``cuda`` / ``cuda:N``; under DDP on CUDA each rank uses ``cuda:LOCAL_RANK``.
+        collate_fn: passed to the ``DataLoader``.
         amp: mixed precision (float16 autocast + GradScaler), used only on CUDA.
         grad_clip: max gradient norm (``None``: no clipping).
         ema_decay: keep an exponential moving average of the weights and buffers (decay per optimiser step, e.g.
             0.99 = a window of about 100 steps) and validate, select and export it instead of the raw weights.
             Small datasets make the raw weights jump from epoch to epoch; the average is steadier. ``None``: off.
-        seed: run seed (data order, sampler, per-rank RNG).
         config: the resolved config (a dataclass or a mapping) written to ``run_dir/config.yaml`` on rank 0.
         epoch_callback: ``(epoch, model, run_dir)`` run on rank 0 after validation, e.g. to write sample PNGs.
         show_progress: ``None`` shows a progress bar on an interactive terminal.
@@ -415,27 +492,19 @@ class Trainer:
         *,
         train_data: Dataset,
         training_step: Callable[[nn.Module, Any], torch.Tensor],
+        loop: LoopConfig = LoopConfig(),
         validate: Callable[[nn.Module, torch.device], Mapping[str, float]] | None = None,
         optimizer_factory: OptimizerFactory | None = None,
         scheduler_factory: SchedulerFactory | None = None,
         scheduler_interval: Literal["epoch", "step"] = "epoch",
         monitor: str = "train_loss",
         mode: Literal["max", "min"] = "min",
-        max_epochs: int = 10,
-        patience: int | None = None,
-        batch_size: int = 16,
         sample_weights: Sequence[float] | None = None,
         samples_per_epoch: int | None = None,
-        steps_per_epoch: int | None = None,
-        max_steps: int | None = None,
-        checkpoint_every: int | None = None,
-        num_workers: int = 0,
         collate_fn: Callable[[list[Any]], Any] | None = None,
-        device: str = "auto",
         amp: bool = True,
         grad_clip: float | None = None,
         ema_decay: float | None = None,
-        seed: int = 0,
         config: Any = None,
         epoch_callback: Callable[[int, nn.Module, Path], None] | None = None,
         show_progress: bool | None = None,
@@ -444,11 +513,6 @@ class Trainer:
             raise ConfigError(f"mode must be 'max' or 'min', not {mode!r}")
         if scheduler_interval not in ("epoch", "step"):
             raise ConfigError(f"scheduler_interval must be 'epoch' or 'step', not {scheduler_interval!r}")
-        if max_epochs < 1 or batch_size < 1:
-            raise ConfigError(f"max_epochs and batch_size must be >= 1, not {max_epochs} and {batch_size}")
-        for name, value in (("max_steps", max_steps), ("checkpoint_every", checkpoint_every)):
-            if value is not None and value < 1:
-                raise ConfigError(f"{name} must be >= 1 or None, not {value}")
         if ema_decay is not None and not 0.0 < ema_decay < 1.0:
             raise ConfigError(f"ema_decay must be in (0, 1) or None, not {ema_decay}")
         if validate is None and monitor != "train_loss":
@@ -456,7 +520,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.ctx = distributed_context()
         self._owns_process_group = False
-        self.device = self._setup_device(device)
+        self.device = self._setup_device(loop.device)
         self.model = model.to(self.device)
         self.train_data = train_data
         self.training_step = training_step
@@ -468,22 +532,20 @@ class Trainer:
         self.scheduler_interval = scheduler_interval
         self.monitor = monitor
         self.mode = mode
-        self.max_epochs = max_epochs
-        self.patience = patience
-        self.batch_size = batch_size
+        self.loop = loop
+        self.max_epochs, self.patience, self.batch_size = loop.epochs, loop.patience, loop.batch_size
         self.sampler = EpochSampler(
             len(train_data),  # type: ignore[arg-type]
-            seed,
+            loop.seed,
             weights=sample_weights,
             num_samples=samples_per_epoch,
             world_size=self.ctx.world_size,
             rank=self.ctx.rank,
         )
-        self.steps_per_epoch = steps_per_epoch
-        self.max_steps = max_steps
-        self.checkpoint_every = checkpoint_every
+        self.steps_per_epoch, self.max_steps, self.checkpoint_every = (loop.steps_per_epoch, loop.max_steps,
+                                                                       loop.checkpoint_every)
         self.global_step = 0  # optimiser steps of the whole run, this process
-        self.num_workers = num_workers
+        self.num_workers = loop.num_workers
         self.collate_fn = collate_fn
         self.use_amp = bool(amp) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
@@ -493,7 +555,7 @@ class Trainer:
 
             # buffers too, so BatchNorm statistics match the averaged weights without an extra pass over the data
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
-        self.seed = seed
+        self.seed = loop.seed
         self.config = config
         self.epoch_callback = epoch_callback
         self.show_progress = show_progress
@@ -848,6 +910,28 @@ class Trainer:
         if failure is not None:
             raise failure
         return result
+
+    def run(self, describe: Callable[[FitResult], ModelExport], component: str = "model", *, resume: bool = False,
+            out_dir: str | os.PathLike | None = None) -> tuple[FitResult, ModelDir | None]:
+        """Fit, export the model directory and close, on every rank: what a training command does with its Trainer.
+
+        Args:
+            describe: ``fit -> ModelExport`` on rank 0 (see :meth:`export`); it may still use the trainer's device
+                and best weights.
+            component: component name of the best weights when ``describe`` gives no ``state_dicts``.
+            resume: continue from ``checkpoints/last.pt`` (see :meth:`fit`).
+            out_dir: the model directory (default ``run_dir/model``).
+
+        Returns:
+            ``(fit result, the written model directory on rank 0 or None elsewhere)``.
+        """
+        try:
+            fit = self.fit(resume=resume)
+            md = self.export(out_dir if out_dir is not None else self.run_dir / "model", lambda: describe(fit),
+                             component)
+            return fit, md
+        finally:
+            self.close()
 
     def close(self) -> None:
         """Tear down the process group if this trainer created it."""

@@ -42,9 +42,9 @@ from covidctnet.training.classifier import (
     class_weights,
     classifier_metrics,
     make_training_step,
-    predict_dataset,
     train_classifier,
 )
+from covidctnet.training.trainer import LoopConfig, predict_dataset
 
 REPO = Path(__file__).resolve().parents[2]
 DEPTH, SIZE = 34, 40  # the official CNN needs >= 34 voxels per axis; the BCDU-Net a size divisible by 8
@@ -183,14 +183,15 @@ def test_official_cnn_fits_the_three_shared_volumes(real_residual_dir, tmp_path)
     seed_everything(0)
     model = build_classifier("covidctnet3d", input_size=(FIT, FIT, FIT))  # official widths, smallest grid
     trainer = Trainer(model, tmp_path / "run", train_data=ds, training_step=make_training_step(),
-                      optimizer_factory=lambda p: torch.optim.Adam(p, lr=3e-4), max_epochs=3, batch_size=3,
-                      samples_per_epoch=36, device="cpu", seed=0)  # 12 steps of all three volumes per epoch
+                      optimizer_factory=lambda p: torch.optim.Adam(p, lr=3e-4),
+                      loop=LoopConfig(epochs=3, batch_size=3, device="cpu", seed=0),
+                      samples_per_epoch=36)  # 12 steps of all three volumes per epoch
     result = trainer.fit()
     losses = [row["train_loss"] for row in result.history]
     assert losses[0] > 0.7  # it starts near chance (ln 3 = 1.10)
     assert losses[-1] < 0.3 * losses[0]
     # eval mode (no dropout) on the volumes it was trained on: a check that the loop learns, not a result
-    m = classifier_metrics(ds.labels, predict_dataset(trainer.model, ds, "cpu"))
+    m = classifier_metrics(ds.labels, predict_dataset(trainer.model, ds, "cpu", batch_size=4))
     assert m["loss"] < 0.1 and m["accuracy"] == 1.0
 
 

@@ -23,7 +23,7 @@ from covidctnet.core.checkpoint import load_checkpoint
 from covidctnet.core.errors import CheckpointError, ConfigError
 from covidctnet.core.model_dir import load_model_dir
 from covidctnet.core.seeding import derive_seed, seed_everything
-from covidctnet.training.trainer import TIMING_COLUMNS, EpochSampler, ModelExport, Trainer
+from covidctnet.training.trainer import TIMING_COLUMNS, EpochSampler, LoopConfig, ModelExport, Trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,7 +57,8 @@ def _step(model, batch):
     return nn.functional.cross_entropy(model(x), y)
 
 
-def _make(run_dir: Path, max_epochs: int, step=_step, data=None, **kw) -> Trainer:
+def _make(run_dir: Path, max_epochs: int, step=_step, data=None, max_steps=None, checkpoint_every=None,
+          **kw) -> Trainer:
     seed_everything(0)
     data = data or _ToyData()
     val = _ToyData(32, seed=1)
@@ -72,8 +73,9 @@ def _make(run_dir: Path, max_epochs: int, step=_step, data=None, **kw) -> Traine
         _model(), run_dir, train_data=data, training_step=step, validate=validate,
         optimizer_factory=lambda p: torch.optim.Adam(p, lr=1e-2),
         scheduler_factory=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=4),
-        monitor="val_loss", mode="min", max_epochs=max_epochs, batch_size=8, device="cpu", seed=3,
-        config={"lr": 1e-2}, **kw,
+        monitor="val_loss", mode="min", config={"lr": 1e-2}, **kw,
+        loop=LoopConfig(epochs=max_epochs, batch_size=8, max_steps=max_steps, checkpoint_every=checkpoint_every,
+                        device="cpu", seed=3),
     )
 
 
@@ -244,14 +246,16 @@ def test_not_a_checkpoint(tmp_path):
 def test_wrong_architecture_is_refused(tmp_path):
     _make(tmp_path / "run", max_epochs=1).fit()
     seed_everything(0)
-    other = Trainer(nn.Linear(8, 2), tmp_path / "run", train_data=_ToyData(), training_step=_step, device="cpu")
+    other = Trainer(nn.Linear(8, 2), tmp_path / "run", train_data=_ToyData(), training_step=_step,
+                    loop=LoopConfig(device="cpu"))
     with pytest.raises(CheckpointError, match="do not fit this model"):
         other.fit(resume=True)
 
 
 def test_bad_monitor():
     with pytest.raises(ConfigError):
-        Trainer(nn.Linear(8, 2), "x", train_data=_ToyData(), training_step=_step, monitor="val_auc", device="cpu")
+        Trainer(nn.Linear(8, 2), "x", train_data=_ToyData(), training_step=_step, monitor="val_auc",
+                loop=LoopConfig(device="cpu"))
 
 
 def test_epoch_sampler_shards_and_balances():
@@ -276,14 +280,14 @@ _DDP_SCRIPT = textwrap.dedent(
     sys.path.insert(0, {tests!r})
     from test_trainer import _ToyData, _model, _step
     from covidctnet.core.seeding import seed_everything
-    from covidctnet.training.trainer import ModelExport, Trainer
+    from covidctnet.training.trainer import LoopConfig, ModelExport, Trainer
     torch.set_num_threads(1)
     run = Path(sys.argv[1])
     seed_everything(0)
     val = _ToyData(16, seed=1)
     trainer = Trainer(_model(), run, train_data=_ToyData(), training_step=_step,
                       validate=lambda m, d: {{"val_acc": float((m(val.x).argmax(1) == val.y).float().mean())}},
-                      monitor="val_acc", mode="max", max_epochs=2, batch_size=8, device="auto", seed=0)
+                      monitor="val_acc", mode="max", loop=LoopConfig(epochs=2, batch_size=8, device="auto", seed=0))
     assert trainer.ctx.world_size == 2 and torch.distributed.get_backend() == "gloo"
     assert len(trainer._loader(0)) == 4  # 64 samples / 2 ranks / batch 8
     result = trainer.fit()
