@@ -316,3 +316,20 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert torch.equal(w0, w1)  # DDP kept the replicas in sync
     assert (tmp_path / "model" / "model.safetensors").is_file()
     assert not list((tmp_path / "run" / "checkpoints").glob(".*tmp*"))  # no stray temp files
+
+
+def test_loop_config_of_a_training_config():
+    from covidctnet.training.classifier import ClassifierConfig
+    from covidctnet.training.denoiser import DenoiserConfig
+    from covidctnet.training.simclr import PretrainSliceConfig
+
+    loop = LoopConfig.of(ClassifierConfig(epochs=3, batch_size=2, workers=1, patience=None, device="cpu", seed=7,
+                                          max_steps=5, checkpoint_every=2, steps_per_epoch=4))
+    assert loop == LoopConfig(epochs=3, patience=None, batch_size=2, steps_per_epoch=4, max_steps=5,
+                              checkpoint_every=2, num_workers=1, device="cpu", seed=7)  # `workers` is num_workers
+    assert LoopConfig.of(DenoiserConfig(num_workers=2)).num_workers == 2
+    assert LoopConfig.of(PretrainSliceConfig()).patience is None  # a field the config lacks keeps the default
+    with pytest.raises(ConfigError, match="checkpoint_every"):
+        LoopConfig(checkpoint_every=0)
+    with pytest.raises(ConfigError, match="epochs and batch_size"):
+        LoopConfig(batch_size=0)
