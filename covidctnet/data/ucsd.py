@@ -327,7 +327,7 @@ def source_augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Mimic how a CT slice ends up as a paper figure: another display window, a border, a crop, JPEG and labels.
 
     The UCSD images are figure panels from many papers, and images of one paper resemble each other more than new
-    ones (issue 16), so this changes what differs between sources rather than the anatomy. Each step fires with
+    ones (``docs/implementation-notes.md``), so this changes what differs between sources rather than the anatomy. Each step fires with
     probability 0.5, in this order:
 
     * window / gamma: ``((x - lo) / (hi - lo)) ** gamma`` clipped to [0, 1], lo in [0, 0.2], hi in [0.8, 1],

@@ -12,10 +12,8 @@ made a graph OpenVINO could not compile), and they cost little.
 classifier): the residual maps must correlate ≥ :data:`GATE_MIN_CORRELATION` and no class probability may move by
 more than :data:`GATE_MAX_PROBABILITY_CHANGE`, or the export is refused and nothing is written. The figures go into
 ``onnx.json``. They are measured on the calibration scans (whole volumes; the calibration used a few slices of
-them); ``tests/inference/test_int8.py`` checks the gate on other scans than the calibration one.
-
-On the 2-core AMD EPYC (Zen 4, AVX512-VNNI) of ``docs/benchmarks.md``, OpenVINO ran the int8 width-32 denoiser at
-about 140 CPU ms per 240×240 slice, against about 190 in bf16 and 370 in fp32.
+them); ``tests/inference/test_int8.py`` checks the gate on other scans than the calibration one. Its speed against
+bf16 and fp32: ``docs/benchmarks.md`` and ``docs/implementation-notes.md``.
 """
 
 from __future__ import annotations

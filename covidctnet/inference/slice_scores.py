@@ -260,7 +260,8 @@ def _near_slices(z_grid: np.ndarray, z_orig: np.ndarray, dz: float) -> list[np.n
     return out
 
 
-def _fmt(value: float) -> str:
+def _csv_number(value: float) -> str:
+    """A slice-table cell: six significant digits, empty for NaN (no lung in the slice)."""
     return "" if not np.isfinite(value) else f"{value:.6g}"
 
 
@@ -275,7 +276,7 @@ def write_slices_csv(rows: Sequence[dict[str, Any]], path: str | os.PathLike) ->
     writer.writerow(columns)
     for row in rows:
         writer.writerow([row[c] if c in ("study_id", "slice", "evidence") else
-                         (f"{row[c]:.3f}" if c == "z_mm" else _fmt(row[c])) for c in columns])
+                         (f"{row[c]:.3f}" if c == "z_mm" else _csv_number(row[c])) for c in columns])
     atomic_write_text(Path(path), buf.getvalue())
 
 

@@ -384,10 +384,9 @@ def write_nifti(array: np.ndarray, affine: np.ndarray, path: str | os.PathLike) 
     A ``.nii.gz`` is compressed in parallel: the file is cut into one piece per core, each piece becomes its own gzip
     member (level 1, as nibabel; the compressor releases the GIL, so threads run at once), and the members are written
     one after the other. A gzip file of several members is standard (RFC 1952) and reads as one stream in nibabel,
-    ITK / SimpleITK, FSL and every zlib ``gzread`` reader. The compressor is Intel ISA-L's (``isal``) when installed:
-    on a 240×240×336 float32 volume (77 MB) it took 0.27 s against zlib's 1.87 s for the same size (64 MB), and
-    compressing was the largest single cost of a whole ``preprocess`` run. The members carry no time stamp, so equal
-    arrays give byte-identical files (for one compressor).
+    ITK / SimpleITK, FSL and every zlib ``gzread`` reader. The compressor is Intel ISA-L's (``isal``) when installed,
+    else zlib's (timings: ``docs/implementation-notes.md``). The members carry no time stamp, so equal arrays give
+    byte-identical files (for one compressor).
     """
     import nibabel as nib
 

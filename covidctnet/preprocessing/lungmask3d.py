@@ -4,7 +4,7 @@ Used to score residuals inside the lungs (``covidctnet slice-scores``), to outli
 (``predict --save-residuals``) and for the chest-coverage check (a scan with too little lung is refused).
 
 Steps, on the volume reoriented to RAS and averaged in-plane to about ``work_pixel_mm`` (2.5 mm by default: the mask
-only has to be right to a few mm; a 512×512×150 scan then takes about 2–6 s on one core):
+only has to be right to a few mm; its cost: ``docs/implementation-notes.md``):
 
 1. air candidates: ``HU < air_hu_max`` (−320 HU, the classical lung threshold; ground glass, about −600 HU, is in);
 2. airway and gas bubbles: per axial slice, small components (< ``airway_max_area_cm2``) whose mean HU is below

@@ -8,8 +8,8 @@ CovidCTNet trains its BCDU-Net denoiser on control slices with Perlin noise adde
     noisy = cv2.addWeighted(slice, 1, world, 1, 0)   # slice + world, no clipping
 
 with ``scale = randint(10, 30)``; the first half of the slices is noised, the second half stays clean.
-That per-pixel loop costs about 50 ms per 240x240 slice. :func:`perlin_noise_2d` computes the same values
-(to float32 rounding, about 1e-6) without a per-pixel loop:
+That loop calls ``pnoise2`` once per pixel (its cost: ``docs/benchmarks.md``). :func:`perlin_noise_2d` computes the
+same values (to float32 rounding, about 1e-6) without a per-pixel loop:
 
 * The lattice cell, fractional part and fade of every row and every column are computed once per octave
   (``pnoise2``'s ``fmodf``/``floorf``/fade work is separable).

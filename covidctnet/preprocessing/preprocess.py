@@ -150,13 +150,11 @@ def linear_resize(array: np.ndarray, shape: Sequence[int], chunk: int = 16) -> n
     The same mapping as ``torch.nn.functional.interpolate(mode="trilinear", align_corners=False)`` and MONAI's
     ``Resize`` (output voxel ``i`` samples input position ``(i + 0.5) · n_in / n_out − 0.5``, clamped to the edge
     voxels); trilinear interpolation is separable, so three 1-D passes give the same values. Done in NumPy so that
-    preprocessing needs neither torch nor MONAI: their import took about half of a whole ``covidctnet preprocess``
-    run (4 of 9 s on a 154-slice series).
+    preprocessing needs neither torch nor MONAI (their import cost: ``docs/implementation-notes.md``).
 
     Each pass is a matrix product with a two-tap weight matrix (BLAS), taken in the array's memory order: the two
-    inner (contiguous) axes of ``chunk`` outer planes at a time, then the outer axis on the reduced array. Gathering
-    voxels along a transposed view instead (``np.take``) took 1.6 s for a 512×512×168 DICOM stack, this 0.26 s, and
-    no full-size temporary is made.
+    inner (contiguous) axes of ``chunk`` outer planes at a time, then the outer axis on the reduced array, so no
+    full-size temporary is made (why not a gather along a transposed view: ``docs/implementation-notes.md``).
 
     Args:
         array: (X, Y, Z), any real dtype and memory layout (a transposed view of a DICOM stack is not copied).
@@ -368,7 +366,9 @@ def preprocess_official(volume: Volume, cfg: PreprocessConfig) -> tuple[np.ndarr
 PREPROCESS_COLUMNS = ("input_shape", "input_spacing_mm", "output_shape", "output_spacing_mm", "checks")
 
 
-def _fmt(values: Any, digits: int = 4) -> str:
+def _dims_text(values: Any, digits: int = 4) -> str:
+    """``64x64x50`` / ``0.7812x0.7812x5``: a shape or spacing for logs and the manifest (floats to ``digits``
+    significant digits)."""
     return "x".join(f"{float(v):.{digits}g}" if isinstance(v, float) else str(v) for v in values)
 
 
@@ -385,14 +385,15 @@ def preprocess_study(study: Any, out_dir: Path, cfg: PreprocessConfig, series_ui
     write_nifti(array, affine, Path(out_dir) / name)
     out_spacing = np.linalg.norm(affine[:3, :3], axis=0)
     logger.info(
-        "%s: %s voxels of %s mm -> %s", study.study_id, _fmt(volume.shape), _fmt(volume.spacing), _fmt(array.shape)
+        "%s: %s voxels of %s mm -> %s", study.study_id, _dims_text(volume.shape), _dims_text(volume.spacing),
+        _dims_text(array.shape),
     )
     return {
         "output": name,
-        "input_shape": _fmt(volume.shape),
-        "input_spacing_mm": _fmt(volume.spacing),
-        "output_shape": _fmt(array.shape),
-        "output_spacing_mm": _fmt(tuple(float(s) for s in out_spacing)),
+        "input_shape": _dims_text(volume.shape),
+        "input_spacing_mm": _dims_text(volume.spacing),
+        "output_shape": _dims_text(array.shape),
+        "output_spacing_mm": _dims_text(tuple(float(s) for s in out_spacing)),
         "checks": " ".join(passed),
     }
 

@@ -317,7 +317,8 @@ def _write_val_outputs(run_dir: Path, records: Sequence[Any], probs: np.ndarray,
     plot_confusion(run_dir / "confusion.png", cm, CLASS_NAMES, title=f"Validation (n={len(y)}), argmax")
 
 
-def _fmt(x: float) -> str:
+def _metric_text(x: float) -> str:
+    """A validation metric with three decimals for logs and the model card; ``n/a`` when undefined."""
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.3f}"
 
 
@@ -329,7 +330,7 @@ def _card(cfg: ClassifierConfig, data: PreparedData, residuals_dir: str, command
         + " | ".join(str(counts[s][c]) for c in CLASS_NAMES) + " |"
         for s in ("train", "val", "test")
     )
-    per_class = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics["auc_per_class"].items())
+    per_class = ", ".join(f"{k} {_metric_text(v)}" for k, v in metrics["auc_per_class"].items())
     if denoiser is not None:
         den_text = (f"The BCDU-Net denoiser that made the residuals ({denoiser}) is bundled as component `denoiser`, "
                     "with its preprocessing (`preprocess` in config.yaml), so `covidctnet predict --model THIS_DIR` "
@@ -344,8 +345,8 @@ def _card(cfg: ClassifierConfig, data: PreparedData, residuals_dir: str, command
     if metrics["n"]:
         validation = f"""## Validation figures (used for model selection: optimistic, not a test result)
 n = {metrics['n']} studies, classes present: {', '.join(metrics['classes_present'])}.
-Macro one-vs-rest AUC {_fmt(metrics['auc'])} (per class: {per_class}); accuracy (argmax) {_fmt(metrics['accuracy'])};
-cross-entropy {_fmt(metrics['loss'])}. See `val_metrics.json`; ROC and confusion matrix PNGs are in the run folder."""
+Macro one-vs-rest AUC {_metric_text(metrics['auc'])} (per class: {per_class}); accuracy (argmax) {_metric_text(metrics['accuracy'])};
+cross-entropy {_metric_text(metrics['loss'])}. See `val_metrics.json`; ROC and confusion matrix PNGs are in the run folder."""
     else:
         validation = """## Validation figures
 **None.** This run had no validation set (`val_fraction: 0`): every study was used for training, so nothing here
@@ -617,7 +618,7 @@ def _finish(trainer: Any, result: Any, cfg: ClassifierConfig, data: PreparedData
     if data.val:
         _write_val_outputs(run_dir, data.val, probs, metrics)
     logger.info("best epoch %d (%s): validation macro AUC %s, accuracy %s, loss %s (n=%d, classes %s)",
-                result.best_epoch, monitor, _fmt(metrics["auc"]), _fmt(metrics["accuracy"]), _fmt(metrics["loss"]),
+                result.best_epoch, monitor, _metric_text(metrics["auc"]), _metric_text(metrics["accuracy"]), _metric_text(metrics["loss"]),
                 metrics["n"], metrics["classes_present"])
     paired, note = _paired_denoiser(info, cfg)
     components: dict[str, Any] = {"classifier": dict(best.spec)}

@@ -265,7 +265,7 @@ def _save_sample_png(path: Path, rows: Sequence[tuple[str, np.ndarray, np.ndarra
 
 def _model_card(cfg: DenoiserConfig, data_dir: Path, split: dict[str, Any], val: Mapping[str, float],
                 best_epoch: int, epochs_run: int, size_xy: int, preprocess: Mapping[str, Any], command: str) -> str:
-    def fmt(key: str, digits: int = 2) -> str:
+    def val_text(key: str, digits: int = 2) -> str:
         value = val.get(key)
         return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
 
@@ -304,11 +304,11 @@ Loss {cfg.loss}, Adam lr {cfg.lr}, batch {cfg.batch_size}, {epochs_run} epochs r
 ## Validation (held-out control slices, each with one fixed Perlin noise draw)
 | metric | denoised vs clean | noisy input vs clean (baseline) |
 |---|---|---|
-| PSNR (dB) | {fmt('val_psnr')} | {fmt('val_psnr_noisy')} |
-| SSIM | {fmt('val_ssim', 4)} | {fmt('val_ssim_noisy', 4)} |
+| PSNR (dB) | {val_text('val_psnr')} | {val_text('val_psnr_noisy')} |
+| SSIM | {val_text('val_ssim', 4)} | {val_text('val_ssim_noisy', 4)} |
 
-Clean held-out slice through the denoiser vs itself: PSNR {fmt('val_psnr_clean')} dB (how faithfully healthy
-anatomy is reproduced). Validation loss ({cfg.loss}): {fmt('val_loss', 4)}.
+Clean held-out slice through the denoiser vs itself: PSNR {val_text('val_psnr_clean')} dB (how faithfully healthy
+anatomy is reproduced). Validation loss ({cfg.loss}): {val_text('val_loss', 4)}.
 
 These figures come from {split['n_val_slices']} slices of {len(split['val_ids'])} study(ies); they describe this
 small validation set only, not performance on other scanners or populations.
