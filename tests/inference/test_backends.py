@@ -222,3 +222,16 @@ def test_predict_cli_default_records_the_backend_used(tiny_model, dicom_dirs, tm
     for c in CLASS_NAMES:
         assert reports["auto"]["studies"][0][f"p_{c}"] == pytest.approx(reports["torch"]["studies"][0][f"p_{c}"],
                                                                         abs=1e-5)
+
+
+def test_backend_and_precision_values_are_checked():
+    assert backends.check_backend("openvino") == "openvino"
+    with pytest.raises(ConfigError, match=r"'backend' must be one of .*not 'tensorrt'"):
+        backends.check_backend("tensorrt")
+    assert backends.check_precision("onnx", "int8") == "int8"
+    with pytest.raises(ConfigError, match="bf16 is for the torch and openvino backends"):
+        backends.check_precision("onnx", "bf16")
+    with pytest.raises(ConfigError, match="int8 runs the int8 denoiser"):
+        backends.check_precision("torch", "int8")
+    with pytest.raises(ConfigError, match="'backend' must be one of"):
+        backends.check_precision("tensorrt", "fp32")
