@@ -41,7 +41,7 @@ from covidctnet.core.model_card import card_metadata, split_front_matter, with_f
 
 __all__ = ["ComponentEntry", "ModelDirConfig", "ModelDir", "save_model_dir", "load_model_dir", "dir_stamp",
            "CONFIG_NAME", "CARD_NAME", "SUMS_NAME", "TASKS", "portable_paths", "absolute_paths", "TEXT_SUFFIXES",
-           "update_model_config"]
+           "update_model_config", "classifier_grid"]
 
 CONFIG_NAME = "config.yaml"
 CARD_NAME = "MODEL_CARD.md"
@@ -226,7 +226,18 @@ class ModelDir:
         return comps[name]
 
     def weights_sha256(self, name: str) -> str:
+        """sha256 of one component's weights file, as ``SHA256SUMS`` records it."""
         return self.sha256[self.component(name)["weights"]]
+
+    @property
+    def sums_sha256(self) -> str:
+        """sha256 of ``SHA256SUMS``: the model's identity (it covers ``config.yaml`` and every weights file), what
+        ``predict``, ``predict-slice`` and the exports record as ``weights_sha256``."""
+        return sha256_file(self.path / SUMS_NAME)
+
+    def classifier_grid(self) -> tuple[int, int, int]:
+        """The classifier's input grid ``(depth, height, width)`` in voxels (see :func:`classifier_grid`)."""
+        return classifier_grid(self.config, self.path)
 
     def state_dict(self, name: str) -> dict[str, Any]:
         """Read one component's weights (safetensors) as a dict of CPU tensors, after checking its hash."""
@@ -247,6 +258,32 @@ class ModelDir:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
             raise ModelDirError(f"{path}: cannot read safetensors weights: {err}") from err
+
+
+def classifier_grid(config: Mapping[str, Any], where: Any = CONFIG_NAME) -> tuple[int, int, int]:
+    """The classifier's input grid ``(depth, height, width)`` in voxels from a model directory's config.
+
+    The official CNN records it as its ``input_size`` kwarg; MONAI networks (global pooling) may not, and then the
+    config's ``input`` (``depth``, ``size_xy``) gives it.
+
+    Args:
+        config: ``config.yaml`` as a mapping.
+        where: the directory or file, for the message.
+
+    Raises:
+        ModelDirError: no classifier component, or neither records a 3-axis grid.
+    """
+    entry = (config.get("components") or {}).get("classifier")
+    if entry is None:
+        raise ModelDirError(f"{where}: no classifier component in {CONFIG_NAME}")
+    size = (entry.get("kwargs") or {}).get("input_size")
+    grid = config.get("input") or {}
+    if not size and "depth" in grid and "size_xy" in grid:
+        size = (grid["depth"], grid["size_xy"], grid["size_xy"])
+    if not size or len(size) != 3:
+        raise ModelDirError(f"{where}: the classifier's input_size (depth, height, width) is not recorded")
+    depth, height, width = (int(s) for s in size)
+    return depth, height, width
 
 
 def absolute_paths(value: Any) -> list[str]:

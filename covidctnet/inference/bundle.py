@@ -52,6 +52,7 @@ from covidctnet.core.model_dir import (
     SUMS_NAME,
     TEXT_SUFFIXES,
     absolute_paths,
+    classifier_grid,
     load_model_dir,
     portable_paths,
 )
@@ -194,8 +195,7 @@ def _network_formats(task: str, config: dict[str, Any]) -> dict[str, Any]:
                                                  enumerate(config.get("class_names") or BINARY_CLASS_NAMES)}}},
         }}
     pre = config.get("preprocess") or {}
-    size = int(pre.get("size_xy", 128))
-    depth = int((config.get("input") or {}).get("depth", 50))
+    depth, size, _ = classifier_grid(config)  # the grid the directory records (predict checked it agrees)
     probs = {"type": "probabilities", "format": "classes", "num_channels": len(CLASS_NAMES), "spatial_shape": [1],
              "dtype": "float32", "value_range": [0, 1],
              "channel_def": {str(i): c for i, c in enumerate(config.get("class_names") or CLASS_NAMES)}}

@@ -124,10 +124,7 @@ def _torch_components(model_dir: Path) -> tuple[Any, dict[str, tuple[Any, tuple[
     if "classifier" not in comps:  # a denoiser model directory (train-denoiser; slice-scores and residuals use it)
         return md, modules
     classifier = load_classifier(md, device="cpu")
-    input_size = (md.component("classifier").get("kwargs") or {}).get("input_size")
-    if not input_size or len(input_size) != 3:
-        raise ModelDirError(f"{md.path}: the classifier's input_size (depth, height, width) is not recorded")
-    return md, {**modules, "classifier": (classifier, (1, 1, *(int(s) for s in input_size)), "normal")}
+    return md, {**modules, "classifier": (classifier, (1, 1, *md.classifier_grid()), "normal")}
 
 
 def _random_batch(shape: tuple[int, ...], batch: int, kind: str, seed: int) -> torch.Tensor:
@@ -237,7 +234,7 @@ def export_onnx(
             "format": "covidctnet-onnx",
             "version": 1,
             "source": str(md.path),
-            "source_sums_sha256": hashlib.sha256((md.path / "SHA256SUMS").read_bytes()).hexdigest(),
+            "source_sums_sha256": md.sums_sha256,
             "opset": opset,
             "exporter": exporter_version(opset),
             "tolerance": tolerance,
@@ -399,7 +396,7 @@ def load_onnx_manifest(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
         manifest = json.loads(mpath.read_text())
     except json.JSONDecodeError as err:
         raise ModelDirError(f"{mpath}: not valid JSON: {err}") from err
-    sums = hashlib.sha256((md.path / "SHA256SUMS").read_bytes()).hexdigest()
+    sums = md.sums_sha256
     if manifest.get("source_sums_sha256") != sums:
         raise ModelDirError(f"{mpath}: made for another SHA256SUMS than the one in {md.path}; export again")
     return md, manifest

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from covidctnet.core.errors import ConfigError, CovidCTNetError, InputError, ModelDirError
-from covidctnet.core.files import atomic_path, sha256_file, write_csv
+from covidctnet.core.files import atomic_path, write_csv
 from covidctnet.core.labels import BINARY_CLASS_NAMES
 from covidctnet.core.progress import progress
 from covidctnet.data.ucsd import (
@@ -217,7 +217,7 @@ def _open_slice_model(
         )
     opened = open_model(model_dir or DEFAULT_SLICE_MODEL, backend, device)
     model, config = opened.slice_model()
-    return model, config, sha256_file(opened.md.path / "SHA256SUMS")
+    return model, config, opened.md.sums_sha256
 
 
 def _network_input(config: dict, arr: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:

@@ -13,6 +13,7 @@ from covidctnet.core.files import sha256_file
 from covidctnet.core.model_dir import (
     ComponentEntry,
     ModelDirConfig,
+    classifier_grid,
     load_model_dir,
     save_model_dir,
     update_model_config,
@@ -124,3 +125,18 @@ def test_update_model_config_rewrites_config_and_its_hash_only(tmp_path, monkeyp
     (m / "model.safetensors").write_bytes(b"changed")
     with pytest.raises(ModelDirError, match="does not match SHA256SUMS"):
         update_model_config(m, {"threshold": 0.3})
+
+
+def test_classifier_grid_from_input_size_or_the_input_block(tmp_path):
+    conv = {"components": {"classifier": {"arch": "covidctnet3d", "kwargs": {"input_size": [36, 64, 64]}}},
+            "input": {"depth": 50, "size_xy": 128}}
+    assert classifier_grid(conv) == (36, 64, 64)  # the network's own record wins
+    monai = {"components": {"classifier": {"arch": "resnet10", "kwargs": {}}}, "input": {"depth": 40, "size_xy": 96}}
+    assert classifier_grid(monai) == (40, 96, 96)
+    with pytest.raises(ModelDirError, match="input_size .* is not recorded"):
+        classifier_grid({"components": {"classifier": {"arch": "resnet10"}}}, "m")
+    with pytest.raises(ModelDirError, match="no classifier component"):
+        classifier_grid({"components": {}}, "m")
+    md = load_model_dir(DEMO_MODEL)
+    assert md.classifier_grid() == classifier_grid(md.config, md.path)
+    assert md.sums_sha256 == sha256_file(DEMO_MODEL / "SHA256SUMS")

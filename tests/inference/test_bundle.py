@@ -19,7 +19,7 @@ from covidctnet.cli import cli
 from covidctnet.core.errors import ConfigError, ModelDirError
 from covidctnet.core.files import sha256_file
 from covidctnet.core.model_card import split_front_matter
-from covidctnet.core.model_dir import TEXT_SUFFIXES, absolute_paths, load_model_dir
+from covidctnet.core.model_dir import TEXT_SUFFIXES, absolute_paths, load_model_dir, update_model_config
 from covidctnet.inference.bundle import SCHEMA_FILE, SCHEMA_MD5, export_bundle, verify_bundle
 from covidctnet.inference.predict import DEMO_SCAN
 from covidctnet.models.registry import ASSETS, DEFAULT_SLICE_MODEL, DEMO_MODEL
@@ -143,3 +143,13 @@ def test_no_shipped_config_names_an_absolute_path():
     found = {**{f"assets/{k}": v for k, v in _shipped_text(ASSETS).items()},
              **{f"configs/{k}": v for k, v in _shipped_text(REPO / "configs").items()}}
     assert found == {}
+
+
+def test_a_non_default_grid_is_described_as_recorded(tmp_path):
+    model = tiny_predict_model(tmp_path / "m", size=40, depth=36)  # neither the official 128 nor 50
+    # the grid recorded by the network only (input_size), as a Keras import or an older directory records it
+    update_model_config(model, {"input": {"size_xy": 40}})
+    export_bundle(model, tmp_path / "bundle")
+    meta = json.loads((tmp_path / "bundle" / "configs" / "metadata.json").read_text())
+    assert meta["classifier_data_format"]["inputs"]["image"]["spatial_shape"] == [36, 40, 40]
+    assert meta["denoiser_data_format"]["inputs"]["image"]["spatial_shape"] == [40, 40]
