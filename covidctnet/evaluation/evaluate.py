@@ -355,12 +355,8 @@ def _write_plots(
             band_label=f"{100 * cfg.ci_level:g}% pointwise CI (bootstrap)" if band else None,
         )
         images["roc_2class"] = "roc_2class.png"
-    plot_confusion(
-        out_dir / "confusion_2class.png",
-        two["confusion_matrix"]["matrix"],
-        two["confusion_matrix"]["labels"],
-        title="COVID-19 vs rest",
-    )
+    cm = two["confusion_matrix"]
+    plot_confusion(out_dir / "confusion_2class.png", cm["matrix"], cm["labels"], title="COVID-19 vs rest")
     images["confusion_2class"] = "confusion_2class.png"
     three = result.get("three_class")
     if three is not None and predictions.probs is not None:
@@ -374,12 +370,8 @@ def _write_plots(
         if curves:
             plot_roc(out_dir / "roc_3class.png", curves, title="ROC, one vs rest (3-class)")
             images["roc_3class"] = "roc_3class.png"
-        plot_confusion(
-            out_dir / "confusion_3class.png",
-            three["confusion_matrix"]["matrix"],
-            three["confusion_matrix"]["labels"],
-            title="Control / COVID-19 / CAP",
-        )
+        cm = three["confusion_matrix"]
+        plot_confusion(out_dir / "confusion_3class.png", cm["matrix"], cm["labels"], title="Control / COVID-19 / CAP")
         images["confusion_3class"] = "confusion_3class.png"
     return images
 

@@ -334,6 +334,23 @@ def _mcnemar_fields(m_correct: np.ndarray, o_correct: np.ndarray, view: str) -> 
     }
 
 
+def _sign_flip_fields(m_correct: np.ndarray, readers_correct: Sequence[np.ndarray], view: str) -> dict[str, Any]:
+    """The exact paired sign-flip test of the model's (N,) correctness against the mean of R readers' (N,)
+    correctness, as the ``*_<view>`` fields of a ``tests.csv`` row.
+
+    The per-case difference is scaled by R to integers; with R = 1 the test is the exact McNemar test.
+    """
+    n_readers = len(readers_correct)
+    d = n_readers * m_correct.astype(int) - np.sum(readers_correct, axis=0)
+    return {
+        f"test_{view}": "exact paired sign-flip test",
+        f"b_{view}": None,
+        f"c_{view}": None,
+        f"p_{view}": sign_flip_test(d),
+        f"accuracy_difference_{view}": float(d.mean() / n_readers),
+    }
+
+
 def _average_reader_test(
     model: _Rater, readers: Sequence[_Rater], y: np.ndarray, truth3: np.ndarray | None, m_correct3: np.ndarray | None
 ) -> dict[str, Any]:
@@ -341,29 +358,13 @@ def _average_reader_test(
     y_int = y.astype(int)
     both_classes = 0 < y.sum() < y.size
     m_correct2 = model.call == y
-    # average reader: per-case difference of correctness between the model and the mean reader, scaled by R to
-    # integers; the exact sign-flip test reduces to the exact McNemar test when R = 1.
     R = len(readers)
     row: dict[str, Any] = {
         "comparison": "model vs average reader", "other": "Reader average", "other_type": "reader average"
     }
-    d2 = R * m_correct2.astype(int) - np.sum([r.call == y for r in readers], axis=0)
-    row.update(
-        test_2class="exact paired sign-flip test",
-        b_2class=None,
-        c_2class=None,
-        p_2class=sign_flip_test(d2),
-        accuracy_difference_2class=float(d2.mean() / R),
-    )
+    row.update(_sign_flip_fields(m_correct2, [r.call == y for r in readers], "2class"))
     if m_correct3 is not None and all(r.labels3 is not None for r in readers):
-        d3 = R * m_correct3.astype(int) - np.sum([r.labels3 == truth3 for r in readers], axis=0)
-        row.update(
-            test_3class="exact paired sign-flip test",
-            b_3class=None,
-            c_3class=None,
-            p_3class=sign_flip_test(d3),
-            accuracy_difference_3class=float(d3.mean() / R),
-        )
+        row.update(_sign_flip_fields(m_correct3, [r.labels3 == truth3 for r in readers], "3class"))
     else:
         row.update(test_3class="n/a (no 3-class labels)", b_3class=None, c_3class=None, p_3class=None)
     if model.score is not None and all(r.score is not None for r in readers) and both_classes:
