@@ -56,6 +56,7 @@ __all__ = [
     "Arch",
     "check_common_settings",
     "train_slice",
+    "slice_training_step",
     "slice_metrics",
     "youden_threshold",
     "slice_datasets",
@@ -430,6 +431,12 @@ def slice_model_config(cfg: SliceTrainConfig, name: str) -> dict[str, Any]:
     }
 
 
+def slice_training_step(net: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+    """The slice models' loss: cross-entropy of the logits of ``batch["image"]`` (B, C, S, S) against
+    ``batch["label"]`` (B,) class indices."""
+    return nn.functional.cross_entropy(net(batch["image"]), batch["label"])
+
+
 def train_slice(
     data: str | os.PathLike,
     run_dir: str | os.PathLike,
@@ -458,9 +465,6 @@ def train_slice(
     init_info = init_slice_weights(model, cfg.init, cfg) if cfg.init and not resume else None
     train, val = slice_datasets(data, cfg, train_aug=True)
 
-    def training_step(net: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        return nn.functional.cross_entropy(net(batch["image"]), batch["label"])
-
     def validate(net: nn.Module, device: torch.device) -> dict[str, float]:
         probs = predict_dataset(net, val, device)
         m = slice_metrics(val.labels, probs[:, 1], cfg.threshold)
@@ -472,7 +476,7 @@ def train_slice(
         model,
         run_dir,
         train_data=train,
-        training_step=training_step,
+        training_step=slice_training_step,
         loop=LoopConfig.of(cfg),
         validate=validate,
         optimizer_factory=lambda p: torch.optim.Adam(p, lr=cfg.lr, weight_decay=cfg.weight_decay),

@@ -64,6 +64,7 @@ from covidctnet.training.slice import (
     recorded_cam_scale,
     slice_model_config,
     slice_model_kwargs,
+    slice_training_step,
     youden_threshold,
 )
 from covidctnet.training.trainer import LoopConfig, Trainer, predict_dataset
@@ -313,15 +314,12 @@ def _train_fold(cache: list[np.ndarray], records: list[SliceRecord], train_idx: 
     if cfg.init:
         init_slice_weights(model, cfg.init, cfg)
 
-    def training_step(net: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        return nn.functional.cross_entropy(net(batch["image"]), batch["label"])
-
     def watch(net: nn.Module, device: torch.device) -> dict[str, float]:
         # logged to show how training went; never used to choose anything (the last epoch is kept)
         return {"heldout_auc": _auc(held.labels, predict_dataset(net, held, device)[:, 1])}
 
     trainer = Trainer(
-        model, fold_dir, train_data=train, training_step=training_step, validate=watch,
+        model, fold_dir, train_data=train, training_step=slice_training_step, validate=watch,
         loop=dataclasses.replace(LoopConfig.of(cfg), patience=None),  # a fold model runs every epoch; the last is kept
         optimizer_factory=lambda p: torch.optim.Adam(p, lr=cfg.lr, weight_decay=cfg.weight_decay),
         scheduler_factory=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=cfg.epochs, eta_min=cfg.min_lr),

@@ -808,13 +808,7 @@ class Trainer:
             np.random.seed(derive_seed(self.seed, self.ctx.rank, 3) % 2**32)
             torch.manual_seed(derive_seed(self.seed, self.ctx.rank, 4))
         if self.ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            # a run killed during a checkpoint, metrics, sample or model write left a hidden temp file or folder;
-            # the real files are whole (atomic renames), so the leftovers are only clutter: remove them
-            folders = [self.run_dir, *(d for d in self.run_dir.iterdir() if d.is_dir() and not d.name.startswith("."))]
-            for stale in (p for folder in folders for p in remove_stale_temps(folder)):
-                logger.info("removed %s, left by an interrupted write", stale)
-            self._save_config()
+            self._prepare_run_dir()
         stopped_early = False
         if self.patience is not None and bad_epochs > self.patience:
             stopped_early = True
@@ -858,6 +852,16 @@ class Trainer:
                                 bad_epochs)
             epoch += 1
         return FitResult(best_metric, best_epoch, len(history), stopped_early, history, self.run_dir)
+
+    def _prepare_run_dir(self) -> None:
+        """Rank 0 before the first epoch: create the run folder, clear what interrupted writes left, save the config."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # a run killed during a checkpoint, metrics, sample or model write left a hidden temp file or folder;
+        # the real files are whole (atomic renames), so the leftovers are only clutter: remove them
+        folders = [self.run_dir, *(d for d in self.run_dir.iterdir() if d.is_dir() and not d.name.startswith("."))]
+        for stale in (p for folder in folders for p in remove_stale_temps(folder)):
+            logger.info("removed %s, left by an interrupted write", stale)
+        self._save_config()
 
     def _steps_done(self) -> bool:
         return self.max_steps is not None and self.global_step >= self.max_steps
