@@ -8,6 +8,8 @@ The files (see ``docs/evaluation.md``):
 * ``preds.csv`` from ``predict-slice``: ``file, p_covid, predicted`` with ``predicted`` in {covid, noncovid}, and
   ``status, error, model, weights_sha256, threshold``; the file's ``threshold`` is the decision threshold unless one is
   given.
+* a reader CSV ``case_id,label[,score]`` (reader-study: one per radiologist; ``score`` = the reader's confidence
+  that the case is COVID-19, higher = more likely, any scale);
 * a labels CSV ``study_id,label``, ``case_id,label`` or ``file,label`` (UCSD-style: image paths or names) with 3-class
   labels (control / covid / cap and their aliases) or 2-class labels (covid / noncovid). File ids are matched to the
   ``file`` column of ``preds.csv`` by path relative to a common folder, then by file name with or without its
@@ -49,6 +51,8 @@ __all__ = [
     "read_csv_rows",
     "read_predictions",
     "read_truth",
+    "ReaderReads",
+    "read_reader_csv",
     "match_case_ids",
     "effective_threshold",
     "decide",
@@ -362,6 +366,61 @@ def read_truth(path: str | os.PathLike) -> dict[str, str]:
         first[name] = line
         labels[name] = normalize_any_label(row["label"], f"{path}: row {line}")
     return labels
+
+
+@dataclass(frozen=True)
+class ReaderReads:
+    """One reader's reads.
+
+    Attributes:
+        name: display name (the file stem unless given).
+        path: the CSV.
+        labels: ``{case id: label}``, labels in {control, covid, cap} or {covid, noncovid}.
+        scores: ``{case id: COVID-19 confidence}`` when the CSV has a ``score`` column, else ``None``.
+    """
+
+    name: str
+    path: Path
+    labels: dict[str, str]
+    scores: dict[str, float] | None
+
+
+def read_reader_csv(path: str | os.PathLike, name: str | None = None) -> ReaderReads:
+    """Read a reader CSV: ``case_id,label[,score]`` (``study_id`` is accepted for ``case_id``).
+
+    Raises:
+        InputError: empty file, missing column, empty or non-numeric score.
+        LabelError: empty or duplicated case id, unknown class name.
+    """
+    path = Path(path)
+    header, rows = read_csv_rows(path, "reader CSV")
+    id_column = "case_id" if "case_id" in header else ("study_id" if "study_id" in header else None)
+    missing = [c for c, ok in (("case_id", id_column is not None), ("label", "label" in header)) if not ok]
+    if missing:
+        raise InputError(f"{path}: missing column(s) {missing}; a reader CSV has 'case_id,label[,score]'")
+    assert id_column is not None
+    has_score = "score" in header
+    labels: dict[str, str] = {}
+    scores: dict[str, float] = {}
+    for line, row in rows:
+        cid = row[id_column]
+        if not cid:
+            raise LabelError(f"{path}: row {line}: empty {id_column}")
+        if cid in labels:
+            raise LabelError(f"{path}: row {line}: duplicated {id_column} {cid!r}")
+        labels[cid] = normalize_any_label(row["label"], f"{path}: row {line}")
+        if has_score:
+            raw = row["score"]
+            try:
+                value = float(raw)
+            except ValueError:
+                raise InputError(
+                    f"{path}: row {line}: score {raw!r} is not a number; give a score on every row or drop the column"
+                ) from None
+            if not math.isfinite(value):
+                raise InputError(f"{path}: row {line}: score {raw!r} is not a finite number")
+            scores[cid] = value
+    return ReaderReads(name or path.stem, path, labels, scores if has_score else None)
 
 
 # Extensions stripped to match a file name "without extension". Only these: a UCSD name such as

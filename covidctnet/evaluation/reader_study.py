@@ -31,19 +31,20 @@ from typing import Any
 import numpy as np
 
 from covidctnet.core.config import config_to_dict, save_config
-from covidctnet.core.errors import ConfigError, InputError, LabelError
+from covidctnet.core.errors import ConfigError, InputError
 from covidctnet.core.files import atomic_write_text, sha256_file, to_jsonable, write_csv
-from covidctnet.core.labels import CLASS_NAMES, normalize_any_label
+from covidctnet.core.labels import CLASS_NAMES
 from covidctnet.evaluation.inputs import (
     POSITIVE_CLASS,
     Predictions,
+    ReaderReads,
     check_eval_settings,
     decide,
     decision_rule,
     listed,
     match_case_ids,
-    read_csv_rows,
     read_predictions,
+    read_reader_csv,
     read_truth,
 )
 from covidctnet.evaluation.plots import OperatingPoint, RocCurve, plot_roc
@@ -66,7 +67,7 @@ from covidctnet.evaluation.stats import (
     undefined_auc,
 )
 
-__all__ = ["ReaderStudyConfig", "ReaderReads", "read_reader_csv", "majority_vote", "run_reader_study"]
+__all__ = ["ReaderStudyConfig", "majority_vote", "run_reader_study"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,61 +97,6 @@ class ReaderStudyConfig:
 
     def __post_init__(self) -> None:
         check_eval_settings(self)
-
-
-@dataclass(frozen=True)
-class ReaderReads:
-    """One reader's reads.
-
-    Attributes:
-        name: display name (the file stem unless given).
-        path: the CSV.
-        labels: ``{case id: label}``, labels in {control, covid, cap} or {covid, noncovid}.
-        scores: ``{case id: COVID-19 confidence}`` when the CSV has a ``score`` column, else ``None``.
-    """
-
-    name: str
-    path: Path
-    labels: dict[str, str]
-    scores: dict[str, float] | None
-
-
-def read_reader_csv(path: str | os.PathLike, name: str | None = None) -> ReaderReads:
-    """Read a reader CSV: ``case_id,label[,score]`` (``study_id`` is accepted for ``case_id``).
-
-    Raises:
-        InputError: empty file, missing column, empty or non-numeric score.
-        LabelError: empty or duplicated case id, unknown class name.
-    """
-    path = Path(path)
-    header, rows = read_csv_rows(path, "reader CSV")
-    id_column = "case_id" if "case_id" in header else ("study_id" if "study_id" in header else None)
-    missing = [c for c, ok in (("case_id", id_column is not None), ("label", "label" in header)) if not ok]
-    if missing:
-        raise InputError(f"{path}: missing column(s) {missing}; a reader CSV has 'case_id,label[,score]'")
-    assert id_column is not None
-    has_score = "score" in header
-    labels: dict[str, str] = {}
-    scores: dict[str, float] = {}
-    for line, row in rows:
-        cid = row[id_column]
-        if not cid:
-            raise LabelError(f"{path}: row {line}: empty {id_column}")
-        if cid in labels:
-            raise LabelError(f"{path}: row {line}: duplicated {id_column} {cid!r}")
-        labels[cid] = normalize_any_label(row["label"], f"{path}: row {line}")
-        if has_score:
-            raw = row["score"]
-            try:
-                value = float(raw)
-            except ValueError:
-                raise InputError(
-                    f"{path}: row {line}: score {raw!r} is not a number; give a score on every row or drop the column"
-                ) from None
-            if not math.isfinite(value):
-                raise InputError(f"{path}: row {line}: score {raw!r} is not a finite number")
-            scores[cid] = value
-    return ReaderReads(name or path.stem, path, labels, scores if has_score else None)
 
 
 def majority_vote(labels: np.ndarray) -> np.ndarray:

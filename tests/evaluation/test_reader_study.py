@@ -20,7 +20,8 @@ from statsmodels.stats.proportion import proportion_confint
 from covidctnet.cli import cli
 from covidctnet.core.config import load_config
 from covidctnet.core.errors import InputError, LabelError
-from covidctnet.evaluation.reader_study import ReaderStudyConfig, majority_vote, read_reader_csv, run_reader_study
+from covidctnet.evaluation.inputs import read_reader_csv
+from covidctnet.evaluation.reader_study import ReaderStudyConfig, majority_vote, run_reader_study
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "reader_study"
