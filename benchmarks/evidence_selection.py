@@ -78,7 +78,7 @@ def column(rows: list[dict], spec: str) -> np.ndarray:
 
 def auc_ci(y: np.ndarray, s: np.ndarray) -> dict:
     est = delong_auc_ci(y, s)
-    return {"auc": float(est.value), "ci": [float(est.low), float(est.high)], "n": int(y.size),
+    return {"auc": float(est.value), "ci": [float(est.ci_low), float(est.ci_high)], "n": int(y.size),
             "n_pos": int(y.sum())}
 
 

@@ -62,6 +62,7 @@ __all__ = [
     "LOCAL_SCHEME",
     "RESEARCH_USE",
     "SEG_PERCENTILE",
+    "LESION_THRESHOLD",
     "check_dicom_export",
     "derived_frame_of_reference_uid",
     "export_study",
@@ -75,6 +76,8 @@ RESEARCH_USE = ("Research use only, not a medical device: covidctnet's result is
                 "for patient care.")
 SEG_PERCENTILE = 95.0
 """Percentile of the residual's magnitude over the lungs above which a lung voxel is segmented (the overlay PNG's)."""
+LESION_THRESHOLD = 0.5
+"""Lesion probability at or above which a lung voxel is segmented when the evidence is a lesion map."""
 LOCAL_SCHEME = "99COVIDCTNET"
 SR_SERIES_NUMBER, SEG_SERIES_NUMBER = 9901, 9902
 """Series numbers of the created series: high, so a viewer lists them after the scanner's own series."""
@@ -122,14 +125,16 @@ def to_source_grid(values: np.ndarray, values_affine: np.ndarray, source_affine:
 
 
 def residual_segment(volume: Volume, residual: np.ndarray, residual_affine: np.ndarray, lungs: np.ndarray,
-                     lungs_affine: np.ndarray) -> np.ndarray:
-    """The lung voxels of the source grid whose residual is high (the rule of the module docstring).
+                     lungs_affine: np.ndarray, evidence: str = "residual") -> np.ndarray:
+    """The lung voxels of the source grid whose evidence is high: for a residual, the rule of the module docstring;
+    for a lesion map (``evidence="lesion"``), a lesion probability of at least 0.5.
 
     Args:
         volume: the source CT (its grid and affine are the output's).
         residual: (X, Y, Z) signed residual on the classifier's grid, ``residual_affine`` its voxel → RAS affine.
         lungs: (X', Y', Z') lung mask (non-zero inside), ``lungs_affine`` its voxel → RAS affine; it covers the same
             field of view as ``residual`` (the RAS-reoriented source).
+        evidence: ``residual`` or ``lesion`` (``residual`` then holds lesion probabilities).
 
     Returns:
         (I, J, K) bool on the source grid.
@@ -137,8 +142,11 @@ def residual_segment(volume: Volume, residual: np.ndarray, residual_affine: np.n
     inside = mask_to_grid(lungs > 0, residual.shape)
     if not inside.any():
         return np.zeros(volume.shape, dtype=bool)
-    offset = float(np.median(residual[inside]))
-    threshold = float(np.percentile(np.abs(residual[inside] - offset), SEG_PERCENTILE))
+    if evidence == "lesion":
+        offset, threshold = 0.0, LESION_THRESHOLD
+    else:
+        offset = float(np.median(residual[inside]))
+        threshold = float(np.percentile(np.abs(residual[inside] - offset), SEG_PERCENTILE))
     out = np.zeros(volume.shape, dtype=bool)
     lung_float = (lungs > 0).astype(np.float32)
     for k in range(volume.shape[2]):
@@ -220,7 +228,7 @@ def _class_codes() -> dict[str, tuple[Any, Any]]:
     }
 
 
-def _segmentation(sources: list[Any], frames: list[int | None], mask: np.ndarray, model: str,
+def _segmentation(sources: list[Any], frames: list[int | None], mask: np.ndarray, model: str, evidence: str,
                   weights_sha256: str) -> Any:
     import highdicom as hd
 
@@ -237,9 +245,11 @@ def _segmentation(sources: list[Any], frames: list[int | None], mask: np.ndarray
                                                    version=weights_sha256)
     segment = hd.seg.SegmentDescription(
         segment_number=1,
-        segment_label="high denoising residual in lungs",
+        segment_label=("lesion probability >= 0.5 in lungs" if evidence == "lesion" else
+                       "high denoising residual in lungs"),
         segmented_property_category=_code("49755003", "Morphologically Altered Structure", "SCT"),
-        segmented_property_type=_code("high-residual", "High denoising residual"),
+        segmented_property_type=(_code("lesion-probability", "Lesion probability at least 0.5") if evidence == "lesion"
+                                 else _code("high-residual", "High denoising residual")),
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=algorithm,
         anatomic_regions=[_code("39607008", "Lung", "SCT")],
@@ -257,7 +267,7 @@ def _segmentation(sources: list[Any], frames: list[int | None], mask: np.ndarray
         manufacturer_model_name=model[:64],
         software_versions=importlib.metadata.version("covidctnet"),
         device_serial_number=weights_sha256[:16],
-        series_description="covidctnet residual (research use, not a medical device)",
+        series_description=f"covidctnet {evidence} (research use, not a medical device)",
         content_description="High residual in the lungs",
         content_label="RESIDUAL",
         omit_empty_frames=bool(mask.any()),  # an all-empty mask keeps its frames: a SEG needs at least one
@@ -310,14 +320,15 @@ def _report(sources: list[Any], seg: Any, probabilities: Mapping[str, float], pr
 
 def export_study(out_dir: str | Path, study_id: str, volume: Volume, probabilities: Mapping[str, float],
                  predicted: str, model: str, weights_sha256: str, residual: np.ndarray, residual_affine: np.ndarray,
-                 lungs: np.ndarray, lungs_affine: np.ndarray) -> str:
+                 lungs: np.ndarray, lungs_affine: np.ndarray, evidence: str = "residual") -> str:
     """Write ``out_dir/<study_id>/SEG.dcm`` and ``SR.dcm`` for a study read from DICOM (see the module docstring).
 
     Args:
         probabilities: class name → probability, as reported (the SR holds exactly these numbers).
         predicted: the call, a class name.
         model, weights_sha256: the model's name and the hash of its ``SHA256SUMS``.
-        residual, residual_affine, lungs, lungs_affine: see :func:`residual_segment`.
+        residual, residual_affine, lungs, lungs_affine, evidence: see :func:`residual_segment`; the SEG's segment
+            names the evidence.
 
     Returns:
         For the report row: the written files relative to ``out_dir``, space-separated, or
@@ -331,7 +342,7 @@ def export_study(out_dir: str | Path, study_id: str, volume: Volume, probabiliti
         return SKIPPED_NOT_DICOM
     headers = [header for header, _ in volume.dicom_slices]
     frames = [frame for _, frame in volume.dicom_slices]
-    mask = residual_segment(volume, residual, residual_affine, lungs, lungs_affine)
+    mask = residual_segment(volume, residual, residual_affine, lungs, lungs_affine, evidence)
     hd_logger = logging.getLogger("highdicom")
     level = hd_logger.level
     hd_logger.setLevel(logging.WARNING)  # its INFO lines name the source instances by UID: kept out of the logs
@@ -352,7 +363,7 @@ def export_study(out_dir: str | Path, study_id: str, volume: Volume, probabiliti
                                f"{', '.join(invalid)} {'is' if len(invalid) == 1 else 'are'}")
             sources = _completed_headers(headers, frame_of_reference)
             instances = list({str(ds.SOPInstanceUID): ds for ds in sources}.values())  # a multi-frame file once
-            seg = _segmentation(sources, frames, mask, model, weights_sha256)
+            seg = _segmentation(sources, frames, mask, model, evidence, weights_sha256)
             sr = _report(instances, seg, probabilities, predicted, model, weights_sha256)
             folder = Path(out_dir) / study_id
             for name, ds in ((SEG_NAME, seg), (SR_NAME, sr)):

@@ -15,9 +15,10 @@ import torch
 from covidctnet.core.errors import ModelDirError
 from covidctnet.core.model_dir import dir_stamp, load_model_dir
 from covidctnet.models.registry import LesionModel, load_lesion_model, resolve_denoiser_dir
+from covidctnet.preprocessing.lungmask3d import lung_mask_3d
 from covidctnet.preprocessing.preprocess import PreprocessConfig, recorded_preprocess
 
-__all__ = ["lesion_probability", "lesion_preprocess", "cached_lesion_model"]
+__all__ = ["lesion_probability", "lesion_evidence", "lesion_preprocess", "cached_lesion_model"]
 
 
 def lesion_probability(array: np.ndarray, lung: np.ndarray, model: LesionModel, batch_size: int = 16) -> np.ndarray:
@@ -47,6 +48,26 @@ def lesion_probability(array: np.ndarray, lung: np.ndarray, model: LesionModel, 
             prob = torch.sigmoid(model.model(torch.from_numpy(x).to(model.device))).float().cpu().numpy()[:, 0]
             out[:, :, ks] = np.moveaxis(prob, 0, 2)
     return out * lung
+
+
+def lesion_evidence(array: np.ndarray, affine: np.ndarray, model: LesionModel, batch_size: int = 16) -> np.ndarray:
+    """The lesion map of a preprocessed volume with the lung mask computed from that volume itself: what
+    ``residuals --evidence lesion`` writes for the classifier and what ``predict`` computes for it, so both see the
+    same input.
+
+    Args:
+        array: (S, S, Z) preprocessed volume in [0, 1] (RAS; the model's HU window).
+        affine: its (4, 4) affine (the voxel sizes the lung mask needs).
+        model, batch_size: see :func:`lesion_probability`.
+
+    Returns:
+        (S, S, Z) float32 lesion probability, 0 outside the lungs.
+    """
+    pre = lesion_preprocess(model)
+    hu = np.asarray(array, dtype=np.float32) * (pre.hu_max - pre.hu_min) + pre.hu_min
+    spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0))
+    lung = lung_mask_3d(hu, spacing).mask > 0  # type: ignore[arg-type]
+    return lesion_probability(array, lung, model, batch_size)
 
 
 def lesion_preprocess(model: LesionModel) -> PreprocessConfig:

@@ -43,6 +43,7 @@ from covidctnet.evaluation.html_report import write_predict_html
 from covidctnet.evaluation.plots import plot_residual_overlay
 from covidctnet.inference.backends import check_precision, open_model
 from covidctnet.inference.dicom_export import SKIPPED_NOT_DICOM, check_dicom_export, export_study
+from covidctnet.inference.lesion_maps import cached_lesion_model, lesion_evidence, lesion_probability
 from covidctnet.inference.residuals import compute_residual, resample_stack, residual_affine
 from covidctnet.inference.slice_scores import (
     SliceScoresConfig,
@@ -150,6 +151,8 @@ class Pipeline:
     device: Any
     weights_sha256: str
     backend: str = "torch"  # the backend used (never auto)
+    evidence: str = "residual"  # what the classifier reads: the denoiser's residual or the lesion model's map
+    lesion: Any = None  # the LesionModel when evidence is "lesion" (torch)
 
 
 def load_pipeline(model_dir: str | os.PathLike, device: str = "auto", backend: str = "auto",
@@ -189,36 +192,63 @@ def load_pipeline(model_dir: str | os.PathLike, device: str = "auto", backend: s
             f"{pre.size_xy} must agree"
         )
     sums = hashlib.sha256((md.path / "SHA256SUMS").read_bytes()).hexdigest()
-    return Pipeline(model.name, pre, denoiser, classifier, depth, pre.size_xy, dev, sums, backend=model.backend)
+    evidence = md.config.get("evidence", "residual")  # directories written before evidence existed: residual
+    if evidence not in ("residual", "lesion"):
+        raise ModelDirError(f"{md.path}/config.yaml: evidence must be 'residual' or 'lesion', not {evidence!r}")
+    lesion = None
+    if evidence == "lesion":  # the small lesion U-Net runs in PyTorch whatever the denoiser's backend
+        lesion = cached_lesion_model(str(_torch_model_dir(md.path, model_dir)), "cpu" if model.backend != "torch"
+                                     else str(dev))
+        if lesion.size_xy != pre.size_xy:
+            raise ModelDirError(f"{md.path}: lesion model input {lesion.size_xy} and preprocessing size "
+                                f"{pre.size_xy} must agree")
+    return Pipeline(model.name, pre, denoiser, classifier, depth, pre.size_xy, dev, sums, backend=model.backend,
+                    evidence=evidence, lesion=lesion)
 
 
-def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8, precision: str = "fp32") -> dict[str, Any]:
+def _torch_model_dir(loaded: Path, given: str | os.PathLike) -> Path:
+    """The directory holding the ``lesion`` weights: the one given (an ONNX export keeps only the denoiser and the
+    classifier, so a cached export's source is the directory the user named)."""
+    return loaded if (loaded / "lesion.safetensors").is_file() else Path(given)
+
+
+def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8, precision: str = "fp32",
+                   with_residual: bool = False) -> dict[str, Any]:
     """Predict one checked HU volume (``precision``: the torch denoiser's, see :class:`PredictConfig`; an
     ``onnx`` or ``openvino`` pipeline has its precision fixed at loading, see :func:`load_pipeline`).
 
     Returns:
         ``probabilities`` (3,) in ``CLASS_NAMES`` order, ``predicted``, ``preprocessed`` ((X, Y, Z) array, affine),
-        ``residual`` ((size, size, depth) array, affine), ``residual_full`` (the residual on the preprocessed grid,
-        before resampling: (X, Y, Z) array, the preprocessed affine; slice scores are taken from it) and ``seconds``
-        per step.
+        ``residual`` ((size, size, depth) array, affine: the classifier's input volume, i.e. the evidence the
+        model directory records: the denoiser's residual, or the lesion model's map), ``residual_full`` (the
+        denoiser's residual on the preprocessed grid, before resampling: (X, Y, Z) array, the preprocessed affine;
+        slice scores are taken from it; None when the evidence is ``lesion`` and ``with_residual`` is false),
+        ``lesion_full`` (the lesion map on that grid, or None) and ``seconds`` per step.
     """
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     array, affine = preprocess_volume(volume, pipeline.preprocess)
     seconds["preprocess"] = time.perf_counter() - t
-    t = time.perf_counter()
-    # on the preprocessed grid first (what compute_residual resamples from), kept for predict --slice-scores
-    full = compute_residual(
-        array,
-        pipeline.denoiser,
-        depth=array.shape[2],
-        size=array.shape[0],
-        batch_size=batch_size,
-        source=str(volume.source),
-        precision=precision if pipeline.backend == "torch" else "fp32",
-    )
-    residual = resample_stack(full, (pipeline.size_xy, pipeline.size_xy, pipeline.depth))
-    seconds["denoise"] = time.perf_counter() - t
+    full = lesion_full = None
+    if pipeline.evidence == "residual" or with_residual:
+        t = time.perf_counter()
+        # on the preprocessed grid first (what compute_residual resamples from), kept for predict --slice-scores
+        full = compute_residual(
+            array,
+            pipeline.denoiser,
+            depth=array.shape[2],
+            size=array.shape[0],
+            batch_size=batch_size,
+            source=str(volume.source),
+            precision=precision if pipeline.backend == "torch" else "fp32",
+        )
+        seconds["denoise"] = time.perf_counter() - t
+    if pipeline.evidence == "lesion":
+        t = time.perf_counter()
+        lesion_full = lesion_evidence(array, affine, pipeline.lesion, batch_size)
+        seconds["lesion"] = time.perf_counter() - t
+    evidence_full = lesion_full if pipeline.evidence == "lesion" else full
+    residual = resample_stack(evidence_full, (pipeline.size_xy, pipeline.size_xy, pipeline.depth))
     t = time.perf_counter()
     x = torch.as_tensor(residual_to_network_input(residual))[None]
     if pipeline.backend != "torch":  # ONNX and OpenVINO modules have no parameters for predict_proba to find a device
@@ -232,6 +262,7 @@ def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8, precisi
         "preprocessed": (array, affine),
         "residual": (residual, residual_affine(affine, array.shape, residual.shape)),
         "residual_full": (full, affine),
+        "lesion_full": (lesion_full, affine),
         "seconds": seconds,
     }
 
@@ -263,7 +294,7 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
     # NoLungsError: not a chest CT, nothing is written
     hu, lungs_affine, lungs = ras_lung_mask(volume, cfg.min_lung_ml)
     passed = [*passed, "chest_coverage"]
-    result = predict_volume(pipeline, volume, cfg.batch_size, cfg.precision)
+    result = predict_volume(pipeline, volume, cfg.batch_size, cfg.precision, with_residual=cfg.slice_scores)
     probs = result["probabilities"]
     row: dict[str, Any] = {
         **{f"p_{c}": f"{p:.6f}" for c, p in zip(CLASS_NAMES, probs)},
@@ -271,13 +302,15 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
         "model": pipeline.name,
         "weights_sha256": pipeline.weights_sha256,
         "precision": cfg.precision,
+        "evidence": pipeline.evidence,
         "checks": " ".join(passed),
         "seconds": {"read": round(read_s, 3), **{k: round(v, 3) for k, v in result["seconds"].items()}},
     }
     if cfg.dicom_out:
         reported = {c: float(row[f"p_{c}"]) for c in CLASS_NAMES}  # the SR holds the report's numbers exactly
         row["dicom"] = export_study(cfg.dicom_out, study.study_id, volume, reported, result["predicted"], pipeline.name,
-                                    pipeline.weights_sha256, *result["residual"], lungs.mask, lungs_affine)
+                                    pipeline.weights_sha256, *result["residual"], lungs.mask, lungs_affine,
+                                    pipeline.evidence)
         if transfer is not None and transfer.store_to and row["dicom"] != SKIPPED_NOT_DICOM:
             written = [Path(cfg.dicom_out) / name for name in row["dicom"].split()]
             try:
@@ -307,7 +340,7 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
         score[k] = residual_statistics(residual[:, :, k][lung[:, :, k]])[SliceScoresConfig.statistic]
     title = f"{study.study_id}: {result['predicted']} " + " ".join(
         f"{c}={p:.2f}" for c, p in zip(CLASS_NAMES, probs)
-    )
+    ) + ("; lesion probability" if pipeline.evidence == "lesion" else "")
     if cfg.save_residuals:
         row["residual"] = f"{study.study_id}_residual.nii.gz"
         row["overlay"] = f"{study.study_id}_overlay.png"
@@ -319,9 +352,17 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
                           **({} if cfg.save_residuals else {"dpi": PREVIEW_DPI}))
     if cfg.slice_scores:  # slice-scores' table from the residual of this pass: the slices are denoised once
         full, full_affine = result["residual_full"]
+        lesion = None
+        if pipeline.lesion is not None:  # on the scan's own lung mask, as slice-scores computes it
+            array = result["preprocessed"][0]
+            lesion = (lesion_probability(array, mask_to_grid(lungs.mask > 0, array.shape), pipeline.lesion,
+                                         cfg.batch_size), full_affine)
+        table_cfg = SliceScoresConfig()
+        if lesion is None and table_cfg.evidence == "lesion":
+            table_cfg = SliceScoresConfig(evidence="residual")  # a model without a lesion component
         row["slices"] = f"{study.study_id}{SLICES_SUFFIX}"
-        write_slices_csv(score_residual(hu, lungs_affine, lungs, full, full_affine, SliceScoresConfig(),
-                                        study.study_id), out_dir / row["slices"])
+        write_slices_csv(score_residual(hu, lungs_affine, lungs, full, full_affine, table_cfg, study.study_id,
+                                        lesion), out_dir / row["slices"])
     row["output"] = f"{PREDICTIONS_DIR}/{study.study_id}.json"
     (out_dir / PREDICTIONS_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / row["output"], json.dumps(_json_row({"study_id": study.study_id, **row}), indent=2))

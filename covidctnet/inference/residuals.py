@@ -50,6 +50,7 @@ from covidctnet.inference.denoise import (
     resample_stack,
     residual_affine,
 )
+from covidctnet.inference.lesion_maps import cached_lesion_model, lesion_evidence
 from covidctnet.io.batch import Study, discover_studies, read_manifest, run_batch
 from covidctnet.io.volume import read_nifti, write_nifti
 from covidctnet.models.registry import Denoiser, resolve_denoiser_dir
@@ -151,7 +152,8 @@ def _fmt(shape: tuple[int, ...]) -> str:
 
 
 def residual_study(study: Study, out_dir: Path, denoiser: str, depth: int, size: int, batch_size: int,
-                   device: str, precision: str = "fp32", backend: str = "auto") -> dict[str, Any]:
+                   device: str, precision: str = "fp32", backend: str = "auto",
+                   lesion_model: str | None = None) -> dict[str, Any]:
     """Compute one study's residual and write ``out_dir/<study_id>_residual.nii.gz`` atomically (for run_batch).
 
     Args:
@@ -159,13 +161,22 @@ def residual_study(study: Study, out_dir: Path, denoiser: str, depth: int, size:
         denoiser: model directory path (loaded once per process).
         depth, size, batch_size, device, precision: see :func:`compute_residual`.
         backend: see :func:`covidctnet.inference.backends.open_model`.
+        lesion_model: write the lesion model's map instead (``evidence: lesion``,
+            :func:`covidctnet.inference.lesion_maps.lesion_evidence`) on the same grid; the denoiser is not run.
 
     Returns:
         The manifest columns (:data:`RESIDUAL_COLUMNS` and ``output``).
     """
-    den = cached_denoiser(denoiser, device, backend, precision)
     vol = read_nifti(study.path)
-    residual = compute_residual(vol.array, den, depth, size, batch_size, source=str(study.path), precision=precision)
+    if lesion_model is not None:
+        model = cached_lesion_model(lesion_model, device)
+        residual = resample_stack(lesion_evidence(vol.array, vol.affine, model, batch_size), (size, size, depth))
+        sha = model.weights_sha256
+    else:
+        den = cached_denoiser(denoiser, device, backend, precision)
+        residual = compute_residual(vol.array, den, depth, size, batch_size, source=str(study.path),
+                                    precision=precision)
+        sha = den.weights_sha256
     name = f"{study.study_id}{RESIDUAL_SUFFIX}"
     write_nifti(residual, residual_affine(vol.affine, vol.shape, residual.shape), Path(out_dir) / name)
     logger.info("%s: %s -> residual %s (range %.3f..%.3f)", study.study_id, _fmt(vol.shape), _fmt(residual.shape),
@@ -174,7 +185,7 @@ def residual_study(study: Study, out_dir: Path, denoiser: str, depth: int, size:
         "output": name,
         "input_shape": _fmt(vol.shape),
         "output_shape": _fmt(residual.shape),
-        "denoiser_sha256": den.weights_sha256,
+        "denoiser_sha256": sha,
         "residual_min": f"{float(residual.min()):.6g}",
         "residual_max": f"{float(residual.max()):.6g}",
         "residual_mean_abs": f"{float(np.abs(residual).mean()):.6g}",
@@ -224,12 +235,17 @@ def compute_residuals(
     device: str = "auto",
     precision: str = "fp32",
     backend: str = "auto",
+    lesion_model: str | os.PathLike | None = None,
     resume: bool = True,
     workers: int = 0,
     scheduler: str | None = None,
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> BatchSummary:
     """``covidctnet residuals``: a residual NIfTI for every ``ok`` study of a preprocessed folder.
+
+    With ``lesion_model`` the volumes written are the lesion model's maps instead (``evidence: lesion`` in
+    ``residuals.yaml``, the lesion model and its hash beside the denoiser's): the input of a classifier that follows
+    that evidence. The denoiser is then only recorded, so that ``train-classifier`` bundles it for slice scores.
 
     Writes ``out_dir/<study_id>_residual.nii.gz`` (float32, ``grid.size_xy`` × ``grid.size_xy`` × ``grid.depth``,
     overlaying on the preprocessed scan), ``out_dir/manifest.csv`` (:data:`RESIDUAL_COLUMNS`) and
@@ -251,6 +267,7 @@ def compute_residuals(
         workers: worker processes (0 = inline).
         scheduler: Dask scheduler address; the studies then run on its workers (overrides ``workers``).
         on_result: called with each finished manifest row.
+        lesion_model: a model directory with a ``lesion`` component (``train-lesion-model``).
 
     Raises:
         ConfigError: ``out_dir`` is ``preprocessed``; the data's preprocessing or size does not match the denoiser;
@@ -275,21 +292,30 @@ def compute_residuals(
         check_torch_precision(precision, den.device)  # warned once here, not once per study
     settings = _check_preprocess_match(preprocessed, den)
     studies = _preprocessed_studies(preprocessed)
-    info = {"denoiser": str(model_dir), "denoiser_sha256": den.weights_sha256, "depth": grid.depth,
-            "size_xy": grid.size_xy, "precision": precision, "backend": used, "preprocessed": str(preprocessed),
-            "preprocess": settings}
+    info = {"evidence": "residual", "denoiser": str(model_dir), "denoiser_sha256": den.weights_sha256,
+            "depth": grid.depth, "size_xy": grid.size_xy, "precision": precision, "backend": used,
+            "preprocessed": str(preprocessed), "preprocess": settings}
+    lesion_dir = None
+    if lesion_model is not None:
+        lesion_dir = str(resolve_denoiser_dir(lesion_model).resolve())
+        lesion = cached_lesion_model(lesion_dir, device)
+        if lesion.size_xy != den.size_xy:
+            raise ConfigError(f"{lesion_dir}: the lesion model takes {lesion.size_xy}x{lesion.size_xy} slices, the "
+                              f"preprocessed data are {den.size_xy}x{den.size_xy}")
+        info.update(evidence="lesion", lesion_model=lesion_dir, lesion_model_sha256=lesion.weights_sha256)
     info_path = out_dir / RUN_INFO
     if resume and info_path.is_file():
         old = yaml.safe_load(info_path.read_text()) or {}
         # residuals.yaml files written before `precision` existed were fp32
-        changed = [k for k in ("denoiser_sha256", "depth", "size_xy", "precision")
-                   if old.get(k, "fp32" if k == "precision" else None) != info[k]]
+        changed = [k for k in ("denoiser_sha256", "depth", "size_xy", "precision", "evidence", "lesion_model_sha256")
+                   if old.get(k, {"precision": "fp32", "evidence": "residual"}.get(k)) != info.get(k)]
         if changed:
             raise ConfigError(f"{info_path}: {out_dir} holds residuals made with another "
                               f"{' / '.join(changed)} ({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); "
                               "use a new output folder or --no-resume")
     fn = functools.partial(residual_study, denoiser=str(model_dir), depth=grid.depth, size=grid.size_xy,
-                           batch_size=batch_size, device=device, precision=precision, backend=backend)
+                           batch_size=batch_size, device=device, precision=precision, backend=backend,
+                           lesion_model=lesion_dir)
     summary = run_batch(studies, out_dir, fn, RESIDUAL_COLUMNS, resume=resume, workers=workers, desc="residuals",
                         on_result=on_result, scheduler=scheduler)
     if summary.n_ok + summary.n_skipped > 0:

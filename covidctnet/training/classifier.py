@@ -54,7 +54,7 @@ from covidctnet.data.residual_volumes import (
 from covidctnet.evaluation.plots import RocCurve, plot_confusion, plot_roc
 from covidctnet.models.cnn3d import build_classifier
 from covidctnet.models.pretrained import MEDICALNET_ARCHS, load_medicalnet_weights, medicalnet_resnet_kwargs
-from covidctnet.models.registry import resolve_denoiser_dir
+from covidctnet.models.registry import LESION_COMPONENT, resolve_denoiser_dir
 from covidctnet.training.trainer import (
     LoopConfig,
     ModelExport,
@@ -442,6 +442,30 @@ def _paired_denoiser(info: dict[str, Any] | None, cfg: ClassifierConfig) -> tupl
         return None, f"its denoiser {info['denoiser']} cannot be loaded ({str(err).splitlines()[0][:200]})"
 
 
+def _paired_lesion_model(info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The lesion model that made the training volumes (``evidence: lesion`` in ``residuals.yaml``), to bundle as
+    component ``lesion`` so that ``predict`` computes the same evidence.
+
+    Raises:
+        ConfigError: the lesion model is gone or its weights changed (the classifier would be bundled with another
+            evidence than it learnt).
+    """
+    if not info or info.get("evidence", "residual") != "lesion":
+        return None
+    try:
+        md = load_model_dir(resolve_denoiser_dir(info["lesion_model"]))
+        sha = md.weights_sha256(LESION_COMPONENT)
+    except (CovidCTNetError, OSError, KeyError) as err:
+        raise ConfigError(f"the lesion model {info.get('lesion_model')} that made the training volumes cannot be "
+                          f"loaded ({str(err).splitlines()[0][:200]})") from err
+    if sha != info.get("lesion_model_sha256"):
+        raise ConfigError(f"the lesion model at {md.path} has weights {sha[:12]}…, the training volumes were made "
+                          f"with {str(info.get('lesion_model_sha256'))[:12]}…")
+    entry = {k: v for k, v in md.component(LESION_COMPONENT).items() if k != "weights"}
+    entry["source"] = {"path": str(md.path.resolve()), "weights_sha256": sha}
+    return {"entry": entry, "state": md.state_dict(LESION_COMPONENT)}
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # train-classifier
 
@@ -621,6 +645,7 @@ def _finish(trainer: Any, result: Any, cfg: ClassifierConfig, data: PreparedData
                 result.best_epoch, monitor, _metric_text(metrics["auc"]), _metric_text(metrics["accuracy"]), _metric_text(metrics["loss"]),
                 metrics["n"], metrics["classes_present"])
     paired, note = _paired_denoiser(info, cfg)
+    lesion = _paired_lesion_model(info)
     components: dict[str, Any] = {"classifier": dict(best.spec)}
     states = {"classifier": best_state}
     config: dict[str, Any] = {
@@ -635,6 +660,12 @@ def _finish(trainer: Any, result: Any, cfg: ClassifierConfig, data: PreparedData
             "converter": "covidctnet.data.residual_volumes.residual_to_network_input",
         },
     }
+    config["evidence"] = "lesion" if lesion is not None else "residual"
+    if lesion is not None:
+        components[LESION_COMPONENT] = lesion["entry"]
+        states[LESION_COMPONENT] = lesion["state"]
+        config["input"]["layout"] = ("(1, D, H, W) = residual_to_network_input((size_xy, size_xy, depth) RAS lesion "
+                                     "map)")
     if paired is not None:
         components["denoiser"] = paired["entry"]
         states["denoiser"] = paired["state"]
