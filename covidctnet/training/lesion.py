@@ -97,7 +97,8 @@ class LesionModelConfig:
             raise ConfigError(f"'channels' needs one entry more than 'strides', not {self.channels} / {self.strides}")
         factor = int(np.prod(self.strides))
         if self.size_xy % factor:
-            raise ConfigError(f"'size_xy' must be a multiple of {factor} (the product of 'strides'), not {self.size_xy}")
+            raise ConfigError(f"'size_xy' must be a multiple of {factor} (the product of 'strides'), "
+                              f"not {self.size_xy}")
         if not 0.0 < self.val_fraction < 0.9:
             raise ConfigError(f"'val_fraction' must be in (0, 0.9), not {self.val_fraction}")
         if not 0.0 <= self.min_lung_fraction < 1.0:

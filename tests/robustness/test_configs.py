@@ -6,6 +6,7 @@ Each command is run with otherwise valid inputs made from the real scans, so the
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from robust_cases import (
     invoke,
     write_csv,
 )
+
+from covidctnet.models.registry import DEFAULT_SLICE_MODEL
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -52,6 +55,11 @@ CONFIG_COMMANDS: dict[str, Callable[[Workspace, Sources, Path, Path], list[Any]]
     "slice-scores": lambda ws, s, tmp, out: ["slice-scores", s.dicom["cap"], "-o", out, "--denoiser", ws.denoiser],
     "validate-residuals": lambda ws, s, tmp, out: ["validate-residuals", tmp, "--labels", ws.labels, "-o", out],
     "pretrain-slice": lambda ws, s, tmp, out: ["pretrain-slice", s.ucsd, "-o", out, "--device", "cpu"],
+    "train-lesion-model": lambda ws, s, tmp, out: ["train-lesion-model", s.dicom["control"], "-o", out,
+                                                   "--device", "cpu"],
+    # a copy: a valid config would rewrite the model directory's config.yaml
+    "calibrate-cam": lambda ws, s, tmp, out: ["calibrate-cam", shutil.copytree(DEFAULT_SLICE_MODEL, tmp / "m"),
+                                                         s.ucsd],
 }
 
 # (command, problem) -> (YAML text, regex the error must match; it names the key)
@@ -92,6 +100,13 @@ BAD_CONFIGS: dict[tuple[str, str], tuple[str, str]] = {
     ("pretrain-slice", "unknown-key"): ("temp: 0.1\n", r"unknown key\(s\) \['temp'\]"),
     ("pretrain-slice", "wrong-type"): ("temperature: hot\n", r"'temperature' must be a number, not 'hot'"),
     ("pretrain-slice", "out-of-range"): ("size: 8\n", r"size must be in \[32, 1024\] pixels, not 8"),
+    ("train-lesion-model", "unknown-key"): ("lesions: 3\n", r"unknown key\(s\) \['lesions'\]"),
+    ("train-lesion-model", "wrong-type"): ("synthesis: {max_lesions: many}\n",
+                                           r"'max_lesions' must be an integer, not 'many'"),
+    ("train-lesion-model", "out-of-range"): ("size_xy: 100\n", r"'size_xy' must be a multiple of 8"),
+    ("calibrate-cam", "unknown-key"): ("percent: 99\n", r"unknown key\(s\) \['percent'\]"),
+    ("calibrate-cam", "wrong-type"): ("percentile: high\n", r"'percentile' must be a number, not 'high'"),
+    ("calibrate-cam", "out-of-range"): ("show_from: 2\n", r"show_from must be in \[0, 1\), not 2"),
 }
 
 
