@@ -25,9 +25,10 @@ _CONFIG = "covidctnet.inference.slice_scores:SliceScoresConfig"
               help="Lesion model directory or train-lesion-model run folder  [default: the --model directory's "
                    "lesion component, when it has one].")
 @config_file_option("slice_scores.yaml")
-@config_option(_CONFIG, "--evidence", type=click.Choice(["residual", "lesion", "hu"]),
-               help="Which score is written as evidence_score: the denoiser's residual, the lesion model's lesion "
-                    "probability, or the HU density baseline.")
+@config_option(_CONFIG, "--evidence", type=click.Choice(["auto", "residual", "lesion", "hu"]),
+               help="Which score is written as evidence_score: the lesion model's lesion probability, the denoiser's "
+                    "residual, or the HU density baseline; auto: lesion when a lesion model is there (the bundled "
+                    "model has one), else residual.")
 @config_option(_CONFIG, "--statistic", type=click.Choice(["mean_pos", "mean_abs", "p95", "frac_pos"]),
                help="Residual statistic inside the lungs written as residual_score.")
 @config_option(_CONFIG, "--min-lung-ml", "min_lung_ml", type=float,

@@ -81,7 +81,9 @@ INT8_COMPONENT = "denoiser_int8"
 """The int8 denoiser's name in ``onnx.json`` (see :mod:`covidctnet.inference.int8`)."""
 OPSET = 17
 TOLERANCE = 1e-4
-_COPIED = ("config.yaml", "MODEL_CARD.md", "SHA256SUMS")
+_COPIED = ("config.yaml", "MODEL_CARD.md", "SHA256SUMS", "lesion.safetensors")
+"""Copied from the PyTorch model directory when present; a lesion model (``evidence: lesion``) is small and runs in
+PyTorch beside the exported networks, so its weights travel with the export."""
 _TRACE_BATCH, _CHECK_BATCH = 1, 2  # checking with another batch size than the traced one proves the axis is dynamic
 _LOCK_TIMEOUT_S = 1800.0  # another process exporting the same model: its export of a large model takes minutes
 

@@ -58,7 +58,7 @@ from covidctnet.io.dicomweb import TransferConfig, check_store_target
 from covidctnet.io.dicomweb import store as store_instances
 from covidctnet.io.volume import read_volume, write_nifti
 from covidctnet.models.cnn3d import predict_proba
-from covidctnet.models.registry import ASSETS, DEMO_MODEL
+from covidctnet.models.registry import ASSETS, DEMO_MODEL, LESION_COMPONENT
 from covidctnet.preprocessing.preprocess import preprocess_volume, recorded_preprocess
 
 __all__ = [
@@ -152,7 +152,7 @@ class Pipeline:
     weights_sha256: str
     backend: str = "torch"  # the backend used (never auto)
     evidence: str = "residual"  # what the classifier reads: the denoiser's residual or the lesion model's map
-    lesion: Any = None  # the LesionModel when evidence is "lesion" (torch)
+    lesion: Any = None  # the LesionModel of a directory with a lesion component (torch), else None
 
 
 def load_pipeline(model_dir: str | os.PathLike, device: str = "auto", backend: str = "auto",
@@ -196,20 +196,16 @@ def load_pipeline(model_dir: str | os.PathLike, device: str = "auto", backend: s
     if evidence not in ("residual", "lesion"):
         raise ModelDirError(f"{md.path}/config.yaml: evidence must be 'residual' or 'lesion', not {evidence!r}")
     lesion = None
-    if evidence == "lesion":  # the small lesion U-Net runs in PyTorch whatever the denoiser's backend
-        lesion = cached_lesion_model(str(_torch_model_dir(md.path, model_dir)), "cpu" if model.backend != "torch"
-                                     else str(dev))
+    if LESION_COMPONENT in (md.config.get("components") or {}):  # the classifier's evidence, or the slice table's
+        # the small lesion U-Net runs in PyTorch whatever the denoiser's backend
+        lesion = cached_lesion_model(str(md.path), "cpu" if model.backend != "torch" else str(dev))
         if lesion.size_xy != pre.size_xy:
             raise ModelDirError(f"{md.path}: lesion model input {lesion.size_xy} and preprocessing size "
                                 f"{pre.size_xy} must agree")
+    if evidence == "lesion" and lesion is None:
+        raise ModelDirError(f"{md.path}/config.yaml: evidence lesion, but no lesion component")
     return Pipeline(model.name, pre, denoiser, classifier, depth, pre.size_xy, dev, sums, backend=model.backend,
                     evidence=evidence, lesion=lesion)
-
-
-def _torch_model_dir(loaded: Path, given: str | os.PathLike) -> Path:
-    """The directory holding the ``lesion`` weights: the one given (an ONNX export keeps only the denoiser and the
-    classifier, so a cached export's source is the directory the user named)."""
-    return loaded if (loaded / "lesion.safetensors").is_file() else Path(given)
 
 
 def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8, precision: str = "fp32",
@@ -357,12 +353,9 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
             array = result["preprocessed"][0]
             lesion = (lesion_probability(array, mask_to_grid(lungs.mask > 0, array.shape), pipeline.lesion,
                                          cfg.batch_size), full_affine)
-        table_cfg = SliceScoresConfig()
-        if lesion is None and table_cfg.evidence == "lesion":
-            table_cfg = SliceScoresConfig(evidence="residual")  # a model without a lesion component
         row["slices"] = f"{study.study_id}{SLICES_SUFFIX}"
-        write_slices_csv(score_residual(hu, lungs_affine, lungs, full, full_affine, table_cfg, study.study_id,
-                                        lesion), out_dir / row["slices"])
+        write_slices_csv(score_residual(hu, lungs_affine, lungs, full, full_affine, SliceScoresConfig(),
+                                        study.study_id, lesion), out_dir / row["slices"])
     row["output"] = f"{PREDICTIONS_DIR}/{study.study_id}.json"
     (out_dir / PREDICTIONS_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / row["output"], json.dumps(_json_row({"study_id": study.study_id, **row}), indent=2))

@@ -64,6 +64,7 @@ __all__ = [
     "residual_statistics",
     "score_residual",
     "score_volume",
+    "resolve_evidence",
     "slice_scores",
     "write_slices_csv",
 ]
@@ -86,8 +87,9 @@ class SliceScoresConfig:
 
     Attributes:
         evidence: which score is the slice's ``evidence_score`` (see :data:`EVIDENCE`); ``lesion`` needs a model
-            directory with a ``lesion`` component. The default was chosen by the rule in
-            docs/evidence_selection_rule.md (figures in docs/validation.md).
+            directory with a ``lesion`` component; ``auto``: ``lesion`` when a lesion model is there (the bundled
+            model has one: the rule in docs/evidence_selection_rule.md chose it, figures in docs/validation.md),
+            else ``residual``.
         statistic: which candidate is ``residual_score`` (see :data:`STATISTICS`). ``p95``, the 95th percentile
             of the residual inside the slice's lungs, was chosen for the bundled denoiser on the shared P001, cap001
             and normal001 series by the rule written before any AUC was seen (docs/validation.md).
@@ -101,7 +103,7 @@ class SliceScoresConfig:
             (:mod:`covidctnet.inference.backends`).
     """
 
-    evidence: Literal["residual", "lesion", "hu"] = "residual"
+    evidence: Literal["auto", "residual", "lesion", "hu"] = "auto"
     statistic: Literal["mean_pos", "mean_abs", "p95", "frac_pos"] = "p95"
     frac_threshold: float = 0.05
     hu_low: float = -750.0
@@ -228,6 +230,7 @@ def score_residual(hu: np.ndarray, affine: np.ndarray, lungs: LungMask, residual
         lesion_lung = mask_to_grid(lung, lesion_map.shape)
         lesion_near = _near_slices(_slice_centres_z(lesion_affine, lesion_map.shape), z_orig, dz)
 
+    evidence = resolve_evidence(cfg.evidence, lesion is not None)
     rows: list[dict[str, Any]] = []
     for k in range(hu.shape[2]):
         values = residual[:, :, near[k]][grid_lung[:, :, near[k]]]
@@ -244,10 +247,17 @@ def score_residual(hu: np.ndarray, affine: np.ndarray, lungs: LungMask, residual
         if lesion is not None:
             probs = lesion_map[:, :, lesion_near[k]][lesion_lung[:, :, lesion_near[k]]]
             row["lesion_score"] = float(probs.mean()) if n_lung[k] and probs.size else float("nan")
-        row["evidence"] = cfg.evidence
-        row["evidence_score"] = row.get(f"{cfg.evidence}_score", float("nan"))
+        row["evidence"] = evidence
+        row["evidence_score"] = row.get(f"{evidence}_score", float("nan"))
         rows.append(row)
     return rows  # ascending z: the RAS array runs from inferior to superior along axis 2
+
+
+def resolve_evidence(evidence: str, has_lesion_model: bool) -> str:
+    """The evidence a run writes: ``auto`` is ``lesion`` with a lesion model, else ``residual``."""
+    if evidence == "auto":
+        return "lesion" if has_lesion_model else "residual"
+    return evidence
 
 
 def _near_slices(z_grid: np.ndarray, z_orig: np.ndarray, dz: float) -> list[np.ndarray]:
@@ -332,7 +342,7 @@ def _score_study(study: Study, out_dir: Path, denoiser: str, cfg: SliceScoresCon
         "output": name,
         "n_slices": len(rows),
         "lung_ml_total": f"{sum(r['lung_ml'] for r in rows):.0f}",
-        "evidence": cfg.evidence,
+        "evidence": resolve_evidence(cfg.evidence, lesion is not None),
         "statistic": cfg.statistic,
         "denoiser": str(den.path),
         "denoiser_sha256": den.weights_sha256,

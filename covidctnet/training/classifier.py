@@ -323,7 +323,8 @@ def _metric_text(x: float) -> str:
 
 
 def _card(cfg: ClassifierConfig, data: PreparedData, residuals_dir: str, command: str, metrics: dict[str, Any],
-          monitor: str, result: Any, denoiser: str | None = None, no_denoiser: str | None = None) -> str:
+          monitor: str, result: Any, denoiser: str | None = None, no_denoiser: str | None = None,
+          lesion: str | None = None) -> str:
     counts = {s: _counts(getattr(data, s)) for s in ("train", "val", "test")}
     rows = "\n".join(
         f"| {s} | {len(getattr(data, s))} | {len({r.patient_id for r in getattr(data, s)})} | "
@@ -339,6 +340,12 @@ def _card(cfg: ClassifierConfig, data: PreparedData, residuals_dir: str, command
         den_text = (f"**No denoiser is bundled** ({no_denoiser}); `covidctnet predict` needs one to make residual "
                     "maps, so this directory serves the classifier alone (load it with "
                     "`covidctnet.models.registry.load_classifier`).")
+    if lesion is not None:
+        what = (f"a lesion-probability volume (the label-free lesion model's map inside the lungs, from `covidctnet "
+                f"residuals --lesion-model`; the model, {lesion}, is bundled as component `lesion` and `predict` "
+                "computes the same evidence: `evidence: lesion` in config.yaml)")
+    else:
+        what = "a residual volume (preprocessed CT − BCDU-Net denoised CT, from `covidctnet residuals`)"
     selection = {"val_auc": "highest validation macro one-vs-rest AUC",
                  "val_loss": "lowest validation loss (the validation set holds a single class: its AUC is undefined)",
                  "train_loss": "lowest training loss: there is no validation set"}[monitor]
@@ -353,12 +360,12 @@ cross-entropy {_metric_text(metrics['loss'])}. See `val_metrics.json`; ROC and c
 says how the model performs on new scans."""
     return f"""# covidctnet 3D classifier ({cfg.arch}, input {cfg.depth}×{cfg.size_xy}×{cfg.size_xy})
 
-Classifies a residual volume (preprocessed CT − BCDU-Net denoised CT, from `covidctnet residuals`) into
+Classifies {what} into
 control (0), COVID-19 (1) or community-acquired pneumonia (2), after CovidCTNet (Javaheri et al., npj Digit. Med. 4,
 29 (2021)). Research software, **not a medical device**; not for diagnosis or any clinical decision.
 
 ## Data
-- Residual volumes: `{residuals_dir}`; split: {data.split_source} (patient-level, listed in `split.csv`).
+- Training volumes: `{residuals_dir}`; split: {data.split_source} (patient-level, listed in `split.csv`).
 - {den_text}
 
 | split | studies | patients | {' | '.join(CLASS_NAMES)} |
@@ -380,8 +387,8 @@ best epoch {result.best_epoch} ({selection}){', stopped early' if result.stopped
 {validation}
 
 ## Intended use and limits
-Research on CT residual maps produced with the same preprocessing and denoiser as the training residuals; inputs
-must be {cfg.size_xy}×{cfg.size_xy}×{cfg.depth} residual NIfTIs (RAS), fed through
+Research on CT evidence maps produced with the same preprocessing and model as the training volumes; inputs
+must be {cfg.size_xy}×{cfg.size_xy}×{cfg.depth} NIfTIs (RAS), fed through
 `covidctnet.data.residual_volumes.residual_to_network_input`. Figures from a small validation set have wide
 confidence intervals; performance on other scanners, protocols or populations is unknown.
 """
@@ -690,7 +697,8 @@ def _finish(trainer: Any, result: Any, cfg: ClassifierConfig, data: PreparedData
     config["validation"] = to_jsonable({k: metrics[k] for k in ("n", "auc", "auc_per_class", "accuracy", "loss",
                                                                "classes_present")})
     card = _card(cfg, data, str(residuals_dir), command or "(library call)", metrics, monitor, result,
-                 note if paired is not None else None, note if paired is None else None)
+                 note if paired is not None else None, note if paired is None else None,
+                 lesion["entry"]["source"]["path"] if lesion is not None else None)
     extra = {"training_config.yaml": run_dir / "config.yaml", "metrics.csv": run_dir / "metrics.csv",
              "split.csv": run_dir / "split.csv"}
     details = {"n_train": len(data.train), "n_val": len(data.val), "n_test": len(data.test),

@@ -73,7 +73,7 @@ def test_demo_card_figures_are_its_table_and_the_classifier_claims_none():
     # the classifier has no validation figure (n = 0): the header must not invent a classification result
     assert load_model_dir(DEMO_MODEL).config["validation"]["n"] == 0
     assert all(r["task"]["type"] != "image-classification" for r in _results(header))
-    row = next(line for line in card.splitlines() if line.startswith("| residual_score"))
+    row = next(line for line in card.splitlines() if line.startswith("| lesion_score"))
     table = [(float(v), float(lo), float(hi)) for v, lo, hi in re.findall(r"([0-9.]+) \(([0-9.]+)–([0-9.]+)\)", row)]
     figures = [(m["value"], *_ci(m["name"])) for r in _results(header) for m in r["metrics"]]
     assert figures == table and len(table) == 3

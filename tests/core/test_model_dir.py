@@ -40,8 +40,9 @@ def test_bundled_models_load_in_the_current_schema(tmp_path):
     assert old.config["class_names"] == raw["class_names"] and old.config["preprocess"] == raw["preprocess"]
     assert "classes" not in old.config and "preprocessing" not in old.config
     demo = load_model_dir(DEMO_MODEL).spec
-    assert demo.task == "covidctnet" and set(demo.components) == {"classifier", "denoiser"}
-    assert demo.components["denoiser"].source["weights_sha256"]
+    assert demo.task == "covidctnet" and set(demo.components) == {"classifier", "denoiser", "lesion"}
+    assert demo.components["denoiser"].source["weights_sha256"] and demo.components["lesion"].source["weights_sha256"]
+    assert demo.extra["evidence"] == "lesion"  # the classifier reads the lesion model's maps
 
 
 def test_round_trip_and_weights_filled_in(tmp_path):
