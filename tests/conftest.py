@@ -99,3 +99,20 @@ def mini_ucsd(ucsd_root, tmp_path_factory) -> Path:
                     im.save(root / folder / name, format=im.format or ("JPEG" if name.endswith(".jpg") else "PNG"))
             (root / "Data-split" / cls / f"{split}CT_{cls}.txt").write_bytes(sep.join(names).encode())
     return root
+
+
+@pytest.fixture(scope="session")
+def residual_demo_model(tmp_path_factory) -> Path:
+    """The bundled demo model as a residual-evidence directory (its classifier reading the denoiser's residual):
+    what the tests of the denoiser's numerics (backends, int8, bf16) need, now that the bundled classifier reads the
+    lesion model's maps. Its classifier was trained on lesion maps, so its probabilities mean nothing."""
+    from covidctnet.core.model_dir import load_model_dir, save_model_dir
+    from covidctnet.models.registry import DEMO_MODEL
+
+    md = load_model_dir(DEMO_MODEL)
+    keep = ("classifier", "denoiser")
+    config = {**md.config, "evidence": "residual",
+              "components": {c: {k: v for k, v in md.config["components"][c].items() if k != "weights"} for c in keep}}
+    out = tmp_path_factory.mktemp("residual_demo") / "model"
+    save_model_dir(out, config, {c: md.state_dict(c) for c in keep}, "# the demo model, residual evidence (tests)\n")
+    return out

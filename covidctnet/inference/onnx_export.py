@@ -224,6 +224,9 @@ def export_onnx(
     md, modules = _torch_components(model_dir)
     if int8_calibration and "denoiser" not in modules:
         raise ConfigError(f"{model_dir}: --int8-calibration quantises a denoiser; a slice model has none")
+    if int8_calibration and md.config.get("evidence") == "lesion":
+        raise ConfigError(f"{model_dir}: --int8-calibration quantises the denoiser, but this model's classifier reads "
+                          "the lesion model's maps (evidence: lesion), so its gate could not check the classifier")
     with atomic_dir(out_dir) as tmp:
         entries = {name: _export_one(name, module, shape, kind, tmp / f"{name}.onnx", opset, tolerance, seed,
                                      log_level) for name, (module, shape, kind) in modules.items()}

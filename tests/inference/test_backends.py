@@ -27,7 +27,6 @@ from covidctnet.inference.backends import open_model, resolve_backend
 from covidctnet.inference.onnx_export import ONNX_MANIFEST, cache_root, cached_export, export_onnx
 from covidctnet.inference.predict import load_pipeline, predict_volume
 from covidctnet.io.volume import read_volume
-from covidctnet.models.registry import DEMO_MODEL
 
 pytest.importorskip("onnxruntime")
 HAS_OPENVINO = "openvino" in backends.installed_runtimes()
@@ -186,13 +185,14 @@ def test_denoiser_model_directory_exports_its_denoiser(tmp_path, fresh_cache):
 
 
 @pytest.mark.slow  # about 10 min on the 2 shared, loaded cores measured (issue 26); far less on an idle machine
-def test_auto_equals_torch_fp32_on_every_full_series():
+def test_auto_equals_torch_fp32_on_every_full_series(residual_demo_model):
     """Residuals within 1e-4 (full preprocessed grid and the classifier's grid) and probabilities within 1e-5, with
     the bundled demo model (trained weights, so residuals carry real structure; 128×128, the cheapest trained model)
     on every shared full series (99-168 DICOM slices, about 300 after preprocessing)."""
     series = sorted(p for p in require_data("ct-dicom-full").iterdir() if p.is_dir())
     assert len(series) >= 3
-    reference, fast = load_pipeline(DEMO_MODEL, "cpu", "torch"), load_pipeline(DEMO_MODEL, "cpu", "auto")
+    reference = load_pipeline(residual_demo_model, "cpu", "torch")
+    fast = load_pipeline(residual_demo_model, "cpu", "auto")
     assert reference.backend == "torch" and fast.backend in ("openvino", "onnx")
     for path in series:
         volume = read_volume(path)
