@@ -201,6 +201,32 @@ def resolve_denoiser_dir(path: str | os.PathLike) -> Path:
                         "with model/; train one with `covidctnet train-denoiser`")
 
 
+def _load_slice_network(path: str | os.PathLike, component: str, arch: str,
+                        build: Any) -> tuple[ModelDir, nn.Module, int, dict[str, Any]]:
+    """A slice-by-slice network of a model directory (or a training run folder's ``model/``): its directory, the
+    network with its hash-checked weights, its in-plane input size and the preprocessing it records.
+
+    Raises:
+        ModelDirError: missing directory or component, another architecture than ``arch``, weights that do not fit,
+            no recorded input size, bad hash.
+    """
+    mdir = load_model_dir(resolve_denoiser_dir(path))
+    comp = mdir.component(component)
+    if comp.get("arch") != arch:
+        raise ModelDirError(f"{mdir.path / 'config.yaml'}: {component} architecture {comp.get('arch')!r} is not "
+                            f"supported; expected {arch!r}")
+    try:
+        model = build(comp.get("kwargs") or {})
+    except ConfigError as err:
+        raise ModelDirError(f"{mdir.path / 'config.yaml'}: {err}") from err
+    _load_weights(model, mdir, component, f"the architecture in config.yaml ({comp.get('kwargs')})")
+    preprocess = dict(mdir.config.get("preprocess") or {})
+    size = (mdir.config.get("input") or {}).get("size_xy", preprocess.get("size_xy"))
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise ModelDirError(f"{mdir.path / 'config.yaml'}: no input size (input.size_xy or preprocess.size_xy)")
+    return mdir, model, size, preprocess
+
+
 def load_denoiser(path: str | os.PathLike, device: str | Any = "auto") -> Denoiser:
     """Load the ``denoiser`` component of a model directory (hash-checked) into a BCDU-Net in eval mode.
 
@@ -212,20 +238,7 @@ def load_denoiser(path: str | os.PathLike, device: str | Any = "auto") -> Denois
         ModelDirError: missing directory or component, unknown architecture, weights that do not fit, an input
             size that is not a multiple of 8, bad hash.
     """
-    mdir = load_model_dir(resolve_denoiser_dir(path))
-    comp = mdir.component(DENOISER_COMPONENT)
-    if comp.get("arch") != "bcdunet":
-        raise ModelDirError(f"{mdir.path / 'config.yaml'}: denoiser architecture {comp.get('arch')!r} is not "
-                            "supported; expected 'bcdunet'")
-    try:
-        model = build_denoiser(comp.get("kwargs") or {})
-    except ConfigError as err:
-        raise ModelDirError(f"{mdir.path / 'config.yaml'}: {err}") from err
-    _load_weights(model, mdir, DENOISER_COMPONENT, f"the architecture in config.yaml ({comp.get('kwargs')})")
-    preprocess = dict(mdir.config.get("preprocess") or {})
-    size = (mdir.config.get("input") or {}).get("size_xy", preprocess.get("size_xy"))
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise ModelDirError(f"{mdir.path / 'config.yaml'}: no input size (input.size_xy or preprocess.size_xy)")
+    mdir, model, size, preprocess = _load_slice_network(path, DENOISER_COMPONENT, "bcdunet", build_denoiser)
     if size < DOWNSAMPLE_FACTOR or size % DOWNSAMPLE_FACTOR:
         # refuse at load time, naming the model: otherwise every study would fail inside the network instead
         raise ModelDirError(f"{mdir.path / 'config.yaml'}: denoiser input size {size} is not a multiple of "
@@ -279,20 +292,7 @@ def load_lesion_model(path: str | os.PathLike, device: str | Any = "auto") -> Le
     Raises:
         ModelDirError: no such directory or component, another architecture, weights that do not fit, bad hash.
     """
-    mdir = load_model_dir(resolve_denoiser_dir(path))
-    comp = mdir.component(LESION_COMPONENT)
-    if comp.get("arch") != "unet2d":
-        raise ModelDirError(f"{mdir.path / 'config.yaml'}: lesion architecture {comp.get('arch')!r} is not "
-                            "supported; expected 'unet2d'")
-    try:
-        model = build_lesion_model(comp.get("kwargs") or {})
-    except ConfigError as err:
-        raise ModelDirError(f"{mdir.path / 'config.yaml'}: {err}") from err
-    _load_weights(model, mdir, LESION_COMPONENT, f"the architecture in config.yaml ({comp.get('kwargs')})")
-    preprocess = dict(mdir.config.get("preprocess") or {})
-    size = (mdir.config.get("input") or {}).get("size_xy", preprocess.get("size_xy"))
-    if isinstance(size, bool) or not isinstance(size, int):
-        raise ModelDirError(f"{mdir.path / 'config.yaml'}: no input size (input.size_xy or preprocess.size_xy)")
+    mdir, model, size, preprocess = _load_slice_network(path, LESION_COMPONENT, "unet2d", build_lesion_model)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     model.to(dev).eval()
     return LesionModel(model, size, mdir.path, mdir.weights_sha256(LESION_COMPONENT), dev, preprocess)
