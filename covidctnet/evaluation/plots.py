@@ -236,8 +236,9 @@ def plot_residual_overlay(
     dpi: int = _DEFAULT_DPI,
     lung_mask: np.ndarray | None = None,
     axial_index: int | None = None,
+    probability: bool = False,
 ) -> Path:
-    """Residual over the CT on an axial slice and the coronal and sagittal slices through it.
+    """Residual (or lesion probability) over the CT on an axial slice and the coronal and sagittal slices through it.
 
     Args:
         path: output PNG.
@@ -249,6 +250,8 @@ def plot_residual_overlay(
             shown inside them only, minus its median over the lungs (percentiles taken over the lungs).
         axial_index: the axial slice to show (default: the middle one); the coronal and sagittal slices pass through
             the largest residual inside the lungs of that slice (the volume's centre without a mask).
+        probability: ``residual`` holds lesion probabilities in [0, 1] (a lesion model's map): drawn on a fixed 0–1
+            scale where they are at least 0.5, with no median subtracted.
 
     Returns:
         The written path.
@@ -261,14 +264,19 @@ def plot_residual_overlay(
         raise ValueError(f"lung_mask must have the CT's shape {ct.shape}, not {lung_mask.shape}")
     inside = np.ones(ct.shape, dtype=bool) if lung_mask is None or not lung_mask.any() else lung_mask.astype(bool)
     offset = 0.0
-    if lung_mask is not None and lung_mask.any():
+    if probability:
+        limit, vmin, cmap = 1.0, 0.0, "plasma"
+        shown = np.ma.masked_where(~inside | (residual < 0.5), residual)
+    elif lung_mask is not None and lung_mask.any():
         # a denoiser can be biased over the whole lung (e.g. denoised lung uniformly brighter): its median over the
         # lungs is subtracted so the colours show where the residual departs from the lung's typical value
         offset = float(np.median(residual[inside]))
         residual = residual - offset
-    magnitude = np.abs(residual[inside])
-    limit = float(np.percentile(magnitude, 99.5)) or 1.0
-    shown = np.ma.masked_where(~inside | (np.abs(residual) < np.percentile(magnitude, 95)), residual)
+    if not probability:
+        magnitude = np.abs(residual[inside])
+        limit = float(np.percentile(magnitude, 99.5)) or 1.0
+        vmin, cmap = -limit, "coolwarm"
+        shown = np.ma.masked_where(~inside | (np.abs(residual) < np.percentile(magnitude, 95)), residual)
     x, y, z = (s // 2 for s in ct.shape)
     if axial_index is not None:
         z = int(np.clip(axial_index, 0, ct.shape[2] - 1))
@@ -287,14 +295,17 @@ def plot_residual_overlay(
     axes = fig.subplots(1, 3)
     for ax, (name, index) in zip(axes, views):
         ax.imshow(np.rot90(ct[index]), cmap="gray", vmin=0, vmax=1, aspect="auto")
-        im = ax.imshow(np.rot90(shown[index]), cmap="coolwarm", vmin=-limit, vmax=limit, alpha=0.8, aspect="auto")
+        im = ax.imshow(np.rot90(shown[index]), cmap=cmap, vmin=vmin, vmax=limit, alpha=0.8, aspect="auto")
         if lung_mask is not None:
             ax.contour(np.rot90(lung_mask[index].astype(np.float32)), levels=[0.5], colors="yellow", linewidths=0.6)
         where = {"axial": f"slice {z}", "coronal": f"y={y}", "sagittal": f"x={x}"}[name]
         ax.set_title(f"{name} ({where})")
         ax.set_axis_off()
-    label = ("residual (input − denoised)" if lung_mask is None else
-             f"residual − lung median ({offset:+.3f}), lungs in yellow")
+    label = ("lesion probability (shown where ≥ 0.5)" if probability else
+             "residual (input − denoised)" if lung_mask is None else
+             f"residual − lung median ({offset:+.3f})")
+    if lung_mask is not None:
+        label += ", lungs in yellow"
     fig.colorbar(im, ax=list(axes), shrink=0.8, label=label)
     if title:
         fig.suptitle(title)

@@ -345,6 +345,7 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
         (out_dir / PREVIEWS_DIR).mkdir(parents=True, exist_ok=True)
     plot_residual_overlay(out_dir / (row.get("overlay") or row["preview"]), ct_small, residual, title=title,
                           lung_mask=lung, axial_index=int(np.argmax(score)) if area.max() else None,
+                          probability=pipeline.evidence == "lesion",
                           **({} if cfg.save_residuals else {"dpi": PREVIEW_DPI}))
     if cfg.slice_scores:  # slice-scores' table from the residual of this pass: the slices are denoised once
         full, full_affine = result["residual_full"]

@@ -7,7 +7,15 @@ import sys
 import numpy as np
 import pytest
 
-from covidctnet.evaluation.plots import OperatingPoint, RocCurve, new_figure, plot_confusion, plot_roc, save_figure
+from covidctnet.evaluation.plots import (
+    OperatingPoint,
+    RocCurve,
+    new_figure,
+    plot_confusion,
+    plot_residual_overlay,
+    plot_roc,
+    save_figure,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -83,3 +91,21 @@ def test_residual_overlay_with_lung_mask(tmp_path):
     assert path.stat().st_size > 5_000
     with pytest.raises(ValueError, match="lung_mask must have the CT's shape"):
         plot_residual_overlay(tmp_path / "x.png", ct, residual, lung_mask=lung[:, :, :5])
+
+
+def test_lesion_probability_overlay_uses_a_fixed_scale(tmp_path):
+    """A lesion map is drawn on 0–1 where it reaches 0.5, whatever its median: the same map gives the same pixels
+    when the rest of the lung changes."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ct = rng.random((32, 32, 8), dtype=np.float32)
+    lung = np.zeros(ct.shape, bool)
+    lung[4:28, 4:28, :] = True
+    prob = np.zeros(ct.shape, np.float32)
+    prob[10:16, 10:16, 4] = 0.9
+    low = prob.copy()
+    low[lung & (prob == 0)] = 0.3  # below 0.5: never drawn
+    a = plot_residual_overlay(tmp_path / "a.png", ct, prob, lung_mask=lung, axial_index=4, probability=True)
+    b = plot_residual_overlay(tmp_path / "b.png", ct, low, lung_mask=lung, axial_index=4, probability=True)
+    assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
