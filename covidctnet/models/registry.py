@@ -31,6 +31,7 @@ __all__ = [
     "DEFAULT_SLICE_MODEL",
     "DENOISER_COMPONENT",
     "Denoiser",
+    "SliceNetwork",
     "build_denoiser",
     "resolve_denoiser_dir",
     "load_denoiser",
@@ -167,16 +168,16 @@ def load_classifier(
 
 
 @dataclass
-class Denoiser:
-    """A loaded denoiser, in eval mode on ``device``.
+class SliceNetwork:
+    """A loaded slice-by-slice network of a model directory, in eval mode on ``device``.
 
     Attributes:
-        model: the BCDU-Net (``(B, 1, S, S)`` in [0, 1] → denoised slice).
+        model: the network (``(B, C, S, S)`` slices in).
         size_xy: the in-plane size ``S`` its input must have.
-        preprocess: the preprocessing settings it was trained with (``config.yaml`` ``preprocess``; may be empty).
         path: the model directory.
-        weights_sha256: hash of ``denoiser.safetensors``.
+        weights_sha256: hash of the component's weights file.
         device: where the model runs.
+        preprocess: the preprocessing settings it was trained with (``config.yaml`` ``preprocess``; may be empty).
     """
     model: Any
     size_xy: int
@@ -184,6 +185,12 @@ class Denoiser:
     weights_sha256: str
     device: Any
     preprocess: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Denoiser(SliceNetwork):
+    """A loaded denoiser: ``model`` is the BCDU-Net (``(B, 1, S, S)`` in [0, 1] → denoised slice);
+    ``weights_sha256`` is that of ``denoiser.safetensors``."""
 
 
 def resolve_denoiser_dir(path: str | os.PathLike) -> Path:
@@ -267,23 +274,9 @@ def build_lesion_model(kwargs: Mapping[str, Any]) -> nn.Module:
 
 
 @dataclass
-class LesionModel:
-    """A loaded lesion model, in eval mode on ``device``.
-
-    Attributes:
-        model: the 2D U-Net: ``(B, 2, S, S)`` (slice in [0, 1], lung mask) → ``(B, 1, S, S)`` lesion logits.
-        size_xy: the in-plane size ``S`` its input must have.
-        path: the model directory.
-        weights_sha256: hash of ``lesion.safetensors``.
-        device: where it runs.
-        preprocess: the preprocessing it was trained with (``config.yaml`` ``preprocess``).
-    """
-    model: Any
-    size_xy: int
-    path: Path
-    weights_sha256: str
-    device: Any
-    preprocess: dict[str, Any] = field(default_factory=dict)
+class LesionModel(SliceNetwork):
+    """A loaded lesion model: ``model`` is the 2D U-Net (``(B, 2, S, S)``: slice in [0, 1], lung mask →
+    ``(B, 1, S, S)`` lesion logits); ``weights_sha256`` is that of ``lesion.safetensors``."""
 
 
 def load_lesion_model(path: str | os.PathLike, device: str | Any = "auto") -> LesionModel:
