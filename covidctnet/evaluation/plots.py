@@ -263,28 +263,10 @@ def plot_residual_overlay(
     if lung_mask is not None and lung_mask.shape != ct.shape:
         raise ValueError(f"lung_mask must have the CT's shape {ct.shape}, not {lung_mask.shape}")
     inside = np.ones(ct.shape, dtype=bool) if lung_mask is None or not lung_mask.any() else lung_mask.astype(bool)
-    offset = 0.0
-    if probability:
-        limit, vmin, cmap = 1.0, 0.0, "plasma"
-        shown = np.ma.masked_where(~inside | (residual < 0.5), residual)
-    elif lung_mask is not None and lung_mask.any():
-        # a denoiser can be biased over the whole lung (e.g. denoised lung uniformly brighter): its median over the
-        # lungs is subtracted so the colours show where the residual departs from the lung's typical value
-        offset = float(np.median(residual[inside]))
-        residual = residual - offset
-    if not probability:
-        magnitude = np.abs(residual[inside])
-        limit = float(np.percentile(magnitude, 99.5)) or 1.0
-        vmin, cmap = -limit, "coolwarm"
-        shown = np.ma.masked_where(~inside | (np.abs(residual) < np.percentile(magnitude, 95)), residual)
-    x, y, z = (s // 2 for s in ct.shape)
-    if axial_index is not None:
-        z = int(np.clip(axial_index, 0, ct.shape[2] - 1))
-        if lung_mask is not None and inside[:, :, z].any():
-            # coronal and sagittal through the strongest smoothed residual of that axial slice, inside the lungs
-
-            smooth = ndimage.uniform_filter(np.maximum(residual[:, :, z], 0), size=5)
-            x, y = np.unravel_index(np.argmax(np.where(inside[:, :, z], smooth, -np.inf)), smooth.shape)
+    offset = 0.0 if probability or lung_mask is None or not lung_mask.any() else float(np.median(residual[inside]))
+    residual = residual - offset
+    shown, vmin, vmax, cmap = _overlay_colour_scale(residual, inside, probability)
+    x, y, z = _overlay_cut(residual, inside, lung_mask is not None, axial_index)
     # Radiological display: rot90 puts anterior (or superior) up with the patient's right on the image's left.
     views = [
         ("axial", (slice(None), slice(None), z)),
@@ -295,7 +277,7 @@ def plot_residual_overlay(
     axes = fig.subplots(1, 3)
     for ax, (name, index) in zip(axes, views):
         ax.imshow(np.rot90(ct[index]), cmap="gray", vmin=0, vmax=1, aspect="auto")
-        im = ax.imshow(np.rot90(shown[index]), cmap=cmap, vmin=vmin, vmax=limit, alpha=0.8, aspect="auto")
+        im = ax.imshow(np.rot90(shown[index]), cmap=cmap, vmin=vmin, vmax=vmax, alpha=0.8, aspect="auto")
         if lung_mask is not None:
             ax.contour(np.rot90(lung_mask[index].astype(np.float32)), levels=[0.5], colors="yellow", linewidths=0.6)
         where = {"axial": f"slice {z}", "coronal": f"y={y}", "sagittal": f"x={x}"}[name]
@@ -310,6 +292,52 @@ def plot_residual_overlay(
     if title:
         fig.suptitle(title)
     return save_figure(fig, path, dpi=dpi)
+
+
+def _overlay_colour_scale(
+    residual: np.ndarray, inside: np.ndarray, probability: bool
+) -> tuple[np.ma.MaskedArray, float, float, str]:
+    """What an overlay draws over the CT and on which colour scale.
+
+    Args:
+        residual: (X, Y, Z) residual (lung median already subtracted), or lesion probabilities in [0, 1].
+        inside: (X, Y, Z) bool voxels that may be drawn (the lungs, or everything without a mask).
+        probability: ``residual`` holds probabilities: shown where at least 0.5 on a fixed 0-1 scale.
+
+    Returns:
+        the (X, Y, Z) values masked where nothing is drawn, the scale's minimum and maximum, the colour map name.
+        A residual is shown where its magnitude reaches its 95th percentile inside, on a symmetric scale to the 99.5th.
+    """
+    if probability:
+        return np.ma.masked_where(~inside | (residual < 0.5), residual), 0.0, 1.0, "plasma"
+    magnitude = np.abs(residual[inside])
+    limit = float(np.percentile(magnitude, 99.5)) or 1.0
+    shown = np.ma.masked_where(~inside | (np.abs(residual) < np.percentile(magnitude, 95)), residual)
+    return shown, -limit, limit, "coolwarm"
+
+
+def _overlay_cut(
+    residual: np.ndarray, inside: np.ndarray, has_mask: bool, axial_index: int | None
+) -> tuple[int, int, int]:
+    """Voxel indices ``(x, y, z)`` of the sagittal, coronal and axial slices an overlay shows.
+
+    Args:
+        residual: (X, Y, Z) residual (lung median already subtracted) or lesion probabilities.
+        inside: (X, Y, Z) bool lung voxels (everything without a mask).
+        has_mask: a lung mask was given.
+        axial_index: the axial slice asked for (clipped to the volume), or ``None`` for the middle one.
+
+    Returns:
+        the volume's centre, with ``z`` = the asked slice; with a mask that has lung in it, ``x`` and ``y`` go
+        through the strongest residual of that slice, smoothed over 5 x 5 voxels, inside the lungs.
+    """
+    x, y, z = (s // 2 for s in residual.shape)
+    if axial_index is not None:
+        z = int(np.clip(axial_index, 0, residual.shape[2] - 1))
+        if has_mask and inside[:, :, z].any():
+            smooth = ndimage.uniform_filter(np.maximum(residual[:, :, z], 0), size=5)
+            x, y = np.unravel_index(np.argmax(np.where(inside[:, :, z], smooth, -np.inf)), smooth.shape)
+    return x, y, z
 
 
 CAM_CMAP = "turbo"

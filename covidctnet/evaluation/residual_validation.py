@@ -462,91 +462,161 @@ def validate_residuals(slices_dir: str | os.PathLike, labels_path: str | os.Path
         InputError: no slice CSV, no study with labels, or no analysis possible (message says why).
         LabelError: unreadable labels.
     """
-
     slices_dir, out_dir = Path(slices_dir), Path(out_dir)
     files = sorted(slices_dir.glob(f"*{SLICES_SUFFIX}")) if slices_dir.is_dir() else []
     if not files:
         raise InputError(f"{slices_dir}: no *{SLICES_SUFFIX} files (run `covidctnet slice-scores` first)")
     labels = read_labels(labels_path, label_index, lobe_labels)
+    tables, skipped = _read_slice_tables(files)
+    assigned = labels.assign(tables, _patient_labels(slices_dir))
     per_study: dict[str, Any] = {}
-    skipped: dict[str, str] = {}
-    pooled_pos: list[dict[str, np.ndarray]] = []
-    pooled_neg: list[dict[str, np.ndarray]] = []
+    positives: list[dict[str, np.ndarray]] = []
+    negatives: list[dict[str, np.ndarray]] = []
     plots: list[tuple[str, list[dict[str, Any]], np.ndarray, np.ndarray]] = []
     extra: list[str] = []
-    tables: dict[str, list[dict[str, Any]]] = {}
-    for path in files:
-        rows = read_slices_csv(path)
-        if not rows:
-            skipped[path.name] = "empty"
-            continue
-        tables[rows[0]["study_id"]] = rows
-    assigned = labels.assign(tables, _patient_labels(slices_dir))
     matched_rows: list[list[Any]] = []
     for sid, rows in tables.items():
         if sid not in assigned:
             skipped[sid] = "no labels"
             continue
         y, lobe_y = assigned[sid]
-        matched_rows += [[sid, r["slice"], f"{r['z_mm']:.3f}", *("" if v < 0 else int(v) for v in
-                                                                 [y[k], *(lobe_y[k] if lobe_y is not None else [])])]
-                         for k, r in enumerate(rows)]
-        lung_ml = np.array([r["lung_ml"] for r in rows], dtype=np.float64)
-        lung = lung_ml >= cfg.lung_fraction * float(lung_ml.max()) if lung_ml.max() > 0 else np.zeros_like(y, bool)
-        if not extra:
-            extra = [k for k in rows[0] if k.startswith("residual_") and k != "residual_score"]
-        cols = list(SCORES) + extra
-        values = {c: np.array([r.get(c, np.nan) for r in rows], dtype=np.float64) for c in cols}
-        keep = lung & (y >= 0) & np.all([np.isfinite(values[c]) for c in cols], axis=0)
+        matched_rows += _matched_label_rows(sid, rows, y, lobe_y)
+        lung = _lung_slices(rows, y, cfg.lung_fraction)
+        # the candidate columns are those of the first labelled table that has any
+        extra = extra or [k for k in rows[0] if k.startswith("residual_") and k != "residual_score"]
+        info, lung_scores, y_lung = _study_block(rows, y, lobe_y, lung, extra, cfg.level)
         plots.append((sid, rows, y, lung))
-        info: dict[str, Any] = {"n_rows": len(rows), "n_unmatched": int((y < 0).sum()),
-                                "n_lung_slices": int(keep.sum()), "n_infected_all": int((y == 1).sum())}
-        yk = y[keep]
-        chosen = {c: values[c][keep] for c in cols}
         if (y == 1).any():
-            pooled_pos.append({c: v[yk == 1] for c, v in chosen.items()})
+            positives.append({c: v[y_lung == 1] for c, v in lung_scores.items()})
+            if "auc" not in info:
+                skipped[sid] = "lung slices hold only one class"
         else:
-            pooled_neg.append(chosen)
-            info["role"] = "normal subject (no infected slice): negatives of the pooled analysis"
-        if yk.size and 0 < yk.sum() < yk.size:
-            info.update(_auc_block(yk, {c: chosen[c] for c in SCORES}, cfg.level))
-            info["candidates"] = {c: auc_score(yk, chosen[c]) for c in extra}
-        elif (y == 1).any():
-            skipped[sid] = "lung slices hold only one class"
-        if lobe_y is not None and (y == 1).any():
-            info["lobes"] = _lobe_block(lobe_y[keep], yk, chosen)
+            negatives.append(lung_scores)
         per_study[sid] = info
     if not per_study:
         raise InputError(f"{slices_dir}: none of the studies {[p.name for p in files]} has labels in {labels.source}")
     metrics: dict[str, Any] = {"slices_dir": str(slices_dir), "labels": labels.source,
                                "config": {"lung_fraction": cfg.lung_fraction, "level": cfg.level},
                                "per_study": per_study, "skipped": skipped}
+    metrics.update(_summary_blocks(per_study, extra, positives, negatives, cfg.level))
+    metrics = to_jsonable(metrics)
+    _write_validation(out_dir, metrics, plots, matched_rows, labels.has_lobes)
+    return metrics
+
+
+def _read_slice_tables(files: Sequence[Path]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, str]]:
+    """Read the ``<study_id>_slices.csv`` tables.
+
+    Returns:
+        study id → its rows, and file name → ``"empty"`` for the tables without a row.
+    """
+    tables: dict[str, list[dict[str, Any]]] = {}
+    skipped: dict[str, str] = {}
+    for path in files:
+        rows = read_slices_csv(path)
+        if not rows:
+            skipped[path.name] = "empty"
+            continue
+        tables[rows[0]["study_id"]] = rows
+    return tables, skipped
+
+
+def _matched_label_rows(sid: str, rows: Sequence[dict[str, Any]], y: np.ndarray, lobe_y: np.ndarray | None
+                        ) -> list[list[Any]]:
+    """The ``matched_labels.csv`` rows of one study: ``study_id, slice, z_mm, infected`` and the lobe labels of each
+    of its N slices (``y`` (N,), ``lobe_y`` (N, 5) or ``None``), empty where no label matched (-1)."""
+    return [[sid, r["slice"], f"{r['z_mm']:.3f}", *("" if v < 0 else int(v) for v in
+                                                    [y[k], *(lobe_y[k] if lobe_y is not None else [])])]
+            for k, r in enumerate(rows)]
+
+
+def _lung_slices(rows: Sequence[dict[str, Any]], y: np.ndarray, lung_fraction: float) -> np.ndarray:
+    """(N,) bool: the slices whose ``lung_ml`` is at least ``lung_fraction`` of the scan's largest (none when the scan
+    has no lung)."""
+    lung_ml = np.array([r["lung_ml"] for r in rows], dtype=np.float64)
+    return lung_ml >= lung_fraction * float(lung_ml.max()) if lung_ml.max() > 0 else np.zeros_like(y, bool)
+
+
+def _study_block(rows: Sequence[dict[str, Any]], y: np.ndarray, lobe_y: np.ndarray | None, lung: np.ndarray,
+                 extra: Sequence[str], level: float) -> tuple[dict[str, Any], dict[str, np.ndarray], np.ndarray]:
+    """One study's analysis of its labelled lung slices with every score finite.
+
+    Args:
+        rows: the study's N slice rows.
+        y: (N,) slice labels: 0, 1, or -1 (no label).
+        lobe_y: (N, 5) lobe labels, or ``None``.
+        lung: (N,) bool lung slices.
+        extra: the candidate ``residual_*`` columns.
+        level: confidence level of the DeLong intervals.
+
+    Returns:
+        the study's ``per_study`` block (counts; AUCs and tests of :data:`SCORES` and the candidates' AUCs when both
+        classes are present; per-lobe AUCs with lobe labels), the K kept slices' scores (column → (K,)) and their
+        (K,) labels.
+    """
+    cols = list(SCORES) + list(extra)
+    values = {c: np.array([r.get(c, np.nan) for r in rows], dtype=np.float64) for c in cols}
+    keep = lung & (y >= 0) & np.all([np.isfinite(values[c]) for c in cols], axis=0)
+    info: dict[str, Any] = {"n_rows": len(rows), "n_unmatched": int((y < 0).sum()),
+                            "n_lung_slices": int(keep.sum()), "n_infected_all": int((y == 1).sum())}
+    y_kept = y[keep]
+    chosen = {c: values[c][keep] for c in cols}
+    if not (y == 1).any():
+        info["role"] = "normal subject (no infected slice): negatives of the pooled analysis"
+    if y_kept.size and 0 < y_kept.sum() < y_kept.size:
+        info.update(_auc_block(y_kept, {c: chosen[c] for c in SCORES}, level))
+        info["candidates"] = {c: auc_score(y_kept, chosen[c]) for c in extra}
+    if lobe_y is not None and (y == 1).any():
+        info["lobes"] = _lobe_block(lobe_y[keep], y_kept, chosen)
+    return info, chosen, y_kept
+
+
+def _summary_blocks(per_study: dict[str, Any], extra: Sequence[str], positives: Sequence[dict[str, np.ndarray]],
+                    negatives: Sequence[dict[str, np.ndarray]], level: float) -> dict[str, Any]:
+    """The across-study part of ``metrics.json``: ``mean_within_auc``, ``pooled`` (infected lung slices of the
+    studies with infection against the lung slices of the studies without) and ``candidates``, each only when there
+    is something to report.
+
+    Args:
+        per_study: the studies' blocks (:func:`_study_block`).
+        extra: the candidate ``residual_*`` columns.
+        positives: per study with infection, its infected lung slices' scores (column → (K,)).
+        negatives: per study without infection, its lung slices' scores (column → (K,)).
+        level: confidence level of the DeLong intervals.
+    """
+    out: dict[str, Any] = {}
     within = [b for b in per_study.values() if "auc" in b]
     if within:
-        metrics["mean_within_auc"] = {s: float(np.mean([b["auc"][s]["value"] for b in within])) for s in SCORES}
+        out["mean_within_auc"] = {s: float(np.mean([b["auc"][s]["value"] for b in within])) for s in SCORES}
     candidates: dict[str, dict[str, float | None]] = {}
     for c in extra:
         candidates[c] = {sid: b["candidates"][c] for sid, b in per_study.items() if "candidates" in b}
-    if pooled_pos and pooled_neg:
-        pos = {c: np.concatenate([p[c] for p in pooled_pos]) for c in pooled_pos[0]}
-        neg = {c: np.concatenate([n[c] for n in pooled_neg]) for c in pooled_neg[0]}
+    if positives and negatives:
+        pos = {c: np.concatenate([p[c] for p in positives]) for c in positives[0]}
+        neg = {c: np.concatenate([n[c] for n in negatives]) for c in negatives[0]}
         y = np.concatenate([np.ones(pos["lung_ml"].size, int), np.zeros(neg["lung_ml"].size, int)])
         both = {c: np.concatenate([pos[c], neg[c]]) for c in pos}
         if 0 < y.sum() < y.size:
-            metrics["pooled"] = _auc_block(y, {c: both[c] for c in SCORES}, cfg.level)
-            metrics["pooled"]["positives"] = "infected lung slices of studies with infection"
-            metrics["pooled"]["negatives"] = "lung slices of studies without infection"
+            out["pooled"] = _auc_block(y, {c: both[c] for c in SCORES}, level)
+            out["pooled"]["positives"] = "infected lung slices of studies with infection"
+            out["pooled"]["negatives"] = "lung slices of studies without infection"
             for c in extra:
                 candidates[c]["pooled"] = auc_score(y, both[c])
     if candidates:
-        metrics["candidates"] = candidates
+        out["candidates"] = candidates
+    return out
 
-    metrics = to_jsonable(metrics)
+
+def _write_validation(out_dir: Path, metrics: dict[str, Any],
+                      plots: Sequence[tuple[str, list[dict[str, Any]], np.ndarray, np.ndarray]],
+                      matched_rows: Sequence[Sequence[Any]], has_lobes: bool) -> None:
+    """Write the output folder: one ``<study_id>_scores.png`` per ``(study id, rows, (N,) labels, (N,) lung
+    slices)`` of ``plots``, ``metrics.json``, ``matched_labels.csv`` (lobe columns when ``has_lobes``) and
+    ``report.md``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for sid, rows, y, lung in plots:
         _plot_study(out_dir / f"{sid}_scores.png", sid, rows, y, lung)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
-    header = ["study_id", "slice", "z_mm", "infected", *(LOBES if labels.has_lobes else ())]
+    header = ["study_id", "slice", "z_mm", "infected", *(LOBES if has_lobes else ())]
     write_csv(out_dir / "matched_labels.csv", header, matched_rows)
     atomic_write_text(out_dir / "report.md", _report(metrics))
-    return metrics
