@@ -263,6 +263,8 @@ def plot_residual_overlay(
     if lung_mask is not None and lung_mask.shape != ct.shape:
         raise ValueError(f"lung_mask must have the CT's shape {ct.shape}, not {lung_mask.shape}")
     inside = np.ones(ct.shape, dtype=bool) if lung_mask is None or not lung_mask.any() else lung_mask.astype(bool)
+    # a denoiser can be biased over the whole lung (e.g. denoised lung uniformly brighter): its median over the
+    # lungs is subtracted so the colours show where the residual departs from the lung's typical value
     offset = 0.0 if probability or lung_mask is None or not lung_mask.any() else float(np.median(residual[inside]))
     residual = residual - offset
     shown, vmin, vmax, cmap = _overlay_colour_scale(residual, inside, probability)
