@@ -22,7 +22,7 @@ from covidctnet.core.errors import ConfigError, InputError, ShapeError
 from covidctnet.core.progress import progress_task
 from covidctnet.models.registry import Denoiser
 
-__all__ = ["PRECISIONS", "check_torch_precision", "compute_residual", "resample_stack", "residual_affine"]
+__all__ = ["PRECISIONS", "check_torch_precision", "compute_residual", "resample_stack"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,27 +30,6 @@ PRECISIONS = ("fp32", "bf16")
 """Denoiser arithmetic of a PyTorch denoiser: ``fp32`` (exact, the default) or ``bf16`` (autocast + channels-last;
 several times faster on CPUs with AMX/AVX512-BF16 and on recent GPUs, denoised values within about 3e-3 of fp32)."""
 _RANGE_TOLERANCE = 1e-3
-
-
-def residual_affine(affine: np.ndarray, in_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> np.ndarray:
-    """Affine of a volume resized from ``in_shape`` to ``out_shape`` over the same field of view.
-
-    With the ``align_corners=False`` convention of ``skimage.transform.resize``, output voxel ``o`` sits at input
-    index ``(o + 0.5) * s - 0.5`` with ``s = n_in / n_out`` per axis, so voxel edges ``-0.5`` and ``n - 0.5`` of both
-    grids coincide.
-
-    Args:
-        affine: (4, 4) voxel → world (mm) of the input.
-        in_shape, out_shape: the first three dimensions are used.
-
-    Returns:
-        (4, 4) float64 affine of the output grid.
-    """
-    scale = np.array(in_shape[:3], dtype=np.float64) / np.array(out_shape[:3], dtype=np.float64)
-    index_map = np.eye(4)
-    index_map[:3, :3] = np.diag(scale)
-    index_map[:3, 3] = (scale - 1.0) / 2.0
-    return np.asarray(affine, dtype=np.float64) @ index_map
 
 
 def _check_volume(volume: np.ndarray, expected: int | None, source: str) -> None:
@@ -118,7 +97,7 @@ def compute_residual(
 
     Returns:
         ``(size, size, depth)`` float32, signed (positive where the slice is brighter than its denoised version).
-        Use :func:`residual_affine` for its affine.
+        Its affine: :func:`covidctnet.preprocessing.preprocess.resize_affine`.
 
     Raises:
         ShapeError: not 3-D, or the in-plane size is not the denoiser's.
@@ -164,7 +143,8 @@ def compute_residual(
 
 
 def resample_stack(array: np.ndarray, out_shape: tuple[int, int, int]) -> np.ndarray:
-    """Resize a ``(X, Y, Z)`` array to ``out_shape`` over the same field of view (affine: :func:`residual_affine`).
+    """Resize a ``(X, Y, Z)`` array to ``out_shape`` over the same field of view (affine:
+    :func:`covidctnet.preprocessing.preprocess.resize_affine`).
 
     As the official code: ``skimage.transform.resize``, linear, reflect mode, Gaussian anti-aliasing along the
     shrunk axes; values are not clipped or rescaled (signed residuals stay signed).

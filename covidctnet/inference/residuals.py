@@ -10,9 +10,9 @@ slices only, cannot reproduce is left in the residual.
   batches of ``batch_size`` under ``torch.inference_mode`` in eval mode, so memory is bounded by one batch plus the
   residual stack. The stack is then resized with ``skimage.transform.resize`` (linear, anti-aliased when shrinking,
   as the official code), keeping the axis order: the result is ``(size, size, depth)``, axis 2 = slices.
-* :func:`residual_affine`: the affine of the resampled grid. Resizing maps voxel *edges* onto voxel edges
-  (``skimage``/``align_corners=False`` convention), so the residual covers exactly the preprocessed scan's field of
-  view and overlays on it in a viewer.
+* :func:`~covidctnet.preprocessing.preprocess.resize_affine`: the affine of the resampled grid. Resizing maps voxel
+  *edges* onto voxel edges (``skimage``/``align_corners=False`` convention), so the residual covers exactly the
+  preprocessed scan's field of view and overlays on it in a viewer.
 * :func:`compute_residuals`: ``covidctnet residuals`` over a preprocessed folder, with ``manifest.csv``, resume and
   per-study error isolation (:func:`covidctnet.io.batch.run_batch`).
 The denoiser comes from :func:`covidctnet.inference.backends.open_model` (a model directory or a training run
@@ -48,12 +48,12 @@ from covidctnet.inference.denoise import (
     check_torch_precision,
     compute_residual,
     resample_stack,
-    residual_affine,
 )
 from covidctnet.inference.lesion_maps import cached_lesion_model, lesion_evidence
 from covidctnet.io.batch import Study, discover_studies, read_manifest, run_batch
 from covidctnet.io.volume import read_nifti, write_nifti
 from covidctnet.models.registry import Denoiser, resolve_denoiser_dir
+from covidctnet.preprocessing.preprocess import resize_affine
 
 if TYPE_CHECKING:
     from covidctnet.io.batch import BatchSummary, Study
@@ -63,7 +63,6 @@ __all__ = [
     "ResidualGrid",
     "read_residual_grid",
     "compute_residual",
-    "residual_affine",
     "resample_stack",
     "residual_study",
     "compute_residuals",
@@ -178,7 +177,7 @@ def residual_study(study: Study, out_dir: Path, denoiser: str, depth: int, size:
                                     precision=precision)
         sha = den.weights_sha256
     name = f"{study.study_id}{RESIDUAL_SUFFIX}"
-    write_nifti(residual, residual_affine(vol.affine, vol.shape, residual.shape), Path(out_dir) / name)
+    write_nifti(residual, resize_affine(vol.affine, vol.shape, residual.shape), Path(out_dir) / name)
     logger.info("%s: %s -> residual %s (range %.3f..%.3f)", study.study_id, _fmt(vol.shape), _fmt(residual.shape),
                 float(residual.min()), float(residual.max()))
     return {

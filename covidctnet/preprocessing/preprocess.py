@@ -50,6 +50,7 @@ __all__ = [
     "PREPROCESS_COLUMNS",
     "OFFICIAL_PROFILE",
     "linear_resize",
+    "resize_affine",
     "recorded_preprocess",
 ]
 
@@ -182,9 +183,21 @@ def linear_resize(array: np.ndarray, shape: Sequence[int], chunk: int = 16) -> n
     return plane.transpose(np.argsort(order))
 
 
-def _resize_affine(affine: np.ndarray, shape_in: Sequence[int], shape_out: Sequence[int]) -> np.ndarray:
-    """Affine of the :func:`linear_resize` grid: voxel ``i`` out sits at ``(i + 0.5) · n_in / n_out − 0.5`` in."""
-    scale = np.array(shape_in, dtype=np.float64) / np.array(shape_out, dtype=np.float64)
+def resize_affine(affine: np.ndarray, shape_in: Sequence[int], shape_out: Sequence[int]) -> np.ndarray:
+    """Affine of a volume resized from ``shape_in`` to ``shape_out`` over the same field of view.
+
+    With the ``align_corners=False`` convention (:func:`linear_resize`, ``skimage.transform.resize``), output voxel
+    ``o`` sits at input index ``(o + 0.5) * s - 0.5`` with ``s = n_in / n_out`` per axis, so voxel edges ``-0.5``
+    and ``n - 0.5`` of both grids coincide.
+
+    Args:
+        affine: (4, 4) voxel → world (mm) of the input.
+        shape_in, shape_out: the first three dimensions are used.
+
+    Returns:
+        (4, 4) float64 affine of the output grid.
+    """
+    scale = np.array(shape_in[:3], dtype=np.float64) / np.array(shape_out[:3], dtype=np.float64)
     vox = np.diag([*scale, 1.0])
     vox[:3, 3] = 0.5 * scale - 0.5
     return np.asarray(affine, dtype=np.float64) @ vox
@@ -264,7 +277,7 @@ def preprocess_volume(volume: Volume, cfg: PreprocessConfig = PreprocessConfig()
     shape = (cfg.size_xy, cfg.size_xy, max(1, int(round(ras.shape[2] * dz / cfg.spacing_mm[2]))))
     # The window comes last: it then runs on the small resampled grid, not the full scan. Clipping after linear
     # interpolation differs from clipping before only at edges next to out-of-window tissue (bone).
-    return _window(linear_resize(ras, shape), cfg), _resize_affine(affine, ras.shape, shape)
+    return _window(linear_resize(ras, shape), cfg), resize_affine(affine, ras.shape, shape)
 
 
 def _preprocess_monai(volume: Volume, cfg: PreprocessConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -23,9 +23,9 @@ from covidctnet.inference.residuals import (
     compute_residual,
     read_residual_grid,
     resample_stack,
-    residual_affine,
 )
 from covidctnet.models.registry import load_denoiser
+from covidctnet.preprocessing.preprocess import resize_affine
 from covidctnet.training.denoiser import DenoiserConfig, train_denoiser
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -125,7 +125,7 @@ def test_affine_keeps_the_field_of_view(volume):
     aff = volume.affine
     shape = volume.shape
     out_shape = (240, 240, 50)
-    new = residual_affine(aff, shape, out_shape)
+    new = resize_affine(aff, shape, out_shape)
     np.testing.assert_allclose(_corners_and_centre(new, out_shape), _corners_and_centre(aff, shape), atol=1e-6)
     # voxel size scales with the zoom: 64 -> 240 in-plane, Z slices -> 50
     np.testing.assert_allclose(np.linalg.norm(new[:3, :3], axis=0),
@@ -141,7 +141,7 @@ def test_resampled_values_sit_at_their_world_position(volume):
     ramp = (world @ np.array([1.0, 2.0, 3.0])).reshape(shape).astype(np.float32)
     out_shape = (48, 48, 50)
     out = resample_stack(ramp, out_shape)
-    new = residual_affine(aff, shape, out_shape)
+    new = resize_affine(aff, shape, out_shape)
     ijk2 = np.stack(np.meshgrid(*[np.arange(n) for n in out_shape], indexing="ij"), axis=-1)
     world2 = ijk2 @ new[:3, :3].T + new[:3, 3]
     expected = world2 @ np.array([1.0, 2.0, 3.0])
