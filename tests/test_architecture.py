@@ -26,7 +26,8 @@ ALLOWED: dict[str, set[str]] = {
     "preprocessing": {"core", "io"},
     # the Keras import records the official preprocessing profile in the model directory it writes
     "models": {"core", "preprocessing"},
-    "data": {"core", "io", "preprocessing"},
+    # residual volumes become network input by the classifier's own contract (models.cnn3d)
+    "data": {"core", "io", "preprocessing", "models"},
     "evaluation": {"core"},
     "training": {"core", "io", "preprocessing", "models", "data", "evaluation"},
     "inference": {"core", "io", "preprocessing", "models", "data", "evaluation"},

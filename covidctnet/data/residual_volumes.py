@@ -1,13 +1,9 @@
 """Residual volumes with labels for the 3D classifier, and patient-level train / val / test splits.
 
 The residual NIfTI written by ``covidctnet residuals`` is ``(X, Y, Z)`` in RAS+ (``size_xy × size_xy × depth``,
-float32, signed: input − denoised). The network takes ``(C, D, H, W)``. The one conversion between the two is
-:func:`residual_to_network_input`, shared by training and prediction; it uses the official CovidCTNet layout
-(:func:`covidctnet.preprocessing.preprocess.ras_to_official_layout`): ``D`` = slices inferior → superior, ``H`` =
-image rows anterior → posterior, ``W`` = image columns patient-right → patient-left (an axial slice as a radiologist
-views it,
-and as the official code stacked its pydicom slices). Keeping the official layout matters for imported official
-weights: the Dense layer after Flatten is position dependent, so a transposed or flipped volume is a different input.
+float32, signed: input − denoised). The network takes ``(C, D, H, W)``. The one conversion between the two is the classifier's input contract,
+:func:`covidctnet.models.cnn3d.residual_to_network_input` (re-exported here, where model directories written before
+it moved record it), shared by training and prediction.
 
 Splits are patient-level: every study of one patient (``patient_id`` column of the labels CSV, else the study id) lands
 in exactly one of train / val / test, either drawn from a seed (stratified by class where the class has enough
@@ -40,7 +36,7 @@ from covidctnet.core.labels import CLASS_NAMES, label_index, read_labels_csv
 from covidctnet.core.seeding import derive_seed
 from covidctnet.io.array_cache import cached_npy
 from covidctnet.io.batch import read_manifest
-from covidctnet.preprocessing.preprocess import ras_to_official_layout
+from covidctnet.models.cnn3d import residual_to_network_input
 
 __all__ = [
     "SPLITS",
@@ -68,27 +64,6 @@ _SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": 
 
 # --------------------------------------------------------------------------------------------------------------------
 # one volume
-
-
-def residual_to_network_input(array: np.ndarray) -> torch.Tensor:
-    """Residual NIfTI array → the classifier's input tensor (the one conversion train and predict share).
-
-    Args:
-        array: (X, Y, Z) = (size_xy, size_xy, depth) residual in RAS+ orientation (as ``covidctnet residuals``
-            writes it; axis 2 = axial slices), any float dtype.
-
-    Returns:
-        (1, D, H, W) float32 contiguous tensor: D = slices inferior → superior, H = rows anterior → posterior,
-        W = columns patient-right → patient-left (:func:`covidctnet.preprocessing.preprocess.ras_to_official_layout`).
-        Intensities are left as they are (signed residuals; no normalisation, as in the official code).
-
-    Raises:
-        ShapeError: ``array`` is not 3-D.
-    """
-    array = np.asarray(array)
-    if array.ndim != 3:
-        raise ShapeError(f"a residual volume must be 3-D (X, Y, Z), not shape {array.shape}")
-    return torch.from_numpy(ras_to_official_layout(array.astype(np.float32, copy=False)))[None]
 
 
 def read_residual(path: str | os.PathLike, expected_shape: Sequence[int] | None = None) -> np.ndarray:

@@ -28,12 +28,11 @@ import numpy as np
 import torch
 
 from covidctnet.core.errors import ConfigError, ModelDirError
-from covidctnet.data.residual_volumes import residual_to_network_input
 from covidctnet.inference.denoise import compute_residual
 from covidctnet.io.batch import discover_studies
 from covidctnet.io.checks import check_volume
 from covidctnet.io.volume import read_volume
-from covidctnet.models.cnn3d import predict_proba
+from covidctnet.models.cnn3d import predict_proba, residual_to_network_input
 from covidctnet.preprocessing.preprocess import PreprocessConfig, preprocess_volume
 
 __all__ = [

@@ -20,7 +20,6 @@ a folder of another model is refused).
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -38,13 +37,12 @@ from covidctnet.core.files import atomic_write_text, write_csv
 from covidctnet.core.labels import CLASS_NAMES
 from covidctnet.core.model_dir import dir_stamp
 from covidctnet.core.slice_table import SLICES_SUFFIX
-from covidctnet.data.residual_volumes import residual_to_network_input
 from covidctnet.evaluation.html_report import write_predict_html
 from covidctnet.evaluation.plots import plot_residual_overlay
 from covidctnet.inference.backends import check_precision, open_model
 from covidctnet.inference.dicom_export import SKIPPED_NOT_DICOM, check_dicom_export, export_study
 from covidctnet.inference.lesion_maps import cached_lesion_model, lesion_evidence, lesion_probability
-from covidctnet.inference.residuals import compute_residual, resample_stack, residual_affine
+from covidctnet.inference.residuals import compute_residual, resample_stack
 from covidctnet.inference.slice_scores import (
     SliceScoresConfig,
     residual_statistics,
@@ -57,9 +55,9 @@ from covidctnet.io.checks import check_volume
 from covidctnet.io.dicomweb import TransferConfig, check_store_target
 from covidctnet.io.dicomweb import store as store_instances
 from covidctnet.io.volume import read_volume, write_nifti
-from covidctnet.models.cnn3d import predict_proba
+from covidctnet.models.cnn3d import predict_proba, residual_to_network_input
 from covidctnet.models.registry import ASSETS, DEMO_MODEL, LESION_COMPONENT
-from covidctnet.preprocessing.preprocess import preprocess_volume, recorded_preprocess
+from covidctnet.preprocessing.preprocess import preprocess_volume, recorded_preprocess, resize_affine
 
 __all__ = [
     "DEMO_SCAN",
@@ -178,20 +176,12 @@ def load_pipeline(model_dir: str | os.PathLike, device: str = "auto", backend: s
     md, dev = model.md, model.device
     pre = recorded_preprocess(md)
     denoiser, classifier = model.denoiser(), model.classifier()
-    # The official CNN records its input size; MONAI nets (global pooling) may not, then config.yaml's `input` says.
-    grid = md.config.get("input") or {}
-    input_size = (md.component("classifier").get("kwargs") or {}).get("input_size")
-    if not input_size and "depth" in grid and "size_xy" in grid:
-        input_size = (grid["depth"], grid["size_xy"], grid["size_xy"])
-    if not input_size or len(input_size) != 3:
-        raise ModelDirError(f"{md.path}: the classifier's input_size (depth, height, width) is not recorded")
-    depth, height, width = (int(s) for s in input_size)
+    depth, height, width = md.classifier_grid()
     if height != width or height != pre.size_xy or denoiser.size_xy != pre.size_xy:
         raise ModelDirError(
             f"{md.path}: classifier input {height}x{width}, denoiser input {denoiser.size_xy} and preprocessing size "
             f"{pre.size_xy} must agree"
         )
-    sums = hashlib.sha256((md.path / "SHA256SUMS").read_bytes()).hexdigest()
     evidence = md.config.get("evidence", "residual")  # directories written before evidence existed: residual
     if evidence not in ("residual", "lesion"):
         raise ModelDirError(f"{md.path}/config.yaml: evidence must be 'residual' or 'lesion', not {evidence!r}")
@@ -204,8 +194,8 @@ def load_pipeline(model_dir: str | os.PathLike, device: str = "auto", backend: s
                                 f"{pre.size_xy} must agree")
     if evidence == "lesion" and lesion is None:
         raise ModelDirError(f"{md.path}/config.yaml: evidence lesion, but no lesion component")
-    return Pipeline(model.name, pre, denoiser, classifier, depth, pre.size_xy, dev, sums, backend=model.backend,
-                    evidence=evidence, lesion=lesion)
+    return Pipeline(model.name, pre, denoiser, classifier, depth, pre.size_xy, dev, md.sums_sha256,
+                    backend=model.backend, evidence=evidence, lesion=lesion)
 
 
 def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8, precision: str = "fp32",
@@ -246,17 +236,13 @@ def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8, precisi
     evidence_full = lesion_full if pipeline.evidence == "lesion" else full
     residual = resample_stack(evidence_full, (pipeline.size_xy, pipeline.size_xy, pipeline.depth))
     t = time.perf_counter()
-    x = torch.as_tensor(residual_to_network_input(residual))[None]
-    if pipeline.backend != "torch":  # ONNX and OpenVINO modules have no parameters for predict_proba to find a device
-        probs = torch.softmax(pipeline.classifier(x).float(), dim=1)[0].numpy().astype(np.float64)
-    else:
-        probs = predict_proba(pipeline.classifier, x)[0].numpy().astype(np.float64)
+    probs = predict_proba(pipeline.classifier, residual_to_network_input(residual)[None])[0].numpy().astype(np.float64)
     seconds["classify"] = time.perf_counter() - t
     return {
         "probabilities": probs,
         "predicted": CLASS_NAMES[int(np.argmax(probs))],
         "preprocessed": (array, affine),
-        "residual": (residual, residual_affine(affine, array.shape, residual.shape)),
+        "residual": (residual, resize_affine(affine, array.shape, residual.shape)),
         "residual_full": (full, affine),
         "lesion_full": (lesion_full, affine),
         "seconds": seconds,

@@ -21,11 +21,13 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn as nn
 
 from covidctnet.core.errors import ConfigError, ShapeError
 from covidctnet.core.files import to_jsonable
+from covidctnet.preprocessing.preprocess import ras_to_official_layout
 
 if TYPE_CHECKING:
     pass
@@ -35,6 +37,7 @@ __all__ = [
     "CLASSIFIER_ARCHS",
     "build_classifier",
     "predict_proba",
+    "residual_to_network_input",
 ]
 
 logger = logging.getLogger(__name__)
@@ -289,6 +292,32 @@ def build_classifier(
     return model
 
 
+def residual_to_network_input(array: np.ndarray) -> torch.Tensor:
+    """Residual NIfTI array → the classifier's input tensor: the one conversion training and prediction share.
+
+    The layout is the official CovidCTNet one (:func:`covidctnet.preprocessing.preprocess.ras_to_official_layout`):
+    an axial slice as a radiologist views it, and as the official code stacked its pydicom slices. It matters for
+    imported official weights: the Dense layer after Flatten is position dependent, so a transposed or flipped volume
+    is a different input.
+
+    Args:
+        array: (X, Y, Z) = (size_xy, size_xy, depth) residual (or lesion map) in RAS+ orientation, as ``covidctnet
+            residuals`` writes it (axis 2 = axial slices), any float dtype.
+
+    Returns:
+        (1, D, H, W) float32 contiguous tensor: D = slices inferior → superior, H = rows anterior → posterior,
+        W = columns patient-right → patient-left. Intensities are left as they are (signed residuals; no
+        normalisation, as in the official code).
+
+    Raises:
+        ShapeError: ``array`` is not 3-D.
+    """
+    array = np.asarray(array)
+    if array.ndim != 3:
+        raise ShapeError(f"a residual volume must be 3-D (X, Y, Z), not shape {array.shape}")
+    return torch.from_numpy(ras_to_official_layout(array.astype(np.float32, copy=False)))[None]
+
+
 @torch.no_grad()
 def predict_proba(model: nn.Module, volumes: torch.Tensor) -> torch.Tensor:
     """Class probabilities (softmax of the logits) of a batch, without gradients.
@@ -296,12 +325,15 @@ def predict_proba(model: nn.Module, volumes: torch.Tensor) -> torch.Tensor:
     The caller sets the mode (``model.eval()`` for inference: dropout off); :func:`load_classifier` returns eval mode.
 
     Args:
-        model: a classifier from :func:`build_classifier` / :func:`load_classifier`.
+        model: a classifier from :func:`build_classifier` / :func:`load_classifier`, or a module without parameters
+            that returns the same logits (the onnxruntime and OpenVINO modules of
+            :mod:`covidctnet.inference.backends`, which run on the CPU).
         volumes: (B, C, D, H, W) residual volumes; moved to the model's device.
 
     Returns:
         (B, num_classes) float32 probabilities on the CPU, rows summing to 1, columns in ``CLASS_NAMES`` order.
     """
-    device = next(model.parameters()).device
+    first = next(model.parameters(), None)
+    device = first.device if first is not None else torch.device("cpu")
     logits = model(volumes.to(device=device, dtype=torch.float32))
     return torch.softmax(logits.float(), dim=1).cpu()

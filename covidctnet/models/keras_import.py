@@ -665,7 +665,7 @@ def import_keras_model(
             "size_xy": height,
             "channels": 1,
             "layout": "(1, D, H, W) = residual_to_network_input((size_xy, size_xy, depth) RAS residual)",
-            "converter": "covidctnet.data.residual_volumes.residual_to_network_input",
+            "converter": "covidctnet.models.cnn3d.residual_to_network_input",
         },
         "components": components,
     }

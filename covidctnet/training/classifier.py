@@ -389,7 +389,7 @@ best epoch {result.best_epoch} ({selection}){', stopped early' if result.stopped
 ## Intended use and limits
 Research on CT evidence maps produced with the same preprocessing and model as the training volumes; inputs
 must be {cfg.size_xy}×{cfg.size_xy}×{cfg.depth} NIfTIs (RAS), fed through
-`covidctnet.data.residual_volumes.residual_to_network_input`. Figures from a small validation set have wide
+`covidctnet.models.cnn3d.residual_to_network_input`. Figures from a small validation set have wide
 confidence intervals; performance on other scanners, protocols or populations is unknown.
 """
 
@@ -664,7 +664,7 @@ def _finish(trainer: Any, result: Any, cfg: ClassifierConfig, data: PreparedData
             "depth": cfg.depth,
             "size_xy": cfg.size_xy,
             "layout": "(1, D, H, W) = residual_to_network_input((size_xy, size_xy, depth) RAS residual)",
-            "converter": "covidctnet.data.residual_volumes.residual_to_network_input",
+            "converter": "covidctnet.models.cnn3d.residual_to_network_input",
         },
     }
     config["evidence"] = "lesion" if lesion is not None else "residual"

@@ -1,4 +1,4 @@
-"""Tests for covidctnet/data/residual_volumes.py: labels, network-input layout, reading checks, splits, augmentation."""
+"""Tests for covidctnet/data/residual_volumes.py: labels, reading checks, splits, augmentation."""
 
 from __future__ import annotations
 
@@ -19,12 +19,11 @@ from covidctnet.data.residual_volumes import (
     find_residuals,
     read_residual,
     read_split_file,
-    residual_to_network_input,
     split_patients,
     write_split_csv,
 )
 from covidctnet.io.volume import write_nifti
-from covidctnet.preprocessing.preprocess import ras_to_official_layout
+from covidctnet.models.cnn3d import residual_to_network_input
 
 SIZE, DEPTH = 8, 6
 
@@ -112,23 +111,6 @@ def test_residuals_folder_errors(tmp_path):
     (res / "a_residual.nii.gz").unlink()
     with pytest.raises(UnreadableFileError, match="study a is 'ok' but its file .* is missing"):
         find_residuals(res)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# network input
-
-
-def test_network_input_layout():
-    x, y, z = 5, 4, 3
-    array = np.arange(x * y * z, dtype=np.float32).reshape(x, y, z)
-    t = residual_to_network_input(array)
-    assert t.shape == (1, z, y, x) and t.dtype == torch.float32 and t.is_contiguous()
-    # RAS voxel (i, j, k) lands at slice k, row Y-1-j (anterior at the top), column X-1-i (patient right on the left)
-    for i, j, k in [(0, 0, 0), (4, 1, 2), (2, 3, 1)]:
-        assert t[0, k, y - 1 - j, x - 1 - i] == array[i, j, k]
-    assert torch.equal(t[0], torch.from_numpy(ras_to_official_layout(array)))
-    with pytest.raises(ShapeError, match="must be 3-D"):
-        residual_to_network_input(np.zeros((2, 2)))
 
 
 def test_read_residual_checks(tmp_path):

@@ -3,13 +3,23 @@ DenseNet / ResNet), model-directory loading with architecture checks, and a fit 
 
 from __future__ import annotations
 
+import importlib
+
+import numpy as np
 import pytest
 import torch
 
 from covidctnet.core.errors import ConfigError, ModelDirError, ShapeError
-from covidctnet.core.model_dir import save_model_dir
-from covidctnet.models.cnn3d import CLASSIFIER_ARCHS, CovidCTNet3D, build_classifier, predict_proba
-from covidctnet.models.registry import load_classifier
+from covidctnet.core.model_dir import load_model_dir, save_model_dir
+from covidctnet.models.cnn3d import (
+    CLASSIFIER_ARCHS,
+    CovidCTNet3D,
+    build_classifier,
+    predict_proba,
+    residual_to_network_input,
+)
+from covidctnet.models.registry import DEMO_MODEL, load_classifier
+from covidctnet.preprocessing.preprocess import ras_to_official_layout
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -79,6 +89,49 @@ def test_predict_proba_rows_sum_to_one():
     p = predict_proba(model, torch.rand(3, 1, 34, 40, 40, generator=torch.Generator().manual_seed(1)))
     assert p.shape == (3, 3) and p.dtype == torch.float32
     torch.testing.assert_close(p.sum(dim=1), torch.ones(3))
+
+
+class _Parameterless(torch.nn.Module):
+    """A classifier compiled elsewhere, as the onnxruntime and OpenVINO modules: same logits, no parameters."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self._run = model.forward  # not registered as a submodule: parameters() stays empty
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run(x)
+
+
+def test_predict_proba_of_a_module_without_parameters():
+    """predict and the int8 gate call predict_proba on every backend: a parameterless module runs on the CPU and
+    gets exactly the probabilities of the module it stands for."""
+    model = _seeded(lambda: CovidCTNet3D(input_size=(34, 40, 40))).eval()
+    bare = _Parameterless(model)
+    assert next(bare.parameters(), None) is None
+    x = torch.rand(2, 1, 34, 40, 40, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(predict_proba(bare, x), predict_proba(model, x))
+
+
+def test_network_input_layout():
+    x, y, z = 5, 4, 3
+    array = np.arange(x * y * z, dtype=np.float32).reshape(x, y, z)
+    t = residual_to_network_input(array)
+    assert t.shape == (1, z, y, x) and t.dtype == torch.float32 and t.is_contiguous()
+    # RAS voxel (i, j, k) lands at slice k, row Y-1-j (anterior at the top), column X-1-i (patient right on the left)
+    for i, j, k in [(0, 0, 0), (4, 1, 2), (2, 3, 1)]:
+        assert t[0, k, y - 1 - j, x - 1 - i] == array[i, j, k]
+    assert torch.equal(t[0], torch.from_numpy(ras_to_official_layout(array)))
+    with pytest.raises(ShapeError, match="must be 3-D"):
+        residual_to_network_input(np.zeros((2, 2)))
+
+
+def test_recorded_converters_name_the_one_conversion():
+    """Model directories record the converter by name; the name written before it moved to the classifier's module
+    still imports it, so older directories stay truthful."""
+    for name in (load_model_dir(DEMO_MODEL).config["input"]["converter"],
+                 "covidctnet.models.cnn3d.residual_to_network_input"):
+        module, attr = name.rsplit(".", 1)
+        assert getattr(importlib.import_module(module), attr) is residual_to_network_input
 
 
 # --- factory ---------------------------------------------------------------------------------------------------------
