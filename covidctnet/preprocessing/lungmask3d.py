@@ -171,6 +171,169 @@ def _split_in_two(component: np.ndarray, min_voxels: int, spacing: tuple[float, 
     return None
 
 
+def _remove_airways(cand: np.ndarray, small: np.ndarray, wsp: tuple[float, float, float],
+                    cfg: LungMaskConfig) -> None:
+    """Step 2: clear, in place, the small per-slice components of ``cand`` that are nearly pure air.
+
+    Components are taken slice by slice (2D): in 3D the trachea and bronchi would join the lungs.
+
+    Args:
+        cand: (X, Y, Z) bool air candidates on the working grid; modified in place.
+        small: (X, Y, Z) HU on the working grid.
+        wsp: (3,) working voxel size (mm).
+        cfg: ``airway_max_area_cm2`` and ``airway_hu_max`` are used.
+    """
+    from scipy import ndimage as ndi
+
+    max_area = cfg.airway_max_area_cm2 * 100.0 / (wsp[0] * wsp[1])
+    for k in range(cand.shape[2]):
+        lab, n = ndi.label(cand[:, :, k])
+        if n == 0:
+            continue
+        idx = np.arange(1, n + 1)
+        area = ndi.sum_labels(np.ones_like(lab), lab, idx)
+        mean = ndi.mean(small[:, :, k], lab, idx)
+        drop = idx[(area < max_area) & (mean < cfg.airway_hu_max)]
+        if drop.size:
+            cand[:, :, k][np.isin(lab, drop)] = False
+
+
+def _is_table(one: np.ndarray, values: np.ndarray, width: int, cfg: LungMaskConfig) -> bool:
+    """Whether a component lying on the posterior image edge from its left to its right edge is the table.
+
+    The foam of the scanner table and the air under it reach the left and right image edges and have a median of
+    about -895 HU; lungs cut by a tight crop can lie along that edge too, but hold parenchyma and vessels (median
+    -850 HU and above).
+
+    Args:
+        one: the component inside its bounding box (bool), whose y index 0 is the posterior image edge.
+        values: HU of the component's voxels.
+        width: image width (voxels along x) on the working grid.
+        cfg: ``table_median_hu`` is used.
+    """
+    # the share of the image width along which the component lies on the posterior image edge
+    along = np.count_nonzero(one[:, 0, :], axis=0) / width
+    return float(np.median(along)) >= 0.5 and float(np.median(values)) < cfg.table_median_hu
+
+
+def _lung_candidates(cand: np.ndarray, small: np.ndarray, wsp: tuple[float, float, float], voxel_ml: float,
+                     cfg: LungMaskConfig) -> tuple[np.ndarray, list[tuple[int, int]]]:
+    """Step 3: the 3D components of ``cand`` that can be lung, largest first.
+
+    Dropped: components under ``min_component_ml``, flat in the antero-posterior direction (a lung is at least
+    ``min_depth_mm`` deep), the table band along the posterior edge, and nearly pure air (outside air, bowel gas:
+    median below ``gas_median_hu``).
+
+    Args:
+        cand: (X, Y, Z) bool air candidates on the working grid.
+        small: (X, Y, Z) HU on the working grid.
+        wsp: (3,) working voxel size (mm).
+        voxel_ml: volume of one working voxel (ml).
+        cfg: thresholds and sizes.
+
+    Returns:
+        ``(labels, keep)``: (X, Y, Z) int component labels, and ``(voxel count, label)`` of each kept component in
+        decreasing order.
+    """
+    from scipy import ndimage as ndi
+
+    lab, n = ndi.label(cand)
+    keep: list[tuple[int, int]] = []
+    if n:
+        sizes = np.bincount(lab.ravel(), minlength=n + 1)
+        boxes = ndi.find_objects(lab)
+        for i in range(1, n + 1):
+            if sizes[i] * voxel_ml < cfg.min_component_ml:
+                continue
+            box = boxes[i - 1]
+            if (box[1].stop - box[1].start) * wsp[1] < cfg.min_depth_mm:
+                continue
+            if box[1].start == 0 and box[0].start == 0 and box[0].stop == small.shape[0]:
+                one = lab[box] == i
+                if _is_table(one, small[box][one], small.shape[0], cfg):
+                    continue
+            if float(np.median(small[box][lab[box] == i])) >= cfg.gas_median_hu:
+                keep.append((int(sizes[i]), i))
+    keep.sort(reverse=True)
+    return lab, keep
+
+
+def _two_lungs(lab: np.ndarray, keep: list[tuple[int, int]], wsp: tuple[float, float, float], voxel_ml: float,
+               cfg: LungMaskConfig) -> np.ndarray:
+    """Step 4: label the two lungs among the kept components.
+
+    Two components of comparable size (the smaller at least ``min_lung_share`` of the larger) are the lungs; else
+    the largest is taken for both lungs joined (anterior junction, carina) and split, or kept whole when it cannot
+    be split.
+
+    Args:
+        lab: (X, Y, Z) component labels of :func:`_lung_candidates`.
+        keep: its ``(voxel count, label)`` list, largest first.
+        wsp: (3,) working voxel size (mm).
+        voxel_ml: volume of one working voxel (ml).
+        cfg: ``min_lung_share`` and ``min_component_ml`` are used.
+
+    Returns:
+        (X, Y, Z) uint8: 0 outside, 1 and 2 the lungs (in no particular side order).
+    """
+    mask = np.zeros(lab.shape, dtype=np.uint8)
+    min_vox = int(np.ceil(cfg.min_component_ml / voxel_ml))
+    if len(keep) >= 2 and keep[1][0] >= cfg.min_lung_share * keep[0][0]:
+        mask[lab == keep[0][1]] = 1
+        mask[lab == keep[1][1]] = 2
+    elif keep:
+        largest = lab == keep[0][1]
+        split = _split_in_two(largest, max(min_vox, int(cfg.min_lung_share * keep[0][0])), wsp)
+        if split is not None:
+            mask = split
+        else:
+            mask[largest] = 1
+    return mask
+
+
+def _right_lung_first(mask: np.ndarray) -> np.ndarray:
+    """Relabel a two-lung (X, Y, Z) uint8 mask so that 1 is the lung at larger x (the patient's right in RAS), so
+    that labels mean the same across scans."""
+    xs = np.arange(mask.shape[0])[:, None, None]
+    c1 = float((xs * (mask == 1)).sum()) / max(1, np.count_nonzero(mask == 1))
+    c2 = float((xs * (mask == 2)).sum()) / max(1, np.count_nonzero(mask == 2))
+    if c2 > c1:
+        return np.where(mask == 0, 0, 3 - mask).astype(np.uint8)
+    return mask
+
+
+def _close_and_fill(mask: np.ndarray, n_lungs: int, wsp: tuple[float, float, float],
+                    cfg: LungMaskConfig) -> np.ndarray:
+    """Step 5: close each lung in 3D (ball of ``closing_mm``), then fill its holes slice by slice.
+
+    Each lung is closed on its own, so that the closing never bridges the mediastinum.
+
+    Args:
+        mask: (X, Y, Z) uint8 lung labels 1..``n_lungs`` on the working grid.
+        n_lungs: number of lungs in ``mask``.
+        wsp: (3,) working voxel size (mm).
+        cfg: ``closing_mm`` is used (0: no closing).
+
+    Returns:
+        (X, Y, Z) uint8 labels with vessels, nodules and lesions enclosed by lung inside.
+    """
+    from scipy import ndimage as ndi
+
+    if cfg.closing_mm > 0 and n_lungs:
+        closed = np.zeros_like(mask)
+        for k in range(1, n_lungs + 1):
+            box = ndi.find_objects((mask == k).astype(np.uint8))[0]
+            one = _closing(mask[box] == k, cfg.closing_mm, wsp)
+            region = closed[box]
+            region[one & (region == 0)] = k
+        mask = closed
+    for k in range(mask.shape[2]):
+        for lung in range(1, n_lungs + 1):
+            filled = ndi.binary_fill_holes(mask[:, :, k] == lung)
+            mask[:, :, k][filled & (mask[:, :, k] == 0)] = lung
+    return mask
+
+
 def lung_mask_3d(hu: np.ndarray, spacing: tuple[float, float, float],
                  cfg: LungMaskConfig = LungMaskConfig()) -> LungMask:
     """Lung mask of a CT volume in HU.
@@ -188,8 +351,6 @@ def lung_mask_3d(hu: np.ndarray, spacing: tuple[float, float, float],
     Raises:
         InputError: the array is not 3-D.
     """
-    from scipy import ndimage as ndi
-
     hu = np.asarray(hu)
     if hu.ndim != 3:
         raise InputError(f"lung mask needs a 3-D volume, not shape {hu.shape}")
@@ -200,77 +361,13 @@ def lung_mask_3d(hu: np.ndarray, spacing: tuple[float, float, float],
     voxel_ml = wsp[0] * wsp[1] * wsp[2] / 1000.0
 
     cand = small < cfg.air_hu_max
-    # 2. airway and gas bubbles, slice by slice (2D components; 3D they would join the lungs through the bronchi)
-    max_area = cfg.airway_max_area_cm2 * 100.0 / (wsp[0] * wsp[1])
-    for k in range(cand.shape[2]):
-        lab, n = ndi.label(cand[:, :, k])
-        if n == 0:
-            continue
-        idx = np.arange(1, n + 1)
-        area = ndi.sum_labels(np.ones_like(lab), lab, idx)
-        mean = ndi.mean(small[:, :, k], lab, idx)
-        drop = idx[(area < max_area) & (mean < cfg.airway_hu_max)]
-        if drop.size:
-            cand[:, :, k][np.isin(lab, drop)] = False
-    # 3. outside air, gas and the table: 3D components that are nearly pure air, flat in the antero-posterior
-    # direction (a lung is >= 8 cm deep), or that lie along most of the posterior image edge (the foam of the
-    # scanner table and the air under it, which reach the left and right image edges and have a median of about
-    # -895 HU: lungs cut by a tight crop can lie along that edge too, but hold parenchyma and vessels, median -850 HU
-    # and above)
-    lab, n = ndi.label(cand)
-    keep: list[tuple[int, int]] = []
-    if n:
-        sizes = np.bincount(lab.ravel(), minlength=n + 1)
-        boxes = ndi.find_objects(lab)
-        for i in range(1, n + 1):
-            if sizes[i] * voxel_ml < cfg.min_component_ml:
-                continue
-            box = boxes[i - 1]
-            if (box[1].stop - box[1].start) * wsp[1] < cfg.min_depth_mm:
-                continue
-            if box[1].start == 0 and box[0].start == 0 and box[0].stop == small.shape[0]:
-                one = lab[box] == i
-                # the share of the image width along which the component lies on the posterior image edge
-                along = np.count_nonzero(one[:, 0, :], axis=0) / small.shape[0]
-                if float(np.median(along)) >= 0.5 and float(np.median(small[box][one])) < cfg.table_median_hu:
-                    continue  # a band along the whole posterior edge: the table and the air under it, not a lung
-            if float(np.median(small[box][lab[box] == i])) >= cfg.gas_median_hu:
-                keep.append((int(sizes[i]), i))
-    keep.sort(reverse=True)
-    mask = np.zeros(small.shape, dtype=np.uint8)
-    min_vox = int(np.ceil(cfg.min_component_ml / voxel_ml))
-    if len(keep) >= 2 and keep[1][0] >= cfg.min_lung_share * keep[0][0]:
-        mask[lab == keep[0][1]] = 1
-        mask[lab == keep[1][1]] = 2
-    elif keep:
-        # one large component: the two lungs touch (anterior junction, carina); split it, else keep it whole
-        largest = lab == keep[0][1]
-        split = _split_in_two(largest, max(min_vox, int(cfg.min_lung_share * keep[0][0])), wsp)
-        if split is not None:
-            mask = split
-        else:
-            mask[largest] = 1
+    _remove_airways(cand, small, wsp, cfg)
+    lab, keep = _lung_candidates(cand, small, wsp, voxel_ml, cfg)
+    mask = _two_lungs(lab, keep, wsp, voxel_ml, cfg)
     n_lungs = int(mask.max())
-    # label 1 = the lung at larger x (patient's right in RAS), so labels mean the same across scans
     if n_lungs == 2:
-        xs = np.arange(mask.shape[0])[:, None, None]
-        c1 = float((xs * (mask == 1)).sum()) / max(1, np.count_nonzero(mask == 1))
-        c2 = float((xs * (mask == 2)).sum()) / max(1, np.count_nonzero(mask == 2))
-        if c2 > c1:
-            mask = np.where(mask == 0, 0, 3 - mask).astype(np.uint8)
-    # 5. close vessels and notches per lung (separately, so the closing never bridges the mediastinum)
-    if cfg.closing_mm > 0 and n_lungs:
-        closed = np.zeros_like(mask)
-        for k in range(1, n_lungs + 1):
-            box = ndi.find_objects((mask == k).astype(np.uint8))[0]
-            one = _closing(mask[box] == k, cfg.closing_mm, wsp)
-            region = closed[box]
-            region[one & (region == 0)] = k
-        mask = closed
-    for k in range(mask.shape[2]):
-        for lung in range(1, n_lungs + 1):
-            filled = ndi.binary_fill_holes(mask[:, :, k] == lung)
-            mask[:, :, k][filled & (mask[:, :, k] == 0)] = lung
+        mask = _right_lung_first(mask)
+    mask = _close_and_fill(mask, n_lungs, wsp, cfg)
     if factor != (1, 1):
         mask = np.repeat(np.repeat(mask, factor[0], axis=0), factor[1], axis=1)[: hu.shape[0], : hu.shape[1]]
     return LungMask(np.ascontiguousarray(mask), (sx, sy, sz), n_lungs)
