@@ -51,6 +51,127 @@ def _member_row(name: str, metrics: dict[str, Any] | None) -> str:
             f"{int(metrics.get('n', 0))} |")
 
 
+def _check_threshold(threshold: float | str | None, data: str | os.PathLike | None) -> None:
+    """Refuse a threshold that is not a number in (0, 1), ``"youden"`` (with ``data``) or ``None``.
+
+    Raises:
+        ConfigError: the threshold is bad, or ``"youden"`` comes without ``data``.
+    """
+    if threshold == "youden" and data is None:
+        raise ConfigError("threshold 'youden' is chosen on a validation split: give --data")
+    if threshold is not None and threshold != "youden" and not (isinstance(threshold, float) and 0 < threshold < 1):
+        raise ConfigError(f"threshold must be a number in (0, 1) or 'youden', not {threshold!r}")
+
+
+def _load_members(model_dirs: Sequence[str | os.PathLike],
+                  threshold: float | str | None) -> list[tuple[Any, dict[str, Any]]]:
+    """Load the member models on the CPU and check that they can be averaged.
+
+    Args:
+        model_dirs: the members' model directories; the first is the reference the others are compared with.
+        threshold: the ensemble's own threshold; with ``None`` the members must also share theirs.
+
+    Returns:
+        ``(model, config)`` of each member, in order.
+
+    Raises:
+        ConfigError: a member is an ensemble, or differs from the first in architecture, preprocessing or (when the
+            ensemble sets none) threshold.
+    """
+    loaded = [load_slice_model(d, "cpu") for d in model_dirs]
+    ref_dir, (_, ref) = model_dirs[0], loaded[0]
+    ref_comp = ref["components"]["model"]
+    for path, (_, cfg) in zip(model_dirs, loaded):
+        comp = cfg["components"]["model"]
+        if "members" in comp:
+            raise ConfigError(f"{path}: already an ensemble; list its own members instead")
+        diff = [k for k in _SAME if comp.get(k) != ref_comp.get(k)]
+        diff += ["preprocess"] if cfg.get("preprocess") != ref.get("preprocess") else []
+        diff += ["threshold"] if threshold is None and cfg.get("threshold", 0.5) != ref.get("threshold", 0.5) else []
+        if diff:
+            raise ConfigError(f"{path}: differs from {ref_dir} in {', '.join(diff)}; ensemble members must share "
+                              "architecture and preprocessing (and the threshold, unless the ensemble sets its own)")
+    return loaded
+
+
+def _ensemble_config(model_dirs: Sequence[str | os.PathLike], loaded: list[tuple[Any, dict[str, Any]]],
+                     threshold: float | str, command: str | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The ensemble's ``config.yaml`` (before any validation figures) and the record of its members.
+
+    Args:
+        model_dirs: the members' model directories.
+        loaded: ``(model, config)`` of each member (:func:`_load_members`).
+        threshold: the ensemble's threshold, or ``"youden"`` until it is chosen.
+        command: the command line.
+
+    Returns:
+        ``(config, members)``; ``members`` is also ``config["ensemble"]["members"]``.
+    """
+    ref = loaded[0][1]
+    ref_comp = ref["components"]["model"]
+    members = [{"path": str(d), "name": cfg.get("name"), "weights_sha256": cfg.get("weights_sha256"),
+                "training": cfg.get("training"), "validation": cfg.get("validation")}
+               for d, (_, cfg) in zip(model_dirs, loaded)]
+    config: dict[str, Any] = {
+        "name": f"{ref.get('name', 'covidctnet-slice')}-ensemble{len(loaded)}",
+        "task": "slice",
+        "class_names": ref.get("class_names"),
+        "positive_class": ref.get("positive_class", "covid"),
+        "threshold": threshold,
+        "components": {"model": {"arch": ref_comp["arch"], "kwargs": ref_comp.get("kwargs", {}),
+                                 "members": len(loaded)}},
+        "preprocess": ref["preprocess"],
+        "ensemble": {"combine": "mean of the members' softmax probabilities", "command": command or "",
+                     "members": members},
+    }
+    return config, members
+
+
+def _score_on_val(ensemble: SliceEnsemble, config: dict[str, Any], data: str | os.PathLike, device: str,
+                  tmp: Path) -> tuple[dict[str, float], dict[str, Path]]:
+    """Score the ensemble on ``data``'s val split and record the figures in ``config``.
+
+    Sets ``config["threshold"]`` (and ``threshold_selection``) when it is ``"youden"``, ``config["validation"]``
+    and, when the maps show any evidence, ``config["cam_scale"]``.
+
+    Args:
+        ensemble: the ensemble model (moved to ``device``).
+        config: the ensemble's config (:func:`_ensemble_config`); updated in place.
+        data: a UCSD or folder-per-class dataset.
+        device: where to score.
+        tmp: a folder for ``val_preds.csv``, ``roc.png`` and ``confusion.png``.
+
+    Returns:
+        ``(metrics, extra_files)``: the validation metrics at the ensemble's threshold, and the files written in
+        ``tmp`` by name, for the model directory.
+    """
+    pre = config["preprocess"]
+    chosen = config["threshold"]
+    val = SliceDataset(find_records(data, "val"), pre["size"], pre["lung_mask"], None)
+    dev = resolve_device(device)
+    probs = predict_dataset(ensemble.to(dev), val, dev)
+    if chosen == "youden":
+        chosen = youden_threshold(val.labels, probs[:, 1])
+        at_half = slice_metrics(val.labels, probs[:, 1], 0.5)
+        config["threshold"] = chosen
+        config["threshold_selection"] = {
+            "method": "Youden's J on the validation split", "data": str(data), "n": len(val),
+            "validation_at_0.5": {k: float(v) for k, v in at_half.items()}}
+        logger.info("threshold %.4f by Youden's J on %s val (n=%d)", chosen, data, len(val))
+    metrics = write_slice_val_outputs(tmp, val, probs, chosen)
+    config["validation"] = {k: float(v) for k, v in metrics.items()}
+    # the colour range of predict-slice --cam, from the images the ensemble is scored on
+    scale = recorded_cam_scale(lambda: dataset_cam_scale(ensemble, val, "validation split",
+                                                         f"{Path(data).name} val", dev))
+    if scale is not None:
+        config["cam_scale"] = scale
+    extra = {name: tmp / name for name in ("val_preds.csv", "roc.png", "confusion.png") if (tmp / name).is_file()}
+    logger.info("ensemble of %d on %s val: accuracy %.3f, F1 %.3f, AUC %.3f (n=%d)",
+                config["components"]["model"]["members"], data, metrics["accuracy"], metrics["f1"], metrics["auc"],
+                metrics["n"])
+    return metrics, extra
+
+
 def ensemble_slice_models(
     model_dirs: Sequence[str | os.PathLike],
     out_dir: str | os.PathLike,
@@ -82,67 +203,16 @@ def ensemble_slice_models(
     """
     if len(model_dirs) < 2:
         raise ConfigError(f"an ensemble needs at least 2 model directories, not {len(model_dirs)}")
-    if threshold == "youden" and data is None:
-        raise ConfigError("threshold 'youden' is chosen on a validation split: give --data")
-    if threshold is not None and threshold != "youden" and not (isinstance(threshold, float) and 0 < threshold < 1):
-        raise ConfigError(f"threshold must be a number in (0, 1) or 'youden', not {threshold!r}")
-    loaded = [load_slice_model(d, "cpu") for d in model_dirs]
-    ref_dir, (_, ref) = model_dirs[0], loaded[0]
-    ref_comp = ref["components"]["model"]
-    for path, (_, cfg) in zip(model_dirs, loaded):
-        comp = cfg["components"]["model"]
-        if "members" in comp:
-            raise ConfigError(f"{path}: already an ensemble; list its own members instead")
-        diff = [k for k in _SAME if comp.get(k) != ref_comp.get(k)]
-        diff += ["preprocess"] if cfg.get("preprocess") != ref.get("preprocess") else []
-        diff += ["threshold"] if threshold is None and cfg.get("threshold", 0.5) != ref.get("threshold", 0.5) else []
-        if diff:
-            raise ConfigError(f"{path}: differs from {ref_dir} in {', '.join(diff)}; ensemble members must share "
-                              "architecture and preprocessing (and the threshold, unless the ensemble sets its own)")
+    _check_threshold(threshold, data)
+    loaded = _load_members(model_dirs, threshold)
     ensemble = SliceEnsemble([m for m, _ in loaded]).eval()
-    chosen = float(ref.get("threshold", 0.5)) if threshold is None else threshold
-    members = [{"path": str(d), "name": cfg.get("name"), "weights_sha256": cfg.get("weights_sha256"),
-                "training": cfg.get("training"), "validation": cfg.get("validation")}
-               for d, (_, cfg) in zip(model_dirs, loaded)]
-    config: dict[str, Any] = {
-        "name": f"{ref.get('name', 'covidctnet-slice')}-ensemble{len(loaded)}",
-        "task": "slice",
-        "class_names": ref.get("class_names"),
-        "positive_class": ref.get("positive_class", "covid"),
-        "threshold": chosen,
-        "components": {"model": {"arch": ref_comp["arch"], "kwargs": ref_comp.get("kwargs", {}),
-                                 "members": len(loaded)}},
-        "preprocess": ref["preprocess"],
-        "ensemble": {"combine": "mean of the members' softmax probabilities", "command": command or "",
-                     "members": members},
-    }
+    chosen = float(loaded[0][1].get("threshold", 0.5)) if threshold is None else threshold
+    config, members = _ensemble_config(model_dirs, loaded, chosen, command)
     metrics = None
     with tempfile.TemporaryDirectory() as tmp:
         extra: dict[str, Path] = {}
         if data is not None:
-            pre = ref["preprocess"]
-            val = SliceDataset(find_records(data, "val"), pre["size"], pre["lung_mask"], None)
-            dev = resolve_device(device)
-            probs = predict_dataset(ensemble.to(dev), val, dev)
-            if chosen == "youden":
-                chosen = youden_threshold(val.labels, probs[:, 1])
-                at_half = slice_metrics(val.labels, probs[:, 1], 0.5)
-                config["threshold"] = chosen
-                config["threshold_selection"] = {
-                    "method": "Youden's J on the validation split", "data": str(data), "n": len(val),
-                    "validation_at_0.5": {k: float(v) for k, v in at_half.items()}}
-                logger.info("threshold %.4f by Youden's J on %s val (n=%d)", chosen, data, len(val))
-            metrics = write_slice_val_outputs(Path(tmp), val, probs, chosen)
-            config["validation"] = {k: float(v) for k, v in metrics.items()}
-            # the colour range of predict-slice --cam, from the images the ensemble is scored on
-            scale = recorded_cam_scale(lambda: dataset_cam_scale(ensemble, val, "validation split",
-                                                                 f"{Path(data).name} val", dev))
-            if scale is not None:
-                config["cam_scale"] = scale
-            extra = {name: Path(tmp) / name for name in ("val_preds.csv", "roc.png", "confusion.png")
-                     if (Path(tmp) / name).is_file()}
-            logger.info("ensemble of %d on %s val: accuracy %.3f, F1 %.3f, AUC %.3f (n=%d)", len(loaded), data,
-                        metrics["accuracy"], metrics["f1"], metrics["auc"], metrics["n"])
+            metrics, extra = _score_on_val(ensemble, config, data, device, Path(tmp))
         else:
             logger.info("no --data: no Grad-CAM colour scale recorded; predict-slice --cam sets one from the images "
                         "of each run (covidctnet calibrate-cam records one)")
