@@ -10,7 +10,7 @@ so an interrupted run never leaves a half-written image. New plots should follow
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 
 from covidctnet.core.files import atomic_path
+from covidctnet.evaluation.stats import roc_points
 
 __all__ = [
     "RocCurve",
@@ -31,6 +32,7 @@ __all__ = [
     "new_figure",
     "save_figure",
     "plot_roc",
+    "plot_reader_study_roc",
     "plot_confusion",
     "plot_residual_overlay",
     "CAM_CMAP",
@@ -175,6 +177,68 @@ def plot_roc(
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=7, framealpha=0.9)
     return save_figure(fig, path, dpi=dpi)
+
+
+_RATER_MARKERS = ["s", "^", "v", "D", "P", "X", "<", ">", "p", "h"]  # readers' operating points, in reader order
+
+
+def plot_reader_study_roc(
+    path: str | os.PathLike,
+    y: np.ndarray,
+    rows: Sequence[Mapping[str, Any]],
+    scores: Mapping[str, tuple[np.ndarray, str]],
+    *,
+    title: str = "COVID-19 vs non-COVID: model and readers",
+    dpi: int = _DEFAULT_DPI,
+) -> Path:
+    """The reader study's ROC figure: the curves of the model and of each reader who gave scores, and every rater's
+    operating point, one colour per rater (curve and point alike: the model C0, the readers C1…, then the reader
+    average and the majority vote).
+
+    Args:
+        path: output PNG.
+        y: (N,) bool truth, COVID-19 vs non-COVID; with one class there is no curve, only the rates that exist.
+        rows: the reader study's table rows: ``rater``, ``type`` (``reader``, ``reader average``, ``majority vote``,
+            ``model``) and the ``sensitivity``, ``specificity`` and ``auc`` estimates (``value``, ``ci_low``,
+            ``ci_high``), readers in their order.
+        scores: rater name → ((N,) COVID-19 score, what the score is), for the model and the readers who gave scores.
+        title: axes title.
+        dpi: resolution.
+
+    Returns:
+        ``path``.
+    """
+    by_name = {row["rater"]: row for row in rows}
+    readers = [row["rater"] for row in rows if row["type"] == "reader"]
+    model = next(row["rater"] for row in rows if row["type"] == "model")
+    average = next(row["rater"] for row in rows if row["type"] == "reader average")
+    vote = next(row["rater"] for row in rows if row["type"] == "majority vote")
+    colors = {model: "C0", **{name: f"C{(i + 1) % 10}" for i, name in enumerate(readers)}}
+    colors[average] = f"C{(len(readers) + 1) % 10}"
+    colors[vote] = f"C{(len(readers) + 2) % 10}"
+    curves: list[RocCurve] = []
+    both_classes = 0 < y.sum() < y.size
+    for name in (model, *readers):
+        if name in scores and both_classes:
+            fpr, tpr, _ = roc_points(y, scores[name][0])
+            auc = by_name[name]["auc"]
+            if name == model:
+                curves.append(RocCurve(fpr, tpr, "model", auc=auc.value, auc_ci=(auc.ci_low, auc.ci_high),
+                                       color=colors[name]))
+            else:
+                curves.append(RocCurve(fpr, tpr, f"{name} ({scores[name][1]})", auc=auc.value, style="--",
+                                       color=colors[name]))
+
+    def point(name: str, label: str, marker: str) -> OperatingPoint | None:
+        sens, spec = by_name[name]["sensitivity"], by_name[name]["specificity"]
+        if sens is None or spec is None or sens.value is None or spec.value is None:
+            return None
+        return OperatingPoint(1 - spec.value, sens.value, label, marker, colors[name])
+
+    candidates = [point(model, "model (decision rule)", "o")]
+    candidates += [point(name, name, _RATER_MARKERS[i % len(_RATER_MARKERS)]) for i, name in enumerate(readers)]
+    candidates += [point(average, "reader average", "*"), point(vote, "majority vote", "H")]
+    return plot_roc(path, curves, [p for p in candidates if p is not None], title=title, dpi=dpi)
 
 
 def plot_confusion(

@@ -32,7 +32,7 @@ import numpy as np
 
 from covidctnet.core.config import config_to_dict, save_config
 from covidctnet.core.errors import ConfigError, InputError
-from covidctnet.core.files import atomic_write_text, sha256_file, to_jsonable, write_csv
+from covidctnet.core.files import atomic_write_text, sha256_file, to_jsonable
 from covidctnet.core.labels import CLASS_NAMES
 from covidctnet.evaluation.inputs import (
     POSITIVE_CLASS,
@@ -47,9 +47,10 @@ from covidctnet.evaluation.inputs import (
     read_reader_csv,
     read_truth,
 )
-from covidctnet.evaluation.plots import OperatingPoint, RocCurve, plot_roc
-from covidctnet.evaluation.report_md import render_reader_study_report
+from covidctnet.evaluation.plots import plot_reader_study_roc
+from covidctnet.evaluation.report_md import render_reader_study_report, write_reader_study_tables
 from covidctnet.evaluation.stats import (
+    DeLongTest,
     Estimate,
     bootstrap_ci,
     cohen_kappa,
@@ -62,7 +63,6 @@ from covidctnet.evaluation.stats import (
     mcnemar_exact,
     nan_to_none,
     proportion,
-    roc_points,
     sign_flip_test,
     undefined_auc,
 )
@@ -74,7 +74,6 @@ logger = logging.getLogger(__name__)
 # Tie-break of the majority vote: a tie that involves COVID-19 is called COVID-19 (the cautious call that triggers
 # isolation and testing), then CAP, then control.
 _VOTE_PRIORITY = ("covid", "cap", "control")
-_TABLE_METRICS = ("accuracy_2class", "accuracy_3class", "sensitivity", "specificity", "auc")
 
 
 @dataclass(frozen=True)
@@ -242,30 +241,32 @@ def _paired_test(
     model: _Rater, other: _Rater, y: np.ndarray, truth3: np.ndarray | None, m_correct3: np.ndarray | None
 ) -> dict[str, Any]:
     """The model against one rater: exact McNemar on correctness (2- and 3-class), DeLong on the AUCs."""
-    y_int = y.astype(int)
     both_classes = 0 < y.sum() < y.size
-    m_correct2 = model.call == y
     row: dict[str, Any] = {"comparison": f"model vs {other.name}", "other": other.name, "other_type": other.kind}
-    row.update(_mcnemar_fields(m_correct2, other.call == y, "2class"))
+    row.update(_mcnemar_fields(model.call == y, other.call == y, "2class"))
     if m_correct3 is not None and other.labels3 is not None:
         row.update(_mcnemar_fields(m_correct3, other.labels3 == truth3, "3class"))
     else:
-        row.update(test_3class="n/a (no 3-class labels)", b_3class=None, c_3class=None, p_3class=None)
+        row.update(_NO_3CLASS_TEST)
     if other.score is not None and model.score is not None and both_classes:
-        t = delong_test(y_int, model.score, other.score)
-        row.update(
-            auc_test=f"DeLong (model p_covid vs {other.score_name})",
-            auc_model=t.aucs[0],
-            auc_other=t.aucs[1],
-            auc_difference=t.estimate,
-            auc_z=t.z,
-            auc_p=t.p_value,
-        )
+        t = delong_test(y.astype(int), model.score, other.score)
+        row.update(_auc_test_fields(f"DeLong (model p_covid vs {other.score_name})", t, t.aucs[1]))
     else:
-        row.update(
-            auc_test="n/a (no scores)", auc_model=None, auc_other=None, auc_difference=None, auc_z=None, auc_p=None
-        )
+        row.update(_auc_test_fields("n/a (no scores)"))
     return row
+
+
+_NO_3CLASS_TEST = {"test_3class": "n/a (no 3-class labels)", "b_3class": None, "c_3class": None, "p_3class": None}
+
+
+def _auc_test_fields(test: str, t: DeLongTest | None = None, auc_other: float | None = None) -> dict[str, Any]:
+    """The ``auc_*`` fields of a ``tests.csv`` row: ``test`` names DeLong's test ``t`` of the model's AUC against the
+    other's (``auc_other``), or says why there is none (``t`` is ``None``: every other field empty)."""
+    if t is None:
+        return dict(auc_test=test, auc_model=None, auc_other=None, auc_difference=None, auc_z=None, auc_p=None)
+    return dict(
+        auc_test=test, auc_model=t.aucs[0], auc_other=auc_other, auc_difference=t.estimate, auc_z=t.z, auc_p=t.p_value
+    )
 
 
 def _mcnemar_fields(m_correct: np.ndarray, o_correct: np.ndarray, view: str) -> dict[str, Any]:
@@ -301,38 +302,22 @@ def _average_reader_test(
     model: _Rater, readers: Sequence[_Rater], y: np.ndarray, truth3: np.ndarray | None, m_correct3: np.ndarray | None
 ) -> dict[str, Any]:
     """The model against the average reader: exact sign-flip tests on correctness, a DeLong contrast on the AUCs."""
-    y_int = y.astype(int)
     both_classes = 0 < y.sum() < y.size
-    m_correct2 = model.call == y
     R = len(readers)
     row: dict[str, Any] = {
         "comparison": "model vs average reader", "other": "Reader average", "other_type": "reader average"
     }
-    row.update(_sign_flip_fields(m_correct2, [r.call == y for r in readers], "2class"))
+    row.update(_sign_flip_fields(model.call == y, [r.call == y for r in readers], "2class"))
     if m_correct3 is not None and all(r.labels3 is not None for r in readers):
         row.update(_sign_flip_fields(m_correct3, [r.labels3 == truth3 for r in readers], "3class"))
     else:
-        row.update(test_3class="n/a (no 3-class labels)", b_3class=None, c_3class=None, p_3class=None)
+        row.update(_NO_3CLASS_TEST)
     if model.score is not None and all(r.score is not None for r in readers) and both_classes:
         scores = np.stack([model.score, *[r.score for r in readers]])  # type: ignore[misc]
-        t = delong_contrast_test(y_int, scores, np.r_[1.0, np.full(R, -1.0 / R)])
-        row.update(
-            auc_test="DeLong contrast (model AUC - mean reader AUC)",
-            auc_model=t.aucs[0],
-            auc_other=float(np.mean(t.aucs[1:])),
-            auc_difference=t.estimate,
-            auc_z=t.z,
-            auc_p=t.p_value,
-        )
+        t = delong_contrast_test(y.astype(int), scores, np.r_[1.0, np.full(R, -1.0 / R)])
+        row.update(_auc_test_fields("DeLong contrast (model AUC - mean reader AUC)", t, float(np.mean(t.aucs[1:]))))
     else:
-        row.update(
-            auc_test="n/a (not every reader gave scores)",
-            auc_model=None,
-            auc_other=None,
-            auc_difference=None,
-            auc_z=None,
-            auc_p=None,
-        )
+        row.update(_auc_test_fields("n/a (not every reader gave scores)"))
     return row
 
 
@@ -359,116 +344,6 @@ def _agreement(readers: Sequence[_Rater]) -> dict[str, Any]:
             np.stack([np.where(r.call, "covid", "noncovid") for r in readers], axis=1), ("noncovid", "covid")
         )
     return result
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# output
-
-
-def _csv_cell(x: Any) -> str:
-    """One CSV cell: empty for ``None`` or NaN, ``true``/``false``, integers as such, floats with 12 significant
-    digits."""
-    if x is None:
-        return ""
-    if isinstance(x, (bool, np.bool_)):
-        return str(bool(x)).lower()
-    if isinstance(x, (int, np.integer)):
-        return str(int(x))
-    if isinstance(x, (float, np.floating)):
-        return "" if math.isnan(float(x)) else format(float(x), ".12g")
-    return str(x)
-
-
-def _write_table(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
-    write_csv(path, columns, [[_csv_cell(row.get(c)) for c in columns] for row in rows])
-
-
-def _table_rows_flat(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
-    columns = ["rater", "type", "n_cases"]
-    for m in _TABLE_METRICS:
-        columns += [m, f"{m}_ci_low", f"{m}_ci_high"]
-    columns += ["auc_source", "ci_method_proportions", "ci_method_auc"]
-    flat = []
-    for row in rows:
-        f: dict[str, Any] = {k: row[k] for k in ("rater", "type", "n_cases", "auc_source")}
-        for m in _TABLE_METRICS:
-            est = row.get(m)
-            f[m] = est.value if est is not None else None
-            f[f"{m}_ci_low"] = est.ci_low if est is not None else None
-            f[f"{m}_ci_high"] = est.ci_high if est is not None else None
-        f["ci_method_proportions"] = row["accuracy_2class"].method
-        f["ci_method_auc"] = row["auc"].method
-        flat.append(f)
-    return columns, flat
-
-
-_TEST_COLUMNS = [
-    "comparison",
-    "other",
-    "other_type",
-    "accuracy_difference_2class",
-    "test_2class",
-    "b_2class",
-    "c_2class",
-    "p_2class",
-    "accuracy_difference_3class",
-    "test_3class",
-    "b_3class",
-    "c_3class",
-    "p_3class",
-    "auc_test",
-    "auc_model",
-    "auc_other",
-    "auc_difference",
-    "auc_z",
-    "auc_p",
-]
-_AGREEMENT_COLUMNS = [
-    "reader_a",
-    "reader_b",
-    "cohen_kappa_3class",
-    "agreement_3class",
-    "cohen_kappa_2class",
-    "agreement_2class",
-]
-
-
-def _plot(
-    path: Path, model: _Rater, readers: Sequence[_Rater], vote: _Rater, rows: Sequence[Mapping[str, Any]], y: np.ndarray
-) -> None:
-    by_name = {row["rater"]: row for row in rows}
-    # one colour per rater (curve and operating point alike): model C0, readers C1.., then average and vote
-    colors = {model.name: "C0", **{r.name: f"C{(i + 1) % 10}" for i, r in enumerate(readers)}}
-    colors["Reader average"] = f"C{(len(readers) + 1) % 10}"
-    colors[vote.name] = f"C{(len(readers) + 2) % 10}"
-    curves: list[RocCurve] = []
-    both_classes = 0 < y.sum() < y.size  # with one class there is no ROC curve, only the rates that exist
-    if model.score is not None and both_classes:
-        fpr, tpr, _ = roc_points(y, model.score)
-        auc = by_name[model.name]["auc"]
-        curves.append(
-            RocCurve(fpr, tpr, "model", auc=auc.value, auc_ci=(auc.ci_low, auc.ci_high), color=colors[model.name])
-        )
-    for r in readers:
-        if r.score is not None and both_classes:
-            fpr, tpr, _ = roc_points(y, r.score)
-            auc = by_name[r.name]["auc"]
-            curves.append(
-                RocCurve(fpr, tpr, f"{r.name} ({r.score_name})", auc=auc.value, style="--", color=colors[r.name])
-            )
-
-    def point(name: str, label: str, marker: str) -> OperatingPoint | None:
-        sens, spec = by_name[name]["sensitivity"], by_name[name]["specificity"]
-        if sens is None or spec is None or sens.value is None or spec.value is None:
-            return None
-        return OperatingPoint(1 - spec.value, sens.value, label, marker, colors[name])
-
-    markers = ["s", "^", "v", "D", "P", "X", "<", ">", "p", "h"]
-    candidates = [point(model.name, "model (decision rule)", "o")]
-    candidates += [point(r.name, r.name, markers[i % len(markers)]) for i, r in enumerate(readers)]
-    candidates += [point("Reader average", "reader average", "*"), point(vote.name, "majority vote", "H")]
-    points = [p for p in candidates if p is not None]
-    plot_roc(path, curves, points, title="COVID-19 vs non-COVID: model and readers")
 
 
 def run_reader_study(
@@ -529,7 +404,8 @@ def run_reader_study(
     agreement = _agreement(readers)
 
     payload = _metrics_payload(cfg, truth_csv, truth_arr, model_csv, model_pred, reads, rows, tests, agreement)
-    _write_study(out_dir, cfg, payload, rows, tests, agreement, model, readers, vote, y)
+    roc_scores = {r.name: (r.score, r.score_name) for r in (model, *readers) if r.score is not None}
+    _write_study(out_dir, cfg, payload, rows, tests, agreement, y, roc_scores)
     logger.info("reader study: %d cases, %d readers; results in %s", len(case_ids), len(readers), out_dir)
     return payload
 
@@ -703,10 +579,8 @@ def _write_study(
     rows: Sequence[Mapping[str, Any]],
     tests: Sequence[Mapping[str, Any]],
     agreement: Mapping[str, Any],
-    model: _Rater,
-    readers: Sequence[_Rater],
-    vote: _Rater,
     y: np.ndarray,
+    roc_scores: Mapping[str, tuple[np.ndarray, str]],
 ) -> None:
     """Write the study folder, each file atomically: ``table.csv``, ``tests.csv``, ``agreement.csv``, ``roc.png``,
     ``config.yaml``, ``metrics.json`` and ``report.md``.
@@ -718,17 +592,13 @@ def _write_study(
         rows: the table rows (one per rater).
         tests: the paired tests.
         agreement: the inter-reader agreement.
-        model: the model as a rater.
-        readers: the readers.
-        vote: the majority vote.
         y: (N,) bool truth, COVID-19 vs non-COVID (for the ROC plot).
+        roc_scores: rater name → ((N,) score, its description) of the model and the readers who gave scores: the
+            ROC plot's curves.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    columns, flat = _table_rows_flat(rows)
-    _write_table(out_dir / "table.csv", columns, flat)
-    _write_table(out_dir / "tests.csv", _TEST_COLUMNS, tests)
-    _write_table(out_dir / "agreement.csv", _AGREEMENT_COLUMNS, agreement["pairwise"])
-    _plot(out_dir / "roc.png", model, readers, vote, rows, y)
+    write_reader_study_tables(out_dir, rows, tests, agreement["pairwise"])
+    plot_reader_study_roc(out_dir / "roc.png", y, rows, roc_scores)
     save_config(cfg, out_dir / "config.yaml")
     atomic_write_text(out_dir / "metrics.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out_dir / "report.md", render_reader_study_report(payload, rows, tests, cfg.ci_level))

@@ -1,17 +1,32 @@
-"""The Markdown reports of ``evaluate`` (``report.md``) and ``reader-study`` (``report.md``).
+"""The reports of ``evaluate`` (``report.md``) and ``reader-study`` (``report.md`` and its CSV tables ``table.csv``,
+``tests.csv``, ``agreement.csv``).
 
-Both render what their command already computed (``metrics.json``'s content, with
+All render what their command already computed (``metrics.json``'s content, with
 :class:`~covidctnet.evaluation.stats.Estimate` objects kept): nothing here computes an estimate. Numbers are shown as
 percentages with one decimal (proportions) or with three decimals (AUCs, kappas); an undefined estimate is ``n/a``.
+The CSV tables keep full precision instead (12 significant digits) and leave undefined cells empty.
 """
 
 from __future__ import annotations
 
+import math
+import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["format_estimate", "estimate_cell", "render_evaluation_report", "render_reader_study_report"]
+import numpy as np
+
+from covidctnet.core.files import write_csv
+
+__all__ = [
+    "format_estimate",
+    "estimate_cell",
+    "render_evaluation_report",
+    "render_reader_study_report",
+    "write_reader_study_tables",
+]
 
 _EXCLUDED_SHOWN = 20  # excluded rows named in the evaluation report's header
 
@@ -314,3 +329,97 @@ def _agreement_section(agreement: Mapping[str, Any]) -> list[str]:
                 f"{_kappa_text(p['cohen_kappa_2class'])} | {100 * p['agreement_2class']:.1f}% |"
             )
     return lines
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the reader study's CSV tables
+
+_TABLE_METRICS = ("accuracy_2class", "accuracy_3class", "sensitivity", "specificity", "auc")
+_TEST_COLUMNS = [
+    "comparison",
+    "other",
+    "other_type",
+    "accuracy_difference_2class",
+    "test_2class",
+    "b_2class",
+    "c_2class",
+    "p_2class",
+    "accuracy_difference_3class",
+    "test_3class",
+    "b_3class",
+    "c_3class",
+    "p_3class",
+    "auc_test",
+    "auc_model",
+    "auc_other",
+    "auc_difference",
+    "auc_z",
+    "auc_p",
+]
+_AGREEMENT_COLUMNS = [
+    "reader_a",
+    "reader_b",
+    "cohen_kappa_3class",
+    "agreement_3class",
+    "cohen_kappa_2class",
+    "agreement_2class",
+]
+
+
+def write_reader_study_tables(
+    out_dir: str | os.PathLike,
+    rows: Sequence[Mapping[str, Any]],
+    tests: Sequence[Mapping[str, Any]],
+    pairwise: Sequence[Mapping[str, Any]],
+) -> None:
+    """Write ``reader-study``'s ``table.csv``, ``tests.csv`` and ``agreement.csv`` into ``out_dir``, each atomically.
+
+    Args:
+        out_dir: an existing folder.
+        rows: the table rows, one per rater (``Estimate`` objects kept): one column per metric and per bound.
+        tests: the paired tests of the model against each reader, the majority vote and the average reader.
+        pairwise: the agreement of each pair of readers.
+    """
+    out_dir = Path(out_dir)
+    columns, flat = _table_rows_flat(rows)
+    _write_table(out_dir / "table.csv", columns, flat)
+    _write_table(out_dir / "tests.csv", _TEST_COLUMNS, tests)
+    _write_table(out_dir / "agreement.csv", _AGREEMENT_COLUMNS, pairwise)
+
+
+def _csv_cell(x: Any) -> str:
+    """One CSV cell: empty for ``None`` or NaN, ``true``/``false``, integers as such, floats with 12 significant
+    digits."""
+    if x is None:
+        return ""
+    if isinstance(x, (bool, np.bool_)):
+        return str(bool(x)).lower()
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    if isinstance(x, (float, np.floating)):
+        return "" if math.isnan(float(x)) else format(float(x), ".12g")
+    return str(x)
+
+
+def _write_table(path: Path, columns: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    write_csv(path, columns, [[_csv_cell(row.get(c)) for c in columns] for row in rows])
+
+
+def _table_rows_flat(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """``table.csv``'s columns and rows: each metric's ``Estimate`` as value, lower and upper bound."""
+    columns = ["rater", "type", "n_cases"]
+    for m in _TABLE_METRICS:
+        columns += [m, f"{m}_ci_low", f"{m}_ci_high"]
+    columns += ["auc_source", "ci_method_proportions", "ci_method_auc"]
+    flat = []
+    for row in rows:
+        f: dict[str, Any] = {k: row[k] for k in ("rater", "type", "n_cases", "auc_source")}
+        for m in _TABLE_METRICS:
+            est = row.get(m)
+            f[m] = est.value if est is not None else None
+            f[f"{m}_ci_low"] = est.ci_low if est is not None else None
+            f[f"{m}_ci_high"] = est.ci_high if est is not None else None
+        f["ci_method_proportions"] = row["accuracy_2class"].method
+        f["ci_method_auc"] = row["auc"].method
+        flat.append(f)
+    return columns, flat
