@@ -94,6 +94,22 @@ def listed(items: Iterable[str]) -> str:
     return f"[{shown}{', …' if len(items) > _MAX_LISTED else ''}]"
 
 
+def _new_case_id(
+    case_id: str, first_rows: dict[str, int], path: Path, line: int, column: str, error: type[Exception]
+) -> str:
+    """``case_id`` of CSV row ``line``, checked to be neither empty nor seen before.
+
+    ``first_rows`` (id → the row it was first on) is updated; ``error`` is the exception raised, naming the file,
+    the row and ``column``.
+    """
+    if not case_id:
+        raise error(f"{path}: row {line}: empty {column}")
+    if case_id in first_rows:
+        raise error(f"{path}: row {line}: duplicated {column} {case_id!r} (first on row {first_rows[case_id]})")
+    first_rows[case_id] = line
+    return case_id
+
+
 def read_csv_rows(path: str | os.PathLike, what: str) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
     """Read a small CSV into its header and ``(line number, row)`` pairs, with one-line errors.
 
@@ -200,18 +216,13 @@ def read_predictions(path: str | os.PathLike, prob_tolerance: float = 1e-3) -> P
     path = Path(path)
     header, rows = read_csv_rows(path, "predictions CSV")
     kind, id_column = _prediction_columns(path, header)
-    seen: dict[str, int] = {}
+    first_rows: dict[str, int] = {}
     ids: list[str] = []
     probs: list[list[float]] = []
     excluded: dict[str, str] = {}
     n_disagree = 0
     for line, row in rows:
-        sid = row[id_column]
-        if not sid:
-            raise InputError(f"{path}: row {line}: empty {id_column}")
-        if sid in seen:
-            raise InputError(f"{path}: row {line}: duplicated {id_column} {sid!r} (first on row {seen[sid]})")
-        seen[sid] = line
+        sid = _new_case_id(row[id_column], first_rows, path, line, id_column, InputError)
         status = row.get("status", "").lower()
         if status in _EXCLUDED_STATUS:
             excluded[sid] = status
@@ -356,14 +367,9 @@ def read_truth(path: str | os.PathLike) -> dict[str, str]:
     if "label" not in header:
         raise LabelError(f"{path}: missing column(s) ['label']; found {sorted(h for h in header if h)}")
     labels: dict[str, str] = {}
-    first: dict[str, int] = {}
+    first_rows: dict[str, int] = {}
     for line, row in rows:
-        name = row["file"]
-        if not name:
-            raise LabelError(f"{path}: row {line}: empty file")
-        if name in labels:
-            raise LabelError(f"{path}: row {line}: duplicated file {name!r} (first on row {first[name]})")
-        first[name] = line
+        name = _new_case_id(row["file"], first_rows, path, line, "file", LabelError)
         labels[name] = normalize_any_label(row["label"], f"{path}: row {line}")
     return labels
 
@@ -402,12 +408,9 @@ def read_reader_csv(path: str | os.PathLike, name: str | None = None) -> ReaderR
     has_score = "score" in header
     labels: dict[str, str] = {}
     scores: dict[str, float] = {}
+    first_rows: dict[str, int] = {}
     for line, row in rows:
-        cid = row[id_column]
-        if not cid:
-            raise LabelError(f"{path}: row {line}: empty {id_column}")
-        if cid in labels:
-            raise LabelError(f"{path}: row {line}: duplicated {id_column} {cid!r}")
+        cid = _new_case_id(row[id_column], first_rows, path, line, id_column, LabelError)
         labels[cid] = normalize_any_label(row["label"], f"{path}: row {line}")
         if has_score:
             raw = row["score"]
