@@ -21,7 +21,7 @@ from covidctnet.cli import cli
 from covidctnet.core.config import load_config
 from covidctnet.core.errors import InputError, LabelError
 from covidctnet.evaluation.inputs import read_reader_csv
-from covidctnet.evaluation.reader_study import ReaderStudyConfig, majority_vote, run_reader_study
+from covidctnet.evaluation.reader_study import ReaderStudyConfig, run_reader_study
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "reader_study"
@@ -286,21 +286,6 @@ def test_two_class_model_and_binary_reader(tmp_path):
     assert rows["r1"]["sensitivity"]["value"] == 0.5 and rows["r1"]["specificity"]["value"] == 1.0
     assert result["agreement"]["fleiss_kappa_3class"] is None
     assert result["agreement"]["fleiss_kappa_2class"] is not None
-
-
-def test_majority_vote_ties():
-    votes = majority_vote(
-        np.array(
-            [
-                ["covid", "cap", "cap", "covid"],  # covid / cap tie -> covid
-                ["control", "cap", "control", "cap"],  # control / cap tie -> cap
-                ["control", "control", "cap", "covid"],  # clear majority
-                ["noncovid", "covid", "noncovid", "noncovid"],
-            ],
-            dtype=object,
-        )
-    )
-    assert votes.tolist() == ["covid", "cap", "control", "noncovid"]
 
 
 def test_model_rows_with_status_error_are_refused(tmp_path):
