@@ -25,13 +25,14 @@ Every model kind (denoiser, 3D classifier, slice model, slice encoder, ensembles
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
@@ -41,7 +42,9 @@ from covidctnet.core.model_card import card_metadata, split_front_matter, with_f
 
 __all__ = ["ComponentEntry", "ModelDirConfig", "ModelDir", "save_model_dir", "load_model_dir", "dir_stamp",
            "CONFIG_NAME", "CARD_NAME", "SUMS_NAME", "TASKS", "portable_paths", "absolute_paths", "TEXT_SUFFIXES",
-           "update_model_config", "classifier_grid"]
+           "update_model_config", "classifier_grid", "sums_sha256", "cached_by_model_dir"]
+
+T = TypeVar("T")
 
 CONFIG_NAME = "config.yaml"
 CARD_NAME = "MODEL_CARD.md"
@@ -231,19 +234,19 @@ class ModelDir:
 
     @property
     def sums_sha256(self) -> str:
-        """sha256 of ``SHA256SUMS``: the model's identity (it covers ``config.yaml`` and every weights file), what
-        ``predict``, ``predict-slice`` and the exports record as ``weights_sha256``."""
-        return sha256_file(self.path / SUMS_NAME)
+        """The model's identity (:func:`sums_sha256`)."""
+        return sums_sha256(self.path)
 
     def classifier_grid(self) -> tuple[int, int, int]:
         """The classifier's input grid ``(depth, height, width)`` in voxels (see :func:`classifier_grid`)."""
         return classifier_grid(self.config, self.path)
 
-    def state_dict(self, name: str) -> dict[str, Any]:
-        """Read one component's weights (safetensors) as a dict of CPU tensors, after checking its hash."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+    def weights_path(self, name: str) -> Path:
+        """One component's weights file, after checking it against ``SHA256SUMS``.
 
+        Raises:
+            ModelDirError: the file is missing or its sha256 differs.
+        """
         fname = self.component(name)["weights"]
         path = self.path / fname
         if not path.is_file():
@@ -254,10 +257,24 @@ class ModelDir:
                 f"{path}: sha256 {actual[:12]}… does not match SHA256SUMS ({str(self.sha256.get(fname))[:12]}…); "
                 "the weights were changed or corrupted"
             )
+        return path
+
+    def state_dict(self, name: str) -> dict[str, Any]:
+        """Read one component's weights (safetensors) as a dict of CPU tensors, after checking its hash."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = self.weights_path(name)
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError) as err:
             raise ModelDirError(f"{path}: cannot read safetensors weights: {err}") from err
+
+
+def sums_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a directory's ``SHA256SUMS``: the model's identity (it covers ``config.yaml`` and every weights
+    file), what ``predict``, ``predict-slice`` and the exports record as ``weights_sha256``."""
+    return sha256_file(Path(path) / SUMS_NAME)
 
 
 def classifier_grid(config: Mapping[str, Any], where: Any = CONFIG_NAME) -> tuple[int, int, int]:
@@ -438,3 +455,27 @@ def dir_stamp(path: str | os.PathLike) -> tuple[int, int]:
     sums = Path(path) / SUMS_NAME
     st = sums.stat() if sums.is_file() else None
     return (st.st_mtime_ns, st.st_ino) if st else (0, 0)
+
+
+
+def cached_by_model_dir(maxsize: int) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorator of a loader whose first argument is a model directory: it runs once per process for each directory
+    and arguments (worker processes each load their own), and again when the directory is rewritten
+    (:func:`dir_stamp`), so a cache never serves stale weights. ``cache_clear()`` empties it.
+
+    Args:
+        maxsize: loaded models kept (least recently used go first).
+    """
+    def decorate(load: Callable[..., T]) -> Callable[..., T]:
+        @functools.lru_cache(maxsize=maxsize)
+        def cached(path: str, stamp: tuple[int, int], *args: Any, **kwargs: Any) -> T:
+            return load(path, *args, **kwargs)
+
+        @functools.wraps(load)
+        def call(path: str | os.PathLike, *args: Any, **kwargs: Any) -> T:
+            return cached(str(path), dir_stamp(path), *args, **kwargs)
+
+        call.cache_clear = cached.cache_clear  # type: ignore[attr-defined]
+        return call
+
+    return decorate

@@ -27,7 +27,6 @@ nothing is downloaded).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -55,6 +54,7 @@ from covidctnet.core.model_dir import (
     classifier_grid,
     load_model_dir,
     portable_paths,
+    sums_sha256,
 )
 from covidctnet.inference.predict import PredictConfig, load_pipeline, predict_studies
 from covidctnet.inference.predict_slice import predict_slices
@@ -339,13 +339,13 @@ def export_bundle(model_dir: str | os.PathLike, out_dir: str | os.PathLike, bund
         raise ConfigError(f"{out_dir}: exists and is not an earlier bundle (configs/metadata.json missing); choose a "
                           "new or empty folder")
     task, config = _kind(model_dir)
-    source_sums = hashlib.sha256((model_dir / SUMS_NAME).read_bytes()).hexdigest()
+    source_sums = sums_sha256(model_dir)
     card = (model_dir / CARD_NAME).read_text() if (model_dir / CARD_NAME).is_file() else f"# {config.get('name')}\n"
     header, body = split_front_matter(portable_paths(card))
     header = header or card_metadata(config, model_dir.name)
     with atomic_dir(out_dir) as tmp:
         rewritten = _copy_model_dir(model_dir, tmp / "models")
-        sums = hashlib.sha256((tmp / "models" / SUMS_NAME).read_bytes()).hexdigest()
+        sums = sums_sha256(tmp / "models")
         (tmp / "configs").mkdir()
         meta = _metadata(task, load_model_dir(tmp / "models").config, header, bundle_version, sums, source_sums)
         (tmp / "configs" / "metadata.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n")

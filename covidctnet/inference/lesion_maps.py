@@ -7,13 +7,11 @@ probability over the slice's lung voxels, i.e. the expected fraction of the lung
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import torch
 
 from covidctnet.core.errors import ModelDirError
-from covidctnet.core.model_dir import dir_stamp, load_model_dir
+from covidctnet.core.model_dir import cached_by_model_dir, load_model_dir
 from covidctnet.models.registry import LesionModel, load_lesion_model, resolve_denoiser_dir
 from covidctnet.preprocessing.lungmask3d import lung_mask_3d
 from covidctnet.preprocessing.preprocess import PreprocessConfig, recorded_preprocess
@@ -83,12 +81,9 @@ def lesion_preprocess(model: LesionModel) -> PreprocessConfig:
     return pre
 
 
-@functools.lru_cache(maxsize=4)
-def _load_cached(path: str, device: str, stamp: tuple[int, int]) -> LesionModel:
-    return load_lesion_model(path, device)
+_cached_load = cached_by_model_dir(maxsize=4)(load_lesion_model)
 
 
 def cached_lesion_model(path: str, device: str = "auto") -> LesionModel:
     """The lesion model of a model directory, loaded once per process (again when the directory is rewritten)."""
-    path = str(resolve_denoiser_dir(path).resolve())
-    return _load_cached(path, device, dir_stamp(path))
+    return _cached_load(resolve_denoiser_dir(path).resolve(), device)

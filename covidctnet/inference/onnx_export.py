@@ -54,7 +54,7 @@ from torch import nn
 
 from covidctnet.core.errors import ConfigError, ModelDirError
 from covidctnet.core.files import atomic_dir, sha256_file
-from covidctnet.core.model_dir import load_model_dir
+from covidctnet.core.model_dir import load_model_dir, sums_sha256
 from covidctnet.inference.int8 import calibration_volumes, gate_int8, quantize_denoiser
 from covidctnet.models.registry import Denoiser, load_classifier, load_denoiser, load_slice_model
 from covidctnet.preprocessing.preprocess import recorded_preprocess
@@ -291,10 +291,6 @@ def is_onnx_export(path: str | os.PathLike) -> bool:
     return (Path(path) / ONNX_MANIFEST).is_file()
 
 
-def _sums_sha256(path: Path) -> str:
-    return hashlib.sha256((path / "SHA256SUMS").read_bytes()).hexdigest()
-
-
 def _cache_problem(entry: Path, sums: str, exporter: str) -> str | None:
     """Why the cache entry cannot be used (``None``: it can): missing, made for another model or by another exporter
     (stale), or a file whose sha256 differs from ``onnx.json`` (corrupt)."""
@@ -302,7 +298,7 @@ def _cache_problem(entry: Path, sums: str, exporter: str) -> str | None:
         return "missing"
     try:
         manifest = json.loads((entry / ONNX_MANIFEST).read_text())
-        if manifest.get("source_sums_sha256") != sums or _sums_sha256(entry) != sums:
+        if manifest.get("source_sums_sha256") != sums or sums_sha256(entry) != sums:
             return "stale: made for another model"
         if manifest.get("exporter") != exporter:
             return f"stale: made by {manifest.get('exporter')!r}, not {exporter!r}"
@@ -324,14 +320,7 @@ def _check_weights(md: Any) -> None:
         ModelDirError: a weights file is missing or its sha256 differs.
     """
     for name in md.config.get("components") or {}:
-        fname = md.component(name)["weights"]
-        path = md.path / fname
-        if not path.is_file():
-            raise ModelDirError(f"{path}: weights file missing")
-        actual = sha256_file(path)
-        if actual != md.sha256.get(fname):
-            raise ModelDirError(f"{path}: sha256 {actual[:12]}… does not match SHA256SUMS "
-                                f"({str(md.sha256.get(fname))[:12]}…); the weights were changed or corrupted")
+        md.weights_path(name)
 
 
 def cached_export(model_dir: str | os.PathLike) -> Path:
@@ -351,7 +340,7 @@ def cached_export(model_dir: str | os.PathLike) -> Path:
     """
     md = load_model_dir(model_dir)
     _check_weights(md)  # the key is SHA256SUMS: weights changed behind it must not find the entry of the originals
-    sums, exporter = _sums_sha256(md.path), exporter_version()
+    sums, exporter = sums_sha256(md.path), exporter_version()
     root = cache_root() / "onnx"
     entry = root / f"{sums[:16]}-{hashlib.sha256(exporter.encode()).hexdigest()[:8]}"
     if _cache_problem(entry, sums, exporter) is None:

@@ -41,7 +41,7 @@ import yaml
 from covidctnet.core.config import load_config
 from covidctnet.core.errors import ConfigError, InputError
 from covidctnet.core.files import atomic_write_text
-from covidctnet.core.model_dir import dir_stamp
+from covidctnet.core.model_dir import cached_by_model_dir
 from covidctnet.inference.backends import open_model, resolve_backend
 from covidctnet.inference.denoise import (
     PRECISIONS,
@@ -52,7 +52,7 @@ from covidctnet.inference.denoise import (
 from covidctnet.inference.lesion_maps import cached_lesion_model, lesion_evidence
 from covidctnet.io.batch import Study, discover_studies, read_manifest, run_batch
 from covidctnet.io.volume import read_nifti, write_nifti
-from covidctnet.models.registry import Denoiser, resolve_denoiser_dir
+from covidctnet.models.registry import Denoiser, LesionModel, resolve_denoiser_dir
 from covidctnet.preprocessing.preprocess import resize_affine
 
 if TYPE_CHECKING:
@@ -125,11 +125,7 @@ def read_residual_grid(path: str | os.PathLike | None = None, depth: int | None 
 # denoiser
 
 
-@functools.lru_cache(maxsize=4)
-def _load_cached(path: str, device: str, backend: str, precision: str, stamp: tuple[int, int]) -> Denoiser:
-    return open_model(path, backend, device, precision).denoiser()
-
-
+@cached_by_model_dir(maxsize=4)
 def cached_denoiser(path: str, device: str, backend: str = "auto", precision: str = "fp32") -> Denoiser:
     """The denoiser of a model directory on ``backend`` (:func:`covidctnet.inference.backends.open_model`; ``auto``
     picks by device and what is installed), loaded once per process and model directory (worker processes each get
@@ -139,14 +135,15 @@ def cached_denoiser(path: str, device: str, backend: str = "auto", precision: st
         ConfigError: unknown backend, or a precision it does not offer.
         ModelDirError: not a model directory, a hash mismatch, or no denoiser.
     """
-    return _load_cached(path, device, backend, precision, dir_stamp(path))
+    return open_model(path, backend, device, precision).denoiser()
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # batch
 
 
-def _fmt(shape: tuple[int, ...]) -> str:
+def _shape_text(shape: tuple[int, ...]) -> str:
+    """``(240, 240, 50)`` → ``240x240x50``, as the manifest records shapes."""
     return "x".join(str(int(s)) for s in shape)
 
 
@@ -178,12 +175,12 @@ def residual_study(study: Study, out_dir: Path, denoiser: str, depth: int, size:
         sha = den.weights_sha256
     name = f"{study.study_id}{RESIDUAL_SUFFIX}"
     write_nifti(residual, resize_affine(vol.affine, vol.shape, residual.shape), Path(out_dir) / name)
-    logger.info("%s: %s -> residual %s (range %.3f..%.3f)", study.study_id, _fmt(vol.shape), _fmt(residual.shape),
+    logger.info("%s: %s -> residual %s (range %.3f..%.3f)", study.study_id, _shape_text(vol.shape), _shape_text(residual.shape),
                 float(residual.min()), float(residual.max()))
     return {
         "output": name,
-        "input_shape": _fmt(vol.shape),
-        "output_shape": _fmt(residual.shape),
+        "input_shape": _shape_text(vol.shape),
+        "output_shape": _shape_text(residual.shape),
         "denoiser_sha256": sha,
         "residual_min": f"{float(residual.min()):.6g}",
         "residual_max": f"{float(residual.max()):.6g}",
@@ -275,15 +272,7 @@ def compute_residuals(
         InputError: ``preprocessed`` is not a preprocessed folder.
     """
     preprocessed, out_dir = Path(preprocessed), Path(out_dir)
-    if not preprocessed.is_dir():
-        raise InputError(f"{preprocessed}: no such folder; PREPROCESSED must be an output folder of "
-                         "`covidctnet preprocess`")
-    if out_dir.resolve() == preprocessed.resolve():
-        raise ConfigError(f"{out_dir}: -o must differ from PREPROCESSED (its manifest.csv would be overwritten)")
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size must be >= 1, not {batch_size}")
-    if precision not in PRECISIONS:  # refused before anything is loaded
-        raise ConfigError(f"'precision' must be one of {list(PRECISIONS)}, not {precision!r}")
+    _check_arguments(preprocessed, out_dir, batch_size, precision)
     model_dir = resolve_denoiser_dir(denoiser)
     den = cached_denoiser(str(model_dir), device, backend, precision)
     used = resolve_backend(backend, device, precision, model_dir)
@@ -294,24 +283,13 @@ def compute_residuals(
     info = {"evidence": "residual", "denoiser": str(model_dir), "denoiser_sha256": den.weights_sha256,
             "depth": grid.depth, "size_xy": grid.size_xy, "precision": precision, "backend": used,
             "preprocessed": str(preprocessed), "preprocess": settings}
-    lesion_dir = None
-    if lesion_model is not None:
-        lesion_dir = str(resolve_denoiser_dir(lesion_model).resolve())
-        lesion = cached_lesion_model(lesion_dir, device)
-        if lesion.size_xy != den.size_xy:
-            raise ConfigError(f"{lesion_dir}: the lesion model takes {lesion.size_xy}x{lesion.size_xy} slices, the "
-                              f"preprocessed data are {den.size_xy}x{den.size_xy}")
-        info.update(evidence="lesion", lesion_model=lesion_dir, lesion_model_sha256=lesion.weights_sha256)
+    lesion_dir = None if lesion_model is None else str(resolve_denoiser_dir(lesion_model).resolve())
+    if lesion_dir is not None:
+        info.update(evidence="lesion", lesion_model=lesion_dir,
+                    lesion_model_sha256=_checked_lesion_model(lesion_dir, device, den.size_xy).weights_sha256)
     info_path = out_dir / RUN_INFO
-    if resume and info_path.is_file():
-        old = yaml.safe_load(info_path.read_text()) or {}
-        # residuals.yaml files written before `precision` existed were fp32
-        changed = [k for k in ("denoiser_sha256", "depth", "size_xy", "precision", "evidence", "lesion_model_sha256")
-                   if old.get(k, {"precision": "fp32", "evidence": "residual"}.get(k)) != info.get(k)]
-        if changed:
-            raise ConfigError(f"{info_path}: {out_dir} holds residuals made with another "
-                              f"{' / '.join(changed)} ({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); "
-                              "use a new output folder or --no-resume")
+    if resume:
+        _check_resumable(info_path, info)
     fn = functools.partial(residual_study, denoiser=str(model_dir), depth=grid.depth, size=grid.size_xy,
                            batch_size=batch_size, device=device, precision=precision, backend=backend,
                            lesion_model=lesion_dir)
@@ -320,3 +298,39 @@ def compute_residuals(
     if summary.n_ok + summary.n_skipped > 0:
         atomic_write_text(info_path, yaml.safe_dump(info, sort_keys=False))
     return summary
+
+
+def _check_arguments(preprocessed: Path, out_dir: Path, batch_size: int, precision: str) -> None:
+    """Refuse bad folders and settings before anything is loaded."""
+    if not preprocessed.is_dir():
+        raise InputError(f"{preprocessed}: no such folder; PREPROCESSED must be an output folder of "
+                         "`covidctnet preprocess`")
+    if out_dir.resolve() == preprocessed.resolve():
+        raise ConfigError(f"{out_dir}: -o must differ from PREPROCESSED (its manifest.csv would be overwritten)")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, not {batch_size}")
+    if precision not in PRECISIONS:
+        raise ConfigError(f"'precision' must be one of {list(PRECISIONS)}, not {precision!r}")
+
+
+def _checked_lesion_model(lesion_dir: str, device: str, size_xy: int) -> LesionModel:
+    """The lesion model whose maps are written, refused unless it takes the preprocessed slices' size."""
+    lesion = cached_lesion_model(lesion_dir, device)
+    if lesion.size_xy != size_xy:
+        raise ConfigError(f"{lesion_dir}: the lesion model takes {lesion.size_xy}x{lesion.size_xy} slices, the "
+                          f"preprocessed data are {size_xy}x{size_xy}")
+    return lesion
+
+
+def _check_resumable(info_path: Path, info: dict[str, Any]) -> None:
+    """Refuse to resume into a folder of residuals made with another denoiser, grid, precision or evidence."""
+    if not info_path.is_file():
+        return
+    old = yaml.safe_load(info_path.read_text()) or {}
+    # residuals.yaml files written before `precision` existed were fp32
+    changed = [k for k in ("denoiser_sha256", "depth", "size_xy", "precision", "evidence", "lesion_model_sha256")
+               if old.get(k, {"precision": "fp32", "evidence": "residual"}.get(k)) != info.get(k)]
+    if changed:
+        raise ConfigError(f"{info_path}: {info_path.parent} holds residuals made with another "
+                          f"{' / '.join(changed)} ({', '.join(f'{k}={old.get(k)!r}' for k in changed)}); "
+                          "use a new output folder or --no-resume")

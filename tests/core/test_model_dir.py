@@ -13,6 +13,7 @@ from covidctnet.core.files import sha256_file
 from covidctnet.core.model_dir import (
     ComponentEntry,
     ModelDirConfig,
+    cached_by_model_dir,
     classifier_grid,
     load_model_dir,
     save_model_dir,
@@ -141,3 +142,22 @@ def test_classifier_grid_from_input_size_or_the_input_block(tmp_path):
     md = load_model_dir(DEMO_MODEL)
     assert md.classifier_grid() == classifier_grid(md.config, md.path)
     assert md.sums_sha256 == sha256_file(DEMO_MODEL / "SHA256SUMS")
+
+
+def test_cached_by_model_dir_loads_once_and_again_when_rewritten(tmp_path):
+    shutil.copytree(DEFAULT_SLICE_MODEL, tmp_path / "m")
+    m, loads = tmp_path / "m", []
+
+    @cached_by_model_dir(maxsize=2)
+    def load(path, device="cpu"):
+        loads.append((path, device))
+        return object()
+
+    first = load(m)
+    assert load(str(m)) is first and loads == [(str(m), "cpu")]  # a Path and its str are one directory
+    assert load(m, "cuda") is not first and len(loads) == 2  # other arguments: another entry
+    update_model_config(m, {"threshold": 0.25})  # publishes a new SHA256SUMS
+    assert load(m) is not first and len(loads) == 3
+    load.cache_clear()
+    load(m)
+    assert len(loads) == 4
