@@ -23,6 +23,7 @@ __all__ = [
     "atomic_dir",
     "remove_stale_temps",
     "sha256_file",
+    "read_csv_dicts",
     "write_csv",
     "to_jsonable",
 ]
@@ -113,6 +114,29 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def read_csv_dicts(path: str | os.PathLike, error: type[Exception], what: str, header: str) -> list[dict[str, str]]:
+    """The rows of a small CSV as dicts keyed by its header (a UTF-8 BOM ignored), with one-line errors.
+
+    Args:
+        path: the CSV file.
+        error: the exception class raised (the caller's typed error, e.g. ``LabelError``).
+        what: what the file should be, for messages (``"labels CSV"``).
+        header: the header the file should have, for the message about an empty file (``"study_id,label"``).
+
+    Raises:
+        error: the file cannot be read, or it has no data row.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as err:
+        raise error(f"{path}: cannot read {what}: {err.strerror or err}") from err
+    rows = list(csv.DictReader(text.splitlines()))
+    if not rows:
+        raise error(f"{path}: {what} is empty; expected a header '{header}' and rows")
+    return rows
 
 
 def write_csv(path: str | os.PathLike, header: Sequence[str],

@@ -7,12 +7,12 @@ normalise them on read, so every later stage sees only the canonical names.
 
 from __future__ import annotations
 
-import csv
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 from covidctnet.core.errors import LabelError
+from covidctnet.core.files import read_csv_dicts
 
 __all__ = [
     "CLASS_NAMES",
@@ -133,13 +133,7 @@ def read_labels_csv(
         LabelError: missing file or columns, empty file, duplicated id, or unknown class (row number given).
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as err:
-        raise LabelError(f"{path}: cannot read labels CSV: {err.strerror or err}") from err
-    rows = list(csv.DictReader(text.splitlines()))
-    if not rows:
-        raise LabelError(f"{path}: labels CSV is empty; expected a header '{id_column},{label_column}' and rows")
+    rows = read_csv_dicts(path, LabelError, "labels CSV", f"{id_column},{label_column}")
     columns = set(rows[0])
     if id_column not in columns and "case_id" in columns:
         id_column = "case_id"

@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import Dataset
 
 from covidctnet.core.errors import InputError, LabelError, NonFiniteError, ShapeError, SplitError, UnreadableFileError
-from covidctnet.core.files import write_csv
+from covidctnet.core.files import read_csv_dicts, write_csv
 from covidctnet.core.labels import CLASS_NAMES, label_index, read_labels_csv
 from covidctnet.core.seeding import derive_seed
 from covidctnet.io.array_cache import cached_npy
@@ -450,13 +450,7 @@ def read_split_file(path: str | os.PathLike) -> dict[str, str]:
         SplitError: unreadable file, missing columns, unknown split name, or a study listed twice with two splits.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except OSError as err:
-        raise SplitError(f"{path}: cannot read split file: {err.strerror or err}") from err
-    rows = list(csv.DictReader(text.splitlines()))
-    if not rows:
-        raise SplitError(f"{path}: split file is empty; expected a header 'study_id,split' and rows")
+    rows = read_csv_dicts(path, SplitError, "split file", "study_id,split")
     missing = [c for c in ("study_id", "split") if c not in rows[0]]
     if missing:
         raise SplitError(f"{path}: missing column(s) {missing}; found {sorted(c for c in rows[0] if c)}")
