@@ -15,6 +15,7 @@ from covidctnet.core.files import (
     atomic_dir,
     atomic_path,
     atomic_write_text,
+    read_csv_dicts,
     remove_stale_temps,
     sha256_file,
     to_jsonable,
@@ -75,6 +76,17 @@ def test_write_csv_sequences_and_mappings(tmp_path):
     assert list(csv.reader((tmp_path / "b.csv").open())) == [["y", "x"], ["2", "1"]]
     write_csv(tmp_path / "c.csv", ["x"], [])
     assert (tmp_path / "c.csv").read_text() == "x\n"
+
+
+def test_read_csv_dicts_rows_and_one_line_errors(tmp_path):
+    path = tmp_path / "labels.csv"
+    path.write_bytes("\ufeffstudy_id,label\na,covid\n".encode())  # as Excel saves it: with a BOM
+    assert read_csv_dicts(path, KeyError, "labels CSV", "study_id,label") == [{"study_id": "a", "label": "covid"}]
+    path.write_text("study_id,label\n")
+    with pytest.raises(KeyError, match=r"labels CSV is empty; expected a header 'study_id,label' and rows"):
+        read_csv_dicts(path, KeyError, "labels CSV", "study_id,label")
+    with pytest.raises(KeyError, match=r"missing\.csv: cannot read labels CSV: No such file"):
+        read_csv_dicts(tmp_path / "missing.csv", KeyError, "labels CSV", "study_id,label")
 
 
 def test_to_jsonable_gives_plain_values():
