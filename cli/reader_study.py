@@ -3,39 +3,33 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
 from covidctnet.cli.options import config_file_option, config_option, out_option
 
 _CONFIG = "covidctnet.evaluation.reader_study:ReaderStudyConfig"
+_CSV_FILE = click.Path(dir_okay=False, path_type=Path)
 
 __all__ = ["reader_study_cmd"]
 
 
+def _csv_option(flag: str, dest: str, help: str, **kwargs: Any) -> Any:  # noqa: A002 (click's name)
+    """An option naming one of the study's CSV files."""
+    return click.option(flag, dest, type=_CSV_FILE, help=help, **kwargs)
+
+
 @click.command("reader-study")
-@click.argument("reader_files", nargs=-1, type=click.Path(dir_okay=False, path_type=Path), metavar="[READER.csv]...")
-@click.option(
-    "--model",
-    "model_csv",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="The model's report.csv (predict) or preds.csv (predict-slice).",
-)
-@click.option(
+@click.argument("reader_files", nargs=-1, type=_CSV_FILE, metavar="[READER.csv]...")
+@_csv_option("--model", "model_csv", "The model's report.csv (predict) or preds.csv (predict-slice).", required=True)
+@_csv_option(
     "--readers",
     "readers",
+    "Reader CSVs (case_id,label[,score]); write --readers R1.csv R2.csv ... (or repeat --readers).",
     multiple=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Reader CSVs (case_id,label[,score]); write --readers R1.csv R2.csv ... (or repeat --readers).",
 )
-@click.option(
-    "--truth",
-    "truth_csv",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Truth CSV: case_id,label.",
-)
+@_csv_option("--truth", "truth_csv", "Truth CSV: case_id,label.", required=True)
 @out_option("Output folder.")
 @config_option(
     _CONFIG,

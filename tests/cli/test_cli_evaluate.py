@@ -96,31 +96,11 @@ def test_evaluate_missing_file_and_bad_options(tmp_path, fast_config):
     (tmp_path / "report.csv").write_text(GOOD_PRED)
     bad = tmp_path / "bad.yaml"
     bad.write_text("n_boostrap: 10\n")
-    result = run(
-        [
-            "evaluate",
-            str(tmp_path / "report.csv"),
-            "--labels",
-            str(tmp_path / "labels.csv"),
-            "-o",
-            str(tmp_path / "o"),
-            "--config",
-            str(bad),
-        ]
-    )
+    args = ["evaluate", str(tmp_path / "report.csv"), "--labels", str(tmp_path / "labels.csv"),
+            "-o", str(tmp_path / "o")]  # fmt: skip
+    result = run([*args, "--config", str(bad)])
     assert_one_line_error(result, "bad.yaml", "unknown key(s) ['n_boostrap']")
-    result = run(
-        [
-            "evaluate",
-            str(tmp_path / "report.csv"),
-            "--labels",
-            str(tmp_path / "labels.csv"),
-            "-o",
-            str(tmp_path / "o"),
-            "--threshold",
-            "1.5",
-        ]
-    )
+    result = run([*args, "--threshold", "1.5"])
     assert_one_line_error(result, "--threshold", "must be in [0, 1]")
     assert not (tmp_path / "o").exists()
 

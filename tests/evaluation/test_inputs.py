@@ -1,5 +1,5 @@
 """Tests of covidctnet.evaluation.inputs not covered through evaluate (tests/evaluation/test_evaluate.py) and
-reader-study: the decision of a predictions file and its wording."""
+reader-study: the decision of a predictions file and its wording, the reader CSV's checks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from covidctnet.core.errors import ConfigError, InputError
+from covidctnet.core.errors import ConfigError, InputError, LabelError
 from covidctnet.evaluation.inputs import (
     Predictions,
     check_eval_settings,
@@ -17,6 +17,7 @@ from covidctnet.evaluation.inputs import (
     effective_threshold,
     listed,
     read_csv_rows,
+    read_reader_csv,
 )
 
 
@@ -72,3 +73,24 @@ def test_check_eval_settings_names_the_bad_field(field, value):
     settings[field] = value
     with pytest.raises(ConfigError, match=field):
         check_eval_settings(type("Cfg", (), settings)())
+
+
+@pytest.mark.parametrize("text, error, message", [
+    ("case_id,label,score\na,covid,4\nb,control,\n", InputError, "row 3: score '' is not a number"),
+    ("case_id,label,score\na,covid,inf\n", InputError, "row 2: score 'inf' is not a finite number"),
+    ("case_id,diagnosis\na,covid\n", InputError, r"missing column\(s\) \['label'\]"),
+    ("case_id,label\na,covid\na,cap\n", LabelError, r"row 3: duplicated case_id 'a' \(first on row 2\)"),
+    ("case_id,label\n,covid\n", LabelError, "row 2: empty case_id"),
+])  # fmt: skip
+def test_read_reader_csv_errors(tmp_path, text, error, message):
+    path = tmp_path / "r.csv"
+    path.write_text(text)
+    with pytest.raises(error, match=message):
+        read_reader_csv(path)
+
+
+def test_read_reader_csv_accepts_study_id_and_label_aliases(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("study_id,label\na,COVID-19\nb,normal\n")
+    reads = read_reader_csv(path, "R")
+    assert reads.name == "R" and reads.labels == {"a": "covid", "b": "control"} and reads.scores is None

@@ -19,8 +19,7 @@ from statsmodels.stats.proportion import proportion_confint
 
 from covidctnet.cli import cli
 from covidctnet.core.config import load_config
-from covidctnet.core.errors import InputError, LabelError
-from covidctnet.evaluation.inputs import read_reader_csv
+from covidctnet.core.errors import InputError
 from covidctnet.evaluation.reader_study import ReaderStudyConfig, run_reader_study
 
 REPO = Path(__file__).resolve().parents[2]
@@ -297,21 +296,6 @@ def test_model_rows_with_status_error_are_refused(tmp_path):
     with pytest.raises(InputError, match="needs every case"):
         run_reader_study(tmp_path / "model.csv", [tmp_path / "reader1.csv"], tmp_path / "truth.csv", tmp_path / "out")
     assert not (tmp_path / "out").exists()
-
-
-def test_read_reader_csv_errors(tmp_path):
-    path = tmp_path / "r.csv"
-    path.write_text("case_id,label,score\na,covid,4\nb,control,\n")
-    with pytest.raises(InputError, match="row 3: score '' is not a number"):
-        read_reader_csv(path)
-    path.write_text("case_id,diagnosis\na,covid\n")
-    with pytest.raises(InputError, match=r"missing column\(s\) \['label'\]"):
-        read_reader_csv(path)
-    path.write_text("case_id,label\na,covid\na,cap\n")
-    with pytest.raises(LabelError, match="duplicated case_id 'a'"):
-        read_reader_csv(path)
-    path.write_text("study_id,label\na,COVID-19\nb,normal\n")
-    assert read_reader_csv(path, "R").labels == {"a": "covid", "b": "control"}
 
 
 def test_config_yaml_matches_dataclass_defaults():
