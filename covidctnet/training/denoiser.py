@@ -50,7 +50,15 @@ from covidctnet.data.control_slices import (
 )
 from covidctnet.evaluation.plots import new_figure, save_figure
 from covidctnet.models.registry import DENOISER_COMPONENT, build_denoiser
-from covidctnet.training.trainer import FitResult, LoopConfig, ModelExport, RunResult, Trainer, distributed_context
+from covidctnet.training.trainer import (
+    FitResult,
+    LoopConfig,
+    ModelExport,
+    RunResult,
+    Trainer,
+    distributed_context,
+    sample_png_callback,
+)
 
 __all__ = [
     "DenoiserConfig",
@@ -420,31 +428,24 @@ def _validation(cfg: DenoiserConfig, data: _DenoiserData) -> Callable[[nn.Module
     return validate
 
 
-def _sample_writer(cfg: DenoiserConfig, data: _DenoiserData) -> Callable[[int, nn.Module, Path], None]:
-    """The epoch callback writing ``samples/epoch_NNN.png``: one held-out slice, noisy and clean, through the net."""
+def _sample_writer(cfg: DenoiserConfig, data: _DenoiserData) -> Callable[[int, nn.Module, Path], None] | None:
+    """The epoch callback writing ``samples/epoch_NNN.png``: one held-out slice, noisy and clean, through the net
+    (``None`` when ``cfg.sample_png`` is off)."""
+    if not cfg.sample_png:
+        return None
     sample_index = len(data.val) // 2
 
     def write_sample(epoch: int, net: nn.Module, out_dir: Path) -> None:
-        if not cfg.sample_png:
-            return
-        was_training = net.training
-        net.eval()
-        try:
-            with torch.no_grad():
-                noisy, clean_t = data.val[sample_index]
-                x = torch.stack([noisy, clean_t])
-                den = net(x.to(next(net.parameters()).device)).float().cpu().numpy()[:, 0]
-            inp, clean = x.numpy()[:, 0], clean_t[0].numpy()
-            sid, k = data.split.val[sample_index]
-            _save_sample_png(out_dir / "samples" / f"epoch_{epoch:03d}.png",
-                             [("noisy", inp[0], den[0], clean), ("clean", inp[1], den[1], clean)],
-                             f"epoch {epoch}: held-out slice {sid}[:, :, {k}]")
-        except Exception as err:  # a plotting problem must never stop training
-            logger.warning("sample PNG for epoch %d not written: %s", epoch, err)
-        finally:
-            net.train(was_training)
+        noisy, clean_t = data.val[sample_index]
+        x = torch.stack([noisy, clean_t])
+        den = net(x.to(next(net.parameters()).device)).float().cpu().numpy()[:, 0]
+        inp, clean = x.numpy()[:, 0], clean_t[0].numpy()
+        sid, k = data.split.val[sample_index]
+        _save_sample_png(out_dir / "samples" / f"epoch_{epoch:03d}.png",
+                         [("noisy", inp[0], den[0], clean), ("clean", inp[1], den[1], clean)],
+                         f"epoch {epoch}: held-out slice {sid}[:, :, {k}]")
 
-    return write_sample
+    return sample_png_callback(write_sample)
 
 
 def train_denoiser(

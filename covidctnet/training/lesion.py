@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,7 +41,7 @@ from covidctnet.io.volume import read_volume
 from covidctnet.models.registry import LESION_COMPONENT, build_lesion_model
 from covidctnet.preprocessing.lungmask3d import mask_to_grid, ras_lung_mask
 from covidctnet.preprocessing.preprocess import PreprocessConfig, preprocess_volume
-from covidctnet.training.trainer import FitResult, LoopConfig, ModelExport, RunResult, Trainer
+from covidctnet.training.trainer import FitResult, LoopConfig, ModelExport, RunResult, Trainer, sample_png_callback
 
 __all__ = ["LesionModelConfig", "ControlLungSlices", "control_lung_slices", "lesion_loss", "train_lesion_model"]
 
@@ -213,34 +213,28 @@ def _validation(val: SyntheticLesionSlices, batch: int = 16):
     return validate
 
 
-def _sample_writer(val: SyntheticLesionSlices):
+def _sample_writer(val: SyntheticLesionSlices) -> Callable[[int, nn.Module, Path], None]:
+    """The epoch callback writing ``samples/epoch_NNN.png``: three validation slices with their synthetic lesions,
+    the lesion targets and the predicted probability inside the lung."""
     index = [len(val) // 4, len(val) // 2, 3 * len(val) // 4]
 
     def write(epoch: int, net: nn.Module, out_dir: Path) -> None:
-        was = net.training
-        net.eval()
-        try:
-            items = [val[i] for i in index]
-            with torch.no_grad():
-                x = torch.stack([it["image"] for it in items]).to(next(net.parameters()).device)
-                prob = torch.sigmoid(net(x)).cpu().numpy()[:, 0]
-            fig = new_figure(figsize=(9, 3 * len(items)))
-            axes = fig.subplots(len(items), 3, squeeze=False)
-            for r, it in enumerate(items):
-                img, lung = it["image"][0].numpy(), it["image"][1].numpy()
-                for c, (title, pic) in enumerate((("slice with lesions", img), ("synthetic lesion", it["target"][0]),
-                                                  ("predicted (in lung)", prob[r] * lung))):
-                    ax = axes[r][c]
-                    ax.imshow(np.rot90(np.asarray(pic)), cmap="gray", vmin=0, vmax=1)
-                    ax.set_title(title, fontsize=8)
-                    ax.axis("off")
-            save_figure(fig, out_dir / "samples" / f"epoch_{epoch:03d}.png")
-        except Exception as err:  # a plotting problem must never stop training
-            logger.warning("sample PNG for epoch %d not written: %s", epoch, err)
-        finally:
-            net.train(was)
+        items = [val[i] for i in index]
+        x = torch.stack([it["image"] for it in items]).to(next(net.parameters()).device)
+        prob = torch.sigmoid(net(x)).cpu().numpy()[:, 0]
+        fig = new_figure(figsize=(9, 3 * len(items)))
+        axes = fig.subplots(len(items), 3, squeeze=False)
+        for r, it in enumerate(items):
+            img, lung = it["image"][0].numpy(), it["image"][1].numpy()
+            for c, (title, pic) in enumerate((("slice with lesions", img), ("synthetic lesion", it["target"][0]),
+                                              ("predicted (in lung)", prob[r] * lung))):
+                ax = axes[r][c]
+                ax.imshow(np.rot90(np.asarray(pic)), cmap="gray", vmin=0, vmax=1)
+                ax.set_title(title, fontsize=8)
+                ax.axis("off")
+        save_figure(fig, out_dir / "samples" / f"epoch_{epoch:03d}.png")
 
-    return write
+    return sample_png_callback(write)
 
 
 def train_lesion_model(

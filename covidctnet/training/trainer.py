@@ -76,6 +76,7 @@ __all__ = [
     "move_to_device",
     "plot_loss_curve",
     "predict_dataset",
+    "sample_png_callback",
 ]
 
 logger = logging.getLogger(__name__)
@@ -369,6 +370,37 @@ def plot_loss_curve(history: Sequence[Mapping[str, Any]], path: str | os.PathLik
 
 # --------------------------------------------------------------------------------------------------------------------
 # trainer
+
+
+EpochCallback = Callable[[int, nn.Module, Path], None]
+
+
+def sample_png_callback(write: EpochCallback) -> EpochCallback:
+    """An epoch callback (``Trainer(epoch_callback=...)``) that runs ``write`` safely.
+
+    ``write(epoch, model, run_dir)`` draws sample pictures of the model at the end of an epoch. It runs with the
+    model in eval mode and without gradients; the model's mode is restored afterwards. Any exception is logged as one
+    warning and swallowed: a plotting problem must never stop training.
+
+    Args:
+        write: draws and saves the pictures (e.g. ``run_dir/samples/epoch_NNN.png``).
+
+    Returns:
+        The guarded callback, with the same signature.
+    """
+
+    def callback(epoch: int, net: nn.Module, out_dir: Path) -> None:
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                write(epoch, net, out_dir)
+        except Exception as err:  # a plotting problem must never stop training
+            logger.warning("sample PNG for epoch %d not written: %s", epoch, err)
+        finally:
+            net.train(was_training)
+
+    return callback
 
 
 def _batch_len(batch: Any) -> float:

@@ -23,7 +23,14 @@ from covidctnet.core.checkpoint import load_checkpoint
 from covidctnet.core.errors import CheckpointError, ConfigError
 from covidctnet.core.model_dir import load_model_dir
 from covidctnet.core.seeding import derive_seed, seed_everything
-from covidctnet.training.trainer import TIMING_COLUMNS, EpochSampler, LoopConfig, ModelExport, Trainer
+from covidctnet.training.trainer import (
+    TIMING_COLUMNS,
+    EpochSampler,
+    LoopConfig,
+    ModelExport,
+    Trainer,
+    sample_png_callback,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -333,3 +340,26 @@ def test_loop_config_of_a_training_config():
         LoopConfig(checkpoint_every=0)
     with pytest.raises(ConfigError, match="epochs and batch_size"):
         LoopConfig(batch_size=0)
+
+
+def test_sample_png_callback_runs_in_eval_mode_and_never_stops_training(tmp_path, caplog):
+    """The sample writer sees the model in eval mode without gradients; its mode comes back, and a failure is one
+    warning, not an exception."""
+    seen = []
+
+    def write(epoch, net, out_dir):
+        seen.append((epoch, net.training, torch.is_grad_enabled(), out_dir))
+        if epoch == 1:
+            raise ValueError("no display")
+
+    model = _model().train()
+    callback = sample_png_callback(write)
+    callback(0, model, tmp_path)
+    assert seen == [(0, False, False, tmp_path)] and model.training
+    with caplog.at_level("WARNING", logger="covidctnet.training.trainer"):
+        callback(1, model, tmp_path)
+    assert model.training and torch.is_grad_enabled()
+    assert "sample PNG for epoch 1 not written: no display" in caplog.text
+    model.eval()
+    callback(2, model, tmp_path)
+    assert not model.training
