@@ -165,7 +165,7 @@ def gate(data: Path, model: Path, onnx_dir: Path, variants: tuple[str, ...]) -> 
     """Residual-map correlation and largest probability change of each variant against torch fp32, per series."""
     import torch
 
-    from covidctnet.data.residual_volumes import residual_to_network_input
+    from covidctnet.models.cnn3d import residual_to_network_input
     from covidctnet.inference.predict import load_pipeline
     from covidctnet.inference.residuals import compute_residual
     from covidctnet.models.cnn3d import predict_proba
