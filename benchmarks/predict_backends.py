@@ -165,10 +165,9 @@ def gate(data: Path, model: Path, onnx_dir: Path, variants: tuple[str, ...]) -> 
     """Residual-map correlation and largest probability change of each variant against torch fp32, per series."""
     import torch
 
-    from covidctnet.models.cnn3d import residual_to_network_input
     from covidctnet.inference.predict import load_pipeline
     from covidctnet.inference.residuals import compute_residual
-    from covidctnet.models.cnn3d import predict_proba
+    from covidctnet.models.cnn3d import predict_proba, residual_to_network_input
     from covidctnet.models.registry import Denoiser
 
     pipe = load_pipeline(model, "cpu")
@@ -185,7 +184,7 @@ def gate(data: Path, model: Path, onnx_dir: Path, variants: tuple[str, ...]) -> 
                 net = Denoiser(net, den.size_xy, den.path, den.weights_sha256, torch.device("cpu"), den.preprocess)
             residual = compute_residual(vol, net, pipe.depth, pipe.size_xy, 8, source=name,
                                         precision=variant.split(":")[1] if variant.startswith("torch:") else "fp32")
-            p = predict_proba(pipe.classifier, torch.as_tensor(residual_to_network_input(residual))[None])[0].numpy()
+            p = predict_proba(pipe.classifier, residual_to_network_input(residual)[None])[0].numpy()
             ref = ref or (residual, p)
             rows.append({"series": name, "slices": vol.shape[2], "variant": variant,
                          "corr": float(np.corrcoef(residual.ravel(), ref[0].ravel())[0, 1]),
