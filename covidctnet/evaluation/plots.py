@@ -1,4 +1,4 @@
-"""Every PNG the toolkit writes: ROC curves, confusion matrices (and, later, overlays and loss curves).
+"""Every PNG the toolkit writes: ROC curves, confusion matrices, residual and Grad-CAM overlays, slice-score profiles.
 
 Figures are built on :class:`matplotlib.figure.Figure` with the Agg canvas directly, never through ``pyplot``: no global
 figure registry, no backend switch, nothing left open, and it works the same in a notebook, a worker process or a
@@ -35,6 +35,7 @@ __all__ = [
     "plot_reader_study_roc",
     "plot_confusion",
     "plot_residual_overlay",
+    "plot_slice_scores",
     "CAM_CMAP",
     "cam_overlay",
     "plot_grad_cam",
@@ -404,6 +405,49 @@ def _overlay_cut(
             smooth = ndimage.uniform_filter(np.maximum(residual[:, :, z], 0), size=5)
             x, y = np.unravel_index(np.argmax(np.where(inside[:, :, z], smooth, -np.inf)), smooth.shape)
     return x, y, z
+
+
+def plot_slice_scores(
+    path: str | os.PathLike,
+    study_id: str,
+    rows: Sequence[Mapping[str, Any]],
+    infected: np.ndarray,
+    lung: np.ndarray,
+    scores: Sequence[str],
+) -> Path:
+    """Slice scores along z of one study (``validate-residuals``' ``<study_id>_scores.png``): each score scaled to
+    [0, 1] over the scan, the slices labelled infected shaded red, the lung slices marked under the curves.
+
+    Args:
+        path: output PNG.
+        study_id: the study, for the title.
+        rows: its N slice-table rows (``z_mm`` and each of ``scores``).
+        infected: (N,) slice labels (1 = infected; 0 or -1 are not shaded).
+        lung: (N,) bool lung slices.
+        scores: the three columns drawn (purple, orange, green); a score with fewer than two finite values is left out.
+
+    Returns:
+        ``path``.
+    """
+    z = np.array([r["z_mm"] for r in rows])
+    fig = new_figure((9.0, 4.0))
+    ax = fig.subplots()
+    for k in np.flatnonzero(infected == 1):
+        dz = float(np.median(np.diff(z))) if z.size > 1 else 1.0
+        ax.axvspan(z[k] - dz / 2, z[k] + dz / 2, color="tab:red", alpha=0.15, lw=0)
+    for name, colour in zip(scores, ("tab:purple", "tab:orange", "tab:green")):
+        s = np.array([r[name] for r in rows], dtype=np.float64)
+        finite = np.isfinite(s)
+        if finite.sum() < 2:
+            continue
+        lo, hi = np.nanmin(s), np.nanmax(s)
+        ax.plot(z, (s - lo) / (hi - lo or 1.0), color=colour, label=f"{name} (scaled)")
+    ax.plot(z[lung], np.full(lung.sum(), -0.05), "k|", ms=4, label="lung slice")
+    ax.set_xlabel("z (mm, patient superior)")
+    ax.set_ylabel("score, scaled to [0, 1] over the scan")
+    ax.set_title(f"{study_id}: red = slices labelled infected")
+    ax.legend(fontsize=7, loc="upper left")
+    return save_figure(fig, path)
 
 
 CAM_CMAP = "turbo"

@@ -1,5 +1,5 @@
-"""The reports of ``evaluate`` (``report.md``) and ``reader-study`` (``report.md`` and its CSV tables ``table.csv``,
-``tests.csv``, ``agreement.csv``).
+"""The reports of ``evaluate`` (``report.md``), ``reader-study`` (``report.md`` and its CSV tables ``table.csv``,
+``tests.csv``, ``agreement.csv``) and ``validate-residuals`` (``report.md``).
 
 All render what their command already computed (``metrics.json``'s content, with
 :class:`~covidctnet.evaluation.stats.Estimate` objects kept): nothing here computes an estimate. Numbers are shown as
@@ -25,6 +25,7 @@ __all__ = [
     "estimate_cell",
     "render_evaluation_report",
     "render_reader_study_report",
+    "render_residual_validation_report",
     "write_reader_study_tables",
 ]
 
@@ -329,6 +330,61 @@ def _agreement_section(agreement: Mapping[str, Any]) -> list[str]:
                 f"{_kappa_text(p['cohen_kappa_2class'])} | {100 * p['agreement_2class']:.1f}% |"
             )
     return lines
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# validate-residuals
+
+
+def render_residual_validation_report(
+    metrics: Mapping[str, Any], scores: Sequence[str], lobes: Sequence[str]
+) -> str:
+    """``validate-residuals``' ``report.md``: the within-patient and pooled AUCs of each score with their DeLong
+    p-values against ``residual_score``, the candidate statistics' AUCs and the per-lobe AUCs.
+
+    Args:
+        metrics: ``metrics.json``'s content (estimates as dicts).
+        scores: the scores reported side by side, ``residual_score`` first (the table's columns).
+        lobes: the lobe names, in the order of the per-lobe table.
+    """
+    lines = ["# Residual validation (slice level)", "",
+             f"Slice scores: `{metrics['slices_dir']}`; labels: `{metrics['labels']}`; lung slices: lung_ml ≥ "
+             f"{metrics['config']['lung_fraction']:.2f} × the scan's largest. AUC with DeLong "
+             f"{int(metrics['config']['level'] * 100)}% CI; p: DeLong paired test against residual_score.", "",
+             "| analysis | slices (infected) | " + " | ".join(scores) + " | p vs hu_score | p vs lung_ml |",
+             "|---|---|" + "---|" * (len(scores) + 2)]
+    blocks = [(f"within {sid}", b) for sid, b in metrics["per_study"].items() if "auc" in b]
+    if metrics.get("pooled") and "auc" in metrics["pooled"]:
+        blocks.append(("pooled vs normal subjects", metrics["pooled"]))
+    for name, b in blocks:
+        tests = b["tests"]
+        lines.append(f"| {name} | {b['n_slices']} ({b['n_infected']}) | "
+                     + " | ".join(estimate_cell(b["auc"][s], percent=False) for s in scores) + " | "
+                     + " | ".join(f"{tests[k]['p_value']:.3g}" if k in tests else "n/a"
+                                  for k in ("residual_score_vs_hu_score", "residual_score_vs_lung_ml")) + " |")
+    if "mean_within_auc" in metrics:
+        lines += ["", "Mean within-patient AUC: " + ", ".join(f"{s} {v:.3f}" for s, v in
+                                                                metrics["mean_within_auc"].items())]
+    cands = metrics.get("candidates") or {}
+    if cands:
+        lines += ["", "## Candidate residual statistics (AUC)", "",
+                  "| statistic | " + " | ".join(cands[next(iter(cands))]) + " |",
+                  "|---|" + "---|" * len(cands[next(iter(cands))])]
+        for stat, per in cands.items():
+            lines.append(f"| {stat} | " + " | ".join(f"{v:.3f}" if v is not None else "n/a" for v in per.values())
+                         + " |")
+    lobed = {sid: b["lobes"] for sid, b in metrics["per_study"].items() if "lobes" in b}
+    if lobed:
+        lines += ["", "## Per lobe (residual_score AUC: lung slices infected in the lobe vs lung slices without "
+                  "infection; infected slices in brackets)", "", "| study | " + " | ".join(lobes) + " |",
+                  "|---|" + "---|" * len(lobes)]
+        for sid, per in lobed.items():
+            cells = [(f"{per[lb]['auc']['residual_score']:.3f}" if per[lb]["auc"]["residual_score"] is not None
+                      else "n/a") + f" ({per[lb]['n_infected']})" for lb in lobes]
+            lines.append(f"| {sid} | " + " | ".join(cells) + " |")
+    lines += ["", "Studies without labels or without both classes among their lung slices are listed in "
+              "metrics.json (`skipped`). Figures: `<study_id>_scores.png`."]
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -52,8 +52,8 @@ import numpy as np
 from covidctnet.core.errors import ConfigError, InputError, LabelError
 from covidctnet.core.files import atomic_write_text, to_jsonable, write_csv
 from covidctnet.core.slice_table import SLICES_SUFFIX, read_slices_csv
-from covidctnet.evaluation.plots import new_figure, save_figure
-from covidctnet.evaluation.report_md import estimate_cell
+from covidctnet.evaluation.plots import plot_slice_scores
+from covidctnet.evaluation.report_md import render_residual_validation_report
 from covidctnet.evaluation.stats import auc_score, delong_auc_ci, delong_test
 
 __all__ = ["ValidateResidualsConfig", "SliceLabels", "read_slice_labels", "read_labels", "read_covid_ct_md_labels",
@@ -375,70 +375,6 @@ def _patient_labels(slices_dir: Path) -> dict[str, str]:
         return {}
 
 
-def _plot_study(path: Path, sid: str, rows: list[dict[str, Any]], y: np.ndarray, lung: np.ndarray) -> None:
-
-    z = np.array([r["z_mm"] for r in rows])
-    fig = new_figure((9.0, 4.0))
-    ax = fig.subplots()
-    for k in np.flatnonzero(y == 1):
-        dz = float(np.median(np.diff(z))) if z.size > 1 else 1.0
-        ax.axvspan(z[k] - dz / 2, z[k] + dz / 2, color="tab:red", alpha=0.15, lw=0)
-    for name, colour in zip(SCORES, ("tab:purple", "tab:orange", "tab:green")):
-        s = np.array([r[name] for r in rows], dtype=np.float64)
-        finite = np.isfinite(s)
-        if finite.sum() < 2:
-            continue
-        lo, hi = np.nanmin(s), np.nanmax(s)
-        ax.plot(z, (s - lo) / (hi - lo or 1.0), color=colour, label=f"{name} (scaled)")
-    ax.plot(z[lung], np.full(lung.sum(), -0.05), "k|", ms=4, label="lung slice")
-    ax.set_xlabel("z (mm, patient superior)")
-    ax.set_ylabel("score, scaled to [0, 1] over the scan")
-    ax.set_title(f"{sid}: red = slices labelled infected")
-    ax.legend(fontsize=7, loc="upper left")
-    save_figure(fig, path)
-
-
-def _report(metrics: dict[str, Any]) -> str:
-    lines = ["# Residual validation (slice level)", "",
-             f"Slice scores: `{metrics['slices_dir']}`; labels: `{metrics['labels']}`; lung slices: lung_ml ≥ "
-             f"{metrics['config']['lung_fraction']:.2f} × the scan's largest. AUC with DeLong "
-             f"{int(metrics['config']['level'] * 100)}% CI; p: DeLong paired test against residual_score.", "",
-             "| analysis | slices (infected) | " + " | ".join(SCORES) + " | p vs hu_score | p vs lung_ml |",
-             "|---|---|" + "---|" * (len(SCORES) + 2)]
-    blocks = [(f"within {sid}", b) for sid, b in metrics["per_study"].items() if "auc" in b]
-    if metrics.get("pooled") and "auc" in metrics["pooled"]:
-        blocks.append(("pooled vs normal subjects", metrics["pooled"]))
-    for name, b in blocks:
-        tests = b["tests"]
-        lines.append(f"| {name} | {b['n_slices']} ({b['n_infected']}) | "
-                     + " | ".join(estimate_cell(b["auc"][s], percent=False) for s in SCORES) + " | "
-                     + " | ".join(f"{tests[k]['p_value']:.3g}" if k in tests else "n/a"
-                                  for k in ("residual_score_vs_hu_score", "residual_score_vs_lung_ml")) + " |")
-    if "mean_within_auc" in metrics:
-        lines += ["", "Mean within-patient AUC: " + ", ".join(f"{s} {v:.3f}" for s, v in
-                                                                metrics["mean_within_auc"].items())]
-    cands = metrics.get("candidates") or {}
-    if cands:
-        lines += ["", "## Candidate residual statistics (AUC)", "",
-                  "| statistic | " + " | ".join(cands[next(iter(cands))]) + " |",
-                  "|---|" + "---|" * len(cands[next(iter(cands))])]
-        for stat, per in cands.items():
-            lines.append(f"| {stat} | " + " | ".join(f"{v:.3f}" if v is not None else "n/a" for v in per.values())
-                         + " |")
-    lobed = {sid: b["lobes"] for sid, b in metrics["per_study"].items() if "lobes" in b}
-    if lobed:
-        lines += ["", "## Per lobe (residual_score AUC: lung slices infected in the lobe vs lung slices without "
-                  "infection; infected slices in brackets)", "", "| study | " + " | ".join(LOBES) + " |",
-                  "|---|" + "---|" * len(LOBES)]
-        for sid, per in lobed.items():
-            cells = [(f"{per[lb]['auc']['residual_score']:.3f}" if per[lb]["auc"]["residual_score"] is not None
-                      else "n/a") + f" ({per[lb]['n_infected']})" for lb in LOBES]
-            lines.append(f"| {sid} | " + " | ".join(cells) + " |")
-    lines += ["", "Studies without labels or without both classes among their lung slices are listed in "
-              "metrics.json (`skipped`). Figures: `<study_id>_scores.png`."]
-    return "\n".join(lines) + "\n"
-
-
 def validate_residuals(slices_dir: str | os.PathLike, labels_path: str | os.PathLike, out_dir: str | os.PathLike,
                        cfg: ValidateResidualsConfig = ValidateResidualsConfig(),
                        label_index: str | os.PathLike | None = None,
@@ -615,8 +551,8 @@ def _write_validation(out_dir: Path, metrics: dict[str, Any],
     ``report.md``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for sid, rows, y, lung in plots:
-        _plot_study(out_dir / f"{sid}_scores.png", sid, rows, y, lung)
+        plot_slice_scores(out_dir / f"{sid}_scores.png", sid, rows, y, lung, SCORES)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
     header = ["study_id", "slice", "z_mm", "infected", *(LOBES if has_lobes else ())]
     write_csv(out_dir / "matched_labels.csv", header, matched_rows)
-    atomic_write_text(out_dir / "report.md", _report(metrics))
+    atomic_write_text(out_dir / "report.md", render_residual_validation_report(metrics, SCORES, LOBES))
