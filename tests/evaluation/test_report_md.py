@@ -1,9 +1,18 @@
 """Tests of covidctnet.evaluation.report_md: table cells of estimates and the parts of the reports that the
-evaluate and reader-study tests do not reach."""
+evaluate and reader-study tests do not reach, and the reader study's CSV cells."""
 
 from __future__ import annotations
 
-from covidctnet.evaluation.report_md import estimate_cell, format_estimate, render_evaluation_report
+import csv
+
+import numpy as np
+
+from covidctnet.evaluation.report_md import (
+    estimate_cell,
+    format_estimate,
+    render_evaluation_report,
+    write_reader_study_tables,
+)
 from covidctnet.evaluation.stats import Estimate, proportion, undefined_auc
 
 
@@ -35,3 +44,23 @@ def test_evaluation_report_without_three_class():
     assert "| metric | value | 90% CI | k/n | CI method |" in text and "| AUC | n/a | n/a |  | undefined" in text
     assert "![confusion_2class](c.png)" in text and "roc_2class" not in text
     assert "- Excluded: **1** row(s) with status error (1): `x` (error)" in text
+
+
+def test_reader_study_tables_cells(tmp_path):
+    row = {"rater": "R1", "type": "reader", "n_cases": np.int64(4), "auc_source": "binary call",
+           "accuracy_2class": proportion(3, 4), "accuracy_3class": None, "sensitivity": proportion(1, 3),
+           "specificity": Estimate(1.0, None, None, "Wilson score"), "auc": undefined_auc(4, 0.95)}
+    test = {"comparison": "model vs R1", "b_2class": 2, "p_2class": float("nan"), "auc_p": np.float64(0.125)}
+    pair = {"reader_a": "R1", "reader_b": "R2", "cohen_kappa_3class": None, "agreement_2class": True}
+    write_reader_study_tables(tmp_path, [row], [test], [pair])
+    with open(tmp_path / "table.csv", newline="") as fh:
+        table = next(csv.DictReader(fh))
+    assert table["n_cases"] == "4" and table["accuracy_2class"] == "0.75" and table["accuracy_3class"] == ""
+    assert table["sensitivity"] == format(1 / 3, ".12g") and table["specificity_ci_low"] == ""
+    assert table["auc"] == "" and table["ci_method_auc"] == "undefined: only one class present"
+    with open(tmp_path / "tests.csv", newline="") as fh:
+        tests = next(csv.DictReader(fh))
+    assert tests["b_2class"] == "2" and tests["p_2class"] == "" and tests["auc_p"] == "0.125" and tests["c_2class"] == ""
+    with open(tmp_path / "agreement.csv", newline="") as fh:
+        agreement = next(csv.DictReader(fh))
+    assert agreement["cohen_kappa_3class"] == "" and agreement["agreement_2class"] == "true"
