@@ -14,7 +14,6 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
 __all__ = [
     "atomic_path",
@@ -163,6 +162,8 @@ def to_jsonable(obj: Any) -> Any:
     numpy scalars and arrays become Python numbers and lists, tuples become lists, objects with ``to_dict()`` their
     dict, and NaN or infinities ``None`` (JSON has neither).
     """
+    import numpy as np  # here: the labels and CSV helpers of this module are imported by the light command line
+
     if hasattr(obj, "to_dict"):
         return obj.to_dict()
     if isinstance(obj, Mapping):
