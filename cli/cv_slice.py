@@ -8,9 +8,8 @@ from pathlib import Path
 
 import click
 
-from covidctnet.cli.options import config_file_option, config_option, device_option, loader_workers_option, out_option
+from covidctnet.cli.options import config_file_option, config_option, loop_options, out_option, slice_arch_option
 
-_ARCHS = ["densenet121", "densenet169", "resnet18", "resnet50"]
 _CONFIG = "covidctnet.training.slice:SliceTrainConfig"
 
 
@@ -25,16 +24,14 @@ _CONFIG = "covidctnet.training.slice:SliceTrainConfig"
               help="Train only this fold (repeatable); finished folds in OUT are always reused.")
 @click.option("--reference", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="A finished cv-slice run on the same folds to test against (paired DeLong and cluster bootstrap).")
-@config_option(_CONFIG, "--arch", type=click.Choice(_ARCHS), help="MONAI 2D network.")
+@slice_arch_option(_CONFIG)
 @config_option(_CONFIG, "--image-size", "size", key="size", type=int, help="Square input size in pixels.")
 @config_option(_CONFIG, "--epochs", type=int, help="Training epochs per fold (the last one is kept).")
 @config_option(_CONFIG, "--lung-mask/--no-lung-mask", help="Add a classical lung mask as a 2nd input channel.")
 @config_option(_CONFIG, "--source-aug/--no-source-aug", help="Augmentations mimicking the source papers' figures.")
 @click.option("--init", "init", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Model directory from pretrain-slice whose encoder starts every fold.")
-@device_option(_CONFIG)
-@config_option(_CONFIG, "--seed", type=int, help="Seed of weights, data order and augmentation (every fold).")
-@loader_workers_option(_CONFIG)
+@loop_options(_CONFIG, "Seed of weights, data order and augmentation (every fold).")
 def cv_slice_cmd(data, out_dir, config_path, folds, fold_seed, only_folds, reference, arch, size, epochs, lung_mask,
                  source_aug, init, device, seed, workers):
     """Grouped K-fold cross-validation of the train-slice recipe on DATA's train + val images.

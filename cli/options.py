@@ -17,7 +17,9 @@ from typing import Any
 import click
 
 __all__ = ["ConfigOption", "config_option", "out_option", "config_file_option", "device_option", "dataclass_default",
-           "loader_workers_option", "resolve_ref", "batch_options", "step_options", "transfer_options", "transfer_inputs"]
+           "loader_workers_option", "resolve_ref", "batch_options", "step_options", "transfer_options",
+           "transfer_inputs", "SLICE_ARCHS", "slice_arch_option", "loop_options", "resumable_run_options",
+           "resumed_config_path"]
 
 DEVICE_HELP = "auto (CUDA when present), cpu, cuda or cuda:N (gpu = cuda)"
 
@@ -155,6 +157,57 @@ def step_options(config: str) -> Any:
     every = config_option(config, "--checkpoint-every", type=int,
                           help="Also checkpoint every N optimiser steps; --resume then continues inside the epoch.")
     return lambda f: max_steps(every(f))
+
+
+SLICE_ARCHS: tuple[str, ...] = ("densenet121", "densenet169", "resnet18", "resnet50")
+"""The slice commands' networks: :data:`covidctnet.models.slice.SLICE_ARCHS`, written again here because importing
+that module loads torch (``tests/models/test_slice.py`` checks that both lists are equal)."""
+
+
+def slice_arch_option(config: str) -> Any:
+    """``--arch``: one of :data:`SLICE_ARCHS` (train-slice, pretrain-slice, cv-slice)."""
+    return config_option(config, "--arch", type=click.Choice(list(SLICE_ARCHS)), help="MONAI 2D network.")
+
+
+def _stacked(options: list[Any]) -> Any:
+    """One decorator applying ``options`` (click option decorators) so that ``--help`` lists them in this order."""
+
+    def decorate(f: Any) -> Any:
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+def loop_options(config: str, seed_help: str) -> Any:
+    """``--device``, ``--seed`` (help ``seed_help``) and ``--loader-workers`` of the slice training commands: where
+    the loop runs, its seed and its DataLoader workers."""
+    return _stacked([device_option(config), config_option(config, "--seed", type=int, help=seed_help),
+                     loader_workers_option(config)])
+
+
+def resumable_run_options(config: str, yaml_name: str, out_help: str) -> Any:
+    """The run-folder and loop options of train-denoiser and train-lesion-model, in this order: ``-o RUN_DIR``,
+    ``--config`` (with ``--resume``: the run's own ``config.yaml``, see :func:`resumed_config_path`), ``--device``,
+    ``--epochs``, ``--loader-workers`` (config key ``num_workers``), ``--max-steps`` and ``--checkpoint-every``."""
+    options = [
+        out_option(out_help, "run_dir"),
+        config_file_option(yaml_name, "; with --resume, RUN_DIR/config.yaml"),
+        device_option(config),
+        config_option(config, "--epochs", type=int, help="Total epochs (overrides the config)."),
+        loader_workers_option(config, key="num_workers"),
+        step_options(config),
+    ]
+    return _stacked(options)
+
+
+def resumed_config_path(config_path: Path | None, run_dir: Path, resume: bool) -> Path | None:
+    """The YAML a run's config is read from: ``--config`` when given, else on ``--resume`` the run's own
+    ``RUN_DIR/config.yaml`` (a resumed run keeps its own settings), else none (the dataclass defaults)."""
+    if config_path is None and resume and (run_dir / "config.yaml").is_file():
+        return run_dir / "config.yaml"
+    return config_path
 
 
 def batch_options(workers_help: str, resume_help: str) -> Any:

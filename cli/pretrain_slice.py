@@ -8,9 +8,8 @@ from pathlib import Path
 
 import click
 
-from covidctnet.cli.options import config_file_option, config_option, device_option, loader_workers_option, out_option
+from covidctnet.cli.options import config_file_option, config_option, loop_options, out_option, slice_arch_option
 
-_ARCHS = ["densenet121", "densenet169", "resnet18", "resnet50"]
 _CONFIG = "covidctnet.training.simclr:PretrainSliceConfig"
 
 
@@ -18,7 +17,7 @@ _CONFIG = "covidctnet.training.simclr:PretrainSliceConfig"
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @out_option("Run folder: checkpoints/, metrics.csv, loss_curve.png, encoder/ (for train-slice --init).", "run_dir")
 @config_file_option("pretrain_slice.yaml")
-@config_option(_CONFIG, "--arch", type=click.Choice(_ARCHS), help="MONAI 2D network.")
+@slice_arch_option(_CONFIG)
 @config_option(_CONFIG, "--image-size", "size", key="size", old_names=("--size",), type=int,
                help="Square input size of the slice images in pixels.")
 @config_option(_CONFIG, "--epochs", type=int, help="Pretraining epochs.")
@@ -29,9 +28,7 @@ _CONFIG = "covidctnet.training.simclr:PretrainSliceConfig"
                     "paper figures, are added to the unlabelled images.")
 @config_option(_CONFIG, "--data-images/--no-data-images",
                help="Use DATA's training images too (--no-data-images: only the --extra-ct renderings).")
-@device_option(_CONFIG)
-@config_option(_CONFIG, "--seed", type=int, help="Seed.")
-@loader_workers_option(_CONFIG)
+@loop_options(_CONFIG, "Seed.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
 def pretrain_slice_cmd(data, run_dir, config_path, arch, size, epochs, batch_size, lung_mask, extra_ct, data_images,
                        device, seed, workers, resume):

@@ -7,26 +7,15 @@ from pathlib import Path
 
 import click
 
-from covidctnet.cli.options import (
-    config_file_option,
-    config_option,
-    device_option,
-    loader_workers_option,
-    out_option,
-    step_options,
-)
+from covidctnet.cli.options import resumable_run_options, resumed_config_path
 
 _CONFIG = "covidctnet.training.denoiser:DenoiserConfig"
 
 
 @click.command("train-denoiser")
 @click.argument("data", type=click.Path(path_type=Path))
-@out_option("Run folder: checkpoints/, metrics.csv, loss_curve.png, samples/, and model/ at the end.", "run_dir")
-@config_file_option("denoiser.yaml", "; with --resume, RUN_DIR/config.yaml")
-@device_option(_CONFIG)
-@config_option(_CONFIG, "--epochs", type=int, help="Total epochs (overrides the config).")
-@loader_workers_option(_CONFIG, key="num_workers")
-@step_options(_CONFIG)
+@resumable_run_options(_CONFIG, "denoiser.yaml",
+                       "Run folder: checkpoints/, metrics.csv, loss_curve.png, samples/, and model/ at the end.")
 @click.option("--labels", "labels_path", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="labels CSV (study_id,label): train on its 'control' studies.")
 @click.option("--studies", default=None, help="Comma-separated control study ids (overrides labels).")
@@ -43,11 +32,9 @@ def train_denoiser_cmd(data, run_dir, config_path, device, epochs, num_workers, 
     from covidctnet.core.config import load_config
     from covidctnet.training.denoiser import DenoiserConfig, train_denoiser
 
-    base = config_path
-    if base is None and resume and (run_dir / "config.yaml").is_file():
-        base = run_dir / "config.yaml"  # a resumed run keeps its own settings
-    cfg = load_config(DenoiserConfig, base, {"epochs": epochs, "device": device, "num_workers": num_workers,
-                                             "max_steps": max_steps, "checkpoint_every": checkpoint_every})
+    overrides = {"epochs": epochs, "device": device, "num_workers": num_workers, "max_steps": max_steps,
+                 "checkpoint_every": checkpoint_every}
+    cfg = load_config(DenoiserConfig, resumed_config_path(config_path, run_dir, resume), overrides)
     ids = [s.strip() for s in studies.split(",") if s.strip()] if studies else None
     result = train_denoiser(data, run_dir, cfg, labels=labels_path, studies=ids, resume=resume,
                             command=" ".join(["covidctnet", *sys.argv[1:]]) if sys.argv else None)

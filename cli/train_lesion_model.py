@@ -7,29 +7,18 @@ from pathlib import Path
 
 import click
 
-from covidctnet.cli.options import (
-    config_file_option,
-    config_option,
-    device_option,
-    loader_workers_option,
-    out_option,
-    step_options,
-)
+from covidctnet.cli.options import config_option, resumable_run_options, resumed_config_path
 
 _CONFIG = "covidctnet.training.lesion:LesionModelConfig"
 
 
 @click.command("train-lesion-model")
 @click.argument("controls", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@out_option("Run folder: checkpoints/, metrics.csv, samples/, and model/ at the end.", "run_dir")
-@config_file_option("lesion_model.yaml", "; with --resume, RUN_DIR/config.yaml")
-@device_option(_CONFIG)
-@config_option(_CONFIG, "--epochs", type=int, help="Total epochs (overrides the config).")
+@resumable_run_options(_CONFIG, "lesion_model.yaml",
+                       "Run folder: checkpoints/, metrics.csv, samples/, and model/ at the end.")
 @config_option(_CONFIG, "--lesion-masks", "lesion_masks", type=click.Path(exists=True, file_okay=False),
                help="Folder of MosMed-style *_mask.nii.gz lesion masks whose shapes are inserted (overrides the "
                     "config).")
-@loader_workers_option(_CONFIG, key="num_workers")
-@step_options(_CONFIG)
 @click.option("--resume", is_flag=True, help="Continue the run in RUN_DIR from checkpoints/last.pt.")
 def train_lesion_model_cmd(controls, run_dir, config_path, device, epochs, lesion_masks, num_workers, max_steps,
                            checkpoint_every, resume):
@@ -42,12 +31,9 @@ def train_lesion_model_cmd(controls, run_dir, config_path, device, epochs, lesio
     from covidctnet.core.config import load_config
     from covidctnet.training.lesion import LesionModelConfig, train_lesion_model
 
-    base = config_path
-    if base is None and resume and (run_dir / "config.yaml").is_file():
-        base = run_dir / "config.yaml"  # a resumed run keeps its own settings
-    cfg = load_config(LesionModelConfig, base, {"epochs": epochs, "device": device, "num_workers": num_workers,
-                                                "max_steps": max_steps, "checkpoint_every": checkpoint_every,
-                                                "lesion_masks": str(lesion_masks) if lesion_masks else None})
+    overrides = {"epochs": epochs, "device": device, "num_workers": num_workers, "max_steps": max_steps,
+                 "checkpoint_every": checkpoint_every, "lesion_masks": str(lesion_masks) if lesion_masks else None}
+    cfg = load_config(LesionModelConfig, resumed_config_path(config_path, run_dir, resume), overrides)
     result = train_lesion_model(controls, run_dir, cfg, resume=resume,
                                 command=" ".join(["covidctnet", *sys.argv[1:]]) if sys.argv else None)
     if result.model_dir is not None:

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import click
 
-from covidctnet.cli.options import config_file_option, config_option, device_option, loader_workers_option, out_option
+from covidctnet.cli.options import config_file_option, config_option, loop_options, out_option, slice_arch_option
 
-_ARCHS = ["densenet121", "densenet169", "resnet18", "resnet50"]
 _CONFIG = "covidctnet.training.slice:SliceTrainConfig"
 
 
@@ -18,7 +17,7 @@ _CONFIG = "covidctnet.training.slice:SliceTrainConfig"
 @click.argument("data", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @out_option("Run folder: checkpoints/, metrics.csv, loss_curve.png, roc.png, confusion.png, model/.", "run_dir")
 @config_file_option("slice.yaml")
-@config_option(_CONFIG, "--arch", type=click.Choice(_ARCHS), help="MONAI 2D network.")
+@slice_arch_option(_CONFIG)
 @config_option(_CONFIG, "--width", type=float, help="ResNet channel multiplier (1 for ImageNet weights).")
 @config_option(_CONFIG, "--image-size", "size", key="size", old_names=("--size",), type=int,
                help="Square input size of the slice images in pixels (paper: 480).")
@@ -29,9 +28,7 @@ _CONFIG = "covidctnet.training.slice:SliceTrainConfig"
               help="Start from torchvision's ImageNet weights (its cache, $TORCH_HOME/hub/checkpoints, downloaded "
                    "there if missing), a torchvision/timm state-dict file, or the encoder of a pretrain-slice (or "
                    "train-slice) model directory.")
-@device_option(_CONFIG)
-@config_option(_CONFIG, "--seed", type=int, help="Seed of weights, data order and augmentation.")
-@loader_workers_option(_CONFIG)
+@loop_options(_CONFIG, "Seed of weights, data order and augmentation.")
 @click.option("--resume", is_flag=True, help="Continue from OUT/checkpoints/last.pt.")
 def train_slice_cmd(data, run_dir, config_path, arch, width, size, epochs, batch_size, lung_mask, init, device, seed,
                     workers, resume):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 import torch
 
+from covidctnet.cli.options import SLICE_ARCHS as CLI_SLICE_ARCHS
 from covidctnet.core.errors import CheckpointError, ConfigError
 from covidctnet.models.slice import (
+    SLICE_ARCHS,
     build_slice_model,
     encoder_state_dict,
     feature_dim,
@@ -14,6 +18,7 @@ from covidctnet.models.slice import (
     load_encoder_state_dict,
     replace_head,
 )
+from covidctnet.training.slice import Arch
 
 CASES = [
     ({"arch": "resnet18", "in_channels": 1, "width": 0.25}, "fc", 128),
@@ -77,3 +82,9 @@ def test_encoder_transfer():
         load_encoder_state_dict(build_slice_model("resnet18", width=0.5), enc)
     with pytest.raises(CheckpointError, match="do not fit"):
         load_encoder_state_dict(build_slice_model("resnet18", width=0.25, in_channels=2), enc)
+
+
+def test_one_list_of_slice_networks():
+    """The CLI's --arch choices (written without importing torch) and the training configs' type are this list."""
+    assert CLI_SLICE_ARCHS == SLICE_ARCHS
+    assert get_args(Arch) == SLICE_ARCHS
