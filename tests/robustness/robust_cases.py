@@ -7,7 +7,6 @@ and each case names the file the one-line error must name and a regular expressi
 
 from __future__ import annotations
 
-import csv
 import gzip
 import hashlib
 import re
@@ -26,6 +25,7 @@ from dicom_utils import copy_series
 from model_factories import DEPTH, SIZE, tiny_denoiser_dir, tiny_predict_model
 
 from covidctnet.cli import cli
+from covidctnet.core import files
 
 __all__ = [
     "Sources",
@@ -104,11 +104,8 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> Path:
-    """A small CSV file (labels, splits)."""
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(header)
-        writer.writerows(rows)
+    """A small CSV file (labels, splits), written by the library's own CSV writer."""
+    files.write_csv(path, header, rows)
     return path
 
 

@@ -12,6 +12,7 @@ import ast
 import hashlib
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -70,31 +71,30 @@ def _classifier_run(factory: pytest.TempPathFactory, ws: Workspace) -> Path:
     return session_dir(factory, "classifier-run", build) / "run"
 
 
-def test_pickle_checkpoint_refused_by_train_denoiser(ws, tmp_path, tmp_path_factory):
+def _assert_resume_refuses_pickle(finished_run: Path, tmp_path: Path, *args: Any) -> None:
+    """A copy of ``finished_run`` whose ``checkpoints/last.pt`` is a code-running pickle: the command ``args``
+    (``-o RUN`` is appended) refuses it in one line, runs no code and changes nothing in the run folder."""
     run = tmp_path / "run"
-    shutil.copytree(denoiser_run(tmp_path_factory, ws), run)
+    shutil.copytree(finished_run, run)
     marker, last = tmp_path / "code-ran", run / "checkpoints" / "last.pt"
     _plant_pickle(last, marker)
     before = snapshot(run)
-    result = invoke("train-denoiser", ws.pre, "-o", run, "--resume", "--epochs", 2, "--device", "cpu")
+    result = invoke(*args, "-o", run)
     assert_one_line_error(result, last, r"refused, the file holds Python objects other than tensors")
     assert not marker.exists(), "unpickling the checkpoint ran code"
     assert snapshot(run) == before
     _assert_payload_is_live(last, marker)
+
+
+def test_pickle_checkpoint_refused_by_train_denoiser(ws, tmp_path, tmp_path_factory):
+    _assert_resume_refuses_pickle(denoiser_run(tmp_path_factory, ws), tmp_path,
+                                  "train-denoiser", ws.pre, "--resume", "--epochs", 2, "--device", "cpu")
 
 
 def test_pickle_checkpoint_refused_by_train_classifier(ws, tmp_path, tmp_path_factory):
-    run = tmp_path / "run"
-    shutil.copytree(_classifier_run(tmp_path_factory, ws), run)
-    marker, last = tmp_path / "code-ran", run / "checkpoints" / "last.pt"
-    _plant_pickle(last, marker)
-    before = snapshot(run)
-    result = invoke("train-classifier", ws.residuals, "--labels", ws.labels, "-o", run, "--config", ws.grid_config,
-                    "--epochs", 2, "--resume", "--device", "cpu")
-    assert_one_line_error(result, last, r"refused, the file holds Python objects other than tensors")
-    assert not marker.exists(), "unpickling the checkpoint ran code"
-    assert snapshot(run) == before
-    _assert_payload_is_live(last, marker)
+    _assert_resume_refuses_pickle(_classifier_run(tmp_path_factory, ws), tmp_path,
+                                  "train-classifier", ws.residuals, "--labels", ws.labels, "--config", ws.grid_config,
+                                  "--epochs", 2, "--resume", "--device", "cpu")
 
 
 def _rehash(model: Path) -> None:
