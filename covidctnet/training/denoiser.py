@@ -50,15 +50,7 @@ from covidctnet.data.control_slices import (
 )
 from covidctnet.evaluation.plots import new_figure, save_figure
 from covidctnet.models.registry import DENOISER_COMPONENT, build_denoiser
-from covidctnet.training.trainer import (
-    FitResult,
-    LoopConfig,
-    ModelExport,
-    RunResult,
-    Trainer,
-    distributed_context,
-    sample_png_callback,
-)
+from covidctnet.training.trainer import FitResult, LoopConfig, ModelExport, RunResult, Trainer, distributed_context
 
 __all__ = [
     "DenoiserConfig",
@@ -430,7 +422,7 @@ def _validation(cfg: DenoiserConfig, data: _DenoiserData) -> Callable[[nn.Module
 
 def _sample_writer(cfg: DenoiserConfig, data: _DenoiserData) -> Callable[[int, nn.Module, Path], None] | None:
     """The epoch callback writing ``samples/epoch_NNN.png``: one held-out slice, noisy and clean, through the net
-    (``None`` when ``cfg.sample_png`` is off)."""
+    (``None`` when ``cfg.sample_png`` is off). The Trainer runs it in eval mode, without gradients, never failing."""
     if not cfg.sample_png:
         return None
     sample_index = len(data.val) // 2
@@ -445,7 +437,7 @@ def _sample_writer(cfg: DenoiserConfig, data: _DenoiserData) -> Callable[[int, n
                          [("noisy", inp[0], den[0], clean), ("clean", inp[1], den[1], clean)],
                          f"epoch {epoch}: held-out slice {sid}[:, :, {k}]")
 
-    return sample_png_callback(write_sample)
+    return write_sample
 
 
 def train_denoiser(

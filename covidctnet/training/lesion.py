@@ -41,7 +41,7 @@ from covidctnet.io.volume import read_volume
 from covidctnet.models.registry import LESION_COMPONENT, build_lesion_model
 from covidctnet.preprocessing.lungmask3d import mask_to_grid, ras_lung_mask
 from covidctnet.preprocessing.preprocess import PreprocessConfig, preprocess_volume
-from covidctnet.training.trainer import FitResult, LoopConfig, ModelExport, RunResult, Trainer, sample_png_callback
+from covidctnet.training.trainer import FitResult, LoopConfig, ModelExport, RunResult, Trainer
 
 __all__ = ["LesionModelConfig", "ControlLungSlices", "control_lung_slices", "lesion_loss", "train_lesion_model"]
 
@@ -215,7 +215,8 @@ def _validation(val: SyntheticLesionSlices, batch: int = 16):
 
 def _sample_writer(val: SyntheticLesionSlices) -> Callable[[int, nn.Module, Path], None]:
     """The epoch callback writing ``samples/epoch_NNN.png``: three validation slices with their synthetic lesions,
-    the lesion targets and the predicted probability inside the lung."""
+    the lesion targets and the predicted probability inside the lung. The Trainer runs it in eval mode, without
+    gradients, never failing."""
     index = [len(val) // 4, len(val) // 2, 3 * len(val) // 4]
 
     def write(epoch: int, net: nn.Module, out_dir: Path) -> None:
@@ -234,7 +235,7 @@ def _sample_writer(val: SyntheticLesionSlices) -> Callable[[int, nn.Module, Path
                 ax.axis("off")
         save_figure(fig, out_dir / "samples" / f"epoch_{epoch:03d}.png")
 
-    return sample_png_callback(write)
+    return write
 
 
 def train_lesion_model(

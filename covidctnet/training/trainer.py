@@ -76,7 +76,6 @@ __all__ = [
     "move_to_device",
     "plot_loss_curve",
     "predict_dataset",
-    "sample_png_callback",
 ]
 
 logger = logging.getLogger(__name__)
@@ -372,37 +371,6 @@ def plot_loss_curve(history: Sequence[Mapping[str, Any]], path: str | os.PathLik
 # trainer
 
 
-EpochCallback = Callable[[int, nn.Module, Path], None]
-
-
-def sample_png_callback(write: EpochCallback) -> EpochCallback:
-    """An epoch callback (``Trainer(epoch_callback=...)``) that runs ``write`` safely.
-
-    ``write(epoch, model, run_dir)`` draws sample pictures of the model at the end of an epoch. It runs with the
-    model in eval mode and without gradients; the model's mode is restored afterwards. Any exception is logged as one
-    warning and swallowed: a plotting problem must never stop training.
-
-    Args:
-        write: draws and saves the pictures (e.g. ``run_dir/samples/epoch_NNN.png``).
-
-    Returns:
-        The guarded callback, with the same signature.
-    """
-
-    def callback(epoch: int, net: nn.Module, out_dir: Path) -> None:
-        was_training = net.training
-        net.eval()
-        try:
-            with torch.no_grad():
-                write(epoch, net, out_dir)
-        except Exception as err:  # a plotting problem must never stop training
-            logger.warning("sample PNG for epoch %d not written: %s", epoch, err)
-        finally:
-            net.train(was_training)
-
-    return callback
-
-
 def _batch_len(batch: Any) -> float:
     """Samples in a batch: the first dimension of its first tensor; NaN when it has none (throughput unknown, never an
     error that stops training)."""
@@ -513,7 +481,8 @@ class Trainer:
             0.99 = a window of about 100 steps) and validate, select and export it instead of the raw weights.
             Small datasets make the raw weights jump from epoch to epoch; the average is steadier. ``None``: off.
         config: the resolved config (a dataclass or a mapping) written to ``run_dir/config.yaml`` on rank 0.
-        epoch_callback: ``(epoch, model, run_dir)`` run on rank 0 after validation, e.g. to write sample PNGs.
+        epoch_callback: ``(epoch, model, run_dir)`` run on rank 0 after validation to draw sample pictures, with the
+            model in eval mode and without gradients; an exception in it is logged as a warning, never raised.
         show_progress: ``None`` shows a progress bar on an interactive terminal.
     """
 
@@ -688,6 +657,20 @@ class Trainer:
         rng = rngs[self.ctx.rank % len(rngs)]
         _set_rng_state(rng)
         self.sampler.generator.set_state(rng["data_generator"])
+
+    def _run_epoch_callback(self, epoch: int) -> None:
+        """``epoch_callback`` on the model validation used, in eval mode and without gradients; the mode is restored
+        and a failure only logged."""
+        net = self.eval_model
+        was_training = net.training
+        net.eval()
+        try:
+            with torch.no_grad():
+                self.epoch_callback(epoch, net, self.run_dir)
+        except Exception as err:  # a plotting problem must never stop training
+            logger.warning("sample PNG for epoch %d not written: %s", epoch, err)
+        finally:
+            net.train(was_training)
 
     def _write_outputs(self, ckpt: dict[str, Any], improved: bool) -> None:
         """Rank 0: checkpoints, metrics.csv, loss curve. Barriers keep other ranks from racing ahead."""
@@ -875,7 +858,7 @@ class Trainer:
                 logger.info("epoch %d: train_loss=%.4g%s lr=%.3g (%.1f s)%s", epoch, train_loss, extra, lr,
                             row["seconds"], " *best*" if improved else "")
                 if self.epoch_callback is not None:
-                    self.epoch_callback(epoch, self.eval_model, self.run_dir)
+                    self._run_epoch_callback(epoch)
             self._write_outputs(self._state(epoch, best_metric, best_epoch, bad_epochs, history), improved)
             if self.patience is not None and bad_epochs > self.patience:
                 stopped_early = True

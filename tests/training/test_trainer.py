@@ -23,14 +23,7 @@ from covidctnet.core.checkpoint import load_checkpoint
 from covidctnet.core.errors import CheckpointError, ConfigError
 from covidctnet.core.model_dir import load_model_dir
 from covidctnet.core.seeding import derive_seed, seed_everything
-from covidctnet.training.trainer import (
-    TIMING_COLUMNS,
-    EpochSampler,
-    LoopConfig,
-    ModelExport,
-    Trainer,
-    sample_png_callback,
-)
+from covidctnet.training.trainer import TIMING_COLUMNS, EpochSampler, LoopConfig, ModelExport, Trainer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -342,9 +335,9 @@ def test_loop_config_of_a_training_config():
         LoopConfig(batch_size=0)
 
 
-def test_sample_png_callback_runs_in_eval_mode_and_never_stops_training(tmp_path, caplog):
-    """The sample writer sees the model in eval mode without gradients; its mode comes back, and a failure is one
-    warning, not an exception."""
+def test_epoch_callback_runs_in_eval_mode_and_never_stops_training(tmp_path, caplog):
+    """The sample-picture callback sees the model in eval mode without gradients; training goes on in train mode
+    after it, and a failing callback is one warning, not a stopped run."""
     seen = []
 
     def write(epoch, net, out_dir):
@@ -352,14 +345,12 @@ def test_sample_png_callback_runs_in_eval_mode_and_never_stops_training(tmp_path
         if epoch == 1:
             raise ValueError("no display")
 
-    model = _model().train()
-    callback = sample_png_callback(write)
-    callback(0, model, tmp_path)
-    assert seen == [(0, False, False, tmp_path)] and model.training
+    def step(model, batch):
+        assert model.training and torch.is_grad_enabled()
+        return _step(model, batch)
+
     with caplog.at_level("WARNING", logger="covidctnet.training.trainer"):
-        callback(1, model, tmp_path)
-    assert model.training and torch.is_grad_enabled()
+        result = _make(tmp_path / "run", max_epochs=3, step=step, epoch_callback=write).fit()
+    assert result.epochs_run == 3
+    assert seen == [(e, False, False, tmp_path / "run") for e in range(3)]
     assert "sample PNG for epoch 1 not written: no display" in caplog.text
-    model.eval()
-    callback(2, model, tmp_path)
-    assert not model.training
