@@ -185,9 +185,20 @@ def _error_row(study: Study, err: BaseException, local: Path | None = None) -> d
     return {"status": "error", "error": message, "output": "", "sha256": ""}
 
 
+def _study_columns(study: Study) -> dict[str, Any]:
+    """The manifest columns that name a study: ``study_id``, ``source`` and ``label`` (empty when unknown)."""
+    return {"study_id": study.study_id, "source": study.source, "label": study.label or ""}
+
+
+def _failed_row(study: Study, err: BaseException) -> dict[str, Any]:
+    """The whole manifest row of a study that failed before or around its processing (a duplicate id, a lost
+    worker)."""
+    return {**_study_columns(study), **_error_row(study, err)}
+
+
 def _run_one(fn: Callable[[Study, Path], dict[str, Any]], study: Study, out_dir: Path) -> dict[str, Any]:
     """Process one study, turning any exception into an error row (runs in the worker)."""
-    row: dict[str, Any] = {"study_id": study.study_id, "source": study.source, "label": study.label or ""}
+    row = _study_columns(study)
     local = None
     try:
         if study.remote is not None:
@@ -312,17 +323,8 @@ def _resume_plan(
     seen: dict[str, Study] = {}
     for study in studies:
         if study.study_id in seen:
-            row = {"study_id": study.study_id, "source": study.source, "label": study.label or ""}
-            row.update(
-                _error_row(
-                    study,
-                    InputError(
-                        f"{study.path}: duplicate study id {study.study_id!r} "
-                        f"(also {seen[study.study_id].path}); rename one"
-                    ),
-                )
-            )
-            by_id[f"{study.study_id}#dup{len(by_id)}"] = row
+            by_id[f"{study.study_id}#dup{len(by_id)}"] = _failed_row(study, InputError(
+                f"{study.path}: duplicate study id {study.study_id!r} (also {seen[study.study_id].path}); rename one"))
             continue
         seen[study.study_id] = study
         old = previous.get(study.study_id)
@@ -380,15 +382,8 @@ def _run_pool(
                 try:
                     row = fut.result()
                 except BrokenProcessPool:  # a worker was killed (e.g. by the OOM killer): fail its studies only
-                    row = {"study_id": study.study_id, "source": study.source, "label": study.label or ""}
-                    row.update(
-                        _error_row(
-                            study,
-                            InputError(
-                                f"{study.path}: worker process died (out of memory?); rerun with fewer --workers"
-                            ),
-                        )
-                    )
+                    row = _failed_row(study, InputError(
+                        f"{study.path}: worker process died (out of memory?); rerun with fewer --workers"))
                 record(row)
                 bar.advance()
 
@@ -421,8 +416,7 @@ def _run_dask(
                 try:
                     row = fut.result()
                 except Exception as err:  # noqa: BLE001 - a lost worker fails only its own study
-                    row = {"study_id": study.study_id, "source": study.source, "label": study.label or ""}
-                    row.update(_error_row(study, InputError(f"{study.path}: Dask worker failed: {err}")))
+                    row = _failed_row(study, InputError(f"{study.path}: Dask worker failed: {err}"))
                 record(row)
                 bar.advance()
     finally:

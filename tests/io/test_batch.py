@@ -21,6 +21,12 @@ def _fail_on_b(study, out_dir):
     return _ok(study, out_dir)
 
 
+def _kill_worker(study, out_dir):
+    import os
+
+    os._exit(3)  # as the OOM killer would end the worker process
+
+
 def _shape_error_without_file(study, out_dir):
     from covidctnet.core.errors import ShapeError
 
@@ -108,3 +114,14 @@ def test_duplicate_ids_are_errors(tmp_path):
     summary = run_batch(discover_studies([a, b]), tmp_path / "out", _ok)
     assert (summary.n_ok, summary.n_failed) == (1, 1)
     assert "duplicate study id" in summary.errors[0]
+
+
+def test_a_killed_worker_fails_its_study_in_one_row(tmp_path):
+    """A worker process that dies (e.g. killed for memory) makes its study a whole error row naming the study; the
+    batch itself goes on and reports it."""
+    studies = _studies(tmp_path, ["b"])
+    summary = run_batch(studies, tmp_path / "out", _kill_worker, workers=1)
+    (row,) = summary.rows
+    assert summary.n_failed == 1
+    assert (row["study_id"], row["source"], row["status"]) == ("b", studies[0].source, "error")
+    assert row["error"] == f"{studies[0].path}: worker process died (out of memory?); rerun with fewer --workers"
