@@ -24,7 +24,6 @@ from matplotlib.figure import Figure
 from scipy import ndimage
 
 from covidctnet.core.files import atomic_path
-from covidctnet.evaluation.stats import roc_points
 
 __all__ = [
     "RocCurve",
@@ -185,9 +184,8 @@ _RATER_MARKERS = ["s", "^", "v", "D", "P", "X", "<", ">", "p", "h"]  # readers' 
 
 def plot_reader_study_roc(
     path: str | os.PathLike,
-    y: np.ndarray,
     rows: Sequence[Mapping[str, Any]],
-    scores: Mapping[str, tuple[np.ndarray, str]],
+    rocs: Mapping[str, tuple[np.ndarray, np.ndarray, str]],
     *,
     title: str = "COVID-19 vs non-COVID: model and readers",
     dpi: int = _DEFAULT_DPI,
@@ -198,11 +196,12 @@ def plot_reader_study_roc(
 
     Args:
         path: output PNG.
-        y: (N,) bool truth, COVID-19 vs non-COVID; with one class there is no curve, only the rates that exist.
         rows: the reader study's table rows: ``rater``, ``type`` (``reader``, ``reader average``, ``majority vote``,
             ``model``) and the ``sensitivity``, ``specificity`` and ``auc`` estimates (``value``, ``ci_low``,
             ``ci_high``), readers in their order.
-        scores: rater name → ((N,) COVID-19 score, what the score is), for the model and the readers who gave scores.
+        rocs: rater name → (false-positive rates, true-positive rates, what the score is): the ROC curves of the
+            model and the readers who gave scores (:func:`covidctnet.evaluation.stats.roc_points`); empty when the
+            truth has one class (only the rates that exist are drawn).
         title: axes title.
         dpi: resolution.
 
@@ -218,16 +217,15 @@ def plot_reader_study_roc(
     colors[average] = f"C{(len(readers) + 1) % 10}"
     colors[vote] = f"C{(len(readers) + 2) % 10}"
     curves: list[RocCurve] = []
-    both_classes = 0 < y.sum() < y.size
     for name in (model, *readers):
-        if name in scores and both_classes:
-            fpr, tpr, _ = roc_points(y, scores[name][0])
+        if name in rocs:
+            fpr, tpr, what = rocs[name]
             auc = by_name[name]["auc"]
             if name == model:
                 curves.append(RocCurve(fpr, tpr, "model", auc=auc.value, auc_ci=(auc.ci_low, auc.ci_high),
                                        color=colors[name]))
             else:
-                curves.append(RocCurve(fpr, tpr, f"{name} ({scores[name][1]})", auc=auc.value, style="--",
+                curves.append(RocCurve(fpr, tpr, f"{name} ({what})", auc=auc.value, style="--",
                                        color=colors[name]))
 
     def point(name: str, label: str, marker: str) -> OperatingPoint | None:

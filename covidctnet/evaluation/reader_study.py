@@ -60,6 +60,7 @@ from covidctnet.evaluation.raters import (
     reader_average_method,
 )
 from covidctnet.evaluation.report_md import render_reader_study_report, write_reader_study_tables
+from covidctnet.evaluation.stats import roc_points
 
 __all__ = ["ReaderStudyConfig", "run_reader_study"]
 
@@ -320,7 +321,10 @@ def _write_study(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     write_reader_study_tables(out_dir, rows, tests, agreement["pairwise"])
-    plot_reader_study_roc(out_dir / "roc.png", y, rows, roc_scores)
+    rocs = {}
+    if 0 < y.sum() < y.size:  # with one class there is no curve, only the rates that exist
+        rocs = {name: (*roc_points(y, score)[:2], what) for name, (score, what) in roc_scores.items()}
+    plot_reader_study_roc(out_dir / "roc.png", rows, rocs)
     save_config(cfg, out_dir / "config.yaml")
     atomic_write_text(out_dir / "metrics.json", json.dumps(payload, indent=2, allow_nan=False) + "\n")
     atomic_write_text(out_dir / "report.md", render_reader_study_report(payload, rows, tests, cfg.ci_level))
