@@ -1,7 +1,9 @@
-"""Helpers shared by the batch commands (click and stdlib only)."""
+"""Helpers shared by the commands (click and stdlib only)."""
 
 from __future__ import annotations
 
+import shlex
+import sys
 from typing import Any
 
 import click
@@ -25,3 +27,9 @@ def bundled_model_notice(what: str) -> None:
     diagnosis."""
     click.echo(f"Note: using the bundled {what}, a demonstration trained on a handful of scans: not diagnostic "
                "(pass --model MODEL_DIR for your own model).", err=True)
+
+
+def typed_command() -> str | None:
+    """The command line as typed (``covidctnet`` and the arguments, shell-quoted), for a run's config and model card;
+    ``None`` when the process has no arguments (a library call)."""
+    return "covidctnet " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None

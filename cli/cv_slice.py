@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 
 import click
 
+from covidctnet.cli._common import typed_command
 from covidctnet.cli.options import config_file_option, config_option, loop_options, out_option, slice_arch_option
 
 _CONFIG = "covidctnet.training.slice:SliceTrainConfig"
@@ -47,7 +46,7 @@ def cv_slice_cmd(data, out_dir, config_path, folds, fold_seed, only_folds, refer
     overrides = {"arch": arch, "size": size, "epochs": epochs, "lung_mask": lung_mask, "source_aug": source_aug,
                  "init": str(init) if init else None, "device": device, "seed": seed, "workers": workers}
     cfg = load_config(SliceTrainConfig, config_path, overrides)
-    command = "covidctnet " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None
+    command = typed_command()
     result = cv_slice(data, out_dir, cfg, folds=folds, fold_seed=fold_seed, only_folds=only_folds or None,
                       reference=reference, command=command)
     if "auc" not in result:

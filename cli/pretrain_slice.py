@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 
 import click
 
+from covidctnet.cli._common import typed_command
 from covidctnet.cli.options import config_file_option, config_option, loop_options, out_option, slice_arch_option
 
 _CONFIG = "covidctnet.training.simclr:PretrainSliceConfig"
@@ -42,7 +41,7 @@ def pretrain_slice_cmd(data, run_dir, config_path, arch, size, epochs, batch_siz
     overrides = {"arch": arch, "size": size, "epochs": epochs, "batch_size": batch_size, "lung_mask": lung_mask,
                  "extra_ct": extra_ct, "data_images": data_images, "device": device, "seed": seed, "workers": workers}
     cfg = load_config(PretrainSliceConfig, config_path, overrides)
-    command = "covidctnet " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None
+    command = typed_command()
     summary = pretrain_slice(data, run_dir, cfg, resume=resume, command=command)
     if summary.model_dir is not None:
         click.echo(f"pretrain-slice: {summary.epochs_run} epochs, final NT-Xent loss "

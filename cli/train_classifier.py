@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import shlex
-import sys
 from pathlib import Path
 
 import click
 
+from covidctnet.cli._common import typed_command
 from covidctnet.cli.options import (
     config_file_option,
     config_option,
@@ -56,7 +55,7 @@ def train_classifier_cmd(residuals, labels, run_dir, config_path, split_file, ar
                  "workers": workers, "max_steps": max_steps, "checkpoint_every": checkpoint_every}
     overrides["init"] = str(init) if init else None
     cfg = load_config(ClassifierConfig, config_path, overrides)
-    command = "covidctnet " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None
+    command = typed_command()
     summary = train_classifier(residuals, run_dir, cfg, labels=labels, split_file=split_file, resume=resume,
                                command=command)
     if summary.model_dir is not None:
