@@ -35,7 +35,7 @@ import torch
 from covidctnet.core.errors import ConfigError, CovidCTNetError, ModelDirError
 from covidctnet.core.files import atomic_write_text, write_csv
 from covidctnet.core.labels import CLASS_NAMES
-from covidctnet.core.model_dir import dir_stamp
+from covidctnet.core.model_dir import cached_by_model_dir
 from covidctnet.core.slice_table import SLICES_SUFFIX
 from covidctnet.evaluation.html_report import write_predict_html
 from covidctnet.evaluation.plots import plot_residual_overlay
@@ -49,7 +49,7 @@ from covidctnet.inference.slice_scores import (
     score_residual,
     write_slices_csv,
 )
-from covidctnet.preprocessing.lungmask3d import mask_to_grid, ras_lung_mask
+from covidctnet.preprocessing.lungmask3d import LungMask, mask_to_grid, ras_lung_mask
 from covidctnet.io.batch import MANIFEST_NAME, BatchSummary, Study, discover_studies, read_manifest, run_batch
 from covidctnet.io.checks import check_volume
 from covidctnet.io.dicomweb import TransferConfig, check_store_target
@@ -249,15 +249,8 @@ def predict_volume(pipeline: Pipeline, volume: Any, batch_size: int = 8, precisi
     }
 
 
-@functools.lru_cache(maxsize=2)
-def _load_cached(model_dir: str, device: str, backend: str, precision: str, stamp: tuple[int, int]) -> Pipeline:
-    return load_pipeline(model_dir, device, backend, precision)
-
-
-def _cached_pipeline(model_dir: str, device: str, backend: str, precision: str = "fp32") -> Pipeline:
-    """One load per process (each worker of ``--workers`` / ``--scheduler`` loads its own), reloaded when the model
-    directory is rewritten."""
-    return _load_cached(model_dir, device, backend, precision, dir_stamp(model_dir))
+# one load per process (each worker of --workers / --scheduler loads its own), again when the directory is rewritten
+_cached_pipeline = cached_by_model_dir(maxsize=2)(load_pipeline)
 
 
 def _json_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -294,55 +287,14 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
                                     pipeline.weights_sha256, *result["residual"], lungs.mask, lungs_affine,
                                     pipeline.evidence)
         if transfer is not None and transfer.store_to and row["dicom"] != SKIPPED_NOT_DICOM:
-            written = [Path(cfg.dicom_out) / name for name in row["dicom"].split()]
-            try:
-                row["stored"] = store_instances(written, transfer)  # SEG first: the SR references it
-            except CovidCTNetError:  # the study failed: its SR and SEG files go (the message says what was stored)
-                for path in written:
-                    path.unlink(missing_ok=True)
-                if written[0].parent.is_dir() and not any(written[0].parent.iterdir()):
-                    written[0].parent.rmdir()
-                raise
+            row["stored"] = _store_dicom([Path(cfg.dicom_out) / name for name in row["dicom"].split()], transfer)
     # written after the DICOM output and its storing, which may fail, and before the study's JSON, whose presence
-    # marks the study done; the overlay is drawn for every study: report.html shows it (a small one without
-    # --save-residuals)
-    residual, res_affine = result["residual"]
-    if cfg.save_residuals:
-        write_nifti(residual, res_affine, out_dir / f"{study.study_id}_residual.nii.gz")
-    ct = result["preprocessed"][0]
-    # resample_stack maps voxel edges onto edges, as the residual's grid (ndimage.zoom left the last slice black)
-    ct_small = resample_stack(ct, residual.shape)
-    lung = mask_to_grid(lungs.mask > 0, residual.shape)
-    # the axial slice shown is the one with the highest residual score (slice-scores' default statistic of the
-    # residual inside the lungs) among slices with at least a quarter of the largest lung cross-section (apex
-    # and base slices hold a few partial-volume voxels), not the middle one
-    area = lung.sum(axis=(0, 1))
-    score = np.full(residual.shape[2], -np.inf)
-    for k in np.flatnonzero(area >= 0.25 * area.max()) if area.max() else []:
-        score[k] = residual_statistics(residual[:, :, k][lung[:, :, k]])[SliceScoresConfig.statistic]
-    title = f"{study.study_id}: {result['predicted']} " + " ".join(
-        f"{c}={p:.2f}" for c, p in zip(CLASS_NAMES, probs)
-    ) + ("; lesion probability" if pipeline.evidence == "lesion" else "")
-    if cfg.save_residuals:
-        row["residual"] = f"{study.study_id}_residual.nii.gz"
-        row["overlay"] = f"{study.study_id}_overlay.png"
-    else:  # for report.html only: 600x220 pixels
-        row["preview"] = f"{PREVIEWS_DIR}/{study.study_id}.png"
-        (out_dir / PREVIEWS_DIR).mkdir(parents=True, exist_ok=True)
-    plot_residual_overlay(out_dir / (row.get("overlay") or row["preview"]), ct_small, residual, title=title,
-                          lung_mask=lung, axial_index=int(np.argmax(score)) if area.max() else None,
-                          probability=pipeline.evidence == "lesion",
-                          **({} if cfg.save_residuals else {"dpi": PREVIEW_DPI}))
+    # marks the study done
+    row |= _write_evidence(study.study_id, out_dir, result, pipeline, lungs.mask > 0, cfg.save_residuals)
     if cfg.slice_scores:  # slice-scores' table from the residual of this pass: the slices are denoised once
-        full, full_affine = result["residual_full"]
-        lesion = None
-        if pipeline.lesion is not None:  # on the scan's own lung mask, as slice-scores computes it
-            array = result["preprocessed"][0]
-            lesion = (lesion_probability(array, mask_to_grid(lungs.mask > 0, array.shape), pipeline.lesion,
-                                         cfg.batch_size), full_affine)
         row["slices"] = f"{study.study_id}{SLICES_SUFFIX}"
-        write_slices_csv(score_residual(hu, lungs_affine, lungs, full, full_affine, SliceScoresConfig(),
-                                        study.study_id, lesion), out_dir / row["slices"])
+        write_slices_csv(_slice_table(study.study_id, result, pipeline, hu, lungs_affine, lungs, cfg.batch_size),
+                         out_dir / row["slices"])
     row["output"] = f"{PREDICTIONS_DIR}/{study.study_id}.json"
     (out_dir / PREDICTIONS_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / row["output"], json.dumps(_json_row({"study_id": study.study_id, **row}), indent=2))
@@ -353,6 +305,70 @@ def _predict_study(study: Study, out_dir: Path, model_dir: str, cfg: PredictConf
         ", ".join(f"{c} {p:.3f}" for c, p in zip(CLASS_NAMES, probs)),
     )
     return row
+
+
+def _store_dicom(written: list[Path], transfer: TransferConfig) -> dict[str, Any]:
+    """Store one study's SR and SEG (SEG first: the SR references it); if that fails, the study failed: its files go
+    (the error says what was stored)."""
+    try:
+        return store_instances(written, transfer)
+    except CovidCTNetError:
+        for path in written:
+            path.unlink(missing_ok=True)
+        if written[0].parent.is_dir() and not any(written[0].parent.iterdir()):
+            written[0].parent.rmdir()
+        raise
+
+
+def _overlay_slice(evidence: np.ndarray, lung: np.ndarray) -> int | None:
+    """The axial slice the overlay shows: the highest residual score (slice-scores' default statistic inside the
+    lungs) among slices with at least a quarter of the largest lung cross-section (apex and base slices hold a few
+    partial-volume voxels), not the middle one; None without lungs on this grid."""
+    area = lung.sum(axis=(0, 1))
+    if not area.max():
+        return None
+    score = np.full(evidence.shape[2], -np.inf)
+    for k in np.flatnonzero(area >= 0.25 * area.max()):
+        score[k] = residual_statistics(evidence[:, :, k][lung[:, :, k]])[SliceScoresConfig.statistic]
+    return int(np.argmax(score))
+
+
+def _write_evidence(study_id: str, out_dir: Path, result: dict[str, Any], pipeline: Pipeline, lung_mask: np.ndarray,
+                    save_residuals: bool) -> dict[str, str]:
+    """The study's overlay PNG (report.html shows it: full size with ``save_residuals``, with the evidence NIfTI,
+    else a small preview) on the classifier's grid; returns the report fields naming the files."""
+    residual, res_affine = result["residual"]
+    if save_residuals:
+        fields = {"residual": f"{study_id}_residual.nii.gz", "overlay": f"{study_id}_overlay.png"}
+        write_nifti(residual, res_affine, out_dir / fields["residual"])
+    else:  # for report.html only: 600x220 pixels
+        fields = {"preview": f"{PREVIEWS_DIR}/{study_id}.png"}
+        (out_dir / PREVIEWS_DIR).mkdir(parents=True, exist_ok=True)
+    # resample_stack maps voxel edges onto edges, as the residual's grid (ndimage.zoom left the last slice black)
+    ct_small = resample_stack(result["preprocessed"][0], residual.shape)
+    lung = mask_to_grid(lung_mask, residual.shape)
+    probs = result["probabilities"]
+    title = f"{study_id}: {result['predicted']} " + " ".join(
+        f"{c}={p:.2f}" for c, p in zip(CLASS_NAMES, probs)
+    ) + ("; lesion probability" if pipeline.evidence == "lesion" else "")
+    plot_residual_overlay(out_dir / (fields.get("overlay") or fields["preview"]), ct_small, residual, title=title,
+                          lung_mask=lung, axial_index=_overlay_slice(residual, lung),
+                          probability=pipeline.evidence == "lesion",
+                          **({} if save_residuals else {"dpi": PREVIEW_DPI}))
+    return fields
+
+
+def _slice_table(study_id: str, result: dict[str, Any], pipeline: Pipeline, hu: np.ndarray,
+                 lungs_affine: np.ndarray, lungs: LungMask, batch_size: int) -> list[dict[str, Any]]:
+    """``slice-scores``' table of one study from this pass's residual (and the lesion model's map on the scan's own
+    lung mask, as slice-scores computes it)."""
+    full, full_affine = result["residual_full"]
+    lesion = None
+    if pipeline.lesion is not None:
+        array = result["preprocessed"][0]
+        lesion = (lesion_probability(array, mask_to_grid(lungs.mask > 0, array.shape), pipeline.lesion, batch_size),
+                  full_affine)
+    return score_residual(hu, lungs_affine, lungs, full, full_affine, SliceScoresConfig(), study_id, lesion)
 
 
 def predict_studies(
@@ -401,18 +417,30 @@ def predict_studies(
     pipeline = _cached_pipeline(model_dir, cfg.device, cfg.backend, cfg.precision)
     studies = discover_studies(inputs)
     out_dir = Path(out_dir)
-    if resume:  # the manifest is rewritten after every study, so this also covers a run that was killed half-way
-        current = {"weights_sha256": pipeline.weights_sha256, "precision": cfg.precision}
-        done = [r for r in read_manifest(out_dir / MANIFEST_NAME) if r.get("status") == "ok"]
-        changed = sorted({k for r in done for k, v in current.items() if r.get(k) != v})
-        if changed:  # the backend may change: onnxruntime and PyTorch agree to 1e-4
-            raise ConfigError(f"{out_dir / MANIFEST_NAME}: {out_dir} holds predictions made with another "
-                              f"{' / '.join(changed)}; use a new output folder or --no-resume")
+    if resume:
+        _check_resumable(out_dir, pipeline, cfg)
     fn = functools.partial(_predict_study, model_dir=model_dir, cfg=cfg, transfer=transfer if storing else None)
     summary = run_batch(studies, out_dir, fn, MANIFEST_COLUMNS, resume=resume, workers=workers, scheduler=scheduler,
                         desc="predict", on_result=on_result)
-    if summary.n_ok + summary.n_skipped == 0:
-        return summary
+    if summary.n_ok + summary.n_skipped:
+        _write_reports(out_dir, summary, pipeline, cfg, storing)
+    return summary
+
+
+def _check_resumable(out_dir: Path, pipeline: Pipeline, cfg: PredictConfig) -> None:
+    """Refuse to resume into a folder of another model or precision (the manifest is rewritten after every study, so
+    this also covers a run that was killed half-way; the backend may change: onnxruntime and PyTorch agree to 1e-4)."""
+    current = {"weights_sha256": pipeline.weights_sha256, "precision": cfg.precision}
+    done = [r for r in read_manifest(out_dir / MANIFEST_NAME) if r.get("status") == "ok"]
+    changed = sorted({k for r in done for k, v in current.items() if r.get(k) != v})
+    if changed:
+        raise ConfigError(f"{out_dir / MANIFEST_NAME}: {out_dir} holds predictions made with another "
+                          f"{' / '.join(changed)}; use a new output folder or --no-resume")
+
+
+def _write_reports(out_dir: Path, summary: BatchSummary, pipeline: Pipeline, cfg: PredictConfig,
+                   storing: bool) -> None:
+    """``report.csv``, ``report.json`` and ``report.html`` of every study seen, this run's and earlier runs'."""
     rows = []
     for r in summary.rows:
         if r.get("status") == "ok":  # the study's JSON holds the full row, also for studies done by an earlier run
@@ -441,7 +469,6 @@ def predict_studies(
     }
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     write_predict_html(out_dir / "report.html", report, out_dir)
-    return summary
 
 
 DEMO_SCAN = ASSETS / "demo" / "chest_ct_sample.nii.gz"

@@ -160,13 +160,7 @@ def predict_slices(
     if not files:
         raise InputError(f"{', '.join(map(str, inputs))}: no images to predict")
     model, config, weights_sha256 = _open_slice_model(model_dir, backend, device, cam_dir)
-    if threshold is None:
-        try:
-            thr = check_threshold(config.get("threshold", 0.5), "the model's threshold")
-        except ConfigError as err:
-            raise ModelDirError(f"{model_dir or DEFAULT_SLICE_MODEL}/config.yaml: {err}") from err
-    else:
-        thr = threshold
+    thr = threshold if threshold is not None else _model_threshold(config, model_dir)
     provenance = [str(config.get("name", "")), weights_sha256, repr(thr)]
     rows: list[list[str]] = []
     cams: list[Path] = []
@@ -190,6 +184,14 @@ def predict_slices(
     logger.info("%s: %d image(s) scored, %d failed (model %s, threshold %.4g)", out_csv, len(rows) - n_failed,
                 n_failed, config.get("name"), thr)
     return summary
+
+
+def _model_threshold(config: dict[str, Any], model_dir: str | os.PathLike | None) -> float:
+    """The decision threshold the model directory records (0.5 when it records none), checked to be in [0, 1]."""
+    try:
+        return check_threshold(config.get("threshold", 0.5), "the model's threshold")
+    except ConfigError as err:
+        raise ModelDirError(f"{model_dir or DEFAULT_SLICE_MODEL}/config.yaml: {err}") from err
 
 
 def _open_slice_model(
