@@ -1,9 +1,9 @@
 """Residual volumes with labels for the 3D classifier, and patient-level train / val / test splits.
 
 The residual NIfTI written by ``covidctnet residuals`` is ``(X, Y, Z)`` in RAS+ (``size_xy × size_xy × depth``,
-float32, signed: input − denoised). The network takes ``(C, D, H, W)``. The one conversion between the two is the classifier's input contract,
-:func:`covidctnet.models.cnn3d.residual_to_network_input` (re-exported here, where model directories written before
-it moved record it), shared by training and prediction.
+float32, signed: input − denoised). The network takes ``(C, D, H, W)``. The one conversion between the two is the
+classifier's input contract, :func:`covidctnet.models.cnn3d.residual_to_network_input`, shared by training and
+prediction (re-exported here, the name model directories written before it moved record).
 
 Splits are patient-level: every study of one patient (``patient_id`` column of the labels CSV, else the study id) lands
 in exactly one of train / val / test, either drawn from a seed (stratified by class where the class has enough

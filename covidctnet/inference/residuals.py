@@ -175,8 +175,8 @@ def residual_study(study: Study, out_dir: Path, denoiser: str, depth: int, size:
         sha = den.weights_sha256
     name = f"{study.study_id}{RESIDUAL_SUFFIX}"
     write_nifti(residual, resize_affine(vol.affine, vol.shape, residual.shape), Path(out_dir) / name)
-    logger.info("%s: %s -> residual %s (range %.3f..%.3f)", study.study_id, _shape_text(vol.shape), _shape_text(residual.shape),
-                float(residual.min()), float(residual.max()))
+    logger.info("%s: %s -> residual %s (range %.3f..%.3f)", study.study_id, _shape_text(vol.shape),
+                _shape_text(residual.shape), float(residual.min()), float(residual.max()))
     return {
         "output": name,
         "input_shape": _shape_text(vol.shape),

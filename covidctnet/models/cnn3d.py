@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,9 +28,6 @@ import torch.nn as nn
 from covidctnet.core.errors import ConfigError, ShapeError
 from covidctnet.core.files import to_jsonable
 from covidctnet.preprocessing.preprocess import ras_to_official_layout
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "CovidCTNet3D",
