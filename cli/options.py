@@ -220,12 +220,7 @@ def batch_options(workers_help: str, resume_help: str) -> Any:
         click.option("--resume/--no-resume", default=True, show_default=True, help=resume_help),
     ]
 
-    def decorate(f: Any) -> Any:
-        for option in reversed(options):
-            f = option(f)
-        return f
-
-    return decorate
+    return _stacked(options)
 
 
 _TRANSFER = "covidctnet.io.dicomweb:TransferConfig"
@@ -255,12 +250,7 @@ def transfer_options(store: bool = False) -> Any:
             config_option(_TRANSFER, "--ae-title", "ae_title", help="Calling AE title of C-STORE (--store-to dimse://)."),
         ]
 
-    def decorate(f: Any) -> Any:
-        for option in reversed(options):
-            f = option(f)
-        return f
-
-    return decorate
+    return _stacked(options)
 
 
 def transfer_inputs(inputs: Any, query: tuple[str, ...] = (), **given: Any) -> tuple[list[Any], Any]:
