@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from covidctnet.core.errors import ModelDirError
-from covidctnet.core.model_dir import cached_by_model_dir, load_model_dir
+from covidctnet.core.model_dir import cached_by_model_dir
 from covidctnet.models.registry import LesionModel, load_lesion_model, resolve_denoiser_dir
 from covidctnet.preprocessing.lungmask3d import lung_mask_3d
-from covidctnet.preprocessing.preprocess import PreprocessConfig, recorded_preprocess
+from covidctnet.preprocessing.preprocess import PreprocessConfig, preprocess_record
 
 __all__ = ["lesion_probability", "lesion_evidence", "lesion_preprocess", "cached_lesion_model"]
 
@@ -69,12 +69,12 @@ def lesion_evidence(array: np.ndarray, affine: np.ndarray, model: LesionModel, b
 
 
 def lesion_preprocess(model: LesionModel) -> PreprocessConfig:
-    """The preprocessing the lesion model was trained with.
+    """The preprocessing the lesion model was trained with (as its directory recorded it when it was loaded).
 
     Raises:
         ModelDirError: recorded settings that are not a valid preprocessing or another in-plane size.
     """
-    pre = recorded_preprocess(load_model_dir(model.path))
+    pre = preprocess_record(model.preprocess, model.path)
     if pre.size_xy != model.size_xy:
         raise ModelDirError(f"{model.path}: preprocess size_xy {pre.size_xy} differs from the lesion model's input "
                             f"{model.size_xy}")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -52,6 +52,7 @@ __all__ = [
     "linear_resize",
     "resize_affine",
     "recorded_preprocess",
+    "preprocess_record",
 ]
 
 logger = logging.getLogger(__name__)
@@ -118,9 +119,18 @@ def recorded_preprocess(md: ModelDir) -> PreprocessConfig:
     Raises:
         ModelDirError: an unknown key or an invalid value (the message names the file).
     """
+    return preprocess_record(md.config.get("preprocess") or {}, md.path)
+
+
+def preprocess_record(settings: Mapping[str, Any], model_dir: str | os.PathLike) -> PreprocessConfig:
+    """The ``preprocess`` block of ``model_dir``'s ``config.yaml`` as it was read (e.g. kept by a loaded network),
+    validated.
+
+    Raises:
+        ModelDirError: an unknown key or an invalid value (the message names the file).
+    """
     try:
-        return validate_config(PreprocessConfig, md.config.get("preprocess") or {},
-                               f"{md.path}/config.yaml: preprocess")
+        return validate_config(PreprocessConfig, settings, f"{model_dir}/config.yaml: preprocess")
     except ConfigError as err:
         raise ModelDirError(str(err)) from err
 
