@@ -38,7 +38,6 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from covidctnet.core.config import validate_config
 from covidctnet.core.errors import ConfigError, ModelDirError
 from covidctnet.core.files import atomic_write_text
 from covidctnet.core.model_dir import load_model_dir
@@ -51,7 +50,7 @@ from covidctnet.io.checks import check_volume
 from covidctnet.io.volume import read_volume
 from covidctnet.models.registry import LESION_COMPONENT, LesionModel, resolve_denoiser_dir
 from covidctnet.preprocessing.lungmask3d import mask_to_grid, ras_lung_mask
-from covidctnet.preprocessing.preprocess import PreprocessConfig, preprocess_volume, to_ras
+from covidctnet.preprocessing.preprocess import preprocess_record, preprocess_volume, to_ras
 
 if TYPE_CHECKING:
     from covidctnet.io.batch import BatchSummary, Study
@@ -301,11 +300,7 @@ def _load(path: str, device: str, backend: str = "auto", precision: str = "fp32"
         ModelDirError: an unusable directory or preprocessing that does not fit the denoiser's input.
     """
     den = cached_denoiser(path, device, backend, precision)
-    raw = dict(den.preprocess) or {"size_xy": den.size_xy}
-    try:
-        pre = validate_config(PreprocessConfig, raw, f"{den.path}/config.yaml: preprocess")
-    except ConfigError as err:
-        raise ModelDirError(str(err)) from err
+    pre = preprocess_record(den.preprocess or {"size_xy": den.size_xy}, den.path)
     if pre.size_xy != den.size_xy:
         raise ModelDirError(f"{den.path}: preprocess size_xy {pre.size_xy} differs from the denoiser's input "
                             f"{den.size_xy}")
