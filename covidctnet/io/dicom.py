@@ -315,7 +315,7 @@ def _drop_duplicates(folder: Path, slices: list[_Slice], skipped: Counter[str]) 
     by_position: dict[tuple[int, int, int], list[_Slice]] = defaultdict(list)
     for s in slices:
         by_position[tuple(int(v) for v in np.round(s.ipp * 1000.0))].append(s)
-    digests: dict[tuple[Path, int | None], str] = {}
+    digests: dict[Path, str] = {}
     drop: set[int] = set()
     for group in by_position.values():
         if len(group) < 2:  # the common case: no pixel data read here
@@ -337,26 +337,24 @@ def _drop_duplicates(folder: Path, slices: list[_Slice], skipped: Counter[str]) 
     return kept, n_shared
 
 
-def _pixel_digest(s: _Slice, digests: dict[tuple[Path, int | None], str]) -> str:
-    """SHA-256 of a slice's stored PixelData bytes (encoded as stored; with the frame index for a frame of a
-    multi-frame file), cached in ``digests``."""
+def _pixel_digest(s: _Slice, digests: dict[Path, str]) -> tuple[str, int | None]:
+    """SHA-256 of the stored PixelData bytes of a slice's file (encoded as stored), with the slice's frame index (a
+    frame of a multi-frame file). The file's digest is cached in ``digests``: a copied Enhanced CT file has every
+    frame at a duplicate position, and is read and hashed once, not once per frame."""
     import hashlib
 
     import pydicom
 
-    key = (s.path, s.frame)
-    if key not in digests:
+    if s.path not in digests:
         try:
             data = pydicom.dcmread(s.path).PixelData
         except Exception as err:  # pydicom raises many types for truncated files
             raise UnreadableFileError(f"{s.path}: cannot read pixel data ({short_error(err)})") from err
-        digest = hashlib.sha256(bytes(data))
-        digest.update(str(s.frame).encode())
-        digests[key] = digest.hexdigest()
-    return digests[key]
+        digests[s.path] = hashlib.sha256(bytes(data)).hexdigest()
+    return digests[s.path], s.frame
 
 
-def _same_image(a: _Slice, b: _Slice, digests: dict[tuple[Path, int | None], str]) -> bool:
+def _same_image(a: _Slice, b: _Slice, digests: dict[Path, str]) -> bool:
     """True when two slices at one position hold the same pixels (see :func:`_drop_duplicates`)."""
     if _pixel_digest(a, digests) == _pixel_digest(b, digests):
         return True

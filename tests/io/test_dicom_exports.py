@@ -331,6 +331,16 @@ def test_enhanced_ct_multiframe_file(dicom_dirs, clean, tmp_path, sop_class, com
     assert check_volume(vol)
 
 
+def test_copied_enhanced_ct_file_is_read_once(dicom_dirs, clean, tmp_path):
+    """A second copy of a multi-frame file: each of its frames is a duplicate of the same frame of the first."""
+    folder = tmp_path / "enhanced_twice"
+    shutil.copyfile(enhanced_ct(dicom_dirs["control"], folder), folder / "copy.dcm")
+    vol = read_volume(folder)
+    np.testing.assert_array_equal(vol.array, clean.array)
+    assert vol.info["skipped"] == {"duplicate (same position and pixel data as another file)": clean.shape[2]}
+    assert check_volume(vol)
+
+
 @pytest.mark.parametrize("plane", ["sagittal", "coronal"])
 def test_sagittal_and_coronal_series_read_into_ras(clean, resliced, plane):
     """The real series re-sliced (no interpolation) into sagittal or coronal images with consistent headers: after
