@@ -430,8 +430,8 @@ def plot_slice_scores(
     z = np.array([r["z_mm"] for r in rows])
     fig = new_figure((9.0, 4.0))
     ax = fig.subplots()
+    dz = float(np.median(np.diff(z))) if z.size > 1 else 1.0
     for k in np.flatnonzero(infected == 1):
-        dz = float(np.median(np.diff(z))) if z.size > 1 else 1.0
         ax.axvspan(z[k] - dz / 2, z[k] + dz / 2, color="tab:red", alpha=0.15, lw=0)
     for name, colour in zip(scores, ("tab:purple", "tab:orange", "tab:green")):
         s = np.array([r[name] for r in rows], dtype=np.float64)
