@@ -57,7 +57,7 @@ from covidctnet.evaluation.report_md import render_residual_validation_report
 from covidctnet.evaluation.stats import auc_score, delong_auc_ci, delong_test
 
 __all__ = ["ValidateResidualsConfig", "SliceLabels", "read_slice_labels", "read_labels", "read_covid_ct_md_labels",
-           "match_labels", "validate_residuals", "SCORES", "LOBES"]
+           "validate_residuals", "SCORES", "LOBES"]
 
 logger = logging.getLogger(__name__)
 
@@ -321,21 +321,6 @@ def read_labels(labels_path: str | os.PathLike, index_path: str | os.PathLike | 
         raise LabelError(f"{labels_path}: --label-index and --lobe-labels go with COVID-CT-MD's .npy label files; a "
                          "CSV carries its lobe columns itself")
     return read_slice_labels(labels_path)
-
-
-def match_labels(rows: Sequence[dict[str, Any]], labels: Sequence[tuple[float, int]]) -> np.ndarray:
-    """Label of each slice row: the label whose z is nearest, if within half the slice spacing; else -1.
-
-    Args:
-        rows: ``<id>_slices.csv`` rows.
-        labels: ``(z_mm, infected)`` of that study.
-
-    Returns:
-        (N,) int: 0, 1, or -1 (no label).
-    """
-    idx = _nearest(rows, np.array([t[0] for t in labels], dtype=np.float64))
-    flags = np.array([t[1] for t in labels], dtype=np.int64)
-    return np.where(idx >= 0, flags[idx], -1)
 
 
 def _auc_block(y: np.ndarray, scores: dict[str, np.ndarray], level: float) -> dict[str, Any]:

@@ -15,8 +15,8 @@ from sklearn.metrics import roc_auc_score
 from covidctnet.cli import cli
 from covidctnet.core.errors import LabelError
 from covidctnet.evaluation.residual_validation import (
+    SliceLabels,
     ValidateResidualsConfig,
-    match_labels,
     read_covid_ct_md_labels,
     validate_residuals,
 )
@@ -101,9 +101,10 @@ def test_lung_fraction_changes_the_slices(tmp_path):
     assert lung["per_study"]["covid-A"]["n_slices"] < 60
 
 
-def test_match_labels_half_slice():
+def test_labels_match_within_half_a_slice():
     rows = [{"z_mm": z} for z in (0.0, 2.0, 4.0)]
-    assert list(match_labels(rows, [(0.9, 1), (4.2, 0)])) == [1, -1, 0]
+    labels = SliceLabels("labels.csv", by_z={"s": (np.array([0.9, 4.2]), np.array([1, 0]), None)})
+    assert list(labels.assign({"s": rows})["s"][0]) == [1, -1, 0]
 
 
 def test_cli_bad_inputs_one_line(tmp_path):
