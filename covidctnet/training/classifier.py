@@ -634,8 +634,7 @@ def _finish(trainer: Any, result: Any, cfg: ClassifierConfig, data: PreparedData
     """Rank 0 after training: validation outputs of the best epoch, and what to write as the model directory."""
     run_dir = trainer.run_dir
     best_state = trainer.best_state_dict()
-    best = build_classifier(cfg.arch, in_channels=1, num_classes=len(CLASS_NAMES), input_size=cfg.input_size,
-                            **_arch_kwargs(cfg))
+    best = _build_model(cfg, residuals_dir)
     best.load_state_dict(best_state)
     best.to(trainer.device)
     if data.val:
