@@ -533,7 +533,6 @@ class Trainer:
         self.scheduler_interval = scheduler_interval
         self.monitor = monitor
         self.mode = mode
-        self.loop = loop
         self.max_epochs, self.patience, self.batch_size = loop.epochs, loop.patience, loop.batch_size
         self.sampler = EpochSampler(
             len(train_data),  # type: ignore[arg-type]
