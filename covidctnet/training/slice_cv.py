@@ -467,7 +467,7 @@ def _summarise(out_dir: Path, data: str | os.PathLike, cfg: SliceTrainConfig, re
     plot_roc(out_dir / "roc.png", curves, title=f"Out-of-fold ROC, {folds}-fold grouped CV (COVID-19 positive)")
     plot_confusion(out_dir / "confusion.png", confusion_matrix(labels, nested_pred, labels=[0, 1]), BINARY_CLASS_NAMES,
                    title="Out-of-fold, nested Youden thresholds")
-    _write_ensemble(out_dir, data, cfg, figures, records, fold, fold_seed, command)
+    _write_ensemble(out_dir, data, cfg, figures, records, folds, fold_seed, command)
     a, acc, f1 = figures["auc"], figures["accuracy_nested"], figures["f1_nested"]
     logger.info("OOF AUC %.3f (cluster CI %.3f-%.3f), accuracy %.3f, F1 %.3f at nested thresholds; %.0f s training",
                 a["value"], *a["cluster_ci"], acc["value"], f1["value"], figures["training_seconds"]["total"])
@@ -498,8 +498,7 @@ def _cam_card(scale: dict[str, Any] | None) -> str:
 
 
 def _write_ensemble(out_dir: Path, data: str | os.PathLike, cfg: SliceTrainConfig, figures: dict[str, Any],
-                    records: list[SliceRecord], fold: np.ndarray, fold_seed: int, command: str | None) -> None:
-    folds = int(fold.max()) + 1
+                    records: list[SliceRecord], folds: int, fold_seed: int, command: str | None) -> None:
     members = [load_slice_model(out_dir / f"fold{k}" / "model") for k in range(folds)]
     ensemble = SliceEnsemble([m for m, _ in members]).eval()
     cam_scale = recorded_cam_scale(lambda: oof_cam_scale(ensemble, records, cfg.size, cfg.lung_mask, Path(data).name))
