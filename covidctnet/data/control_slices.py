@@ -32,7 +32,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -56,9 +56,12 @@ __all__ = [
     "noised_validation_set",
     "NoisedSlices",
     "VAL_NOISE_STREAM",
+    "evenly_spread",
 ]
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 VAL_NOISE_STREAM = 0x76616C
 """Second part of the validation noise seed, ``derive_seed(seed, VAL_NOISE_STREAM, index)``; no training epoch
@@ -230,9 +233,9 @@ class ControlSplit:
         }
 
 
-def _spread(indices: Sequence[int], n: int | None) -> list[int]:
-    """At most ``n`` of ``indices``, evenly spread (all when ``n`` is None or larger)."""
-    idx = list(indices)
+def evenly_spread(items: Sequence[T], n: int | None) -> list[T]:
+    """At most ``n`` of ``items``, evenly spread over them, in order (all when ``n`` is None or larger)."""
+    idx = list(items)
     if n is None or n >= len(idx):
         return idx
     picks = np.unique(np.round(np.linspace(0, len(idx) - 1, n)).astype(int))
@@ -278,9 +281,9 @@ def split_control_slices(
         order = np.random.default_rng(seed).permutation(len(ids))
         val_ids = tuple(sorted(ids[i] for i in order[:n_val]))
         train_ids = tuple(s for s in ids if s not in val_ids)
-        train = tuple((s, k) for s in train_ids for k in _spread(range(depths[s]), slices_per_study))
-        val = tuple((s, k) for s in val_ids for k in _spread(range(depths[s]), slices_per_study))
-        return ControlSplit("studies", train_ids, val_ids, train, tuple(_spread(val, val_max_slices)))
+        train = tuple((s, k) for s in train_ids for k in evenly_spread(range(depths[s]), slices_per_study))
+        val = tuple((s, k) for s in val_ids for k in evenly_spread(range(depths[s]), slices_per_study))
+        return ControlSplit("studies", train_ids, val_ids, train, tuple(evenly_spread(val, val_max_slices)))
     (sid,) = ids
     z = int(depths[sid])
     n_val = max(1, round(val_fraction * z))
@@ -294,8 +297,8 @@ def split_control_slices(
         "validation on slices of a training patient is optimistic, add studies for a study-level split",
         sid, n_val, val_gap_slices,
     )
-    train = tuple((sid, k) for k in _spread(range(n_train), slices_per_study))
-    val = tuple((sid, k) for k in _spread(range(z - n_val, z), val_max_slices))
+    train = tuple((sid, k) for k in evenly_spread(range(n_train), slices_per_study))
+    val = tuple((sid, k) for k in evenly_spread(range(z - n_val, z), val_max_slices))
     return ControlSplit("slices", (sid,), (sid,), train, val)
 
 

@@ -33,6 +33,7 @@ from scipy import ndimage
 from torch.utils.data import Dataset
 
 from covidctnet.core.errors import ConfigError, InputError
+from covidctnet.data.control_slices import evenly_spread
 
 __all__ = [
     "LesionSynthesis",
@@ -138,9 +139,7 @@ def mosmed_shapes(folder: str | os.PathLike, min_area_mm2: float = 20.0, max_sha
                     shapes.append(LesionShape(part, pixel))
     if not shapes:
         raise InputError(f"{folder}: no lesion component of at least {min_area_mm2} mm²")
-    if len(shapes) > max_shapes:
-        shapes = [shapes[i] for i in np.linspace(0, len(shapes) - 1, max_shapes).round().astype(int)]
-    return shapes
+    return evenly_spread(shapes, max_shapes)
 
 
 def random_blob(rng: np.random.Generator, size: int = 48) -> np.ndarray:

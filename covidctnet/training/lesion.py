@@ -33,6 +33,7 @@ from torch import nn
 from covidctnet.core.errors import ConfigError, InputError
 from covidctnet.core.files import atomic_write_text
 from covidctnet.core.seeding import seed_everything
+from covidctnet.data.control_slices import evenly_spread
 from covidctnet.data.synthetic_lesions import LesionSynthesis, SyntheticLesionSlices, mosmed_shapes
 from covidctnet.evaluation.plots import new_figure, save_figure
 from covidctnet.io.batch import discover_studies
@@ -190,9 +191,7 @@ def _split(data: ControlLungSlices, fraction: float, max_val: int) -> tuple[np.n
         val.append(idx[len(idx) - max(1, round(len(idx) * fraction)):])
     held = np.concatenate(val)
     train = np.setdiff1d(np.arange(len(data.images)), held)
-    if len(held) > max_val:
-        held = held[np.linspace(0, len(held) - 1, max_val).round().astype(int)]
-    return train, held
+    return train, np.asarray(evenly_spread(held, max_val))
 
 
 def _validation(val: SyntheticLesionSlices, batch: int = 16):
