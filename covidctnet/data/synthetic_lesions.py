@@ -34,11 +34,11 @@ from torch.utils.data import Dataset
 
 from covidctnet.core.errors import ConfigError, InputError
 from covidctnet.data.control_slices import evenly_spread
+from covidctnet.preprocessing.preprocess import PreprocessConfig
 
 __all__ = [
     "LesionSynthesis",
     "LesionShape",
-    "hu_to_unit",
     "mosmed_shapes",
     "random_blob",
     "insert_lesions",
@@ -47,13 +47,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-HU_LOW, HU_HIGH = -1000.0, 400.0
-"""The preprocessing window: intensity 0 is ``HU_LOW``, 1 is ``HU_HIGH``."""
-
-
-def hu_to_unit(hu: np.ndarray | float) -> np.ndarray | float:
-    """HU to the preprocessed [0, 1] intensity (no clipping)."""
-    return (np.asarray(hu, dtype=np.float32) - HU_LOW) / (HU_HIGH - HU_LOW)
+HU_LOW, HU_HIGH = PreprocessConfig.hu_min, PreprocessConfig.hu_max
+"""The window of the lesion model's preprocessing (:class:`PreprocessConfig`'s default): intensity 0 is ``HU_LOW``, 1
+is ``HU_HIGH``."""
 
 
 @dataclass(frozen=True)
