@@ -97,7 +97,6 @@ class EvaluateConfig:
         check_eval_settings(self)
 
 
-
 # ----------------------------------------------------------------------------------------------------------------------
 # metrics
 
@@ -320,7 +319,6 @@ def compute_metrics(
     return result
 
 
-
 def _write_plots(
     result: Mapping[str, Any],
     predictions: Predictions,
@@ -329,7 +327,6 @@ def _write_plots(
     cfg: EvaluateConfig,
     out_dir: Path,
 ) -> dict[str, str]:
-
     images: dict[str, str] = {}
     labels = np.asarray([truth[k] for k in truth_keys], dtype=object)
     y = labels == POSITIVE_CLASS

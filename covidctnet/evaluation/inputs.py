@@ -569,8 +569,6 @@ def decide(predictions: Predictions, threshold: float | None = None) -> tuple[np
     return labels3, np.asarray(call, dtype=bool)
 
 
-
-
 def decision_rule(kind: str, threshold: float | None, source: str = "", *, brief: bool = False) -> str:
     """The decision rule of :func:`decide`, in words, for reports and ``metrics.json``.
 

@@ -324,7 +324,6 @@ def read_labels(labels_path: str | os.PathLike, index_path: str | os.PathLike | 
 
 
 def _auc_block(y: np.ndarray, scores: dict[str, np.ndarray], level: float) -> dict[str, Any]:
-
     out: dict[str, Any] = {"n_slices": int(y.size), "n_infected": int(y.sum()), "auc": {}, "tests": {}}
     for name, s in scores.items():
         out["auc"][name] = delong_auc_ci(y, s, level).to_dict()

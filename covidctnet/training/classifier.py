@@ -648,8 +648,8 @@ def _finish(trainer: Any, result: Any, cfg: ClassifierConfig, data: PreparedData
     if data.val:
         _write_val_outputs(run_dir, data.val, probs, metrics)
     logger.info("best epoch %d (%s): validation macro AUC %s, accuracy %s, loss %s (n=%d, classes %s)",
-                result.best_epoch, monitor, _metric_text(metrics["auc"]), _metric_text(metrics["accuracy"]), _metric_text(metrics["loss"]),
-                metrics["n"], metrics["classes_present"])
+                result.best_epoch, monitor, _metric_text(metrics["auc"]), _metric_text(metrics["accuracy"]),
+                _metric_text(metrics["loss"]), metrics["n"], metrics["classes_present"])
     paired, note = _paired_denoiser(info, cfg)
     lesion = _paired_lesion_model(info)
     components: dict[str, Any] = {"classifier": dict(best.spec)}

@@ -2,7 +2,8 @@
 
 The UCSD images are figure panels of papers, and panels of one paper (often of one patient) look more like each other
 than like new ones. One validation split of 118 images chose the earlier bundle and its figures did not carry to the
-official test split (``docs/implementation-notes.md``). Here every labelled image (``train`` + ``val``) is out-of-fold (OOF) exactly once:
+official test split (``docs/implementation-notes.md``). Here every labelled image (``train`` + ``val``) is out-of-fold
+(OOF) exactly once:
 
 * :func:`source_groups` gives each image a group (the source paper for COVID images, a figure or a run of neighbouring
   numbers for non-COVID ones) and :func:`assign_folds` puts whole groups into folds with scikit-learn's
